@@ -1,0 +1,2 @@
+//! execbox-proto: wire types of every execbox API surface. No I/O.
+pub mod lifecycle;
