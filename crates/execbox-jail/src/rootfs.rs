@@ -1,0 +1,483 @@
+//! The sandbox's filesystem: which host directories it sees (read-only), which writable
+//! tmpfs it gets, and the mount program that builds it.
+//!
+//! The plan is made on the host, in ordinary Rust, and compiled into a flat list of
+//! [`MountOp`]s holding only `CString`s. The child of `clone` then runs that list with raw
+//! syscalls ([`run_ops`]), which is async-signal-safe: no allocation happens after the clone.
+
+use std::ffi::{CStr, CString};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use crate::sys::{self, Errno};
+
+/// Uid of the unprivileged sandbox user (`user`), inside the sandbox.
+pub const SANDBOX_UID: u32 = 1000;
+/// Gid of the sandbox user's group.
+pub const SANDBOX_GID: u32 = 1000;
+/// Home directory of the sandbox user; the default working directory.
+pub const SANDBOX_HOME: &str = "/home/user";
+/// Directory inside the sandbox that holds the interpreter links put first on `PATH`.
+pub const RUNTIME_BIN_DIR: &str = "/opt/execbox/bin";
+/// Directory inside the sandbox for the agent's private data (command logs and the like).
+pub const AGENT_DATA_DIR: &str = "/run/execbox";
+/// `PATH` of processes started inside the sandbox.
+pub const SANDBOX_PATH: &str =
+    "/opt/execbox/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// System directories bound read-only when the host has them (symlinks are recreated).
+const SYSTEM_DIRS: &[&str] = &[
+    "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc",
+];
+/// Device nodes bound from the host's `/dev`.
+const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
+/// Entries of `/proc` hidden behind `/dev/null` (files) because they leak host internals.
+const PROC_MASKED_FILES: &[&str] = &[
+    "kcore",
+    "keys",
+    "timer_list",
+    "sched_debug",
+    "latency_stats",
+    "timer_stats",
+    "kallsyms",
+    "kmsg",
+    "config.gz",
+];
+/// Entries of `/proc` made read-only.
+const PROC_READONLY: &[&str] = &["sys", "sysrq-trigger", "irq", "bus", "fs", "asound", "acpi", "scsi"];
+/// Host files under `/etc` hidden behind `/dev/null`.
+const ETC_MASKED: &[&str] = &["shadow", "gshadow", "shadow-", "gshadow-"];
+
+/// A language runtime found on the host and made visible inside the sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Runtime {
+    /// Name users type (`python`, `python3`, `pip`, `node`, `java`, `bun`, `deno`, `bash`).
+    pub name: String,
+    /// Absolute path of the real executable (symlinks and shims resolved).
+    pub executable: PathBuf,
+    /// Install prefix to bind read-only when it lies outside the system directories
+    /// (for example a pyenv version directory).
+    pub prefix: Option<PathBuf>,
+}
+
+/// Sizes of the writable areas, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WritableSizes {
+    /// `/home/user`.
+    pub home: u64,
+    /// `/workspace`.
+    pub workspace: u64,
+    /// `/tmp`.
+    pub tmp: u64,
+    /// `/dev/shm`.
+    pub shm: u64,
+}
+
+impl Default for WritableSizes {
+    fn default() -> Self {
+        const MIB: u64 = 1024 * 1024;
+        Self {
+            home: 512 * MIB,
+            workspace: 512 * MIB,
+            tmp: 512 * MIB,
+            shm: 64 * MIB,
+        }
+    }
+}
+
+/// Everything needed to build one sandbox's root filesystem.
+#[derive(Debug, Clone)]
+pub struct RootfsPlan {
+    /// Host directory holding the skeleton of the root: empty mount points, the interpreter
+    /// links and the user database. Built once ([`RootfsPlan::build_skeleton`]) and bound
+    /// read-only as the root of every sandbox, so that a sandbox start creates no file at all
+    /// (files created by the sandbox's first process would need an owner mapped in its user
+    /// namespace, while reaching host directories such as a pyenv under a 0700 `/root` needs the
+    /// host root's uid).
+    pub skeleton: PathBuf,
+    /// Host name inside the sandbox.
+    pub hostname: String,
+    /// Runtimes to expose.
+    pub runtimes: Vec<Runtime>,
+    /// Writable area sizes.
+    pub sizes: WritableSizes,
+    /// True when only one uid is mapped (rootless server): the sandbox user is then uid 0.
+    pub rootless: bool,
+}
+
+/// One step of the mount program. Paths are absolute host paths before the pivot.
+#[derive(Debug)]
+pub enum MountOp {
+    /// `mount(2)`.
+    Mount {
+        /// Source, or none.
+        src: Option<CString>,
+        /// Target.
+        target: CString,
+        /// File system type, or none for binds and propagation changes.
+        fstype: Option<CString>,
+        /// `MS_*` flags.
+        flags: libc::c_ulong,
+        /// File system options.
+        data: Option<CString>,
+    },
+    /// `mount_setattr(2)` adding attributes.
+    SetAttr {
+        /// Target mount.
+        target: CString,
+        /// `MOUNT_ATTR_*` flags to set.
+        attrs: u64,
+        /// Also below the target.
+        recursive: bool,
+    },
+    /// Pivots into `dir`: `chdir(dir)`, `pivot_root(".", ".")`, detach the old root, `chdir("/")`.
+    PivotInto(CString),
+}
+
+/// A failed mount-program step: which step and the errno.
+#[derive(Debug, Clone, Copy)]
+pub struct OpFailure {
+    /// Index of the step in the program.
+    pub index: usize,
+    /// errno of the failed syscall.
+    pub errno: Errno,
+}
+
+fn cpath(p: &Path) -> CString {
+    // Paths built by this module never contain NUL bytes (they come from the file system or
+    // from constants); a path with NUL could not exist on Linux anyway.
+    CString::new(p.as_os_str().as_bytes()).unwrap_or_default()
+}
+
+fn cstr(s: &str) -> CString {
+    CString::new(s).unwrap_or_default()
+}
+
+const RO: u64 = sys::MOUNT_ATTR_RDONLY | sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV;
+
+/// The user database and host files written into the skeleton.
+const ETC_FILES: &[&str] = &["passwd", "group", "hostname", "hosts"];
+
+fn inside(root: &Path, p: &Path) -> PathBuf {
+    root.join(p.strip_prefix("/").unwrap_or(p))
+}
+
+impl RootfsPlan {
+    fn ids(&self) -> (u32, u32) {
+        if self.rootless {
+            (0, 0)
+        } else {
+            (SANDBOX_UID, SANDBOX_GID)
+        }
+    }
+
+    /// Runtime prefixes outside the system directories, outermost only.
+    fn extra_prefixes(&self) -> Vec<PathBuf> {
+        let mut prefixes: Vec<PathBuf> = self
+            .runtimes
+            .iter()
+            .filter_map(|r| r.prefix.clone())
+            .filter(|p| !SYSTEM_DIRS.iter().any(|d| p.starts_with(d)) && p.is_dir())
+            .collect();
+        prefixes.sort();
+        prefixes.dedup();
+        let mut outer: Vec<PathBuf> = Vec::new();
+        for p in prefixes {
+            if !outer.iter().any(|o| p.starts_with(o)) {
+                outer.push(p);
+            }
+        }
+        outer
+    }
+
+    fn etc_contents(&self, name: &str) -> String {
+        let (uid, gid) = self.ids();
+        match name {
+            "passwd" => format!(
+                "root:x:0:0:root:/root:/bin/bash\n\
+                 user:x:{uid}:{gid}:user:{SANDBOX_HOME}:/bin/bash\n\
+                 nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
+            ),
+            "group" => format!("root:x:0:\ntty:x:5:\nuser:x:{gid}:\nnogroup:x:65534:\n"),
+            "hostname" => format!("{}\n", self.hostname),
+            _ => format!(
+                "127.0.0.1\tlocalhost {h}\n::1\tlocalhost ip6-localhost ip6-loopback {h}\n",
+                h = self.hostname
+            ),
+        }
+    }
+
+    /// Creates the skeleton directory (idempotent). Runs on the host, once per plan.
+    pub fn build_skeleton(&self) -> std::io::Result<()> {
+        use std::fs;
+        use std::os::unix::fs::{symlink, PermissionsExt};
+        let root = &self.skeleton;
+        let dir = |p: &Path| -> std::io::Result<()> {
+            fs::create_dir_all(p)?;
+            fs::set_permissions(p, fs::Permissions::from_mode(0o755))
+        };
+        let link = |dest: &Path, at: &Path| -> std::io::Result<()> {
+            match fs::symlink_metadata(at) {
+                Ok(_) => fs::remove_file(at)?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+            symlink(dest, at)
+        };
+        dir(root)?;
+        for d in SYSTEM_DIRS {
+            let host = Path::new(d);
+            let at = inside(root, host);
+            match fs::symlink_metadata(host) {
+                Ok(m) if m.file_type().is_symlink() => link(&fs::read_link(host)?, &at)?,
+                Ok(m) if m.is_dir() => dir(&at)?,
+                _ => {}
+            }
+        }
+        for p in self.extra_prefixes() {
+            dir(&inside(root, &p))?;
+        }
+        for d in [SANDBOX_HOME, "/workspace", "/tmp", AGENT_DATA_DIR, "/proc", "/dev/pts", "/dev/shm"] {
+            dir(&inside(root, Path::new(d)))?;
+        }
+        for name in DEVICES {
+            let at = root.join("dev").join(name);
+            if !at.exists() {
+                fs::write(&at, b"")?;
+            }
+        }
+        link(Path::new("pts/ptmx"), &root.join("dev/ptmx"))?;
+        for (name, dest) in [
+            ("fd", "/proc/self/fd"),
+            ("stdin", "/proc/self/fd/0"),
+            ("stdout", "/proc/self/fd/1"),
+            ("stderr", "/proc/self/fd/2"),
+        ] {
+            link(Path::new(dest), &root.join("dev").join(name))?;
+        }
+        let files = root.join(".execbox");
+        dir(&files)?;
+        for name in ETC_FILES {
+            fs::write(files.join(name), self.etc_contents(name))?;
+        }
+        let bin = inside(root, Path::new(RUNTIME_BIN_DIR));
+        dir(&bin)?;
+        for rt in &self.runtimes {
+            link(&rt.executable, &bin.join(&rt.name))?;
+        }
+        Ok(())
+    }
+
+    /// Compiles the plan into the mount program run by the sandbox's first process.
+    pub fn compile(&self) -> Vec<MountOp> {
+        let root = self.skeleton.clone();
+        let mut ops = Vec::new();
+        let bind = |ops: &mut Vec<MountOp>, src: &Path, target: &Path, attrs: u64| {
+            ops.push(MountOp::Mount {
+                src: Some(cpath(src)),
+                target: cpath(target),
+                fstype: None,
+                flags: libc::MS_BIND | libc::MS_REC,
+                data: None,
+            });
+            if attrs != 0 {
+                ops.push(MountOp::SetAttr {
+                    target: cpath(target),
+                    attrs,
+                    recursive: true,
+                });
+            }
+        };
+        let mount = |ops: &mut Vec<MountOp>, fstype: &str, target: &Path, flags, data: String| {
+            ops.push(MountOp::Mount {
+                src: Some(cstr(fstype)),
+                target: cpath(target),
+                fstype: Some(cstr(fstype)),
+                flags,
+                data: Some(cstr(&data)),
+            });
+        };
+        let (uid, gid) = self.ids();
+
+        // Nothing mounted here may propagate back to the host.
+        ops.push(MountOp::Mount {
+            src: None,
+            target: cstr("/"),
+            fstype: None,
+            flags: libc::MS_REC | libc::MS_PRIVATE,
+            data: None,
+        });
+        // The skeleton becomes a mount of its own so that it can be the new root.
+        bind(&mut ops, &root, &root, 0);
+
+        for d in SYSTEM_DIRS {
+            let host = Path::new(d);
+            if std::fs::symlink_metadata(host).is_ok_and(|m| m.is_dir()) {
+                bind(&mut ops, host, &inside(&root, host), RO);
+            }
+        }
+        for name in ETC_MASKED {
+            let host = Path::new("/etc").join(name);
+            if host.exists() {
+                bind(&mut ops, Path::new("/dev/null"), &inside(&root, &host), 0);
+            }
+        }
+        for name in ETC_FILES {
+            let host = Path::new("/etc").join(name);
+            if host.exists() {
+                bind(&mut ops, &root.join(".execbox").join(name), &inside(&root, &host), RO);
+            }
+        }
+        // Runtimes installed outside the system directories, bound at the same path so their
+        // compiled-in prefixes keep working.
+        for prefix in self.extra_prefixes() {
+            bind(&mut ops, &prefix, &inside(&root, &prefix), RO);
+        }
+
+        // Writable, size-limited areas.
+        let fs_flags = libc::MS_NOSUID | libc::MS_NODEV;
+        let sizes = &self.sizes;
+        for (dir, size, mode, owner) in [
+            (SANDBOX_HOME, sizes.home, "750", (uid, gid)),
+            ("/workspace", sizes.workspace, "755", (uid, gid)),
+            ("/tmp", sizes.tmp, "1777", (0, 0)),
+        ] {
+            mount(
+                &mut ops,
+                "tmpfs",
+                &inside(&root, Path::new(dir)),
+                fs_flags,
+                format!("size={size},mode={mode},uid={},gid={}", owner.0, owner.1),
+            );
+        }
+        // The agent's private data: root-only, inside the sandbox's own memory budget.
+        mount(
+            &mut ops,
+            "tmpfs",
+            &inside(&root, Path::new(AGENT_DATA_DIR)),
+            fs_flags | libc::MS_NOEXEC,
+            format!("size={},mode=700,uid=0,gid=0", sizes.tmp),
+        );
+
+        // A minimal /dev: a few host device nodes, a private devpts, a private shm.
+        let dev = root.join("dev");
+        for name in DEVICES {
+            let host = Path::new("/dev").join(name);
+            if host.exists() {
+                bind(
+                    &mut ops,
+                    &host,
+                    &dev.join(name),
+                    sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NOEXEC,
+                );
+            }
+        }
+        let pts_opts = if self.rootless {
+            "newinstance,ptmxmode=0666,mode=620"
+        } else {
+            "newinstance,ptmxmode=0666,mode=620,gid=5"
+        };
+        mount(
+            &mut ops,
+            "devpts",
+            &dev.join("pts"),
+            libc::MS_NOSUID | libc::MS_NOEXEC,
+            pts_opts.into(),
+        );
+        mount(
+            &mut ops,
+            "tmpfs",
+            &dev.join("shm"),
+            fs_flags,
+            format!("size={},mode=1777,uid=0,gid=0", sizes.shm),
+        );
+
+        // A fresh /proc of the sandbox's pid namespace, with the revealing parts masked.
+        let proc_ = root.join("proc");
+        ops.push(MountOp::Mount {
+            src: Some(cstr("proc")),
+            target: cpath(&proc_),
+            fstype: Some(cstr("proc")),
+            flags: libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            data: None,
+        });
+        for name in PROC_MASKED_FILES {
+            if Path::new("/proc").join(name).is_file() {
+                bind(&mut ops, Path::new("/dev/null"), &proc_.join(name), 0);
+            }
+        }
+        for name in PROC_READONLY {
+            if Path::new("/proc").join(name).exists() {
+                let p = proc_.join(name);
+                bind(&mut ops, &p, &p, RO | sys::MOUNT_ATTR_NOEXEC);
+            }
+        }
+
+        ops.push(MountOp::SetAttr {
+            target: cpath(&root),
+            attrs: RO,
+            recursive: false,
+        });
+        ops.push(MountOp::PivotInto(cpath(&root)));
+        ops
+    }
+}
+
+/// Runs a mount program. Async-signal-safe: only syscalls on data built beforehand.
+pub fn run_ops(ops: &[MountOp]) -> Result<(), OpFailure> {
+    for (index, op) in ops.iter().enumerate() {
+        let fail = |errno| OpFailure { index, errno };
+        match op {
+            MountOp::Mount {
+                src,
+                target,
+                fstype,
+                flags,
+                data,
+            } => sys::mount(
+                src.as_deref(),
+                target,
+                fstype.as_deref(),
+                *flags,
+                data.as_deref(),
+            ),
+            MountOp::SetAttr {
+                target,
+                attrs,
+                recursive,
+            } => sys::mount_setattr(target, *attrs, *recursive),
+            MountOp::PivotInto(dir) => pivot_into(dir),
+        }
+        .map_err(fail)?;
+    }
+    Ok(())
+}
+
+fn pivot_into(dir: &CStr) -> Result<(), Errno> {
+    sys::chdir(dir)?;
+    sys::pivot_root(c".", c".")?;
+    // The old root is now stacked on top of the new one at "/": detach it.
+    sys::umount_detach(c".")?;
+    sys::chdir(c"/")
+}
+
+/// Describes a failed step for error messages (host side, may allocate).
+pub fn describe_op(op: &MountOp) -> String {
+    match op {
+        MountOp::Mount {
+            src,
+            target,
+            fstype,
+            ..
+        } => format!(
+            "mount {} on {} (type {})",
+            src.as_ref().map_or("none".into(), |s| s.to_string_lossy()),
+            target.to_string_lossy(),
+            fstype.as_ref().map_or("bind".into(), |s| s.to_string_lossy())
+        ),
+        MountOp::SetAttr { target, .. } => {
+            format!("make {} read-only", target.to_string_lossy())
+        }
+        MountOp::PivotInto(p) => format!("pivot_root into {}", p.to_string_lossy()),
+    }
+}

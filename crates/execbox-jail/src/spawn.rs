@@ -1,0 +1,435 @@
+//! Starting a sandbox: one `clone3` into new user, pid, mount, network, ipc and uts namespaces,
+//! then (in the child) the mount program, the pivot, credentials, a cgroup namespace, and the
+//! exec of the agent as PID 1.
+//!
+//! Protocol between parent (host) and child:
+//! 1. the child blocks on the *sync* pipe;
+//! 2. the parent writes the uid/gid maps, puts the child into its cgroups and protects it from
+//!    the OOM killer, then releases it;
+//! 3. the child builds its root, becomes uid 0 of its namespace, enters a cgroup namespace and
+//!    execs the agent; any failure is written to the *error* pipe (close-on-exec, so a
+//!    successful exec reads as end of file);
+//! 4. the agent writes one byte to [`READY_FD`] once it serves requests.
+
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::rootfs::{describe_op, run_ops, MountOp};
+use crate::sys::{self, Errno};
+
+/// Descriptor number, in the agent, of the readiness pipe.
+pub const READY_FD: RawFd = 3;
+/// Descriptor number, in the agent, of the first descriptor of [`SpawnRequest::pass_fds`].
+pub const FIRST_PASSED_FD: RawFd = 4;
+const MAX_PASSED_FDS: usize = 24;
+
+/// How host uids map into the sandbox's user namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum UserMapping {
+    /// Root server: sandbox uids `0..count` are host uids `host_base..host_base+count`, a range
+    /// no other sandbox uses.
+    Range {
+        /// First host uid (and gid) of the range.
+        host_base: u32,
+        /// Number of ids mapped.
+        count: u32,
+    },
+    /// Rootless server: only the server's own uid/gid, mapped to 0.
+    Single {
+        /// The server's uid.
+        host_uid: u32,
+        /// The server's gid.
+        host_gid: u32,
+    },
+}
+
+impl UserMapping {
+    /// The host uid that the sandbox uid `inner` corresponds to, if mapped.
+    pub fn host_uid(&self, inner: u32) -> Option<u32> {
+        match *self {
+            UserMapping::Range { host_base, count } => {
+                (inner < count).then(|| host_base + inner)
+            }
+            UserMapping::Single { host_uid, .. } => (inner == 0).then_some(host_uid),
+        }
+    }
+}
+
+/// Errors of [`spawn_sandbox`].
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    /// Preparing descriptors, pipes or strings failed.
+    #[error("preparing the sandbox failed: {0}")]
+    Prepare(#[source] std::io::Error),
+    /// `clone3` refused the namespaces.
+    #[error("creating the sandbox namespaces failed (clone3): {0}")]
+    Clone(#[source] std::io::Error),
+    /// Writing the uid/gid map or the cgroup membership failed.
+    #[error("setting up the sandbox from the host failed: {what}: {source}")]
+    Setup {
+        /// Which step.
+        what: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A step inside the new namespaces failed.
+    #[error("sandbox setup step failed: {step}: {source}")]
+    Child {
+        /// Which step.
+        step: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The agent did not report readiness.
+    #[error("the sandbox agent did not become ready: {0}")]
+    NotReady(String),
+}
+
+/// What to start.
+pub struct SpawnRequest<'a> {
+    /// The compiled mount program ([`crate::rootfs::RootfsPlan::compile`]).
+    pub mount_ops: &'a [MountOp],
+    /// The agent executable (opened on the host; executed after the pivot through its fd).
+    pub agent_exe: &'a Path,
+    /// Arguments of the agent, `argv[0]` included.
+    pub argv: Vec<String>,
+    /// Environment of the agent.
+    pub env: Vec<(String, String)>,
+    /// Uid/gid mapping.
+    pub mapping: UserMapping,
+    /// Host name inside the sandbox.
+    pub hostname: &'a str,
+    /// Descriptors handed to the agent as fds 4, 5, …
+    pub pass_fds: Vec<OwnedFd>,
+    /// `cgroup.procs` files the agent's pid is written to before it runs.
+    pub cgroup_procs: Vec<PathBuf>,
+    /// How long to wait for the agent's readiness byte.
+    pub ready_timeout: Duration,
+}
+
+/// A started sandbox: its PID 1, as seen from the host.
+#[derive(Debug)]
+pub struct Spawned {
+    /// Host pid of the agent.
+    pub pid: i32,
+    /// A pidfd of the agent (readable once it has exited).
+    pub pidfd: OwnedFd,
+}
+
+fn io(errno: Errno) -> std::io::Error {
+    std::io::Error::from_raw_os_error(errno)
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd), SpawnError> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| SpawnError::Prepare(std::io::Error::from(e)))
+}
+
+fn cstring(s: impl AsRef<[u8]>) -> Result<CString, SpawnError> {
+    CString::new(s.as_ref()).map_err(|e| {
+        SpawnError::Prepare(std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
+    })
+}
+
+/// Child failure record written to the error pipe: stage, index, errno.
+const STAGE_SYNC: u32 = 1;
+const STAGE_MOUNT: u32 = 2;
+const STAGE_CREDS: u32 = 3;
+const STAGE_CGROUPNS: u32 = 4;
+const STAGE_HOSTNAME: u32 = 5;
+const STAGE_LOOPBACK: u32 = 6;
+const STAGE_FDS: u32 = 7;
+const STAGE_EXEC: u32 = 8;
+
+fn describe_stage(stage: u32, index: u32, ops: &[MountOp]) -> String {
+    match stage {
+        STAGE_SYNC => "waiting for the host".into(),
+        STAGE_MOUNT => ops
+            .get(index as usize)
+            .map_or_else(|| format!("mount step {index}"), describe_op),
+        STAGE_CREDS => "becoming root of the user namespace".into(),
+        STAGE_CGROUPNS => "entering a cgroup namespace".into(),
+        STAGE_HOSTNAME => "setting the host name".into(),
+        STAGE_LOOPBACK => "bringing loopback up".into(),
+        STAGE_FDS => "arranging descriptors".into(),
+        STAGE_EXEC => "executing the agent".into(),
+        _ => format!("stage {stage}"),
+    }
+}
+
+/// Everything the child needs, built before the clone so the child never allocates.
+struct ChildPlan<'a> {
+    ops: &'a [MountOp],
+    argv: Vec<*const libc::c_char>,
+    envp: Vec<*const libc::c_char>,
+    exe_fd: RawFd,
+    sync_read: RawFd,
+    err_write: RawFd,
+    ready_write: RawFd,
+    pass_fds: [RawFd; MAX_PASSED_FDS],
+    pass_count: usize,
+    hostname: &'a [u8],
+    rootless: bool,
+}
+
+fn child_fail(err_fd: RawFd, stage: u32, index: u32, errno: Errno) -> ! {
+    let mut rec = [0u8; 12];
+    rec[..4].copy_from_slice(&stage.to_ne_bytes());
+    rec[4..8].copy_from_slice(&index.to_ne_bytes());
+    rec[8..].copy_from_slice(&errno.to_ne_bytes());
+    let _ = sys::write_all(err_fd, &rec);
+    sys::exit_now(127)
+}
+
+/// Runs in the child of `clone3`: async-signal-safe code only (see [`crate::sys`]).
+fn child_main(plan: &ChildPlan<'_>) -> ! {
+    sys::block_all_signals();
+    // Move our descriptors out of the range that the final layout (3, 4, …) will use.
+    let err = match sys::dup_above(plan.err_write, 64) {
+        Ok(fd) => fd,
+        Err(_) => sys::exit_now(126),
+    };
+    let mut byte = [0u8; 1];
+    match sys::read(plan.sync_read, &mut byte) {
+        Ok(1) => {}
+        Ok(_) => sys::exit_now(0),
+        Err(e) => child_fail(err, STAGE_SYNC, 0, e),
+    }
+    if let Err(f) = run_ops(plan.ops) {
+        child_fail(err, STAGE_MOUNT, f.index as u32, f.errno);
+    }
+    if !plan.rootless {
+        if let Err(e) = sys::setgroups(&[]) {
+            child_fail(err, STAGE_CREDS, 0, e);
+        }
+    }
+    if let Err(e) = sys::setresgid(0).and_then(|_| sys::setresuid(0)) {
+        child_fail(err, STAGE_CREDS, 1, e);
+    }
+    if let Err(e) = sys::unshare(libc::CLONE_NEWCGROUP) {
+        child_fail(err, STAGE_CGROUPNS, 0, e);
+    }
+    if let Err(e) = sys::sethostname(plan.hostname) {
+        child_fail(err, STAGE_HOSTNAME, 0, e);
+    }
+    if let Err(e) = sys::loopback_up() {
+        child_fail(err, STAGE_LOOPBACK, 0, e);
+    }
+    // Final descriptor layout: READY_FD, then the passed descriptors; everything else is
+    // close-on-exec.
+    let exe = match sys::dup_above(plan.exe_fd, 64) {
+        Ok(fd) => fd,
+        Err(e) => child_fail(err, STAGE_FDS, 0, e),
+    };
+    let mut moved = [0 as RawFd; MAX_PASSED_FDS + 1];
+    let sources = std::iter::once(plan.ready_write).chain(plan.pass_fds[..plan.pass_count].iter().copied());
+    for (i, fd) in sources.enumerate() {
+        match sys::dup_above(fd, 64) {
+            Ok(m) => moved[i] = m,
+            Err(e) => child_fail(err, STAGE_FDS, 1, e),
+        }
+    }
+    for (i, fd) in moved[..plan.pass_count + 1].iter().enumerate() {
+        if let Err(e) = sys::dup2(*fd, READY_FD + i as RawFd) {
+            child_fail(err, STAGE_FDS, 2, e);
+        }
+    }
+    if let Err(e) = sys::cloexec_from(READY_FD + plan.pass_count as RawFd + 1) {
+        child_fail(err, STAGE_FDS, 3, e);
+    }
+    sys::reset_signals();
+    let e = sys::execveat_fd(exe, &plan.argv, &plan.envp);
+    child_fail(err, STAGE_EXEC, 0, e)
+}
+
+fn write_host_file(path: String, contents: &str) -> Result<(), SpawnError> {
+    std::fs::write(&path, contents).map_err(|source| SpawnError::Setup { what: path, source })
+}
+
+/// Starts a sandbox and waits until its agent is ready.
+pub fn spawn_sandbox(req: SpawnRequest<'_>) -> Result<Spawned, SpawnError> {
+    if req.pass_fds.len() > MAX_PASSED_FDS {
+        return Err(SpawnError::Prepare(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "too many descriptors for the agent",
+        )));
+    }
+    let exe = std::fs::File::open(req.agent_exe).map_err(SpawnError::Prepare)?;
+    let argv_c = req.argv.iter().map(cstring).collect::<Result<Vec<_>, _>>()?;
+    let env_c = req
+        .env
+        .iter()
+        .map(|(k, v)| cstring(format!("{k}={v}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let ptrs = |v: &[CString]| {
+        v.iter()
+            .map(|c| c.as_ptr())
+            .chain(std::iter::once(std::ptr::null()))
+            .collect::<Vec<_>>()
+    };
+    let (sync_read, sync_write) = pipe()?;
+    let (err_read, err_write) = pipe()?;
+    let (ready_read, ready_write) = pipe()?;
+    let mut pass = [-1; MAX_PASSED_FDS];
+    for (slot, fd) in pass.iter_mut().zip(&req.pass_fds) {
+        *slot = fd.as_raw_fd();
+    }
+    let rootless = matches!(req.mapping, UserMapping::Single { .. });
+    let plan = ChildPlan {
+        ops: req.mount_ops,
+        argv: ptrs(&argv_c),
+        envp: ptrs(&env_c),
+        exe_fd: exe.as_raw_fd(),
+        sync_read: sync_read.as_raw_fd(),
+        err_write: err_write.as_raw_fd(),
+        ready_write: ready_write.as_raw_fd(),
+        pass_fds: pass,
+        pass_count: req.pass_fds.len(),
+        hostname: req.hostname.as_bytes(),
+        rootless,
+    };
+
+    let mut pidfd: RawFd = -1;
+    let mut args = sys::CloneArgs {
+        flags: (libc::CLONE_NEWUSER
+            | libc::CLONE_NEWPID
+            | libc::CLONE_NEWNS
+            | libc::CLONE_NEWNET
+            | libc::CLONE_NEWIPC
+            | libc::CLONE_NEWUTS
+            | libc::CLONE_PIDFD) as u64,
+        pidfd: &mut pidfd as *mut RawFd as u64,
+        exit_signal: libc::SIGCHLD as u64,
+        ..Default::default()
+    };
+    // SAFETY: the child runs only `child_main`, which is async-signal-safe: it uses data built
+    // above (no allocation), raw syscalls, and ends in execve or _exit.
+    let pid = match unsafe { sys::clone3(&mut args) } {
+        Ok(0) => child_main(&plan),
+        Ok(pid) => pid,
+        Err(e) => return Err(SpawnError::Clone(io(e))),
+    };
+    // SAFETY: with CLONE_PIDFD the kernel stored a new descriptor that nothing else owns.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    drop((sync_read, err_write, ready_write));
+    let spawned = Spawned { pid, pidfd };
+
+    let result = (|| {
+        let proc_dir = format!("/proc/{pid}");
+        match req.mapping {
+            UserMapping::Range { host_base, count } => {
+                write_host_file(format!("{proc_dir}/uid_map"), &format!("0 {host_base} {count}\n"))?;
+                write_host_file(format!("{proc_dir}/gid_map"), &format!("0 {host_base} {count}\n"))?;
+            }
+            UserMapping::Single { host_uid, host_gid } => {
+                write_host_file(format!("{proc_dir}/setgroups"), "deny")?;
+                write_host_file(format!("{proc_dir}/uid_map"), &format!("0 {host_uid} 1\n"))?;
+                write_host_file(format!("{proc_dir}/gid_map"), &format!("0 {host_gid} 1\n"))?;
+            }
+        }
+        for procs in &req.cgroup_procs {
+            std::fs::write(procs, pid.to_string()).map_err(|source| SpawnError::Setup {
+                what: procs.display().to_string(),
+                source,
+            })?;
+        }
+        // The agent is PID 1: if the OOM killer picked it the whole sandbox would die, so it
+        // is exempt; user processes reset this for themselves before they exec.
+        // Best effort: lowering the score needs CAP_SYS_RESOURCE, which some hosts withhold.
+        if !rootless {
+            if let Err(e) = std::fs::write(format!("{proc_dir}/oom_score_adj"), "-1000") {
+                tracing::debug!(pid, error = %e, "cannot exempt the agent from the OOM killer");
+            }
+        }
+        sys::write_all(sync_write.as_raw_fd(), b"g").map_err(|e| SpawnError::Setup {
+            what: "releasing the sandbox".into(),
+            source: io(e),
+        })?;
+        drop(sync_write);
+
+        let mut rec = [0u8; 12];
+        let mut got = 0;
+        while got < rec.len() {
+            match sys::read(err_read.as_raw_fd(), &mut rec[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) => return Err(SpawnError::Prepare(io(e))),
+            }
+        }
+        if got == rec.len() {
+            let word = |i: usize| u32::from_ne_bytes([rec[i], rec[i + 1], rec[i + 2], rec[i + 3]]);
+            let (stage, index, errno) = (word(0), word(4), word(8) as i32);
+            return Err(SpawnError::Child {
+                step: describe_stage(stage, index, req.mount_ops),
+                source: io(errno),
+            });
+        }
+        wait_ready(&ready_read, req.ready_timeout)
+    })();
+    match result {
+        Ok(()) => Ok(spawned),
+        Err(e) => {
+            kill_and_reap(&spawned);
+            Err(e)
+        }
+    }
+}
+
+fn wait_ready(ready: &OwnedFd, timeout: Duration) -> Result<(), SpawnError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(SpawnError::NotReady(format!("no answer within {timeout:?}")));
+        }
+        let mut pfd = libc::pollfd {
+            fd: ready.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: `pfd` is one valid pollfd.
+        let n = unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(i32::MAX as u128) as i32) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(SpawnError::NotReady(e.to_string()));
+        }
+        if n == 0 {
+            continue;
+        }
+        let mut byte = [0u8; 1];
+        return match sys::read(ready.as_raw_fd(), &mut byte) {
+            Ok(1) => Ok(()),
+            Ok(_) => Err(SpawnError::NotReady("the agent exited during start-up".into())),
+            Err(e) => Err(SpawnError::NotReady(io(e).to_string())),
+        };
+    }
+}
+
+/// Kills the sandbox's PID 1 (which takes every process of its pid namespace with it) and reaps
+/// it. Only for sandboxes started by this process.
+pub fn kill_and_reap(spawned: &Spawned) {
+    let _ = sys::kill(spawned.pid, libc::SIGKILL);
+    let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(spawned.pid), None);
+}
+
+/// Whether the path is usable as a sandbox root mount point (exists and is an empty dir).
+pub fn is_usable_mountpoint(path: &Path) -> bool {
+    std::fs::read_dir(path).is_ok_and(|mut d| d.next().is_none())
+}
+
+/// Start time of a process in clock ticks since boot (field 22 of `/proc/<pid>/stat`); with the
+/// pid it identifies a process across pid reuse.
+pub fn process_start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may contain spaces and parentheses: fields start after the last ')'.
+    let end = stat.iter().rposition(|&b| b == b')')?;
+    let rest = std::str::from_utf8(&stat[end + 1..]).ok()?;
+    rest.split_whitespace().nth(19)?.parse().ok()
+}

@@ -1,0 +1,404 @@
+//! Thin wrappers over the raw syscalls the jail needs and that neither `libc` nor `nix` wrap
+//! in an async-signal-safe way.
+//!
+//! Every function here may run between `clone`/`fork` and `execve` in a child of a
+//! multi-threaded process, so none of them allocates, takes a lock, or touches thread-local
+//! state: each is one syscall, and errors come back as a raw errno.
+
+use std::ffi::CStr;
+use std::os::fd::RawFd;
+
+/// A raw errno value.
+pub type Errno = i32;
+
+fn errno() -> Errno {
+    // SAFETY: `__errno_location` returns a valid pointer to this thread's errno.
+    unsafe { *libc::__errno_location() }
+}
+
+fn check(ret: libc::c_long) -> Result<libc::c_long, Errno> {
+    if ret < 0 {
+        Err(errno())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// `struct clone_args` of `clone3(2)` (kernel ABI, version 2 without set_tid).
+#[repr(C)]
+#[derive(Default)]
+pub struct CloneArgs {
+    /// Clone flags (`CLONE_*`).
+    pub flags: u64,
+    /// Where the kernel stores the child's pidfd (`CLONE_PIDFD`).
+    pub pidfd: u64,
+    /// Where the kernel stores the child tid (`CLONE_CHILD_SETTID`).
+    pub child_tid: u64,
+    /// Where the kernel stores the parent tid (`CLONE_PARENT_SETTID`).
+    pub parent_tid: u64,
+    /// Signal sent to the parent when the child exits.
+    pub exit_signal: u64,
+    /// Stack of the child; 0 to share the parent's stack copy-on-write like `fork`.
+    pub stack: u64,
+    /// Stack size.
+    pub stack_size: u64,
+    /// TLS for `CLONE_SETTLS`.
+    pub tls: u64,
+    /// Array of tids for `set_tid`.
+    pub set_tid: u64,
+    /// Length of `set_tid`.
+    pub set_tid_size: u64,
+    /// Cgroup fd for `CLONE_INTO_CGROUP`.
+    pub cgroup: u64,
+}
+
+/// `clone3(2)` with fork semantics (no `CLONE_VM`, no new stack).
+///
+/// # Safety
+/// In the child (return value 0) only async-signal-safe code may run until `execve` or `_exit`,
+/// because other threads of the parent may have held locks (for instance the allocator's) at the
+/// moment of the clone.
+pub unsafe fn clone3(args: &mut CloneArgs) -> Result<libc::pid_t, Errno> {
+    // SAFETY: `args` points to a properly sized, initialised `clone_args`; without CLONE_VM and
+    // with a null stack the child continues on a copy-on-write copy of this stack, like fork().
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            args as *mut CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    check(ret).map(|pid| pid as libc::pid_t)
+}
+
+/// `mount(2)`.
+pub fn mount(
+    src: Option<&CStr>,
+    target: &CStr,
+    fstype: Option<&CStr>,
+    flags: libc::c_ulong,
+    data: Option<&CStr>,
+) -> Result<(), Errno> {
+    let p = |s: Option<&CStr>| s.map_or(std::ptr::null(), |s| s.as_ptr());
+    // SAFETY: every pointer is either null or a valid NUL-terminated string that outlives the call.
+    let ret = unsafe {
+        libc::mount(
+            p(src),
+            target.as_ptr(),
+            p(fstype),
+            flags,
+            p(data).cast::<libc::c_void>(),
+        )
+    };
+    check(ret as libc::c_long).map(drop)
+}
+
+/// `MOUNT_ATTR_RDONLY` of `mount_setattr(2)`.
+pub const MOUNT_ATTR_RDONLY: u64 = 0x1;
+/// `MOUNT_ATTR_NOSUID`.
+pub const MOUNT_ATTR_NOSUID: u64 = 0x2;
+/// `MOUNT_ATTR_NODEV`.
+pub const MOUNT_ATTR_NODEV: u64 = 0x4;
+/// `MOUNT_ATTR_NOEXEC`.
+pub const MOUNT_ATTR_NOEXEC: u64 = 0x8;
+
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+/// `mount_setattr(2)`: adds the `attr_set` flags to the mount at `path` (and below it when
+/// `recursive`). Unlike a `MS_REMOUNT`, it never has to restate flags that are locked because the
+/// mount came from a more privileged namespace.
+pub fn mount_setattr(path: &CStr, attr_set: u64, recursive: bool) -> Result<(), Errno> {
+    let attr = MountAttr {
+        attr_set,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    let flags = if recursive { libc::AT_RECURSIVE } else { 0 } as libc::c_uint;
+    // SAFETY: `path` is NUL-terminated; `attr` is a valid `struct mount_attr` of the size passed.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            flags,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    check(ret).map(drop)
+}
+
+/// `pivot_root(2)`.
+pub fn pivot_root(new_root: &CStr, put_old: &CStr) -> Result<(), Errno> {
+    // SAFETY: both arguments are valid NUL-terminated strings.
+    let ret = unsafe { libc::syscall(libc::SYS_pivot_root, new_root.as_ptr(), put_old.as_ptr()) };
+    check(ret).map(drop)
+}
+
+/// `umount2(path, MNT_DETACH)`.
+pub fn umount_detach(path: &CStr) -> Result<(), Errno> {
+    // SAFETY: `path` is a valid NUL-terminated string.
+    let ret = unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+    check(ret as libc::c_long).map(drop)
+}
+
+/// Writes all of `buf` to `fd`, retrying on short writes and `EINTR`.
+pub fn write_all(fd: RawFd, mut buf: &[u8]) -> Result<(), Errno> {
+    while !buf.is_empty() {
+        // SAFETY: `buf` is a valid readable slice of the given length.
+        let n = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
+        if n < 0 {
+            let e = errno();
+            if e == libc::EINTR {
+                continue;
+            }
+            return Err(e);
+        }
+        buf = &buf[n as usize..];
+    }
+    Ok(())
+}
+
+/// Reads into `buf`, retrying on `EINTR`; returns the byte count (0 at end of file).
+pub fn read(fd: RawFd, buf: &mut [u8]) -> Result<usize, Errno> {
+    loop {
+        // SAFETY: `buf` is a valid writable slice of the given length.
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = errno();
+        if e != libc::EINTR {
+            return Err(e);
+        }
+    }
+}
+
+/// `close(2)`, ignoring errors (nothing useful can be done about them here).
+pub fn close(fd: RawFd) {
+    // SAFETY: closing a descriptor this code owns; a bad fd only yields EBADF.
+    unsafe { libc::close(fd) };
+}
+
+/// `chdir(2)`.
+pub fn chdir(path: &CStr) -> Result<(), Errno> {
+    // SAFETY: `path` is a valid NUL-terminated string.
+    check(unsafe { libc::chdir(path.as_ptr()) } as libc::c_long).map(drop)
+}
+
+/// Raw `setresuid(2)`. glibc's wrapper would try to synchronise credentials with threads that
+/// do not exist in a child of `clone`, so the raw syscall is used.
+pub fn setresuid(uid: u32) -> Result<(), Errno> {
+    // SAFETY: plain syscall with integer arguments.
+    check(unsafe { libc::syscall(libc::SYS_setresuid, uid, uid, uid) }).map(drop)
+}
+
+/// Raw `setresgid(2)` (see [`setresuid`] for why raw).
+pub fn setresgid(gid: u32) -> Result<(), Errno> {
+    // SAFETY: plain syscall with integer arguments.
+    check(unsafe { libc::syscall(libc::SYS_setresgid, gid, gid, gid) }).map(drop)
+}
+
+/// Raw `setgroups(2)` (see [`setresuid`] for why raw).
+pub fn setgroups(groups: &[libc::gid_t]) -> Result<(), Errno> {
+    // SAFETY: `groups` is a valid slice of gids of the given length.
+    check(unsafe { libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) }).map(drop)
+}
+
+/// `unshare(2)`.
+pub fn unshare(flags: libc::c_int) -> Result<(), Errno> {
+    // SAFETY: plain syscall with an integer argument.
+    check(unsafe { libc::unshare(flags) } as libc::c_long).map(drop)
+}
+
+/// `sethostname(2)`.
+pub fn sethostname(name: &[u8]) -> Result<(), Errno> {
+    // SAFETY: `name` is a valid slice; the kernel reads exactly `len` bytes.
+    check(unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) } as libc::c_long).map(drop)
+}
+
+/// Brings the loopback interface up (`SIOCSIFFLAGS` with `IFF_UP|IFF_RUNNING`).
+pub fn loopback_up() -> Result<(), Errno> {
+    // SAFETY: plain socket creation.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    let fd = check(fd as libc::c_long)? as RawFd;
+    // SAFETY: an all-zero `ifreq` is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    req.ifr_ifru.ifru_flags = (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+    // SAFETY: `req` is a valid `ifreq` for SIOCSIFFLAGS and `fd` is an open socket.
+    let ret = unsafe { libc::ioctl(fd, libc::SIOCSIFFLAGS, &req) };
+    close(fd);
+    check(ret as libc::c_long).map(drop)
+}
+
+/// Resets every catchable signal to its default disposition and unblocks all signals, so the
+/// next program starts with a clean slate even when this process inherited ignored signals (a
+/// server started from a non-interactive shell ignores SIGINT and SIGQUIT).
+pub fn reset_signals() {
+    for sig in 1..libc::SIGRTMAX() {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: installing SIG_DFL is always valid; invalid numbers only yield EINVAL.
+        unsafe { libc::signal(sig, libc::SIG_DFL) };
+    }
+    // SAFETY: an empty set is initialised by sigemptyset before use.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+    }
+}
+
+/// Blocks every signal in the calling thread.
+pub fn block_all_signals() {
+    // SAFETY: the set is initialised by sigfillset before use.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut set);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+    }
+}
+
+/// `dup2(2)`: the new descriptor does not have `FD_CLOEXEC`.
+pub fn dup2(old: RawFd, new: RawFd) -> Result<(), Errno> {
+    // SAFETY: plain syscall with integer arguments.
+    check(unsafe { libc::dup2(old, new) } as libc::c_long).map(drop)
+}
+
+/// `fcntl(F_DUPFD_CLOEXEC)`: duplicates `fd` to the lowest free number `>= min`.
+pub fn dup_above(fd: RawFd, min: RawFd) -> Result<RawFd, Errno> {
+    // SAFETY: plain syscall with integer arguments.
+    check(unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, min) } as libc::c_long)
+        .map(|v| v as RawFd)
+}
+
+/// Marks every descriptor from `first` upwards close-on-exec (`close_range` with
+/// `CLOSE_RANGE_CLOEXEC`), so nothing but the chosen descriptors reaches the next program.
+pub fn cloexec_from(first: RawFd) -> Result<(), Errno> {
+    // SAFETY: plain syscall with integer arguments.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            first as libc::c_uint,
+            libc::c_uint::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    check(ret).map(drop)
+}
+
+/// `execveat(fd, "", argv, envp, AT_EMPTY_PATH)`: runs the program open at `fd`. Only returns
+/// on failure.
+pub fn execveat_fd(
+    fd: RawFd,
+    argv: &[*const libc::c_char],
+    envp: &[*const libc::c_char],
+) -> Errno {
+    // SAFETY: `argv` and `envp` are NULL-terminated arrays of valid C strings (the caller builds
+    // them from owned CStrings that outlive this call); the path is the empty string.
+    unsafe {
+        libc::syscall(
+            libc::SYS_execveat,
+            fd,
+            c"".as_ptr(),
+            argv.as_ptr(),
+            envp.as_ptr(),
+            libc::AT_EMPTY_PATH,
+        )
+    };
+    errno()
+}
+
+/// `_exit(2)`: ends the process without running destructors or atexit handlers.
+pub fn exit_now(code: i32) -> ! {
+    // SAFETY: `_exit` is async-signal-safe and never returns.
+    unsafe { libc::_exit(code) }
+}
+
+/// `prctl(PR_SET_NO_NEW_PRIVS, 1)`.
+pub fn set_no_new_privs() -> Result<(), Errno> {
+    // SAFETY: plain prctl with integer arguments.
+    check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } as libc::c_long).map(drop)
+}
+
+/// `prctl(PR_SET_DUMPABLE, 0)`: no ptrace, no core dump, `/proc/<pid>` owned by root.
+pub fn set_non_dumpable() -> Result<(), Errno> {
+    // SAFETY: plain prctl with integer arguments.
+    check(unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } as libc::c_long).map(drop)
+}
+
+/// Drops every capability from the bounding set, up to `last_cap` inclusive.
+pub fn drop_bounding_set(last_cap: u32) -> Result<(), Errno> {
+    for cap in 0..=last_cap {
+        // SAFETY: plain prctl with integer arguments.
+        let ret = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
+        if ret < 0 && errno() != libc::EINVAL {
+            return Err(errno());
+        }
+    }
+    Ok(())
+}
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+/// Clears the effective, permitted and inheritable capability sets and the ambient set.
+pub fn clear_capabilities() -> Result<(), Errno> {
+    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+    let header = CapHeader {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let data = [CapData {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    }; 2];
+    // SAFETY: header and data are valid v3 capability structures (two data elements).
+    check(unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) })?;
+    // SAFETY: plain prctl with integer arguments.
+    let ret = unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+            0,
+            0,
+            0,
+        )
+    };
+    check(ret as libc::c_long).map(drop)
+}
+
+/// `setsid(2)`.
+pub fn setsid() -> Result<(), Errno> {
+    // SAFETY: plain syscall.
+    check(unsafe { libc::setsid() } as libc::c_long).map(drop)
+}
+
+/// `kill(2)`.
+pub fn kill(pid: libc::pid_t, sig: libc::c_int) -> Result<(), Errno> {
+    // SAFETY: plain syscall with integer arguments.
+    check(unsafe { libc::kill(pid, sig) } as libc::c_long).map(drop)
+}
