@@ -1,1 +1,126 @@
-//! execbox-agent
+//! execbox-agent: the in-sandbox daemon, PID 1 of every sandbox.
+//!
+//! The host starts it through `execbox agent` with a listening unix socket (created on the host
+//! before the pivot, so only the server can reach it), a readiness pipe and the sandbox's cgroup
+//! directories as inherited descriptors (see `execbox_jail::spawn`). It then:
+//! - hardens itself (non-dumpable, seccomp filter inherited by everything it starts),
+//! - reaps every process of the sandbox (it is PID 1),
+//! - serves the execd API over HTTP on the socket,
+//! - starts the sandbox entrypoint as the sandbox user,
+//! - on SIGTERM kills every process of the sandbox and exits.
+
+mod command;
+mod error;
+mod runner;
+
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+
+use axum::routing::{delete, get, post};
+use axum::Router;
+use execbox_proto::agent::{AgentConfig, AGENT_CONFIG_ENV};
+use tokio::signal::unix::{signal, SignalKind};
+
+pub use runner::Runner;
+
+/// Errors that stop the agent from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The configuration variable is missing or malformed.
+    #[error("bad agent configuration: {0}")]
+    Config(String),
+    /// A start-up step failed.
+    #[error("agent start-up failed: {0}")]
+    Startup(#[from] std::io::Error),
+}
+
+/// Shared state of the agent's HTTP handlers.
+pub(crate) struct AppState {
+    pub runner: Arc<Runner>,
+    pub commands: command::Commands,
+}
+
+fn read_config() -> Result<AgentConfig, AgentError> {
+    let raw = std::env::var(AGENT_CONFIG_ENV)
+        .map_err(|_| AgentError::Config(format!("{AGENT_CONFIG_ENV} is not set")))?;
+    serde_json::from_str(&raw).map_err(|e| AgentError::Config(e.to_string()))
+}
+
+/// The execd routes.
+fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/ping", get(|| async {}))
+        .route("/command", post(command::run).delete(command::interrupt))
+        .route("/command/status/{id}", get(command::status))
+        .route("/command/{id}/logs", get(command::logs))
+        .route("/command/{id}", delete(command::interrupt_path))
+        .fallback(error::not_found)
+        .with_state(state)
+}
+
+/// Runs the agent; returns only on a start-up error.
+pub fn run() -> Result<(), AgentError> {
+    let config = read_config()?;
+    let listener_fd = execbox_jail::process::take_passed_fd(0)?;
+    let cgroup_fds: Vec<(String, OwnedFd)> = config
+        .cgroup_labels
+        .iter()
+        .enumerate()
+        .map(|(i, label)| Ok((label.clone(), execbox_jail::process::take_passed_fd(i + 1)?)))
+        .collect::<Result<_, std::io::Error>>()?;
+    execbox_jail::process::harden_agent(
+        execbox_jail::spawn::FIRST_PASSED_FD + 1 + cgroup_fds.len() as i32,
+    )?;
+    let runner = Arc::new(Runner::new(&config, cgroup_fds)?);
+    if config.seccomp {
+        // Installed before any other thread exists, so every thread and child inherits it.
+        let program = execbox_jail::seccomp::sandbox_program()
+            .map_err(|e| AgentError::Config(format!("seccomp: {e}")))?;
+        execbox_jail::seccomp::install(&program)
+            .map_err(|e| AgentError::Config(format!("seccomp: {e}")))?;
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(serve(config, runner, listener_fd))
+}
+
+async fn serve(
+    config: AgentConfig,
+    runner: Arc<Runner>,
+    listener_fd: OwnedFd,
+) -> Result<(), AgentError> {
+    let std_listener = std::os::unix::net::UnixListener::from(listener_fd);
+    std_listener.set_nonblocking(true)?;
+    let listener = tokio::net::UnixListener::from_std(std_listener)?;
+
+    let mut sigchld = signal(SignalKind::child())?;
+    let reaper_runner = runner.clone();
+    tokio::spawn(async move {
+        loop {
+            reaper_runner.reaper().reap();
+            if sigchld.recv().await.is_none() {
+                break;
+            }
+        }
+    });
+    let mut sigterm = signal(SignalKind::terminate())?;
+
+    if !config.entrypoint.is_empty() {
+        if let Err(e) = runner.start_entrypoint(&config.entrypoint) {
+            tracing::warn!(error = %e, "entrypoint failed to start");
+        }
+    }
+    let state = Arc::new(AppState {
+        runner: runner.clone(),
+        commands: command::Commands::new(config.max_log_bytes),
+    });
+    execbox_jail::process::signal_ready()?;
+    let app = router(state);
+    tokio::select! {
+        r = axum::serve(listener, app) => r?,
+        _ = sigterm.recv() => {}
+    }
+    execbox_jail::process::kill_everything();
+    Ok(())
+}

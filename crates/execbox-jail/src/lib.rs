@@ -1,4 +1,9 @@
 //! execbox-jail: Linux isolation for execbox sandboxes.
 pub mod cgroup;
 pub mod landlock_fence;
+pub mod process;
+pub mod rootfs;
+pub mod runtimes;
 pub mod seccomp;
+pub mod spawn;
+pub mod sys;

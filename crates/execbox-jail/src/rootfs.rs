@@ -44,7 +44,16 @@ const PROC_MASKED_FILES: &[&str] = &[
     "config.gz",
 ];
 /// Entries of `/proc` made read-only.
-const PROC_READONLY: &[&str] = &["sys", "sysrq-trigger", "irq", "bus", "fs", "asound", "acpi", "scsi"];
+const PROC_READONLY: &[&str] = &[
+    "sys",
+    "sysrq-trigger",
+    "irq",
+    "bus",
+    "fs",
+    "asound",
+    "acpi",
+    "scsi",
+];
 /// Host files under `/etc` hidden behind `/dev/null`.
 const ETC_MASKED: &[&str] = &["shadow", "gshadow", "shadow-", "gshadow-"];
 
@@ -237,7 +246,15 @@ impl RootfsPlan {
         for p in self.extra_prefixes() {
             dir(&inside(root, &p))?;
         }
-        for d in [SANDBOX_HOME, "/workspace", "/tmp", AGENT_DATA_DIR, "/proc", "/dev/pts", "/dev/shm"] {
+        for d in [
+            SANDBOX_HOME,
+            "/workspace",
+            "/tmp",
+            AGENT_DATA_DIR,
+            "/proc",
+            "/dev/pts",
+            "/dev/shm",
+        ] {
             dir(&inside(root, Path::new(d)))?;
         }
         for name in DEVICES {
@@ -325,7 +342,12 @@ impl RootfsPlan {
         for name in ETC_FILES {
             let host = Path::new("/etc").join(name);
             if host.exists() {
-                bind(&mut ops, &root.join(".execbox").join(name), &inside(&root, &host), RO);
+                bind(
+                    &mut ops,
+                    &root.join(".execbox").join(name),
+                    &inside(&root, &host),
+                    RO,
+                );
             }
         }
         // Runtimes installed outside the system directories, bound at the same path so their
@@ -473,7 +495,9 @@ pub fn describe_op(op: &MountOp) -> String {
             "mount {} on {} (type {})",
             src.as_ref().map_or("none".into(), |s| s.to_string_lossy()),
             target.to_string_lossy(),
-            fstype.as_ref().map_or("bind".into(), |s| s.to_string_lossy())
+            fstype
+                .as_ref()
+                .map_or("bind".into(), |s| s.to_string_lossy())
         ),
         MountOp::SetAttr { target, .. } => {
             format!("make {} read-only", target.to_string_lossy())

@@ -49,9 +49,7 @@ impl UserMapping {
     /// The host uid that the sandbox uid `inner` corresponds to, if mapped.
     pub fn host_uid(&self, inner: u32) -> Option<u32> {
         match *self {
-            UserMapping::Range { host_base, count } => {
-                (inner < count).then(|| host_base + inner)
-            }
+            UserMapping::Range { host_base, count } => (inner < count).then(|| host_base + inner),
             UserMapping::Single { host_uid, .. } => (inner == 0).then_some(host_uid),
         }
     }
@@ -130,9 +128,8 @@ fn pipe() -> Result<(OwnedFd, OwnedFd), SpawnError> {
 }
 
 fn cstring(s: impl AsRef<[u8]>) -> Result<CString, SpawnError> {
-    CString::new(s.as_ref()).map_err(|e| {
-        SpawnError::Prepare(std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
-    })
+    CString::new(s.as_ref())
+        .map_err(|e| SpawnError::Prepare(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))
 }
 
 /// Child failure record written to the error pipe: stage, index, errno.
@@ -226,7 +223,8 @@ fn child_main(plan: &ChildPlan<'_>) -> ! {
         Err(e) => child_fail(err, STAGE_FDS, 0, e),
     };
     let mut moved = [0 as RawFd; MAX_PASSED_FDS + 1];
-    let sources = std::iter::once(plan.ready_write).chain(plan.pass_fds[..plan.pass_count].iter().copied());
+    let sources =
+        std::iter::once(plan.ready_write).chain(plan.pass_fds[..plan.pass_count].iter().copied());
     for (i, fd) in sources.enumerate() {
         match sys::dup_above(fd, 64) {
             Ok(m) => moved[i] = m,
@@ -259,7 +257,11 @@ pub fn spawn_sandbox(req: SpawnRequest<'_>) -> Result<Spawned, SpawnError> {
         )));
     }
     let exe = std::fs::File::open(req.agent_exe).map_err(SpawnError::Prepare)?;
-    let argv_c = req.argv.iter().map(cstring).collect::<Result<Vec<_>, _>>()?;
+    let argv_c = req
+        .argv
+        .iter()
+        .map(cstring)
+        .collect::<Result<Vec<_>, _>>()?;
     let env_c = req
         .env
         .iter()
@@ -322,8 +324,14 @@ pub fn spawn_sandbox(req: SpawnRequest<'_>) -> Result<Spawned, SpawnError> {
         let proc_dir = format!("/proc/{pid}");
         match req.mapping {
             UserMapping::Range { host_base, count } => {
-                write_host_file(format!("{proc_dir}/uid_map"), &format!("0 {host_base} {count}\n"))?;
-                write_host_file(format!("{proc_dir}/gid_map"), &format!("0 {host_base} {count}\n"))?;
+                write_host_file(
+                    format!("{proc_dir}/uid_map"),
+                    &format!("0 {host_base} {count}\n"),
+                )?;
+                write_host_file(
+                    format!("{proc_dir}/gid_map"),
+                    &format!("0 {host_base} {count}\n"),
+                )?;
             }
             UserMapping::Single { host_uid, host_gid } => {
                 write_host_file(format!("{proc_dir}/setgroups"), "deny")?;
@@ -384,7 +392,9 @@ fn wait_ready(ready: &OwnedFd, timeout: Duration) -> Result<(), SpawnError> {
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(SpawnError::NotReady(format!("no answer within {timeout:?}")));
+            return Err(SpawnError::NotReady(format!(
+                "no answer within {timeout:?}"
+            )));
         }
         let mut pfd = libc::pollfd {
             fd: ready.as_raw_fd(),
@@ -406,7 +416,9 @@ fn wait_ready(ready: &OwnedFd, timeout: Duration) -> Result<(), SpawnError> {
         let mut byte = [0u8; 1];
         return match sys::read(ready.as_raw_fd(), &mut byte) {
             Ok(1) => Ok(()),
-            Ok(_) => Err(SpawnError::NotReady("the agent exited during start-up".into())),
+            Ok(_) => Err(SpawnError::NotReady(
+                "the agent exited during start-up".into(),
+            )),
             Err(e) => Err(SpawnError::NotReady(io(e).to_string())),
         };
     }

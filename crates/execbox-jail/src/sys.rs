@@ -300,11 +300,7 @@ pub fn cloexec_from(first: RawFd) -> Result<(), Errno> {
 
 /// `execveat(fd, "", argv, envp, AT_EMPTY_PATH)`: runs the program open at `fd`. Only returns
 /// on failure.
-pub fn execveat_fd(
-    fd: RawFd,
-    argv: &[*const libc::c_char],
-    envp: &[*const libc::c_char],
-) -> Errno {
+pub fn execveat_fd(fd: RawFd, argv: &[*const libc::c_char], envp: &[*const libc::c_char]) -> Errno {
     // SAFETY: `argv` and `envp` are NULL-terminated arrays of valid C strings (the caller builds
     // them from owned CStrings that outlive this call); the path is the empty string.
     unsafe {

@@ -1,2 +1,6 @@
 //! execbox-proto: wire types of every execbox API surface. No I/O.
+pub mod agent;
+pub mod execd;
+pub mod labels;
 pub mod lifecycle;
+pub mod quantity;

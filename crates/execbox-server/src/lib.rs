@@ -1,1 +1,311 @@
-//! execbox-server
+//! execbox-server: the control plane and gateway.
+//!
+//! One HTTP listener serves the OpenSandbox lifecycle API under `/v1`, the per-sandbox data
+//! plane under `/v1/sandboxes/{id}/proxy/{port}/…` (forwarded to the sandbox's agent over its
+//! unix socket), and `/health`. Sandboxes run on the [`local::LocalBackend`]; their records live
+//! in the state directory, so a restarted server re-attaches to every sandbox still running.
+
+pub mod agent_client;
+pub mod config;
+pub mod doctor;
+pub mod lifecycle;
+pub mod local;
+pub mod oneshot;
+pub mod proxy;
+pub mod registry;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post};
+use axum::{Json, Router};
+use execbox_proto::lifecycle::{ErrorEnvelope, SandboxState};
+use subtle::ConstantTimeEq;
+
+pub use config::ServerConfig;
+use lifecycle::LifecycleError;
+use local::{LocalBackend, LocalConfig};
+use registry::Registry;
+
+/// The running server's shared state.
+pub struct Server {
+    /// Configuration.
+    pub config: ServerConfig,
+    /// Sandbox records.
+    pub registry: Registry,
+    backend: Result<Arc<LocalBackend>, String>,
+}
+
+impl Server {
+    /// Prepares the backend (failing closed into an error kept for every create) and
+    /// re-attaches to the sandboxes recorded in the state directory.
+    pub fn new(config: ServerConfig) -> Arc<Self> {
+        let backend = LocalBackend::new(LocalConfig {
+            state_dir: config.state_dir.clone(),
+            agent_exe: config.agent_exe.clone(),
+            python: config.python.clone(),
+            seccomp: config.require_seccomp,
+            landlock: config.require_landlock || doctor::landlock_available(),
+            default_pids: config.default_pids,
+            cgroup_base: config.cgroup_base.clone(),
+        })
+        .map(Arc::new)
+        .map_err(|e| {
+            tracing::error!(error = %e, "sandboxes cannot be created");
+            e.to_string()
+        });
+        let registry = Registry::load(&config.state_dir);
+        let server = Arc::new(Self {
+            config,
+            registry,
+            backend,
+        });
+        server.reattach();
+        server
+    }
+
+    /// The backend, or the reason sandboxes are refused.
+    pub fn backend(&self) -> Result<Arc<LocalBackend>, LifecycleError> {
+        self.backend.clone().map_err(LifecycleError::Internal)
+    }
+
+    fn socket_path(&self, id: &str) -> Result<PathBuf, LifecycleError> {
+        Ok(self.backend()?.socket_path(id))
+    }
+
+    fn reattach(&self) {
+        let Ok(backend) = &self.backend else { return };
+        for rec in self.registry.all() {
+            let alive = rec.placement.as_ref().is_some_and(|p| backend.is_alive(p));
+            if alive {
+                backend.claim_slot(rec.placement.as_ref().and_then(|p| p.slot));
+                let state = if backend.is_paused(&rec.id) {
+                    SandboxState::Paused
+                } else {
+                    SandboxState::Running
+                };
+                if state != rec.state {
+                    let _ = self.registry.update(&rec.id, |r| r.state = state);
+                }
+                tracing::info!(sandbox = %rec.id, "re-attached");
+            } else {
+                tracing::warn!(sandbox = %rec.id, "sandbox is gone; cleaning up");
+                if let Some(p) = &rec.placement {
+                    backend.forget(&rec.id, p);
+                }
+                self.registry.remove(&rec.id);
+            }
+        }
+    }
+
+    fn set_state(
+        &self,
+        id: &str,
+        state: SandboxState,
+        reason: Option<&str>,
+    ) -> Result<(), LifecycleError> {
+        let now = time::OffsetDateTime::now_utc();
+        self.registry
+            .update(id, |r| {
+                r.state = state;
+                r.reason = reason.map(str::to_string);
+                r.last_transition_at = now;
+            })
+            .ok_or_else(|| LifecycleError::NotFound(id.to_string()))?
+            .map(drop)
+            .map_err(|e| LifecycleError::Internal(e.to_string()))
+    }
+
+    /// Stops a sandbox and removes all of it.
+    pub async fn destroy(&self, id: &str, reason: &str) -> Result<(), LifecycleError> {
+        let rec = self
+            .registry
+            .get(id)
+            .ok_or_else(|| LifecycleError::NotFound(id.to_string()))?;
+        let _ = self.set_state(id, SandboxState::Stopping, Some(reason));
+        self.registry.remove(id);
+        let backend = self.backend()?;
+        let id2 = id.to_string();
+        tokio::task::spawn_blocking(move || match &rec.placement {
+            Some(p) => backend.destroy(&id2, p),
+            None => Ok(()),
+        })
+        .await
+        .map_err(|e| LifecycleError::Internal(e.to_string()))?
+        .map_err(|e| LifecycleError::Internal(e.to_string()))
+    }
+
+    /// Whether the request carries a valid server key. With no key configured, every request
+    /// is trusted (the server then listens on loopback only).
+    fn key_ok(&self, presented: Option<&str>) -> bool {
+        if self.config.api_keys.is_empty() {
+            return true;
+        }
+        let Some(p) = presented else { return false };
+        self.config
+            .api_keys
+            .iter()
+            .any(|k| bool::from(k.as_bytes().ct_eq(p.as_bytes())))
+    }
+
+    fn proxy_authorized(&self, headers: &HeaderMap, token: &str) -> bool {
+        let get = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
+        if let Some(t) = get("x-execd-access-token") {
+            if bool::from(t.as_bytes().ct_eq(token.as_bytes())) {
+                return true;
+            }
+        }
+        let bearer = get("authorization").and_then(|a| a.strip_prefix("Bearer "));
+        match (
+            get("open-sandbox-api-key").or(bearer),
+            self.config.api_keys.is_empty(),
+        ) {
+            (_, true) => true,
+            (Some(k), false) => self.key_ok(Some(k)),
+            (None, false) => false,
+        }
+    }
+
+    /// Deletes every sandbox whose expiry has passed.
+    pub async fn reap_expired(&self) {
+        let now = time::OffsetDateTime::now_utc();
+        for rec in self.registry.all() {
+            if rec.expires_at.is_some_and(|t| t <= now) {
+                tracing::info!(sandbox = %rec.id, "expired");
+                if let Err(e) = self.destroy(&rec.id, "ttl_expiry").await {
+                    tracing::warn!(sandbox = %rec.id, error = %e, "expiry failed");
+                }
+            }
+        }
+    }
+}
+
+async fn lifecycle_auth(State(server): State<Arc<Server>>, req: Request, next: Next) -> Response {
+    let key = req
+        .headers()
+        .get("open-sandbox-api-key")
+        .and_then(|v| v.to_str().ok());
+    if server.config.api_keys.is_empty() || server.key_ok(key) {
+        return next.run(req).await;
+    }
+    let env = if key.is_none() {
+        ErrorEnvelope::missing_api_key()
+    } else {
+        ErrorEnvelope::invalid_api_key()
+    };
+    (StatusCode::UNAUTHORIZED, Json(env)).into_response()
+}
+
+async fn request_id(req: Request, next: Next) -> Response {
+    let id = req
+        .headers()
+        .get("x-request-id")
+        .cloned()
+        .unwrap_or_else(|| {
+            use rand::RngCore;
+            let mut b = [0u8; 16];
+            rand::rng().fill_bytes(&mut b);
+            let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+            HeaderValue::from_str(&hex).unwrap_or(HeaderValue::from_static("0"))
+        });
+    let mut resp = next.run(req).await;
+    resp.headers_mut().insert("x-request-id", id);
+    resp
+}
+
+async fn health() -> Json<serde_json::Value> {
+    Json(serde_json::json!({"status": "ok", "version": env!("CARGO_PKG_VERSION")}))
+}
+
+async fn not_found() -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        Json(ErrorEnvelope::new(
+            execbox_proto::lifecycle::ErrorCode::ApiNotSupported,
+            "no such route",
+        )),
+    )
+        .into_response()
+}
+
+/// The whole HTTP surface.
+pub fn router(server: Arc<Server>) -> Router {
+    use lifecycle as l;
+    let lifecycle = Router::new()
+        .route("/v1/sandboxes", post(l::create).get(l::list))
+        .route("/v1/sandboxes/{id}", get(l::get).delete(l::delete))
+        .route(
+            "/v1/sandboxes/{id}/metadata",
+            axum::routing::patch(l::patch_metadata),
+        )
+        .route("/v1/sandboxes/{id}/pause", post(l::pause))
+        .route("/v1/sandboxes/{id}/resume", post(l::resume))
+        .route("/v1/sandboxes/{id}/renew-expiration", post(l::renew))
+        .route("/v1/sandboxes/{id}/endpoints/{port}", get(l::endpoint))
+        .route(
+            "/v1/sandboxes/{id}/snapshots",
+            post(l::snapshots_unsupported),
+        )
+        .route("/v1/snapshots", get(l::snapshots_unsupported))
+        .route(
+            "/v1/snapshots/{sid}",
+            get(l::snapshots_unsupported).delete(l::snapshots_unsupported),
+        )
+        .route_layer(middleware::from_fn_with_state(
+            server.clone(),
+            lifecycle_auth,
+        ));
+    Router::new()
+        .route("/health", get(health))
+        .route("/v1/sandboxes/{id}/proxy/{port}", any(proxy::proxy))
+        .route("/v1/sandboxes/{id}/proxy/{port}/{*rest}", any(proxy::proxy))
+        .merge(lifecycle)
+        .fallback(not_found)
+        .layer(middleware::from_fn(request_id))
+        .with_state(server)
+}
+
+/// Errors of [`serve`].
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The configuration is unsafe or invalid.
+    #[error("{0}")]
+    Config(String),
+    /// Binding or serving failed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Runs the server until the process is stopped.
+pub async fn serve(config: ServerConfig) -> Result<(), ServeError> {
+    if config.api_keys.is_empty() {
+        if !config.listen.ip().is_loopback() {
+            return Err(ServeError::Config(format!(
+                "refusing to listen on {} without an API key: set EXECBOX_API_KEY or \
+                 listen on a loopback address",
+                config.listen
+            )));
+        }
+        tracing::warn!("no API key configured: serving on loopback without authentication");
+    }
+    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    let server = tokio::task::spawn_blocking(move || Server::new(config))
+        .await
+        .map_err(|e| ServeError::Config(e.to_string()))?;
+    let reaper = server.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            reaper.reap_expired().await;
+        }
+    });
+    tracing::info!(addr = %listener.local_addr()?, "execbox listening");
+    axum::serve(listener, router(server)).await?;
+    Ok(())
+}

@@ -1,1 +1,169 @@
-fn main() {}
+//! The `execbox` command line: parses arguments and hands over to the library crates.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(
+    name = "execbox",
+    version,
+    about = "Run untrusted code in isolated Linux sandboxes"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the HTTP APIs.
+    Serve {
+        /// Listen address.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// State directory.
+        #[arg(long, default_value = "/var/lib/execbox")]
+        state_dir: PathBuf,
+        /// Configuration file (TOML).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// API key (also from EXECBOX_API_KEY).
+        #[arg(long, env = "EXECBOX_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+    },
+    /// Run code once in a fresh sandbox, without a server.
+    Run {
+        /// Language of CODE.
+        #[arg(long, value_enum, default_value = "python")]
+        lang: Lang,
+        /// The code.
+        code: String,
+        /// Memory limit (Kubernetes quantity, e.g. 512Mi).
+        #[arg(long)]
+        memory: Option<String>,
+        /// Timeout in seconds.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
+    /// Show every isolation layer: active, missing or degraded.
+    Doctor,
+    /// The in-sandbox agent (started by the server as PID 1 of a sandbox).
+    #[command(hide = true)]
+    Agent,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Lang {
+    Python,
+    Javascript,
+    Bash,
+}
+
+fn init_tracing() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Agent => {
+            init_tracing();
+            match execbox_agent::run() {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("execbox agent: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Doctor => doctor(),
+        Command::Serve {
+            listen,
+            state_dir,
+            config,
+            api_key,
+        } => {
+            init_tracing();
+            let mut cfg = match config {
+                Some(path) => match execbox_server::ServerConfig::from_file(&path) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        eprintln!("execbox: {e}");
+                        return ExitCode::from(2);
+                    }
+                },
+                None => execbox_server::ServerConfig::default(),
+            };
+            cfg.listen = listen;
+            cfg.state_dir = state_dir;
+            if let Some(k) = api_key.filter(|k| !k.is_empty()) {
+                cfg.api_keys.push(k);
+            }
+            let rt = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("execbox: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            match rt.block_on(execbox_server::serve(cfg)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("execbox: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Run {
+            lang,
+            code,
+            memory,
+            timeout,
+        } => {
+            let lang = match lang {
+                Lang::Python => execbox_server::oneshot::Lang::Python,
+                Lang::Javascript => execbox_server::oneshot::Lang::JavaScript,
+                Lang::Bash => execbox_server::oneshot::Lang::Bash,
+            };
+            match execbox_server::oneshot::run(lang, &code, memory.as_deref(), timeout) {
+                Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+                Err(e) => {
+                    eprintln!("execbox run: {e}");
+                    ExitCode::from(125)
+                }
+            }
+        }
+    }
+}
+
+fn doctor() -> ExitCode {
+    let layers = execbox_server::doctor::check(true, false, "execbox");
+    let mut failed = false;
+    for l in &layers {
+        let state = match (l.ok, l.degraded) {
+            (true, false) => "active",
+            (true, true) => "degraded",
+            (false, _) if l.required => {
+                failed = true;
+                "MISSING"
+            }
+            (false, _) => "missing (optional)",
+        };
+        println!("{:<22} {:<20} {}", l.name, state, l.detail);
+    }
+    if failed {
+        println!("\nA required layer is missing: execbox refuses to create sandboxes.");
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}

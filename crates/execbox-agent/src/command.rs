@@ -1,0 +1,711 @@
+//! `/command`: shell commands in the foreground (streamed line by line) and in the background
+//! (status, byte-cursor logs, interrupt).
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use execbox_jail::cgroup::ExecLeaf;
+use execbox_jail::process::{Credentials, ExitInfo};
+use execbox_jail::rootfs::AGENT_DATA_DIR;
+use execbox_proto::execd::{CommandStatus, Event, RunCommandRequest};
+use tokio::io::AsyncReadExt;
+use tokio::sync::mpsc;
+
+use crate::error::ApiError;
+use crate::runner::{Output, RunSpec};
+use crate::AppState;
+
+/// Longest line sent as one event; longer runs without a newline are split.
+const MAX_LINE: usize = 64 * 1024;
+/// Interval of `ping` events.
+const PING_EVERY: Duration = Duration::from_secs(3);
+/// Grace between SIGTERM and SIGKILL on interrupt.
+const INTERRUPT_GRACE: Duration = Duration::from_secs(3);
+/// How long output is still collected after the command's main process exits (children that
+/// kept the pipes open).
+const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(50);
+/// Finished commands kept for status queries.
+const MAX_FINISHED: usize = 4096;
+
+fn now_ms() -> i64 {
+    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+fn rfc3339_now() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+struct Entry {
+    content: String,
+    background: bool,
+    pid: i32,
+    running: bool,
+    exit_code: Option<i32>,
+    error: Option<String>,
+    started_at: String,
+    finished_at: Option<String>,
+    log_path: Option<PathBuf>,
+    leaf: Option<Arc<ExecLeaf>>,
+}
+
+/// Registry of commands of this sandbox.
+pub struct Commands {
+    entries: Mutex<HashMap<String, Entry>>,
+    max_log_bytes: u64,
+}
+
+impl Commands {
+    /// An empty registry; background logs are capped at `max_log_bytes` (0 = 64 MiB).
+    pub fn new(max_log_bytes: u64) -> Self {
+        Self {
+            entries: Mutex::new(HashMap::new()),
+            max_log_bytes: if max_log_bytes == 0 {
+                64 << 20
+            } else {
+                max_log_bytes
+            },
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+        match self.entries.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    fn finish(&self, id: &str, outcome: &Outcome) {
+        let mut entries = self.lock();
+        if let Some(e) = entries.get_mut(id) {
+            e.running = false;
+            e.exit_code = Some(outcome.exit_code);
+            e.error = outcome.error.clone();
+            e.finished_at = Some(rfc3339_now());
+            e.leaf = None;
+        }
+        if entries.len() > MAX_FINISHED {
+            let mut finished: Vec<(String, String)> = entries
+                .iter()
+                .filter(|(_, e)| !e.running)
+                .map(|(k, e)| (e.finished_at.clone().unwrap_or_default(), k.clone()))
+                .collect();
+            finished.sort();
+            for (_, k) in finished.iter().take(entries.len() - MAX_FINISHED) {
+                if let Some(e) = entries.remove(k) {
+                    if let Some(p) = e.log_path {
+                        let _ = std::fs::remove_file(p);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// How a command ended.
+struct Outcome {
+    exit_code: i32,
+    error: Option<String>,
+    event: Event,
+}
+
+fn outcome(exit: Option<ExitInfo>, timed_out: bool, oom: bool, elapsed_ms: u64) -> Outcome {
+    let ts = now_ms();
+    let killed = |extra: Option<&str>| {
+        let mut tb = vec!["signal: killed".to_string()];
+        tb.extend(extra.map(str::to_string));
+        Outcome {
+            exit_code: -1,
+            error: Some(match extra {
+                Some(e) => format!("signal: killed ({e})"),
+                None => "signal: killed".into(),
+            }),
+            event: Event::error("CommandExecError", "-1".into(), tb, ts),
+        }
+    };
+    if oom {
+        return killed(Some("OOMKilled: the sandbox memory limit was exceeded"));
+    }
+    if timed_out {
+        return killed(Some("timeout exceeded"));
+    }
+    match exit {
+        Some(ExitInfo::Code(0)) => Outcome {
+            exit_code: 0,
+            error: None,
+            event: Event::complete(elapsed_ms, ts),
+        },
+        Some(ExitInfo::Code(c)) => Outcome {
+            exit_code: c,
+            error: Some(format!("exit status {c}")),
+            event: Event::error(
+                "CommandExecError",
+                c.to_string(),
+                vec![format!("exit status {c}")],
+                ts,
+            ),
+        },
+        Some(ExitInfo::Signal(s)) => {
+            let name = if s == libc::SIGKILL {
+                "killed".to_string()
+            } else {
+                format!("signal {s}")
+            };
+            Outcome {
+                exit_code: -1,
+                error: Some(format!("signal: {name}")),
+                event: Event::error(
+                    "CommandExecError",
+                    "-1".into(),
+                    vec![format!("signal: {name}")],
+                    ts,
+                ),
+            }
+        }
+        None => killed(None),
+    }
+}
+
+/// Splits a byte stream into execd line events: `\r`, `\n` and `\r\n` end a line, a blank line
+/// becomes `"\n"`, the terminator is not part of the text.
+#[derive(Default)]
+pub(crate) struct LineSplitter {
+    buf: Vec<u8>,
+    after_cr: bool,
+}
+
+impl LineSplitter {
+    pub(crate) fn feed(&mut self, chunk: &[u8], out: &mut Vec<String>) {
+        for &b in chunk {
+            match b {
+                b'\n' if self.after_cr => self.after_cr = false,
+                b'\n' | b'\r' => {
+                    out.push(self.take_line());
+                    self.after_cr = b == b'\r';
+                }
+                _ => {
+                    self.after_cr = false;
+                    self.buf.push(b);
+                    if self.buf.len() >= MAX_LINE {
+                        out.push(self.take_line());
+                    }
+                }
+            }
+        }
+    }
+
+    fn take_line(&mut self) -> String {
+        let line = std::mem::take(&mut self.buf);
+        if line.is_empty() {
+            "\n".to_string()
+        } else {
+            String::from_utf8_lossy(&line).into_owned()
+        }
+    }
+
+    pub(crate) fn finish(&mut self, out: &mut Vec<String>) {
+        if !self.buf.is_empty() {
+            out.push(self.take_line());
+        }
+    }
+}
+
+/// Event sink that keeps the command going when the client has gone.
+struct Sink {
+    tx: mpsc::Sender<Bytes>,
+    gone: bool,
+}
+
+impl Sink {
+    async fn send(&mut self, event: &Event) {
+        if self.gone {
+            return;
+        }
+        if self.tx.send(Bytes::from(event.to_sse())).await.is_err() {
+            self.gone = true;
+        }
+    }
+}
+
+fn sse_response(rx: mpsc::Receiver<Bytes>) -> Response {
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, std::io::Error>(b), rx))
+    });
+    let mut resp = Response::new(Body::from_stream(stream));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("X-Accel-Buffering", HeaderValue::from_static("no"));
+    resp
+}
+
+fn pipe_reader(fd: Option<OwnedFd>) -> Option<tokio::net::unix::pipe::Receiver> {
+    fd.and_then(|fd| tokio::net::unix::pipe::Receiver::from_owned_fd(fd).ok())
+}
+
+async fn read_some(
+    r: &mut Option<tokio::net::unix::pipe::Receiver>,
+    buf: &mut [u8],
+) -> Option<usize> {
+    match r {
+        Some(r) => match r.read(buf).await {
+            Ok(0) | Err(_) => None,
+            Ok(n) => Some(n),
+        },
+        None => std::future::pending().await,
+    }
+}
+
+fn parse_body(body: &Bytes) -> Result<RunCommandRequest, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::BadRequest(format!(
+            "error parsing request, MAYBE invalid body format. {e}"
+        ))
+    })
+}
+
+fn resolve_cwd(cwd: Option<&str>) -> Result<PathBuf, ApiError> {
+    let raw = cwd
+        .filter(|c| !c.is_empty())
+        .unwrap_or(execbox_jail::rootfs::SANDBOX_HOME);
+    let path = if let Some(rest) = raw.strip_prefix('~') {
+        PathBuf::from(format!("{}{rest}", execbox_jail::rootfs::SANDBOX_HOME))
+    } else {
+        Path::new(execbox_jail::rootfs::SANDBOX_HOME).join(raw)
+    };
+    if !path.is_dir() {
+        return Err(ApiError::BadRequest(format!(
+            "invalid request, validation error cwd {raw:?} does not exist or is not a directory"
+        )));
+    }
+    Ok(path)
+}
+
+/// `POST /command`.
+pub async fn run(State(app): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
+    let req = parse_body(&body)?;
+    let command = req.command.filter(|c| !c.is_empty()).ok_or_else(|| {
+        ApiError::BadRequest("invalid request, validation error command is required".into())
+    })?;
+    let timeout_ms = req.timeout.unwrap_or(0);
+    if timeout_ms < 0 {
+        return Err(ApiError::BadRequest(
+            "invalid request, validation error timeout must not be negative".into(),
+        ));
+    }
+    if req.gid.is_some() && req.uid.is_none() {
+        return Err(ApiError::BadRequest(
+            "uid is required when gid is provided".into(),
+        ));
+    }
+    let cwd = resolve_cwd(req.cwd.as_deref())?;
+    let background = req.background.unwrap_or(false);
+    let creds = req.uid.map(|uid| Credentials {
+        uid,
+        gid: req.gid.unwrap_or(if uid == app.runner.user().uid {
+            app.runner.user().gid
+        } else {
+            uid
+        }),
+    });
+    let extra_env: Vec<(String, String)> = req.envs.unwrap_or_default().into_iter().collect();
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let shell = if Path::new("/bin/bash").exists() {
+        "/bin/bash"
+    } else {
+        "/bin/sh"
+    };
+
+    let started = app.runner.start(RunSpec {
+        argv: vec![shell.to_string(), "-c".to_string(), command.clone()],
+        cwd: &cwd,
+        extra_env,
+        creds,
+        output: if background {
+            Output::Combined
+        } else {
+            Output::Pipes
+        },
+    });
+    let (tx, rx) = mpsc::channel::<Bytes>(64);
+    let mut sink = Sink { tx, gone: false };
+    let timeout = (timeout_ms > 0).then(|| Duration::from_millis(timeout_ms as u64));
+
+    let started = match started {
+        Ok(s) => s,
+        Err(e) => {
+            // Start failure after init, as upstream.
+            let text = e.to_string();
+            tokio::spawn(async move {
+                sink.send(&Event::text("init", id, now_ms())).await;
+                sink.send(&Event::error(
+                    "CommandExecError",
+                    text.clone(),
+                    vec![text],
+                    now_ms(),
+                ))
+                .await;
+            });
+            return Ok(sse_response(rx));
+        }
+    };
+    let leaf = started.leaf.map(Arc::new);
+    let log_path = background.then(|| PathBuf::from(format!("{AGENT_DATA_DIR}/{id}.log")));
+    app.commands.lock().insert(
+        id.clone(),
+        Entry {
+            content: command,
+            background,
+            pid: started.pid,
+            running: true,
+            exit_code: None,
+            error: None,
+            started_at: rfc3339_now(),
+            finished_at: None,
+            log_path: log_path.clone(),
+            leaf: leaf.clone(),
+        },
+    );
+    let exec = Execution {
+        app: app.clone(),
+        id: id.clone(),
+        pid: started.pid,
+        exit: started.exit,
+        leaf,
+        timeout,
+    };
+    if let Some(log_path) = log_path {
+        let max = app.commands.max_log_bytes;
+        let out = pipe_reader(started.stdout);
+        tokio::spawn(async move {
+            sink.send(&Event::text("init", id, now_ms())).await;
+            sink.send(&Event::complete(0, now_ms())).await;
+            drop(sink);
+            exec.run_background(out, log_path, max).await;
+        });
+    } else {
+        let out = pipe_reader(started.stdout);
+        let err = pipe_reader(started.stderr);
+        tokio::spawn(async move {
+            sink.send(&Event::text("init", id, now_ms())).await;
+            exec.run_foreground(out, err, sink).await;
+        });
+    }
+    Ok(sse_response(rx))
+}
+
+struct Execution {
+    app: Arc<AppState>,
+    id: String,
+    pid: i32,
+    exit: tokio::sync::oneshot::Receiver<ExitInfo>,
+    leaf: Option<Arc<ExecLeaf>>,
+    timeout: Option<Duration>,
+}
+
+impl Execution {
+    async fn wait_exit(&mut self, deadline: Option<Instant>) -> (Option<ExitInfo>, bool) {
+        let sleep = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            r = &mut self.exit => (r.ok(), false),
+            _ = sleep => {
+                self.kill_tree();
+                ((&mut self.exit).await.ok(), true)
+            }
+        }
+    }
+
+    fn kill_tree(&self) {
+        let _ = execbox_jail::process::signal_group(self.pid, libc::SIGKILL);
+        if let Some(leaf) = &self.leaf {
+            let _ = leaf.kill_all();
+        }
+    }
+
+    fn conclude(&self, exit: Option<ExitInfo>, timed_out: bool, started: Instant) -> Outcome {
+        let oom = matches!(exit, Some(ExitInfo::Signal(libc::SIGKILL)))
+            && crate::runner::leaf_stats(self.leaf.as_deref()).is_some_and(|s| s.oom_kills > 0);
+        // Whatever the command left behind in its cgroup goes with it.
+        if let Some(leaf) = &self.leaf {
+            let _ = leaf.kill_all();
+            let _ = leaf.remove();
+        }
+        let o = outcome(exit, timed_out, oom, started.elapsed().as_millis() as u64);
+        self.app.commands.finish(&self.id, &o);
+        o
+    }
+
+    async fn run_foreground(
+        mut self,
+        mut out: Option<tokio::net::unix::pipe::Receiver>,
+        mut err: Option<tokio::net::unix::pipe::Receiver>,
+        mut sink: Sink,
+    ) {
+        let started = Instant::now();
+        let deadline = self.timeout.map(|t| started + t);
+        let (mut so, mut se) = (LineSplitter::default(), LineSplitter::default());
+        let mut ob = vec![0u8; 64 * 1024];
+        let mut eb = vec![0u8; 64 * 1024];
+        let mut lines = Vec::new();
+        let mut ping = tokio::time::interval_at((started + PING_EVERY).into(), PING_EVERY);
+        let mut exit: Option<(Option<ExitInfo>, bool)> = None;
+        let mut drain_until: Option<Instant> = None;
+        loop {
+            if out.is_none() && err.is_none() && exit.is_some() {
+                break;
+            }
+            let drain_sleep = async {
+                match drain_until {
+                    Some(d) => tokio::time::sleep_until(d.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                n = read_some(&mut out, &mut ob) => match n {
+                    Some(n) => {
+                        so.feed(&ob[..n], &mut lines);
+                        for l in lines.drain(..) { sink.send(&Event::text("stdout", l, now_ms())).await; }
+                    }
+                    None => out = None,
+                },
+                n = read_some(&mut err, &mut eb) => match n {
+                    Some(n) => {
+                        se.feed(&eb[..n], &mut lines);
+                        for l in lines.drain(..) { sink.send(&Event::text("stderr", l, now_ms())).await; }
+                    }
+                    None => err = None,
+                },
+                r = self.wait_exit(deadline), if exit.is_none() => {
+                    exit = Some(r);
+                    drain_until = Some(Instant::now() + DRAIN_AFTER_EXIT);
+                },
+                _ = drain_sleep => break,
+                _ = ping.tick() => sink.send(&Event::text("ping", "pong", now_ms())).await,
+            }
+        }
+        so.finish(&mut lines);
+        for l in lines.drain(..) {
+            sink.send(&Event::text("stdout", l, now_ms())).await;
+        }
+        se.finish(&mut lines);
+        for l in lines.drain(..) {
+            sink.send(&Event::text("stderr", l, now_ms())).await;
+        }
+        let (info, timed_out) = exit.unwrap_or((None, false));
+        let o = self.conclude(info, timed_out, started);
+        sink.send(&o.event).await;
+    }
+
+    async fn run_background(
+        mut self,
+        mut out: Option<tokio::net::unix::pipe::Receiver>,
+        log_path: PathBuf,
+        max: u64,
+    ) {
+        let started = Instant::now();
+        let deadline = self.timeout.map(|t| started + t);
+        let mut file = match tokio::fs::File::create(&log_path).await {
+            Ok(f) => Some(f),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot create command log");
+                None
+            }
+        };
+        let mut written = 0u64;
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut exit: Option<(Option<ExitInfo>, bool)> = None;
+        let mut drain_until: Option<Instant> = None;
+        loop {
+            if out.is_none() && exit.is_some() {
+                break;
+            }
+            let drain_sleep = async {
+                match drain_until {
+                    Some(d) => tokio::time::sleep_until(d.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                n = read_some(&mut out, &mut buf) => match n {
+                    Some(n) => {
+                        let keep = (max.saturating_sub(written) as usize).min(n);
+                        if let (Some(f), true) = (file.as_mut(), keep > 0) {
+                            use tokio::io::AsyncWriteExt;
+                            if f.write_all(&buf[..keep]).await.is_ok() {
+                                written += keep as u64;
+                            }
+                        }
+                    }
+                    None => out = None,
+                },
+                r = self.wait_exit(deadline), if exit.is_none() => {
+                    exit = Some(r);
+                    drain_until = Some(Instant::now() + DRAIN_AFTER_EXIT);
+                },
+                _ = drain_sleep => break,
+            }
+        }
+        let (info, timed_out) = exit.unwrap_or((None, false));
+        self.conclude(info, timed_out, started);
+    }
+}
+
+/// `GET /command/status/{id}`.
+pub async fn status(
+    State(app): State<Arc<AppState>>,
+    UrlPath(id): UrlPath<String>,
+) -> Result<Json<CommandStatus>, ApiError> {
+    let entries = app.commands.lock();
+    let e = entries
+        .get(&id)
+        .ok_or_else(|| ApiError::CommandNotFound(format!("command not found: {id}")))?;
+    Ok(Json(CommandStatus {
+        id: id.clone(),
+        content: e.content.clone(),
+        running: e.running,
+        exit_code: e.exit_code,
+        error: e.error.clone(),
+        started_at: e.started_at.clone(),
+        finished_at: e.finished_at.clone(),
+    }))
+}
+
+#[derive(serde::Deserialize)]
+pub struct LogsQuery {
+    cursor: Option<String>,
+}
+
+/// `GET /command/{id}/logs?cursor=N`.
+pub async fn logs(
+    State(app): State<Arc<AppState>>,
+    UrlPath(id): UrlPath<String>,
+    Query(q): Query<LogsQuery>,
+) -> Result<Response, ApiError> {
+    let path = {
+        let entries = app.commands.lock();
+        let e = entries
+            .get(&id)
+            .ok_or_else(|| ApiError::BadRequest(format!("command not found: {id}")))?;
+        if !e.background {
+            return Err(ApiError::BadRequest(format!(
+                "command {id} is not running in background"
+            )));
+        }
+        e.log_path.clone()
+    };
+    let cursor: u64 = q.cursor.and_then(|c| c.parse().ok()).unwrap_or(0);
+    let data = match path {
+        Some(p) => tokio::fs::read(&p).await.unwrap_or_default(),
+        None => Vec::new(),
+    };
+    let start = (cursor as usize).min(data.len());
+    let body = data[start..].to_vec();
+    let next = start + body.len();
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&next.to_string()) {
+        headers.insert("EXECD-COMMANDS-TAIL-CURSOR", v);
+    }
+    Ok((StatusCode::OK, headers, body).into_response())
+}
+
+#[derive(serde::Deserialize)]
+pub struct IdQuery {
+    id: Option<String>,
+}
+
+/// `DELETE /command?id=`: SIGTERM to the command's process group, SIGKILL to its whole cgroup
+/// after a grace period.
+pub async fn interrupt(
+    State(app): State<Arc<AppState>>,
+    Query(q): Query<IdQuery>,
+) -> Result<StatusCode, ApiError> {
+    let id =
+        q.id.filter(|i| !i.is_empty())
+            .ok_or_else(|| ApiError::MissingQuery("missing query parameter id".into()))?;
+    interrupt_id(app, id)
+}
+
+/// `DELETE /command/{id}`.
+pub async fn interrupt_path(
+    State(app): State<Arc<AppState>>,
+    UrlPath(id): UrlPath<String>,
+) -> Result<StatusCode, ApiError> {
+    interrupt_id(app, id)
+}
+
+fn interrupt_id(app: Arc<AppState>, id: String) -> Result<StatusCode, ApiError> {
+    let (pid, leaf) = {
+        let entries = app.commands.lock();
+        match entries.get(&id) {
+            Some(e) if e.running => (e.pid, e.leaf.clone()),
+            Some(_) => return Err(ApiError::Runtime(format!("command {id} is not running"))),
+            None => return Err(ApiError::Runtime(format!("command not found: {id}"))),
+        }
+    };
+    let _ = execbox_jail::process::signal_group(pid, libc::SIGTERM);
+    tokio::spawn(async move {
+        tokio::time::sleep(INTERRUPT_GRACE).await;
+        let still = app.commands.lock().get(&id).is_some_and(|e| e.running);
+        if still {
+            let _ = execbox_jail::process::signal_group(pid, libc::SIGKILL);
+            if let Some(leaf) = leaf {
+                let _ = leaf.kill_all();
+            }
+        }
+    });
+    Ok(StatusCode::OK)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn split(chunks: &[&[u8]]) -> Vec<String> {
+        let mut s = LineSplitter::default();
+        let mut out = Vec::new();
+        for c in chunks {
+            s.feed(c, &mut out);
+        }
+        s.finish(&mut out);
+        out
+    }
+
+    #[test]
+    fn blank_lines_become_newline_events() {
+        assert_eq!(
+            split(&[b"a\n\nb\n\n\nc\n"]),
+            ["a", "\n", "b", "\n", "\n", "c"]
+        );
+    }
+
+    #[test]
+    fn crlf_split_across_chunks_is_one_terminator() {
+        assert_eq!(split(&[b"a\r", b"\nb\rc"]), ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn trailing_partial_line_is_flushed() {
+        assert_eq!(split(&[b"hello"]), ["hello"]);
+    }
+}

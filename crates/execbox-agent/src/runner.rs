@@ -1,0 +1,232 @@
+//! Starting user processes: environment, identity, execution cgroup, Landlock fence.
+
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use execbox_jail::cgroup::{CgroupStats, CgroupVersion, ExecCgroups, ExecLeaf};
+use execbox_jail::landlock_fence::{self, FenceSpec, PreparedFence};
+use execbox_jail::process::{Credentials, ExitInfo, Launch, Reaper};
+use execbox_jail::rootfs::{SANDBOX_HOME, SANDBOX_PATH};
+use execbox_proto::agent::AgentConfig;
+
+/// A started user process.
+pub struct Started {
+    /// Pid (also its process group and session id).
+    pub pid: i32,
+    /// Its stdout, when piped.
+    pub stdout: Option<OwnedFd>,
+    /// Its stderr, when piped.
+    pub stderr: Option<OwnedFd>,
+    /// Resolves with the exit status.
+    pub exit: tokio::sync::oneshot::Receiver<ExitInfo>,
+    /// Its execution cgroup, if cgroups are available.
+    pub leaf: Option<ExecLeaf>,
+}
+
+/// Where a process's output goes.
+pub enum Output {
+    /// Separate pipes for stdout and stderr.
+    Pipes,
+    /// One pipe for both.
+    Combined,
+    /// Discarded.
+    Null,
+}
+
+/// What to run.
+pub struct RunSpec<'a> {
+    /// Program and arguments.
+    pub argv: Vec<String>,
+    /// Working directory.
+    pub cwd: &'a Path,
+    /// Extra environment over the sandbox's.
+    pub extra_env: Vec<(String, String)>,
+    /// Identity (defaults to the sandbox user).
+    pub creds: Option<Credentials>,
+    /// Output routing.
+    pub output: Output,
+}
+
+/// Starts user processes for every API of the agent.
+pub struct Runner {
+    reaper: Reaper,
+    base_env: Vec<(String, String)>,
+    user: Credentials,
+    rootless: bool,
+    cgroups: Option<ExecCgroups>,
+    fence: Option<Arc<PreparedFence>>,
+    last_cap: u32,
+    next_leaf: AtomicU64,
+}
+
+/// Errors of starting a process.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The execution cgroup could not be created.
+    #[error("creating the execution cgroup failed: {0}")]
+    Cgroup(#[from] execbox_jail::cgroup::CgroupError),
+    /// fork/exec failed.
+    #[error("starting the process failed: {0}")]
+    Spawn(#[from] std::io::Error),
+}
+
+impl Runner {
+    /// Builds the runner from the agent configuration and the cgroup descriptors.
+    pub fn new(config: &AgentConfig, cgroup_fds: Vec<(String, OwnedFd)>) -> std::io::Result<Self> {
+        let mut base_env = vec![
+            ("PATH".to_string(), SANDBOX_PATH.to_string()),
+            ("HOME".to_string(), SANDBOX_HOME.to_string()),
+            ("USER".to_string(), "user".to_string()),
+            ("LANG".to_string(), "C.UTF-8".to_string()),
+            ("SHELL".to_string(), "/bin/bash".to_string()),
+            ("TERM".to_string(), "xterm".to_string()),
+        ];
+        for (k, v) in &config.env {
+            base_env.retain(|(bk, _)| bk != k);
+            base_env.push((k.clone(), v.clone()));
+        }
+        let cgroups = (!cgroup_fds.is_empty()).then(|| {
+            let version = if config.cgroup_version == "v2" {
+                CgroupVersion::V2
+            } else {
+                CgroupVersion::V1
+            };
+            ExecCgroups::from_dir_fds(cgroup_fds, version)
+        });
+        let fence = if config.landlock {
+            let spec = FenceSpec {
+                read_only: vec![PathBuf::from("/")],
+                read_write: ["/home/user", "/workspace", "/tmp", "/dev", "/proc"]
+                    .into_iter()
+                    .map(PathBuf::from)
+                    .collect(),
+            };
+            let fence = landlock_fence::prepare(&spec)
+                .map_err(|e| std::io::Error::other(format!("landlock: {e}")))?;
+            if fence.enforced_abi().is_none() {
+                return Err(std::io::Error::other(
+                    "landlock is required but unavailable",
+                ));
+            }
+            Some(Arc::new(fence))
+        } else {
+            None
+        };
+        Ok(Self {
+            reaper: Reaper::new(),
+            base_env,
+            user: Credentials {
+                uid: config.user_uid,
+                gid: config.user_gid,
+            },
+            rootless: config.rootless,
+            cgroups,
+            fence,
+            last_cap: execbox_jail::process::last_capability(),
+            next_leaf: AtomicU64::new(1),
+        })
+    }
+
+    /// The reaper of this PID 1.
+    pub fn reaper(&self) -> &Reaper {
+        &self.reaper
+    }
+
+    /// The sandbox user.
+    pub fn user(&self) -> Credentials {
+        self.user
+    }
+
+    /// Environment of a user process: sandbox env, then `extra`.
+    pub fn env_with(&self, extra: &[(String, String)]) -> Vec<(String, String)> {
+        let mut env = self.base_env.clone();
+        for (k, v) in extra {
+            env.retain(|(bk, _)| bk != k);
+            env.push((k.clone(), v.clone()));
+        }
+        env
+    }
+
+    /// Starts a process in its own execution cgroup.
+    pub fn start(&self, spec: RunSpec<'_>) -> Result<Started, RunError> {
+        let leaf = match &self.cgroups {
+            Some(cg) => {
+                let n = self.next_leaf.fetch_add(1, Ordering::Relaxed);
+                Some(cg.create_leaf(&format!("x{n}"))?)
+            }
+            None => None,
+        };
+        let procs = match &leaf {
+            Some(l) => l.procs_fds()?,
+            None => Vec::new(),
+        };
+        let creds = spec.creds.unwrap_or(self.user);
+        let (stdout, stderr, out_r, err_r) = match spec.output {
+            Output::Pipes => (Stdio::piped(), Stdio::piped(), None, None),
+            Output::Null => (Stdio::null(), Stdio::null(), None, None),
+            Output::Combined => {
+                let (r, w) = std::io::pipe()?;
+                let w2 = w.try_clone()?;
+                (
+                    Stdio::from(w),
+                    Stdio::from(w2),
+                    Some(OwnedFd::from(r)),
+                    None,
+                )
+            }
+        };
+        let launch = Launch {
+            argv: spec.argv,
+            env: self.env_with(&spec.extra_env),
+            cwd: spec.cwd.to_path_buf(),
+            creds,
+            groups: (!self.rootless).then(Vec::new),
+            cgroup_procs: procs,
+            fence: self.fence.clone(),
+            last_cap: self.last_cap,
+            stdin: Stdio::null(),
+            stdout,
+            stderr,
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let mut child = self.reaper.spawn(launch, move |info| {
+            let _ = tx.send(info);
+        })?;
+        let stdout = child.stdout.take().map(OwnedFd::from).or(out_r);
+        let stderr = child.stderr.take().map(OwnedFd::from).or(err_r);
+        Ok(Started {
+            pid: child.id() as i32,
+            stdout,
+            stderr,
+            exit: rx,
+            leaf,
+        })
+    }
+
+    /// Starts the sandbox entrypoint in the background, output discarded.
+    pub fn start_entrypoint(&self, argv: &[String]) -> Result<(), RunError> {
+        let started = self.start(RunSpec {
+            argv: argv.to_vec(),
+            cwd: Path::new(SANDBOX_HOME),
+            extra_env: Vec::new(),
+            creds: None,
+            output: Output::Null,
+        })?;
+        tokio::spawn(async move {
+            let status = started.exit.await;
+            tracing::info!(?status, "entrypoint exited");
+            if let Some(leaf) = started.leaf {
+                let _ = leaf.remove();
+            }
+        });
+        Ok(())
+    }
+}
+
+/// Reads the leaf's statistics, if any.
+pub fn leaf_stats(leaf: Option<&ExecLeaf>) -> Option<CgroupStats> {
+    leaf.and_then(|l| l.stats().ok())
+}

@@ -1,0 +1,254 @@
+//! Starting user processes inside a sandbox, and reaping every process as PID 1.
+//!
+//! Used by the agent. A user process starts in a new session with default signal dispositions
+//! and an empty signal mask, joins its own execution cgroup, drops every capability (bounding
+//! set included), becomes the sandbox user, sets `no_new_privs`, enters the Landlock fence, and
+//! inherits the agent's seccomp filter.
+//!
+//! The agent is PID 1 of its pid namespace, so orphans of user code are reparented to it. One
+//! [`Reaper`] owns every `waitpid`: a child is registered under the same lock that spawns it,
+//! so no exit status can be reaped before someone waits for it.
+
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+
+use crate::sys;
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitInfo {
+    /// Normal exit with a code.
+    Code(i32),
+    /// Killed by a signal.
+    Signal(i32),
+}
+
+impl ExitInfo {
+    /// Shell-style exit code: the code, or 128 + signal.
+    pub fn shell_code(self) -> i32 {
+        match self {
+            ExitInfo::Code(c) => c,
+            ExitInfo::Signal(s) => 128 + s,
+        }
+    }
+}
+
+type Waiter = Box<dyn FnOnce(ExitInfo) + Send>;
+
+/// Reaps every child of this process and hands exit statuses to whoever registered for them.
+#[derive(Default)]
+pub struct Reaper {
+    waiters: Mutex<HashMap<i32, Waiter>>,
+}
+
+impl Reaper {
+    /// Creates a reaper. Call [`Reaper::reap`] whenever `SIGCHLD` arrives.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Collects every exited child without blocking and notifies their waiters; children
+    /// nobody waits for (orphans adopted by PID 1) are simply reaped.
+    pub fn reap(&self) {
+        let mut done = Vec::new();
+        {
+            let mut waiters = match self.waiters.lock() {
+                Ok(w) => w,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            loop {
+                let info = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                    Ok(WaitStatus::Exited(pid, code)) => (pid, ExitInfo::Code(code)),
+                    Ok(WaitStatus::Signaled(pid, sig, _)) => (pid, ExitInfo::Signal(sig as i32)),
+                    Ok(WaitStatus::StillAlive) | Err(_) => break,
+                    Ok(_) => continue,
+                };
+                if let Some(w) = waiters.remove(&info.0.as_raw()) {
+                    done.push((w, info.1));
+                }
+            }
+        }
+        for (w, info) in done {
+            w(info);
+        }
+    }
+
+    /// Spawns `launch` and registers `on_exit` for it, atomically with respect to [`reap`].
+    ///
+    /// [`reap`]: Reaper::reap
+    pub fn spawn(
+        &self,
+        launch: Launch,
+        on_exit: impl FnOnce(ExitInfo) + Send + 'static,
+    ) -> std::io::Result<std::process::Child> {
+        let mut waiters = match self.waiters.lock() {
+            Ok(w) => w,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let child = launch.into_command().spawn()?;
+        waiters.insert(child.id() as i32, Box::new(on_exit));
+        Ok(child)
+    }
+}
+
+/// Who a user process runs as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Credentials {
+    /// Uid inside the sandbox.
+    pub uid: u32,
+    /// Primary gid inside the sandbox.
+    pub gid: u32,
+}
+
+/// A user process to start.
+pub struct Launch {
+    /// Program and arguments (`argv[0]` is the program path).
+    pub argv: Vec<String>,
+    /// Complete environment (nothing is inherited from the agent).
+    pub env: Vec<(String, String)>,
+    /// Working directory.
+    pub cwd: PathBuf,
+    /// Identity to switch to.
+    pub creds: Credentials,
+    /// Supplementary groups; `None` leaves them alone (rootless sandboxes cannot set them).
+    pub groups: Option<Vec<u32>>,
+    /// Opened `cgroup.procs` files of the execution cgroup, one per hierarchy.
+    pub cgroup_procs: Vec<OwnedFd>,
+    /// The Landlock fence to enter, if any.
+    pub fence: Option<std::sync::Arc<crate::landlock_fence::PreparedFence>>,
+    /// Highest capability number of the kernel (`/proc/sys/kernel/cap_last_cap`).
+    pub last_cap: u32,
+    /// Standard input.
+    pub stdin: Stdio,
+    /// Standard output.
+    pub stdout: Stdio,
+    /// Standard error.
+    pub stderr: Stdio,
+}
+
+/// The kernel's highest capability number.
+pub fn last_capability() -> u32 {
+    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(40)
+}
+
+fn errno_to_io(e: sys::Errno) -> std::io::Error {
+    std::io::Error::from_raw_os_error(e)
+}
+
+impl Launch {
+    fn into_command(self) -> Command {
+        let mut cmd = Command::new(&self.argv[0]);
+        cmd.args(&self.argv[1..])
+            .env_clear()
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .current_dir(&self.cwd)
+            .stdin(self.stdin)
+            .stdout(self.stdout)
+            .stderr(self.stderr);
+        let procs: Vec<RawFd> = self.cgroup_procs.iter().map(AsRawFd::as_raw_fd).collect();
+        let cgroup_fds = self.cgroup_procs;
+        let creds = self.creds;
+        let groups = self.groups;
+        let fence = self.fence;
+        let last_cap = self.last_cap;
+        // SAFETY: the closure runs between fork and exec and only makes raw syscalls on data
+        // prepared before the fork (no allocation, no locks).
+        unsafe {
+            cmd.pre_exec(move || {
+                let _keep_open = &cgroup_fds;
+                sys::setsid().map_err(errno_to_io)?;
+                sys::reset_signals();
+                for fd in &procs {
+                    sys::write_all(*fd, b"0").map_err(errno_to_io)?;
+                }
+                // The agent may be exempt from the OOM killer; user code never is.
+                if let Ok(fd) = open_write(c"/proc/self/oom_score_adj") {
+                    let _ = sys::write_all(fd, b"0");
+                    sys::close(fd);
+                }
+                sys::drop_bounding_set(last_cap).map_err(errno_to_io)?;
+                if let Some(groups) = &groups {
+                    sys::setgroups(groups).map_err(errno_to_io)?;
+                }
+                sys::setresgid(creds.gid).map_err(errno_to_io)?;
+                sys::setresuid(creds.uid).map_err(errno_to_io)?;
+                sys::clear_capabilities().map_err(errno_to_io)?;
+                sys::set_no_new_privs().map_err(errno_to_io)?;
+                if let Some(fence) = &fence {
+                    fence.restrict_raw().map_err(errno_to_io)?;
+                }
+                sys::cloexec_from(3).map_err(errno_to_io)?;
+                Ok(())
+            });
+        }
+        cmd
+    }
+}
+
+fn open_write(path: &std::ffi::CStr) -> Result<RawFd, sys::Errno> {
+    // SAFETY: `path` is a valid NUL-terminated string.
+    let fd = unsafe { libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) };
+    if fd < 0 {
+        // SAFETY: reading this thread's errno.
+        Err(unsafe { *libc::__errno_location() })
+    } else {
+        Ok(fd)
+    }
+}
+
+/// Sends `sig` to the process group `pgid` (user processes lead their own session and group).
+pub fn signal_group(pgid: i32, sig: i32) -> std::io::Result<()> {
+    sys::kill(-pgid, sig).map_err(errno_to_io)
+}
+
+/// Sends SIGKILL to every process of the pid namespace except the caller (PID 1).
+pub fn kill_everything() {
+    let _ = sys::kill(-1, libc::SIGKILL);
+}
+
+/// Hardens the agent itself: not dumpable (no ptrace, no core, `/proc/1` unreadable by the
+/// sandbox user), and every inherited descriptor from `first_unused` on is close-on-exec.
+pub fn harden_agent(first_unused: RawFd) -> std::io::Result<()> {
+    sys::set_non_dumpable().map_err(errno_to_io)?;
+    sys::cloexec_from(first_unused).map_err(errno_to_io)
+}
+
+/// Marks one descriptor close-on-exec.
+pub fn set_cloexec(fd: RawFd) -> std::io::Result<()> {
+    nix::fcntl::fcntl(
+        // SAFETY: the caller owns `fd` for the duration of the call.
+        unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) },
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )
+    .map(drop)
+    .map_err(std::io::Error::from)
+}
+
+/// Tells the host that the agent is ready (one byte on [`crate::spawn::READY_FD`]) and closes
+/// the descriptor.
+pub fn signal_ready() -> std::io::Result<()> {
+    let fd = crate::spawn::READY_FD;
+    let result = sys::write_all(fd, b"r").map_err(errno_to_io);
+    sys::close(fd);
+    result
+}
+
+/// Takes ownership of the `index`-th descriptor passed by the host
+/// ([`crate::spawn::SpawnRequest::pass_fds`]), marking it close-on-exec.
+pub fn take_passed_fd(index: usize) -> std::io::Result<OwnedFd> {
+    let fd = crate::spawn::FIRST_PASSED_FD + index as RawFd;
+    set_cloexec(fd)?;
+    // SAFETY: the host placed an open descriptor at this number for us and nothing else in
+    // this process refers to it; ownership is taken exactly once per index by the agent.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}

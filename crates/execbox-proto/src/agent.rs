@@ -1,0 +1,31 @@
+//! The contract between the server and the agent it starts as PID 1 of a sandbox.
+
+use serde::{Deserialize, Serialize};
+
+/// Environment variable holding the JSON [`AgentConfig`].
+pub const AGENT_CONFIG_ENV: &str = "EXECBOX_AGENT_CONFIG";
+
+/// Configuration handed to the agent at start.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct AgentConfig {
+    /// Sandbox environment (from the create request), seen by every user process.
+    pub env: Vec<(String, String)>,
+    /// Entrypoint started in the background as the sandbox user (may be empty).
+    pub entrypoint: Vec<String>,
+    /// Uid of the sandbox user inside the sandbox.
+    pub user_uid: u32,
+    /// Gid of the sandbox user inside the sandbox.
+    pub user_gid: u32,
+    /// Only one uid is mapped: supplementary groups cannot be set.
+    pub rootless: bool,
+    /// `"v1"` or `"v2"`, or empty when no cgroup descriptors are passed.
+    pub cgroup_version: String,
+    /// Hierarchy labels of the cgroup directory descriptors passed after the listener.
+    pub cgroup_labels: Vec<String>,
+    /// Enter a Landlock fence for user processes (fail when unavailable).
+    pub landlock: bool,
+    /// Install the seccomp filter on the agent (inherited by every user process).
+    pub seccomp: bool,
+    /// Per-command output cap for background logs, in bytes.
+    pub max_log_bytes: u64,
+}

@@ -1,0 +1,106 @@
+//! Server configuration: command-line values over an optional TOML file over defaults.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// Configuration of a server.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// State directory (records, agent sockets, root skeletons).
+    pub state_dir: PathBuf,
+    /// API keys accepted by every surface; empty = loopback only, no auth.
+    pub api_keys: Vec<String>,
+    /// Address put into endpoint answers instead of the request's Host.
+    pub public_address: Option<String>,
+    /// Longest sandbox timeout a client may ask for, in seconds.
+    pub max_timeout_secs: u64,
+    /// Default pids limit of a sandbox.
+    pub default_pids: u64,
+    /// Image aliases: image reference (`name` or `name:tag`; a `name` entry matches every tag)
+    /// to template name. The only template is `default`.
+    pub images: BTreeMap<String, String>,
+    /// Python interpreter to expose (discovered on `PATH` when absent).
+    pub python: Option<PathBuf>,
+    /// Refuse sandboxes without seccomp.
+    pub require_seccomp: bool,
+    /// Refuse sandboxes without Landlock (it is used whenever available).
+    pub require_landlock: bool,
+    /// Prefix of the cgroups of this server.
+    pub cgroup_base: String,
+    /// The executable started as each sandbox's agent (this binary).
+    #[serde(skip)]
+    pub agent_exe: PathBuf,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        let mut images = BTreeMap::new();
+        images.insert("default".to_string(), "default".to_string());
+        images.insert(
+            "opensandbox/code-interpreter".to_string(),
+            "default".to_string(),
+        );
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            state_dir: PathBuf::from("/var/lib/execbox"),
+            api_keys: Vec::new(),
+            public_address: None,
+            max_timeout_secs: 7 * 24 * 3600,
+            default_pids: 512,
+            images,
+            python: None,
+            require_seccomp: true,
+            require_landlock: false,
+            cgroup_base: "execbox".to_string(),
+            agent_exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe")),
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Reads a TOML configuration file.
+    pub fn from_file(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("reading {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// The template an image reference resolves to, if any.
+    pub fn resolve_image(&self, uri: &str) -> Option<&str> {
+        let name = match uri.rsplit_once(':') {
+            // A colon after the last slash separates the tag (not a registry port).
+            Some((n, tag)) if !tag.contains('/') => n,
+            _ => uri,
+        };
+        let name = name.split('@').next().unwrap_or(name);
+        self.images
+            .get(uri)
+            .or_else(|| self.images.get(name))
+            .map(String::as_str)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn code_interpreter_image_of_any_tag_is_the_default_template() {
+        let c = ServerConfig::default();
+        assert_eq!(
+            c.resolve_image("opensandbox/code-interpreter:v1.1.0"),
+            Some("default")
+        );
+        assert_eq!(
+            c.resolve_image("opensandbox/code-interpreter"),
+            Some("default")
+        );
+        assert_eq!(c.resolve_image("default"), Some("default"));
+        assert_eq!(c.resolve_image("python:3.11"), None);
+        assert_eq!(c.resolve_image("registry:5000/python"), None);
+    }
+}

@@ -1,0 +1,391 @@
+//! The OpenSandbox lifecycle API (`/v1/sandboxes…`) and its error envelope.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use execbox_proto::lifecycle::{
+    self as wire, CreateSandboxResponse, Endpoint, ErrorCode, ErrorEnvelope, ListSandboxesQuery,
+    ListSandboxesResponse, Pagination, RenewExpirationResponse, SandboxState,
+};
+use time::OffsetDateTime;
+
+use crate::local::{SandboxLimits, SandboxParams};
+use crate::registry::SandboxRecord;
+use crate::Server;
+
+/// A lifecycle API error: one variant per wire code family.
+#[derive(Debug, thiserror::Error)]
+pub enum LifecycleError {
+    /// 400 with a specific code.
+    #[error("{message}")]
+    Invalid {
+        /// Wire code.
+        code: ErrorCode,
+        /// Message naming the field.
+        message: String,
+    },
+    /// 404.
+    #[error("sandbox {0} not found")]
+    NotFound(String),
+    /// 409 state conflicts.
+    #[error("{message}")]
+    Conflict {
+        /// Wire code.
+        code: ErrorCode,
+        /// Message.
+        message: String,
+    },
+    /// 501.
+    #[error("{0}")]
+    NotSupported(String),
+    /// 500.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl LifecycleError {
+    fn invalid(message: impl Into<String>) -> Self {
+        Self::Invalid {
+            code: ErrorCode::InvalidParameter,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<wire::ValidationError> for LifecycleError {
+    fn from(e: wire::ValidationError) -> Self {
+        Self::Invalid {
+            code: e.error_code(),
+            message: e.to_string(),
+        }
+    }
+}
+
+impl IntoResponse for LifecycleError {
+    fn into_response(self) -> Response {
+        let (status, code) = match &self {
+            Self::Invalid { code, .. } => (StatusCode::BAD_REQUEST, *code),
+            Self::NotFound(_) => (StatusCode::NOT_FOUND, ErrorCode::SandboxNotFound),
+            Self::Conflict { code, .. } => (StatusCode::CONFLICT, *code),
+            Self::NotSupported(_) => (StatusCode::NOT_IMPLEMENTED, ErrorCode::ApiNotSupported),
+            Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::UnknownError),
+        };
+        if status.is_server_error() {
+            tracing::error!(error = %self, "lifecycle request failed");
+        }
+        (status, Json(ErrorEnvelope::new(code, self.to_string()))).into_response()
+    }
+}
+
+type Result<T> = std::result::Result<T, LifecycleError>;
+
+fn random_token() -> String {
+    use rand::RngCore;
+    let mut b = [0u8; 24];
+    rand::rng().fill_bytes(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn host_arch() -> &'static str {
+    wire::normalize_arch(std::env::consts::ARCH)
+}
+
+/// `POST /v1/sandboxes`.
+pub async fn create(State(server): State<Arc<Server>>, body: Bytes) -> Result<Response> {
+    let req = wire::parse_create_request(&body)?;
+    let v = req.validate(server.config.max_timeout_secs, host_arch())?;
+    let image = req.image.as_ref().map(|i| i.uri.clone());
+    if req.snapshot_id.is_some() {
+        return Err(LifecycleError::invalid(
+            "snapshotId: snapshots are not supported by this server",
+        ));
+    }
+    if let Some(uri) = &image {
+        if server.config.resolve_image(uri).is_none() {
+            return Err(LifecycleError::invalid(format!(
+                "image.uri: unknown image {uri:?}; this server provides the template \"default\" \
+                 (configure [images] aliases for others)"
+            )));
+        }
+    }
+    if req.volumes.as_ref().is_some_and(|v| !v.is_empty()) {
+        return Err(LifecycleError::invalid(
+            "volumes: host and volume mounts are not allowed by this server's configuration",
+        ));
+    }
+    if req.network_policy.as_ref().is_some_and(|p| {
+        p.egress.as_ref().is_some_and(|e| !e.is_empty())
+            || matches!(p.default_action, Some(wire::NetworkAction::Allow))
+    }) {
+        return Err(LifecycleError::invalid(
+            "networkPolicy: only network mode none (no egress) is available on this server",
+        ));
+    }
+    let backend = server.backend()?;
+    let limits = SandboxLimits {
+        cpu_millicores: v.cpu_millicores,
+        memory_bytes: v.memory_bytes,
+        pids: v.pids,
+        disk_bytes: v.disk_bytes,
+    };
+    let id = uuid_like();
+    let now = OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .unwrap_or(OffsetDateTime::now_utc());
+    let env: BTreeMap<String, String> = req.env.clone().unwrap_or_default();
+    let entrypoint = v.entrypoint.clone();
+    let record = SandboxRecord {
+        id: id.clone(),
+        tenant: "default".into(),
+        token: random_token(),
+        image_uri: image,
+        entrypoint: entrypoint.clone(),
+        env: env.clone(),
+        metadata: req.metadata.clone().unwrap_or_default(),
+        created_at: now,
+        expires_at: v
+            .timeout_secs
+            .map(|s| now + time::Duration::seconds(s as i64)),
+        state: SandboxState::Running,
+        reason: None,
+        last_transition_at: now,
+        limits,
+        placement: None,
+    };
+    let b = backend.clone();
+    let id2 = id.clone();
+    let placement = tokio::task::spawn_blocking(move || {
+        b.create(SandboxParams {
+            id: &id2,
+            limits,
+            env: env.into_iter().collect(),
+            entrypoint,
+        })
+    })
+    .await
+    .map_err(|e| LifecycleError::Internal(e.to_string()))?
+    .map_err(|e| LifecycleError::Internal(e.to_string()))?;
+    let record = SandboxRecord {
+        placement: Some(placement),
+        ..record
+    };
+    server
+        .registry
+        .save(record.clone())
+        .map_err(|e| LifecycleError::Internal(format!("saving the sandbox record: {e}")))?;
+    let body = CreateSandboxResponse::from(record.to_api());
+    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+}
+
+fn uuid_like() -> String {
+    use rand::RngCore;
+    let mut b = [0u8; 16];
+    rand::rng().fill_bytes(&mut b);
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
+}
+
+fn find(server: &Server, id: &str) -> Result<SandboxRecord> {
+    server
+        .registry
+        .get(id)
+        .ok_or_else(|| LifecycleError::NotFound(id.to_string()))
+}
+
+/// `GET /v1/sandboxes/{id}`.
+pub async fn get(State(server): State<Arc<Server>>, Path(id): Path<String>) -> Result<Response> {
+    Ok(Json(find(&server, &id)?.to_api()).into_response())
+}
+
+/// `GET /v1/sandboxes`.
+pub async fn list(State(server): State<Arc<Server>>, RawQuery(q): RawQuery) -> Result<Response> {
+    let query = ListSandboxesQuery::parse(q.as_deref().unwrap_or("")).map_err(|e| {
+        let env = e.to_envelope();
+        LifecycleError::Invalid {
+            code: e.error_code(),
+            message: env.message,
+        }
+    })?;
+    let matching: Vec<_> = server
+        .registry
+        .all()
+        .into_iter()
+        .filter(|r| query.matches(r.state, Some(&r.metadata)))
+        .collect();
+    let pagination = Pagination::new(query.page, query.page_size, matching.len() as u64);
+    let range = pagination.range();
+    let items = matching
+        .get(range.start.min(matching.len())..range.end.min(matching.len()))
+        .unwrap_or_default()
+        .iter()
+        .map(SandboxRecord::to_api)
+        .collect();
+    Ok(Json(ListSandboxesResponse { items, pagination }).into_response())
+}
+
+/// `DELETE /v1/sandboxes/{id}`.
+pub async fn delete(State(server): State<Arc<Server>>, Path(id): Path<String>) -> Result<Response> {
+    find(&server, &id)?;
+    server.destroy(&id, "user_delete").await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// `POST /v1/sandboxes/{id}/pause`.
+pub async fn pause(State(server): State<Arc<Server>>, Path(id): Path<String>) -> Result<Response> {
+    let rec = find(&server, &id)?;
+    if rec.state != SandboxState::Running {
+        return Err(LifecycleError::Conflict {
+            code: ErrorCode::SandboxNotRunning,
+            message: format!("sandbox {id} is {}, not Running", rec.state),
+        });
+    }
+    let backend = server.backend()?;
+    let id2 = id.clone();
+    tokio::task::spawn_blocking(move || backend.pause(&id2))
+        .await
+        .map_err(|e| LifecycleError::Internal(e.to_string()))?
+        .map_err(|e| LifecycleError::Internal(e.to_string()))?;
+    server.set_state(&id, SandboxState::Paused, None)?;
+    Ok(StatusCode::ACCEPTED.into_response())
+}
+
+/// `POST /v1/sandboxes/{id}/resume`.
+pub async fn resume(State(server): State<Arc<Server>>, Path(id): Path<String>) -> Result<Response> {
+    let rec = find(&server, &id)?;
+    if rec.state != SandboxState::Paused {
+        return Err(LifecycleError::Conflict {
+            code: ErrorCode::SandboxNotPaused,
+            message: format!("sandbox {id} is {}, not Paused", rec.state),
+        });
+    }
+    let backend = server.backend()?;
+    let id2 = id.clone();
+    tokio::task::spawn_blocking(move || backend.resume(&id2))
+        .await
+        .map_err(|e| LifecycleError::Internal(e.to_string()))?
+        .map_err(|e| LifecycleError::Internal(e.to_string()))?;
+    server.set_state(&id, SandboxState::Running, None)?;
+    Ok(StatusCode::ACCEPTED.into_response())
+}
+
+/// `POST /v1/sandboxes/{id}/renew-expiration`.
+pub async fn renew(
+    State(server): State<Arc<Server>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response> {
+    let rec = find(&server, &id)?;
+    let req = wire::parse_renew_request(&body)?;
+    let now = OffsetDateTime::now_utc();
+    if req.expires_at <= now {
+        return Err(LifecycleError::Invalid {
+            code: ErrorCode::InvalidExpiration,
+            message: "expiresAt: must be in the future".into(),
+        });
+    }
+    if let Some(cur) = rec.expires_at {
+        if req.expires_at <= cur {
+            return Err(LifecycleError::Conflict {
+                code: ErrorCode::ExpirationNotExtended,
+                message: "expiresAt: must be later than the current expiration".into(),
+            });
+        }
+    }
+    let max = now + time::Duration::seconds(server.config.max_timeout_secs as i64);
+    if req.expires_at > max {
+        return Err(LifecycleError::Invalid {
+            code: ErrorCode::InvalidExpiration,
+            message: format!(
+                "expiresAt: at most {} seconds from now",
+                server.config.max_timeout_secs
+            ),
+        });
+    }
+    server
+        .registry
+        .update(&id, |r| r.expires_at = Some(req.expires_at))
+        .ok_or_else(|| LifecycleError::NotFound(id.clone()))?
+        .map_err(|e| LifecycleError::Internal(e.to_string()))?;
+    Ok(Json(RenewExpirationResponse {
+        expires_at: req.expires_at,
+    })
+    .into_response())
+}
+
+/// `PATCH /v1/sandboxes/{id}/metadata`.
+pub async fn patch_metadata(
+    State(server): State<Arc<Server>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response> {
+    let rec = find(&server, &id)?;
+    let patch = wire::parse_metadata_patch(&body)?;
+    let mut metadata = rec.metadata.clone();
+    wire::apply_metadata_merge_patch(&mut metadata, &patch)?;
+    let rec = server
+        .registry
+        .update(&id, |r| r.metadata = metadata)
+        .ok_or_else(|| LifecycleError::NotFound(id.clone()))?
+        .map_err(|e| LifecycleError::Internal(e.to_string()))?;
+    Ok(Json(rec.to_api()).into_response())
+}
+
+/// `GET /v1/sandboxes/{id}/endpoints/{port}`.
+pub async fn endpoint(
+    State(server): State<Arc<Server>>,
+    Path((id, port)): Path<(String, String)>,
+    RawQuery(q): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response> {
+    let rec = find(&server, &id)?;
+    let port: u16 = port
+        .parse()
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or(LifecycleError::Invalid {
+            code: ErrorCode::InvalidPort,
+            message: format!("port: {port:?} is not a port number (1-65535)"),
+        })?;
+    if q.as_deref()
+        .unwrap_or("")
+        .split('&')
+        .any(|kv| kv.starts_with("expires="))
+    {
+        return Err(LifecycleError::invalid(
+            "expires: signed endpoints are not supported",
+        ));
+    }
+    let host = server.config.public_address.clone().unwrap_or_else(|| {
+        headers
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_string)
+            .unwrap_or_else(|| server.config.listen.to_string())
+    });
+    let mut h = BTreeMap::new();
+    h.insert("X-EXECD-ACCESS-TOKEN".to_string(), rec.token);
+    Ok(Json(Endpoint {
+        endpoint: format!("{host}/v1/sandboxes/{id}/proxy/{port}"),
+        headers: Some(h),
+    })
+    .into_response())
+}
+
+/// Snapshot routes: not supported.
+pub async fn snapshots_unsupported() -> LifecycleError {
+    LifecycleError::NotSupported("snapshots are not supported by this server".into())
+}

@@ -1,0 +1,435 @@
+//! The `local` backend: sandboxes as jailed process trees on this host.
+
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use execbox_jail::cgroup::{CgroupDriver, CgroupVersion, Limits, SandboxCgroup};
+use execbox_jail::rootfs::{MountOp, RootfsPlan, WritableSizes, SANDBOX_GID, SANDBOX_UID};
+use execbox_jail::spawn::{self, SpawnRequest, UserMapping};
+use execbox_proto::agent::{AgentConfig, AGENT_CONFIG_ENV};
+
+use crate::doctor::{self, Layer};
+
+/// First host uid of the per-sandbox uid ranges (root mode).
+const UID_RANGE_BASE: u32 = 1_000_000_000;
+/// Ids mapped per sandbox.
+const UID_RANGE_SIZE: u32 = 65_536;
+/// Number of uid ranges (keeps every id below 2^32 - 1).
+pub const MAX_SLOTS: u32 = 40_000;
+/// Hostname inside every sandbox.
+const HOSTNAME: &str = "sandbox";
+
+/// Errors of the local backend.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// A required isolation layer is missing; sandboxes are refused.
+    #[error("refusing to create sandboxes: {0}")]
+    Unavailable(String),
+    /// cgroup operation failed.
+    #[error("cgroup: {0}")]
+    Cgroup(#[from] execbox_jail::cgroup::CgroupError),
+    /// Starting the sandbox failed.
+    #[error(transparent)]
+    Spawn(#[from] execbox_jail::spawn::SpawnError),
+    /// Host I/O failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// No uid range is free.
+    #[error("too many sandboxes: no free uid range")]
+    NoSlot,
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BackendError {
+    let what = what.into();
+    move |source| BackendError::Io { what, source }
+}
+
+/// Resource limits of one sandbox.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SandboxLimits {
+    /// CPU in millicores.
+    pub cpu_millicores: Option<u64>,
+    /// Memory in bytes.
+    pub memory_bytes: Option<u64>,
+    /// Maximum tasks.
+    pub pids: Option<u64>,
+    /// Size of each writable area in bytes.
+    pub disk_bytes: Option<u64>,
+}
+
+/// What the backend needs to start one sandbox.
+pub struct SandboxParams<'a> {
+    /// Sandbox id (also the cgroup name).
+    pub id: &'a str,
+    /// Limits.
+    pub limits: SandboxLimits,
+    /// Environment of user processes.
+    pub env: Vec<(String, String)>,
+    /// Entrypoint.
+    pub entrypoint: Vec<String>,
+}
+
+/// A running sandbox as the backend tracks it (persisted in the sandbox record).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Placement {
+    /// Host pid of the agent.
+    pub pid: i32,
+    /// Its start time (guards against pid reuse after a restart).
+    pub start_time: u64,
+    /// uid range slot (root mode).
+    pub slot: Option<u32>,
+    /// Host uid of the sandbox user.
+    pub user_host_uid: Option<u32>,
+}
+
+/// Backend configuration.
+#[derive(Debug, Clone)]
+pub struct LocalConfig {
+    /// State directory.
+    pub state_dir: PathBuf,
+    /// The agent executable (this binary).
+    pub agent_exe: PathBuf,
+    /// Python interpreter to expose (discovered when `None`).
+    pub python: Option<PathBuf>,
+    /// Require seccomp.
+    pub seccomp: bool,
+    /// Require Landlock.
+    pub landlock: bool,
+    /// Default pids limit.
+    pub default_pids: u64,
+    /// Prefix of cgroup names (lets tests run beside a real server).
+    pub cgroup_base: String,
+}
+
+/// The local backend.
+pub struct LocalBackend {
+    config: LocalConfig,
+    cgroups: CgroupDriver,
+    plan: RootfsPlan,
+    ops_default: Vec<MountOp>,
+    mapping_mode: MappingMode,
+    slots: Mutex<Vec<bool>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum MappingMode {
+    Root,
+    Rootless { uid: u32, gid: u32 },
+}
+
+impl LocalBackend {
+    /// Checks every isolation layer and prepares the sandbox root. Fails closed: a missing
+    /// required layer is an error naming it.
+    pub fn new(config: LocalConfig) -> Result<Self, BackendError> {
+        let report = doctor::check(config.seccomp, config.landlock, &config.cgroup_base);
+        let missing: Vec<&Layer> = report.iter().filter(|l| l.required && !l.ok).collect();
+        if !missing.is_empty() {
+            let why = missing
+                .iter()
+                .map(|l| format!("{} ({})", l.name, l.detail))
+                .collect::<Vec<_>>()
+                .join("; ");
+            return Err(BackendError::Unavailable(format!(
+                "required isolation layers are missing: {why}"
+            )));
+        }
+        let cgroups = CgroupDriver::detect_with_base(&config.cgroup_base)?;
+        let uid = nix::unistd::geteuid().as_raw();
+        let mapping_mode = if uid == 0 {
+            MappingMode::Root
+        } else {
+            MappingMode::Rootless {
+                uid,
+                gid: nix::unistd::getegid().as_raw(),
+            }
+        };
+        let runtimes = execbox_jail::runtimes::discover(config.python.as_deref());
+        let sandboxes = config.state_dir.join("sandboxes");
+        std::fs::create_dir_all(&sandboxes).map_err(io_err("creating the state directory"))?;
+        std::fs::set_permissions(&config.state_dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(io_err("securing the state directory"))?;
+        let rootless = matches!(mapping_mode, MappingMode::Rootless { .. });
+        let mut plan = RootfsPlan {
+            skeleton: PathBuf::new(),
+            hostname: HOSTNAME.to_string(),
+            runtimes,
+            sizes: WritableSizes::default(),
+            rootless,
+        };
+        // One skeleton per distinct plan, named by its content: running sandboxes keep theirs.
+        let fingerprint = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            format!("{:?}{}", plan.runtimes, rootless).hash(&mut h);
+            h.finish()
+        };
+        plan.skeleton = config
+            .state_dir
+            .join("rootfs")
+            .join(format!("{fingerprint:016x}"));
+        plan.build_skeleton()
+            .map_err(io_err("building the sandbox root skeleton"))?;
+        let ops_default = plan.compile();
+        Ok(Self {
+            slots: Mutex::new(vec![false; MAX_SLOTS as usize]),
+            config,
+            cgroups,
+            plan,
+            ops_default,
+            mapping_mode,
+        })
+    }
+
+    /// The runtimes found on the host.
+    pub fn runtimes(&self) -> &[execbox_jail::rootfs::Runtime] {
+        &self.plan.runtimes
+    }
+
+    /// Directory of one sandbox's host-side files.
+    pub fn sandbox_dir(&self, id: &str) -> PathBuf {
+        self.config.state_dir.join("sandboxes").join(id)
+    }
+
+    /// Path of the agent socket of a sandbox.
+    pub fn socket_path(&self, id: &str) -> PathBuf {
+        self.sandbox_dir(id).join("agent.sock")
+    }
+
+    fn take_slot(&self) -> Result<u32, BackendError> {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let i = slots
+            .iter()
+            .position(|used| !used)
+            .ok_or(BackendError::NoSlot)?;
+        slots[i] = true;
+        Ok(i as u32)
+    }
+
+    fn free_slot(&self, slot: Option<u32>) {
+        if let Some(s) = slot {
+            let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(v) = slots.get_mut(s as usize) {
+                *v = false;
+            }
+        }
+    }
+
+    /// Marks a slot used (re-attach after a restart).
+    pub fn claim_slot(&self, slot: Option<u32>) {
+        if let Some(s) = slot {
+            let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(v) = slots.get_mut(s as usize) {
+                *v = true;
+            }
+        }
+    }
+
+    /// Starts a sandbox and waits until its agent answers.
+    pub fn create(&self, p: SandboxParams<'_>) -> Result<Placement, BackendError> {
+        let slot = match self.mapping_mode {
+            MappingMode::Root => Some(self.take_slot()?),
+            MappingMode::Rootless { .. } => None,
+        };
+        let result = self.create_in_slot(&p, slot);
+        if result.is_err() {
+            self.free_slot(slot);
+            let _ = self.cleanup(p.id);
+        }
+        result
+    }
+
+    fn create_in_slot(
+        &self,
+        p: &SandboxParams<'_>,
+        slot: Option<u32>,
+    ) -> Result<Placement, BackendError> {
+        let (mapping, user_host_uid) = match (self.mapping_mode, slot) {
+            (MappingMode::Root, Some(slot)) => {
+                let host_base = UID_RANGE_BASE + slot * UID_RANGE_SIZE;
+                (
+                    UserMapping::Range {
+                        host_base,
+                        count: UID_RANGE_SIZE,
+                    },
+                    Some(host_base + SANDBOX_UID),
+                )
+            }
+            (MappingMode::Rootless { uid, gid }, _) => (
+                UserMapping::Single {
+                    host_uid: uid,
+                    host_gid: gid,
+                },
+                None,
+            ),
+            (MappingMode::Root, None) => return Err(BackendError::NoSlot),
+        };
+        let dir = self.sandbox_dir(p.id);
+        std::fs::create_dir_all(&dir).map_err(io_err("creating the sandbox directory"))?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(io_err("securing the sandbox directory"))?;
+        let socket_path = self.socket_path(p.id);
+        let _ = std::fs::remove_file(&socket_path);
+        let listener = std::os::unix::net::UnixListener::bind(&socket_path)
+            .map_err(io_err("binding the agent socket"))?;
+
+        let cgroup = self.cgroups.create(
+            p.id,
+            &Limits {
+                memory_bytes: p.limits.memory_bytes,
+                cpu_millicores: p.limits.cpu_millicores,
+                pids_max: Some(p.limits.pids.unwrap_or(self.config.default_pids)),
+            },
+        )?;
+        let root_host = mapping.host_uid(0).unwrap_or(0);
+        cgroup.delegate(root_host, root_host)?;
+        let mut pass_fds: Vec<OwnedFd> = vec![OwnedFd::from(listener)];
+        let mut labels = Vec::new();
+        for (label, path) in cgroup.dirs() {
+            let dir = std::fs::File::open(&path)
+                .map_err(io_err(format!("opening {}", path.display())))?;
+            pass_fds.push(OwnedFd::from(dir));
+            labels.push(label);
+        }
+        let rootless = matches!(mapping, UserMapping::Single { .. });
+        let agent_config = AgentConfig {
+            env: p.env.clone(),
+            entrypoint: p.entrypoint.clone(),
+            user_uid: if rootless { 0 } else { SANDBOX_UID },
+            user_gid: if rootless { 0 } else { SANDBOX_GID },
+            rootless,
+            cgroup_version: match cgroup.version() {
+                CgroupVersion::V1 => "v1".into(),
+                CgroupVersion::V2 => "v2".into(),
+            },
+            cgroup_labels: labels,
+            landlock: self.config.landlock,
+            seccomp: self.config.seccomp,
+            max_log_bytes: 64 << 20,
+        };
+        let config_json = serde_json::to_string(&agent_config).map_err(|e| BackendError::Io {
+            what: "encoding the agent configuration".into(),
+            source: std::io::Error::other(e),
+        })?;
+        let ops_custom;
+        let ops = match p.limits.disk_bytes {
+            Some(bytes) => {
+                let mut plan = self.plan.clone();
+                plan.sizes = WritableSizes {
+                    home: bytes,
+                    workspace: bytes,
+                    tmp: bytes,
+                    shm: bytes.min(WritableSizes::default().shm),
+                };
+                ops_custom = plan.compile();
+                &ops_custom
+            }
+            None => &self.ops_default,
+        };
+        let spawned = spawn::spawn_sandbox(SpawnRequest {
+            mount_ops: ops,
+            agent_exe: &self.config.agent_exe,
+            argv: vec!["execbox".into(), "agent".into()],
+            env: vec![
+                (AGENT_CONFIG_ENV.into(), config_json),
+                ("RUST_LOG".into(), "warn".into()),
+            ],
+            mapping,
+            hostname: HOSTNAME,
+            pass_fds,
+            cgroup_procs: cgroup.procs_files("agent")?,
+            ready_timeout: Duration::from_secs(10),
+        })?;
+        let start_time = spawn::process_start_time(spawned.pid).unwrap_or(0);
+        Ok(Placement {
+            pid: spawned.pid,
+            start_time,
+            slot,
+            user_host_uid,
+        })
+    }
+
+    /// Whether the agent recorded in `placement` still runs (same pid, same start time).
+    pub fn is_alive(&self, placement: &Placement) -> bool {
+        spawn::process_start_time(placement.pid) == Some(placement.start_time)
+    }
+
+    fn cgroup(&self, id: &str) -> Result<SandboxCgroup, BackendError> {
+        Ok(self.cgroups.open(id)?)
+    }
+
+    /// Freezes every process of the sandbox.
+    pub fn pause(&self, id: &str) -> Result<(), BackendError> {
+        Ok(self.cgroup(id)?.freeze()?)
+    }
+
+    /// Thaws the sandbox.
+    pub fn resume(&self, id: &str) -> Result<(), BackendError> {
+        Ok(self.cgroup(id)?.thaw()?)
+    }
+
+    /// Whether the sandbox is frozen.
+    pub fn is_paused(&self, id: &str) -> bool {
+        self.cgroup(id)
+            .and_then(|c| Ok(c.is_frozen()?))
+            .unwrap_or(false)
+    }
+
+    /// Stops the sandbox and removes everything it had on the host: processes, cgroups, socket,
+    /// state directory, uid range.
+    pub fn destroy(&self, id: &str, placement: &Placement) -> Result<(), BackendError> {
+        if self.is_alive(placement) {
+            // PID 1 takes its whole pid namespace with it.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(placement.pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        // Reap it when it is our child (not after a restart); ECHILD otherwise.
+        let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(placement.pid), None);
+        let result = self.cleanup(id);
+        self.free_slot(placement.slot);
+        result
+    }
+
+    fn cleanup(&self, id: &str) -> Result<(), BackendError> {
+        if let Ok(cg) = self.cgroups.open(id) {
+            // A frozen cgroup cannot die: thaw first.
+            let _ = cg.thaw();
+            cg.kill_all()?;
+            cg.remove()?;
+        }
+        let dir = self.sandbox_dir(id);
+        match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(io_err(format!("removing {}", dir.display()))(e))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Removes leftovers of a sandbox whose agent is gone.
+    pub fn forget(&self, id: &str, placement: &Placement) {
+        if let Err(e) = self.destroy(id, placement) {
+            tracing::warn!(sandbox = id, error = %e, "cleaning up a dead sandbox failed");
+        }
+    }
+
+    /// The state directory.
+    pub fn state_dir(&self) -> &Path {
+        &self.config.state_dir
+    }
+
+    /// Statistics of a sandbox's cgroup.
+    pub fn stats(&self, id: &str) -> Option<execbox_jail::cgroup::CgroupStats> {
+        self.cgroup(id).ok().and_then(|c| c.stats().ok())
+    }
+}

@@ -1,0 +1,124 @@
+//! `execbox run`: one program in a fresh sandbox, no server; output and exit code passed
+//! through.
+
+use std::io::Write;
+
+use bytes::Bytes;
+use execbox_proto::execd::Event;
+use http_body_util::{BodyExt, Full};
+
+use crate::local::{LocalBackend, LocalConfig, SandboxLimits, SandboxParams};
+
+/// Language of the code.
+#[derive(Debug, Clone, Copy)]
+pub enum Lang {
+    /// `python3 -c`.
+    Python,
+    /// `node -e`.
+    JavaScript,
+    /// `bash -c`.
+    Bash,
+}
+
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// Runs `code` and returns its exit code (128 + signal for a killed program).
+pub fn run(lang: Lang, code: &str, memory: Option<&str>, timeout_secs: u64) -> anyhow::Result<i32> {
+    let memory_bytes = memory
+        .map(execbox_proto::quantity::parse_memory)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("--memory: {e}"))?;
+    let state_dir = std::env::temp_dir().join(format!("execbox-run-{}", nix::unistd::geteuid()));
+    let backend = LocalBackend::new(LocalConfig {
+        state_dir,
+        agent_exe: std::env::current_exe()?,
+        python: None,
+        seccomp: true,
+        landlock: crate::doctor::landlock_available(),
+        default_pids: 512,
+        cgroup_base: "execbox".into(),
+    })?;
+    let id = format!(
+        "run-{}-{}",
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    );
+    let placement = backend.create(SandboxParams {
+        id: &id,
+        limits: SandboxLimits {
+            memory_bytes,
+            ..Default::default()
+        },
+        env: Vec::new(),
+        entrypoint: Vec::new(),
+    })?;
+    let command = match lang {
+        Lang::Python => format!("exec python3 -c {}", shell_quote(code)),
+        Lang::JavaScript => format!("exec node -e {}", shell_quote(code)),
+        Lang::Bash => code.to_string(),
+    };
+    let socket = backend.socket_path(&id);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let result = rt.block_on(stream_command(&socket, &command, timeout_secs));
+    backend.destroy(&id, &placement)?;
+    result
+}
+
+async fn stream_command(
+    socket: &std::path::Path,
+    command: &str,
+    timeout_secs: u64,
+) -> anyhow::Result<i32> {
+    let body = serde_json::json!({"command": command, "timeout": timeout_secs * 1000});
+    let req = http::Request::post("/command")
+        .header(http::header::HOST, "sandbox")
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))?;
+    let resp = crate::agent_client::send(socket, req).await?;
+    let mut body = resp.into_body();
+    let mut pending: Vec<u8> = Vec::new();
+    let mut exit = 0;
+    let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame?.into_data() else {
+            continue;
+        };
+        pending.extend_from_slice(&data);
+        while let Some(pos) = pending.windows(2).position(|w| w == b"\n\n") {
+            let line: Vec<u8> = pending.drain(..pos + 2).collect();
+            let json = line.strip_prefix(b"data: ").unwrap_or(&line);
+            let Ok(ev) = serde_json::from_slice::<Event>(json) else {
+                continue;
+            };
+            let text = ev.text.unwrap_or_default();
+            let text = if text == "\n" { String::new() } else { text };
+            match ev.kind.as_str() {
+                "stdout" => writeln!(out, "{text}")?,
+                "stderr" => writeln!(err, "{text}")?,
+                "error" => {
+                    let e = ev
+                        .error
+                        .unwrap_or_else(|| execbox_proto::execd::EventError {
+                            ename: String::new(),
+                            evalue: "1".into(),
+                            traceback: Vec::new(),
+                        });
+                    exit = match e.evalue.parse::<i32>() {
+                        Ok(-1) => 137,
+                        Ok(c) => c,
+                        Err(_) => 1,
+                    };
+                    for line in e.traceback.iter().skip(1) {
+                        writeln!(err, "execbox: {line}")?;
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(exit)
+}

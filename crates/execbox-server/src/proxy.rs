@@ -1,0 +1,167 @@
+//! `/v1/sandboxes/{id}/proxy/{port}/…`: the data plane, a streaming reverse proxy to the
+//! sandbox's agent over its unix socket.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use execbox_proto::lifecycle::SandboxState;
+
+use crate::lifecycle::LifecycleError;
+use crate::Server;
+
+/// The agent's own port.
+pub const AGENT_PORT: u16 = 44772;
+/// The egress-policy port the SDKs look up.
+pub const EGRESS_PORT: u16 = 18080;
+
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+];
+/// Server credentials never enter a sandbox.
+const CREDENTIALS: &[&str] = &["authorization", "cookie", "open-sandbox-api-key"];
+
+fn strip(headers: &mut http::HeaderMap, extra: &[&str]) {
+    let named: Vec<HeaderName> = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::try_from(n.trim()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for n in HOP_BY_HOP.iter().chain(extra) {
+        headers.remove(*n);
+    }
+}
+
+/// Splits `/v1/sandboxes/{id}/proxy/{port}{rest}` into its parts.
+fn parse_path(path: &str) -> Option<(&str, &str, &str)> {
+    let rest = path.strip_prefix("/v1/sandboxes/")?;
+    let (id, rest) = rest.split_once('/')?;
+    let rest = rest.strip_prefix("proxy/")?;
+    let (port, tail) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, ""),
+    };
+    Some((id, port, tail))
+}
+
+/// Any method on the proxy path.
+pub async fn proxy(State(server): State<Arc<Server>>, req: Request) -> Response {
+    match forward(server, req).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn forward(server: Arc<Server>, req: Request) -> Result<Response, LifecycleError> {
+    let path = req.uri().path().to_string();
+    let (id, port, tail) =
+        parse_path(&path).ok_or_else(|| LifecycleError::NotFound(path.clone()))?;
+    let rec = server
+        .registry
+        .get(id)
+        .ok_or_else(|| LifecycleError::NotFound(id.to_string()))?;
+    if !server.proxy_authorized(req.headers(), &rec.token) {
+        return Ok((
+            StatusCode::UNAUTHORIZED,
+            axum::Json(serde_json::json!({
+                "error": "Unauthorized: invalid or missing header X-EXECD-ACCESS-TOKEN"
+            })),
+        )
+            .into_response());
+    }
+    let port: u16 = port.parse().map_err(|_| LifecycleError::Invalid {
+        code: execbox_proto::lifecycle::ErrorCode::InvalidPort,
+        message: format!("port: {port:?} is not a port number"),
+    })?;
+    if rec.state == SandboxState::Paused {
+        return Err(LifecycleError::Conflict {
+            code: execbox_proto::lifecycle::ErrorCode::SandboxNotRunning,
+            message: format!("sandbox {id} is paused; resume it first"),
+        });
+    }
+    let tail = if tail.is_empty() { "/" } else { tail };
+    let agent_path = if port == AGENT_PORT {
+        tail.to_string()
+    } else {
+        format!("/proxy/{port}{tail}")
+    };
+    let pq = match req.uri().query() {
+        Some(q) => format!("{agent_path}?{q}"),
+        None => agent_path,
+    };
+    let (mut parts, body) = req.into_parts();
+    let client_host = parts
+        .headers
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string);
+    strip(&mut parts.headers, CREDENTIALS);
+    if let Some(h) = client_host.and_then(|h| HeaderValue::from_str(&h).ok()) {
+        parts.headers.entry("x-forwarded-host").or_insert(h);
+    }
+    parts
+        .headers
+        .entry("x-forwarded-proto")
+        .or_insert(HeaderValue::from_static("http"));
+    let mut builder = http::Request::builder()
+        .method(parts.method)
+        .uri(pq)
+        .header(http::header::HOST, "sandbox");
+    if let Some(h) = builder.headers_mut() {
+        h.extend(parts.headers);
+    }
+    let upstream = builder
+        .body(body)
+        .map_err(|e| LifecycleError::Internal(e.to_string()))?;
+    let socket = server.socket_path(id)?;
+    let resp = match crate::agent_client::send(&socket, upstream).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(sandbox = id, error = %e, "agent unreachable");
+            return Ok((
+                StatusCode::BAD_GATEWAY,
+                axum::Json(execbox_proto::lifecycle::ErrorEnvelope::new(
+                    execbox_proto::lifecycle::ErrorCode::UnknownError,
+                    format!("sandbox {id} is unreachable: {e}"),
+                )),
+            )
+                .into_response());
+        }
+    };
+    let (mut parts, body) = resp.into_parts();
+    strip(&mut parts.headers, &[]);
+    Ok(Response::from_parts(parts, Body::new(body)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_proxy_paths() {
+        assert_eq!(
+            parse_path("/v1/sandboxes/abc/proxy/44772/command/status/x"),
+            Some(("abc", "44772", "/command/status/x"))
+        );
+        assert_eq!(
+            parse_path("/v1/sandboxes/abc/proxy/44772"),
+            Some(("abc", "44772", ""))
+        );
+        assert_eq!(parse_path("/v1/sandboxes/abc/endpoints/1"), None);
+    }
+}

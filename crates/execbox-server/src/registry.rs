@@ -1,0 +1,150 @@
+//! Sandbox records: in memory, and one JSON file per sandbox in the state directory so that a
+//! restarted server re-attaches to every sandbox that still runs.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use execbox_proto::lifecycle::{ImageSpec, Sandbox, SandboxState, SandboxStatus};
+use time::OffsetDateTime;
+
+use crate::local::{Placement, SandboxLimits};
+
+/// Everything execbox knows about one sandbox.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct SandboxRecord {
+    /// Id.
+    pub id: String,
+    /// Tenant owning it.
+    pub tenant: String,
+    /// Access token of its data plane (`X-EXECD-ACCESS-TOKEN`).
+    pub token: String,
+    /// Image the client asked for.
+    pub image_uri: Option<String>,
+    /// Entrypoint.
+    pub entrypoint: Vec<String>,
+    /// Environment.
+    pub env: BTreeMap<String, String>,
+    /// Labels.
+    pub metadata: BTreeMap<String, String>,
+    /// Creation time.
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    /// Automatic expiry.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub expires_at: Option<OffsetDateTime>,
+    /// Lifecycle state.
+    pub state: SandboxState,
+    /// Reason code of the last transition.
+    pub reason: Option<String>,
+    /// Time of the last transition.
+    #[serde(with = "time::serde::rfc3339")]
+    pub last_transition_at: OffsetDateTime,
+    /// Limits.
+    pub limits: SandboxLimits,
+    /// Where the sandbox runs.
+    pub placement: Option<Placement>,
+}
+
+impl SandboxRecord {
+    /// The lifecycle API view.
+    pub fn to_api(&self) -> Sandbox {
+        Sandbox {
+            id: self.id.clone(),
+            image: self.image_uri.as_ref().map(|uri| ImageSpec {
+                uri: uri.clone(),
+                auth: None,
+            }),
+            snapshot_id: None,
+            status: SandboxStatus {
+                state: self.state,
+                reason: self.reason.clone(),
+                message: None,
+                last_transition_at: Some(self.last_transition_at),
+            },
+            metadata: Some(self.metadata.clone()),
+            entrypoint: self.entrypoint.clone(),
+            expires_at: self.expires_at,
+            created_at: self.created_at,
+            platform: None,
+        }
+    }
+}
+
+/// All sandboxes of this server.
+pub struct Registry {
+    dir: PathBuf,
+    records: Mutex<HashMap<String, SandboxRecord>>,
+}
+
+impl Registry {
+    /// Loads every record found under `state_dir/sandboxes/*/record.json`.
+    pub fn load(state_dir: &Path) -> Self {
+        let dir = state_dir.join("sandboxes");
+        let mut records = HashMap::new();
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for entry in entries.flatten() {
+                let path = entry.path().join("record.json");
+                match std::fs::read(&path).map(|b| serde_json::from_slice::<SandboxRecord>(&b)) {
+                    Ok(Ok(r)) => {
+                        records.insert(r.id.clone(), r);
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(path = %path.display(), error = %e, "bad sandbox record")
+                    }
+                    Err(_) => {}
+                }
+            }
+        }
+        Self {
+            dir,
+            records: Mutex::new(records),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, SandboxRecord>> {
+        self.records.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes a record atomically (temporary file + rename) and keeps it in memory.
+    pub fn save(&self, record: SandboxRecord) -> std::io::Result<()> {
+        let dir = self.dir.join(&record.id);
+        std::fs::create_dir_all(&dir)?;
+        let tmp = dir.join("record.json.tmp");
+        std::fs::write(
+            &tmp,
+            serde_json::to_vec_pretty(&record).map_err(std::io::Error::other)?,
+        )?;
+        std::fs::rename(&tmp, dir.join("record.json"))?;
+        self.lock().insert(record.id.clone(), record);
+        Ok(())
+    }
+
+    /// Forgets a record (its directory is removed by the backend).
+    pub fn remove(&self, id: &str) -> Option<SandboxRecord> {
+        self.lock().remove(id)
+    }
+
+    /// One record.
+    pub fn get(&self, id: &str) -> Option<SandboxRecord> {
+        self.lock().get(id).cloned()
+    }
+
+    /// Every record, oldest first.
+    pub fn all(&self) -> Vec<SandboxRecord> {
+        let mut v: Vec<SandboxRecord> = self.lock().values().cloned().collect();
+        v.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
+        v
+    }
+
+    /// Updates a record in place and persists it; `None` when unknown.
+    pub fn update(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut SandboxRecord),
+    ) -> Option<std::io::Result<SandboxRecord>> {
+        let mut rec = self.get(id)?;
+        f(&mut rec);
+        Some(self.save(rec.clone()).map(|_| rec))
+    }
+}
