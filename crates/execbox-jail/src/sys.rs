@@ -245,12 +245,35 @@ pub fn loopback_up() -> Result<(), Errno> {
 /// next program starts with a clean slate even when this process inherited ignored signals (a
 /// server started from a non-interactive shell ignores SIGINT and SIGQUIT).
 pub fn reset_signals() {
-    for sig in 1..libc::SIGRTMAX() {
+    // The kernel's `struct sigaction` (x86_64 and aarch64 layout): glibc's `signal()` refuses
+    // the signals it reserves (32, 33), which can still arrive ignored from a parent.
+    #[repr(C)]
+    struct KernelSigaction {
+        handler: usize,
+        flags: u64,
+        restorer: usize,
+        mask: u64,
+    }
+    let dfl = KernelSigaction {
+        handler: libc::SIG_DFL,
+        flags: 0,
+        restorer: 0,
+        mask: 0,
+    };
+    for sig in 1..=64 {
         if sig == libc::SIGKILL || sig == libc::SIGSTOP {
             continue;
         }
-        // SAFETY: installing SIG_DFL is always valid; invalid numbers only yield EINVAL.
-        unsafe { libc::signal(sig, libc::SIG_DFL) };
+        // SAFETY: `dfl` is a valid kernel sigaction; the old action is not requested.
+        unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                sig,
+                &dfl as *const KernelSigaction,
+                std::ptr::null_mut::<KernelSigaction>(),
+                8usize,
+            )
+        };
     }
     // SAFETY: an empty set is initialised by sigemptyset before use.
     unsafe {

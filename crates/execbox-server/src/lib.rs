@@ -160,15 +160,10 @@ impl Server {
                 return true;
             }
         }
+        // Without a configured key only the token opens the data plane.
         let bearer = get("authorization").and_then(|a| a.strip_prefix("Bearer "));
-        match (
-            get("open-sandbox-api-key").or(bearer),
-            self.config.api_keys.is_empty(),
-        ) {
-            (_, true) => true,
-            (Some(k), false) => self.key_ok(Some(k)),
-            (None, false) => false,
-        }
+        let key = get("open-sandbox-api-key").or(bearer);
+        !self.config.api_keys.is_empty() && key.is_some() && self.key_ok(key)
     }
 
     /// Deletes every sandbox whose expiry has passed.

@@ -1,0 +1,294 @@
+//! A real `execbox serve` on loopback, and a small client for its lifecycle API and for the
+//! execd `/command` stream of a sandbox.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+pub struct TestServer {
+    pub base: String,
+    pub state_dir: PathBuf,
+    pub port: u16,
+    child: Option<Child>,
+    keep_state: bool,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+pub fn unique(name: &str) -> String {
+    format!(
+        "{name}-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0)
+    )
+}
+
+impl TestServer {
+    pub fn start() -> Self {
+        let state_dir = std::env::temp_dir().join(unique("execbox-test-state"));
+        Self::start_on(state_dir, free_port(), None)
+    }
+
+    pub fn start_with_key(key: &str) -> Self {
+        let state_dir = std::env::temp_dir().join(unique("execbox-test-state"));
+        Self::start_on(state_dir, free_port(), Some(key))
+    }
+
+    /// Starts the server the way a non-interactive shell would: with SIGINT and SIGQUIT
+    /// ignored, which must not reach user code.
+    pub fn start_on(state_dir: PathBuf, port: u16, key: Option<&str>) -> Self {
+        let exe = env!("CARGO_BIN_EXE_execbox");
+        let mut cmd = Command::new("/bin/sh");
+        cmd.arg("-c")
+            .arg(format!(
+                "trap '' INT QUIT; exec {exe} serve --listen 127.0.0.1:{port} --state-dir {}",
+                state_dir.display()
+            ))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        match key {
+            Some(k) => cmd.env("EXECBOX_API_KEY", k),
+            None => cmd.env_remove("EXECBOX_API_KEY"),
+        };
+        let child = cmd.spawn().expect("start execbox serve");
+        let server = TestServer {
+            base: format!("http://127.0.0.1:{port}"),
+            state_dir,
+            port,
+            child: Some(child),
+            keep_state: false,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if ureq::get(&format!("{}/health", server.base)).call().is_ok() {
+                return server;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("server did not come up");
+    }
+
+    /// Kills the server process (SIGKILL), leaving its sandboxes and state behind.
+    pub fn crash(mut self) -> PathBuf {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.keep_state = true;
+        self.state_dir.clone()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// `POST /v1/sandboxes`; returns (status, body).
+    pub fn create_raw(&self, body: &str) -> (u16, Value) {
+        let r = ureq::post(&self.url("/v1/sandboxes"))
+            .set("Content-Type", "application/json")
+            .send_string(body);
+        into_pair(r)
+    }
+
+    pub fn create(&self, extra: Value) -> Sandbox<'_> {
+        let mut body = json!({
+            "image": {"uri": "default"},
+            "entrypoint": ["tail", "-f", "/dev/null"],
+            "resourceLimits": {"cpu": "1", "memory": "512Mi"},
+        });
+        if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+            for (k, v) in e {
+                b.insert(k.clone(), v.clone());
+            }
+        }
+        let (status, v) = self.create_raw(&body.to_string());
+        assert_eq!(status, 202, "create failed: {v}");
+        let id = v["id"].as_str().expect("id").to_string();
+        let (s, ep) = self.get(&format!("/v1/sandboxes/{id}/endpoints/44772"));
+        assert_eq!(s, 200, "{ep}");
+        Sandbox {
+            server: self,
+            id,
+            endpoint: format!("http://{}", ep["endpoint"].as_str().expect("endpoint")),
+            token: ep["headers"]["X-EXECD-ACCESS-TOKEN"]
+                .as_str()
+                .expect("token")
+                .to_string(),
+        }
+    }
+
+    pub fn get(&self, path: &str) -> (u16, Value) {
+        into_pair(ureq::get(&self.url(path)).call())
+    }
+
+    pub fn delete(&self, path: &str) -> u16 {
+        match ureq::delete(&self.url(path)).call() {
+            Ok(r) => r.status(),
+            Err(ureq::Error::Status(s, _)) => s,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    pub fn post(&self, path: &str, body: &str) -> (u16, Value) {
+        into_pair(
+            ureq::post(&self.url(path))
+                .set("Content-Type", "application/json")
+                .send_string(body),
+        )
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if self.keep_state {
+            return;
+        }
+        // Delete every sandbox through the API, then stop the server.
+        if let (200, v) = self.get("/v1/sandboxes?pageSize=200") {
+            for item in v["items"].as_array().cloned().unwrap_or_default() {
+                if let Some(id) = item["id"].as_str() {
+                    let _ = ureq::delete(&self.url(&format!("/v1/sandboxes/{id}"))).call();
+                }
+            }
+        }
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.state_dir);
+    }
+}
+
+pub fn into_pair(r: Result<ureq::Response, ureq::Error>) -> (u16, Value) {
+    match r {
+        Ok(r) => {
+            let s = r.status();
+            let text = r.into_string().unwrap_or_default();
+            (
+                s,
+                serde_json::from_str(&text).unwrap_or(Value::String(text)),
+            )
+        }
+        Err(ureq::Error::Status(s, r)) => {
+            let text = r.into_string().unwrap_or_default();
+            (
+                s,
+                serde_json::from_str(&text).unwrap_or(Value::String(text)),
+            )
+        }
+        Err(e) => panic!("request failed: {e}"),
+    }
+}
+
+pub struct Sandbox<'a> {
+    pub server: &'a TestServer,
+    pub id: String,
+    pub endpoint: String,
+    pub token: String,
+}
+
+/// What a foreground command produced.
+#[derive(Debug, Default)]
+pub struct Run {
+    pub stdout: Vec<String>,
+    pub stderr: Vec<String>,
+    pub exit_code: Option<i64>,
+    pub error: Option<Value>,
+    pub events: Vec<Value>,
+}
+
+impl Run {
+    pub fn out(&self) -> String {
+        self.stdout.join("\n")
+    }
+}
+
+impl Sandbox<'_> {
+    pub fn execd(&self, method: &str, path: &str) -> ureq::Request {
+        ureq::request(method, &format!("{}{path}", self.endpoint))
+            .set("X-EXECD-ACCESS-TOKEN", &self.token)
+    }
+
+    pub fn run_with(&self, body: Value) -> Run {
+        let resp = self
+            .execd("POST", "/command")
+            .set("Content-Type", "application/json")
+            .send_string(&body.to_string())
+            .expect("command request");
+        let text = resp.into_string().expect("stream");
+        let mut run = Run::default();
+        for frame in text.split("\n\n").filter(|f| !f.is_empty()) {
+            let json = frame.strip_prefix("data: ").unwrap_or(frame);
+            let ev: Value = serde_json::from_str(json).expect("event json");
+            match ev["type"].as_str() {
+                Some("stdout") => run.stdout.push(ev["text"].as_str().unwrap_or("").into()),
+                Some("stderr") => run.stderr.push(ev["text"].as_str().unwrap_or("").into()),
+                Some("execution_complete") => run.exit_code = Some(0),
+                Some("error") => {
+                    run.exit_code = ev["error"]["evalue"].as_str().and_then(|v| v.parse().ok());
+                    run.error = Some(ev["error"].clone());
+                }
+                _ => {}
+            }
+            run.events.push(ev);
+        }
+        run
+    }
+
+    pub fn run(&self, command: &str) -> Run {
+        self.run_with(json!({ "command": command }))
+    }
+
+    /// Host pids of every process of the sandbox (from its pids cgroup).
+    pub fn host_pids(&self) -> Vec<i32> {
+        let mut pids = Vec::new();
+        for_each_cgroup_dir(&cgroup_dir("pids", &self.id), &mut |dir| {
+            if let Ok(s) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+                pids.extend(s.lines().filter_map(|l| l.parse::<i32>().ok()));
+            }
+        });
+        pids
+    }
+}
+
+pub fn cgroup_dir(controller: &str, id: &str) -> PathBuf {
+    PathBuf::from(format!("/sys/fs/cgroup/{controller}/execbox/{id}"))
+}
+
+pub fn for_each_cgroup_dir(dir: &Path, f: &mut dyn FnMut(&Path)) {
+    if !dir.is_dir() {
+        return;
+    }
+    f(dir);
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.path().is_dir() {
+                for_each_cgroup_dir(&e.path(), f);
+            }
+        }
+    }
+}
+
+pub fn host_uid_of(pid: i32) -> Option<u32> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with("Uid:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
