@@ -46,7 +46,10 @@ fn time_command(n: usize, program: &str, args: &[&str]) -> Option<Vec<Duration>>
 }
 
 fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn private_kib(pid: i32) -> u64 {
@@ -112,7 +115,17 @@ fn main() {
     match time_command(
         n,
         "bwrap",
-        &["--unshare-all", "--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev", "true"],
+        &[
+            "--unshare-all",
+            "--ro-bind",
+            "/",
+            "/",
+            "--proc",
+            "/proc",
+            "--dev",
+            "/dev",
+            "true",
+        ],
     ) {
         Some(v) => report("baseline: bwrap --unshare-all ... true", v),
         None => println!("baseline: bwrap not installed"),
@@ -136,7 +149,11 @@ fn main() {
             }
         }
     }
-    println!("{} idle sandboxes running after {:.2} s", live.len(), t.elapsed().as_secs_f64());
+    println!(
+        "{} idle sandboxes running after {:.2} s",
+        live.len(),
+        t.elapsed().as_secs_f64()
+    );
     std::thread::sleep(Duration::from_millis(500));
     let cg_bytes: u64 = live
         .iter()
@@ -155,6 +172,10 @@ fn main() {
     for (id, p) in &live {
         let _ = backend.destroy(id, p);
     }
-    println!("deleted {} sandboxes in {:.2} s", live.len(), t.elapsed().as_secs_f64());
+    println!(
+        "deleted {} sandboxes in {:.2} s",
+        live.len(),
+        t.elapsed().as_secs_f64()
+    );
     let _ = std::fs::remove_dir_all(&state_dir);
 }
