@@ -244,3 +244,57 @@ fn execbox_run_passes_output_and_exit_code_through() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("seccomp"));
 }
+
+#[test]
+fn the_proxy_streams_each_event_as_it_is_produced() {
+    use std::io::Read;
+    let server = TestServer::start();
+    let sbx = server.create(json!({}));
+    let started = std::time::Instant::now();
+    let resp = sbx
+        .execd("POST", "/command")
+        .send_string(r#"{"command":"echo first; sleep 3; echo second"}"#)
+        .expect("command");
+    let mut reader = resp.into_reader();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("first") {
+        let n = reader.read(&mut buf).expect("read");
+        assert!(n > 0, "stream ended early");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    let first_after = started.elapsed();
+    assert!(
+        first_after < std::time::Duration::from_secs(2),
+        "first line must arrive before the command ends: {first_after:?}"
+    );
+    let mut rest = String::new();
+    reader.read_to_string(&mut rest).expect("rest");
+    assert!(
+        rest.contains("second") && rest.contains("execution_complete"),
+        "{rest}"
+    );
+}
+
+#[test]
+fn a_sandbox_expires_at_its_timeout() {
+    let server = TestServer::start();
+    let sbx = server.create(json!({"timeout": 60}));
+    let id = sbx.id.clone();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(80);
+    loop {
+        let (status, _) = server.get(&format!("/v1/sandboxes/{id}"));
+        if status == 404 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sandbox did not expire"
+        );
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+    assert!(
+        !cgroup_dir("memory", &id).exists(),
+        "expired sandbox left its cgroup"
+    );
+}
