@@ -148,20 +148,7 @@ impl PreparedFence {
         let Some(fd) = self.fd.as_ref() else {
             return Ok(());
         };
-        // SAFETY: PR_SET_NO_NEW_PRIVS takes integer arguments only (passed as c_ulong
-        // as the variadic prototype expects) and touches no memory of ours.
-        let rc = unsafe {
-            libc::prctl(
-                libc::PR_SET_NO_NEW_PRIVS,
-                1 as libc::c_ulong,
-                0 as libc::c_ulong,
-                0 as libc::c_ulong,
-                0 as libc::c_ulong,
-            )
-        };
-        if rc != 0 {
-            return Err(nix::errno::Errno::last_raw());
-        }
+        crate::sys::set_no_new_privs()?;
         // SAFETY: `fd` is an open Landlock ruleset fd owned by `self` (borrowed for
         // the duration of the call); flags 0 is valid; the syscall reads no user memory.
         let rc = unsafe {

@@ -555,20 +555,7 @@ pub fn install_raw(program: &[libc::sock_filter]) -> Result<(), i32> {
         // The kernel only reads the filter (copy_from_user); the `*mut` is the C type.
         filter: program.as_ptr().cast_mut(),
     };
-    // SAFETY: PR_SET_NO_NEW_PRIVS takes integer arguments only (1, 0, 0, 0, passed
-    // as c_ulong as the variadic prototype expects) and touches no memory of ours.
-    let rc = unsafe {
-        libc::prctl(
-            libc::PR_SET_NO_NEW_PRIVS,
-            1 as libc::c_ulong,
-            0 as libc::c_ulong,
-            0 as libc::c_ulong,
-            0 as libc::c_ulong,
-        )
-    };
-    if rc != 0 {
-        return Err(nix::errno::Errno::last_raw());
-    }
+    crate::sys::set_no_new_privs()?;
     // SAFETY: `fprog` is a valid `struct sock_fprog` living on our stack for the whole
     // call, pointing at `len` initialized `sock_filter`s borrowed from `program`; the
     // kernel copies them (copy_from_user) and keeps no reference after returning.

@@ -244,42 +244,52 @@ pub async fn delete(State(server): State<Arc<Server>>, Path(id): Path<String>) -
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-/// `POST /v1/sandboxes/{id}/pause`.
-pub async fn pause(State(server): State<Arc<Server>>, Path(id): Path<String>) -> Result<Response> {
+/// Freezes or thaws a sandbox: the two transitions differ only in their states and codes.
+async fn transition(server: Arc<Server>, id: String, pause: bool) -> Result<Response> {
+    let (from, to, code) = if pause {
+        (
+            SandboxState::Running,
+            SandboxState::Paused,
+            ErrorCode::SandboxNotRunning,
+        )
+    } else {
+        (
+            SandboxState::Paused,
+            SandboxState::Running,
+            ErrorCode::SandboxNotPaused,
+        )
+    };
     let rec = find(&server, &id)?;
-    if rec.state != SandboxState::Running {
+    if rec.state != from {
         return Err(LifecycleError::Conflict {
-            code: ErrorCode::SandboxNotRunning,
-            message: format!("sandbox {id} is {}, not Running", rec.state),
+            code,
+            message: format!("sandbox {id} is {}, not {from}", rec.state),
         });
     }
     let backend = server.backend()?;
     let id2 = id.clone();
-    tokio::task::spawn_blocking(move || backend.pause(&id2))
-        .await
-        .map_err(|e| LifecycleError::Internal(e.to_string()))?
-        .map_err(|e| LifecycleError::Internal(e.to_string()))?;
-    server.set_state(&id, SandboxState::Paused, None)?;
+    tokio::task::spawn_blocking(move || {
+        if pause {
+            backend.pause(&id2)
+        } else {
+            backend.resume(&id2)
+        }
+    })
+    .await
+    .map_err(|e| LifecycleError::Internal(e.to_string()))?
+    .map_err(|e| LifecycleError::Internal(e.to_string()))?;
+    server.set_state(&id, to, None)?;
     Ok(StatusCode::ACCEPTED.into_response())
+}
+
+/// `POST /v1/sandboxes/{id}/pause`.
+pub async fn pause(State(server): State<Arc<Server>>, Path(id): Path<String>) -> Result<Response> {
+    transition(server, id, true).await
 }
 
 /// `POST /v1/sandboxes/{id}/resume`.
 pub async fn resume(State(server): State<Arc<Server>>, Path(id): Path<String>) -> Result<Response> {
-    let rec = find(&server, &id)?;
-    if rec.state != SandboxState::Paused {
-        return Err(LifecycleError::Conflict {
-            code: ErrorCode::SandboxNotPaused,
-            message: format!("sandbox {id} is {}, not Paused", rec.state),
-        });
-    }
-    let backend = server.backend()?;
-    let id2 = id.clone();
-    tokio::task::spawn_blocking(move || backend.resume(&id2))
-        .await
-        .map_err(|e| LifecycleError::Internal(e.to_string()))?
-        .map_err(|e| LifecycleError::Internal(e.to_string()))?;
-    server.set_state(&id, SandboxState::Running, None)?;
-    Ok(StatusCode::ACCEPTED.into_response())
+    transition(server, id, false).await
 }
 
 /// `POST /v1/sandboxes/{id}/renew-expiration`.
