@@ -234,6 +234,21 @@ impl Sink {
             self.gone = true;
         }
     }
+
+    /// Sends each of `lines` as an output event of `kind` and empties it.
+    async fn send_lines(&mut self, kind: &str, lines: &mut Vec<String>) {
+        for l in lines.drain(..) {
+            self.send(&Event::text(kind, l, now_ms())).await;
+        }
+    }
+}
+
+/// Sleeps until `deadline`, or forever when there is none (a `select!` arm that never fires).
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
 }
 
 fn sse_response(rx: mpsc::Receiver<Bytes>) -> Response {
@@ -417,15 +432,9 @@ struct Execution {
 
 impl Execution {
     async fn wait_exit(&mut self, deadline: Option<Instant>) -> (Option<ExitInfo>, bool) {
-        let sleep = async {
-            match deadline {
-                Some(d) => tokio::time::sleep_until(d.into()).await,
-                None => std::future::pending().await,
-            }
-        };
         tokio::select! {
             r = &mut self.exit => (r.ok(), false),
-            _ = sleep => {
+            _ = sleep_until_opt(deadline) => {
                 self.kill_tree();
                 ((&mut self.exit).await.ok(), true)
             }
@@ -471,24 +480,18 @@ impl Execution {
             if out.is_none() && err.is_none() && exit.is_some() {
                 break;
             }
-            let drain_sleep = async {
-                match drain_until {
-                    Some(d) => tokio::time::sleep_until(d.into()).await,
-                    None => std::future::pending().await,
-                }
-            };
             tokio::select! {
                 n = read_some(&mut out, &mut ob) => match n {
                     Some(n) => {
                         so.feed(&ob[..n], &mut lines);
-                        for l in lines.drain(..) { sink.send(&Event::text("stdout", l, now_ms())).await; }
+                        sink.send_lines("stdout", &mut lines).await;
                     }
                     None => out = None,
                 },
                 n = read_some(&mut err, &mut eb) => match n {
                     Some(n) => {
                         se.feed(&eb[..n], &mut lines);
-                        for l in lines.drain(..) { sink.send(&Event::text("stderr", l, now_ms())).await; }
+                        sink.send_lines("stderr", &mut lines).await;
                     }
                     None => err = None,
                 },
@@ -496,18 +499,14 @@ impl Execution {
                     exit = Some(r);
                     drain_until = Some(Instant::now() + DRAIN_AFTER_EXIT);
                 },
-                _ = drain_sleep => break,
+                _ = sleep_until_opt(drain_until) => break,
                 _ = ping.tick() => sink.send(&Event::text("ping", "pong", now_ms())).await,
             }
         }
         so.finish(&mut lines);
-        for l in lines.drain(..) {
-            sink.send(&Event::text("stdout", l, now_ms())).await;
-        }
+        sink.send_lines("stdout", &mut lines).await;
         se.finish(&mut lines);
-        for l in lines.drain(..) {
-            sink.send(&Event::text("stderr", l, now_ms())).await;
-        }
+        sink.send_lines("stderr", &mut lines).await;
         let (info, timed_out) = exit.unwrap_or((None, false));
         let o = self.conclude(info, timed_out, started);
         sink.send(&o.event).await;
@@ -536,12 +535,6 @@ impl Execution {
             if out.is_none() && exit.is_some() {
                 break;
             }
-            let drain_sleep = async {
-                match drain_until {
-                    Some(d) => tokio::time::sleep_until(d.into()).await,
-                    None => std::future::pending().await,
-                }
-            };
             tokio::select! {
                 n = read_some(&mut out, &mut buf) => match n {
                     Some(n) => {
@@ -559,7 +552,7 @@ impl Execution {
                     exit = Some(r);
                     drain_until = Some(Instant::now() + DRAIN_AFTER_EXIT);
                 },
-                _ = drain_sleep => break,
+                _ = sleep_until_opt(drain_until) => break,
             }
         }
         let (info, timed_out) = exit.unwrap_or((None, false));

@@ -431,11 +431,6 @@ pub fn kill_and_reap(spawned: &Spawned) {
     let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(spawned.pid), None);
 }
 
-/// Whether the path is usable as a sandbox root mount point (exists and is an empty dir).
-pub fn is_usable_mountpoint(path: &Path) -> bool {
-    std::fs::read_dir(path).is_ok_and(|mut d| d.next().is_none())
-}
-
 /// Start time of a process in clock ticks since boot (field 22 of `/proc/<pid>/stat`); with the
 /// pid it identifies a process across pid reuse.
 pub fn process_start_time(pid: i32) -> Option<u64> {

@@ -2,7 +2,7 @@
 
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -187,11 +187,6 @@ impl LocalBackend {
             ops_default,
             mapping_mode,
         })
-    }
-
-    /// The runtimes found on the host.
-    pub fn runtimes(&self) -> &[execbox_jail::rootfs::Runtime] {
-        &self.plan.runtimes
     }
 
     /// Directory of one sandbox's host-side files.
@@ -421,11 +416,6 @@ impl LocalBackend {
         if let Err(e) = self.destroy(id, placement) {
             tracing::warn!(sandbox = id, error = %e, "cleaning up a dead sandbox failed");
         }
-    }
-
-    /// The state directory.
-    pub fn state_dir(&self) -> &Path {
-        &self.config.state_dir
     }
 
     /// Statistics of a sandbox's cgroup.

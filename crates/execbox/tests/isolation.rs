@@ -214,7 +214,6 @@ calls = {"ptrace": (101, 16, 1, 0, 0), "mount": (165, 0, 0, 0, 0, 0), "unshare":
          "keyctl": (250, 0, 0, 0, 0, 0), "bpf": (321, 0, 0, 0), "io_uring_setup": (425, 1, 0)}
 print(" ".join(f"{k}={errno_of(*v)}" for k, v in calls.items()))
 "#;
-    std::fs::write(std::env::temp_dir().join("unused"), "").ok();
     let r = sbx.run(&format!("python3 -c '{script}'"));
     assert_eq!(
         r.out(),
