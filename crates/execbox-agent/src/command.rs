@@ -20,7 +20,7 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 
 use crate::error::ApiError;
-use crate::runner::{Output, RunSpec};
+use crate::runner::{Input, Output, RunSpec};
 use crate::AppState;
 
 /// Longest line sent as one event; longer runs without a newline are split.
@@ -353,6 +353,8 @@ pub async fn run(State(app): State<Arc<AppState>>, body: Bytes) -> Result<Respon
         } else {
             Output::Pipes
         },
+        input: Input::Null,
+        controlling_tty: false,
     });
     let (tx, rx) = mpsc::channel::<Bytes>(64);
     let mut sink = Sink { tx, gone: false };

@@ -18,9 +18,52 @@ pub enum ApiError {
     /// 404 `INVALID_REQUEST_BODY` (unknown command on status, as upstream).
     #[error("{0}")]
     CommandNotFound(String),
+    /// 404 `FILE_NOT_FOUND`.
+    #[error("{0}")]
+    FileNotFound(String),
+    /// 404 `CONTEXT_NOT_FOUND` (code contexts, bash sessions, PTYs).
+    #[error("{0}")]
+    ContextNotFound(String),
+    /// 400 `INVALID_FILE` (upload: unreadable or empty form, count mismatch).
+    #[error("{0}")]
+    InvalidFile(String),
+    /// 400 `INVALID_FILE_CONTENT` (upload: no `file` part).
+    #[error("{0}")]
+    InvalidFileContent(String),
+    /// 400 `INVALID_FILE_METADATA` (upload: no or bad `metadata` part).
+    #[error("{0}")]
+    InvalidFileMetadata(String),
+    /// 413: an upload larger than the configured limit.
+    #[error("{0}")]
+    TooLarge(String),
+    /// 416 `{"code":"UNKNOWN"}`: an unparsable `Range` header.
+    #[error("unparsable range")]
+    BadRange,
+    /// 409 with the given code (PTY `ALREADY_CONNECTED`).
+    #[error("{message}")]
+    Conflict {
+        /// Envelope code.
+        code: &'static str,
+        /// Message.
+        message: String,
+    },
+    /// 501 `NOT_SUPPORTED`.
+    #[error("{0}")]
+    NotSupported(String),
     /// 500 `RUNTIME_ERROR`.
     #[error("{0}")]
     Runtime(String),
+}
+
+impl ApiError {
+    /// Maps a filesystem error: ENOENT is 404 `FILE_NOT_FOUND`, anything else 500.
+    pub fn from_io(context: &str, e: &std::io::Error) -> Self {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            ApiError::FileNotFound(format!("file not found. {context}: {e}"))
+        } else {
+            ApiError::Runtime(format!("{context}. {e}"))
+        }
+    }
 }
 
 impl IntoResponse for ApiError {
@@ -29,14 +72,32 @@ impl IntoResponse for ApiError {
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, codes::INVALID_REQUEST_BODY),
             ApiError::MissingQuery(_) => (StatusCode::BAD_REQUEST, codes::MISSING_QUERY),
             ApiError::CommandNotFound(_) => (StatusCode::NOT_FOUND, codes::INVALID_REQUEST_BODY),
+            ApiError::FileNotFound(_) => (StatusCode::NOT_FOUND, codes::FILE_NOT_FOUND),
+            ApiError::ContextNotFound(_) => (StatusCode::NOT_FOUND, codes::CONTEXT_NOT_FOUND),
+            ApiError::InvalidFile(_) => (StatusCode::BAD_REQUEST, codes::INVALID_FILE),
+            ApiError::InvalidFileContent(_) => {
+                (StatusCode::BAD_REQUEST, codes::INVALID_FILE_CONTENT)
+            }
+            ApiError::InvalidFileMetadata(_) => {
+                (StatusCode::BAD_REQUEST, codes::INVALID_FILE_METADATA)
+            }
+            ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, codes::INVALID_FILE),
+            ApiError::BadRange => (StatusCode::RANGE_NOT_SATISFIABLE, codes::UNKNOWN),
+            ApiError::Conflict { code, .. } => (StatusCode::CONFLICT, *code),
+            ApiError::NotSupported(_) => (StatusCode::NOT_IMPLEMENTED, codes::NOT_SUPPORTED),
             ApiError::Runtime(_) => (StatusCode::INTERNAL_SERVER_ERROR, codes::RUNTIME_ERROR),
         };
         if status.is_server_error() {
             tracing::error!(error = %self, "request failed");
         }
+        // The 416 envelope is exactly `{"code":"UNKNOWN"}`: no message.
+        let message = match &self {
+            ApiError::BadRange => String::new(),
+            other => other.to_string(),
+        };
         let body = ExecdError {
             code: code.to_string(),
-            message: self.to_string(),
+            message,
         };
         (status, Json(body)).into_response()
     }

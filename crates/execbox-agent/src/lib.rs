@@ -11,7 +11,13 @@
 
 mod command;
 mod error;
+mod files;
+mod metrics;
+mod paths;
+mod port_proxy;
+mod pty;
 mod runner;
+mod session;
 
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
@@ -38,6 +44,11 @@ pub enum AgentError {
 pub(crate) struct AppState {
     pub runner: Arc<Runner>,
     pub commands: command::Commands,
+    pub sessions: session::Sessions,
+    pub ptys: pty::Ptys,
+    pub metrics: metrics::Sampler,
+    /// Largest accepted upload in bytes (0 = bounded only by the sandbox's disk).
+    pub max_upload_bytes: u64,
 }
 
 fn read_config() -> Result<AgentConfig, AgentError> {
@@ -54,6 +65,11 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/command/status/{id}", get(command::status))
         .route("/command/{id}/logs", get(command::logs))
         .route("/command/{id}", delete(command::interrupt_path))
+        .merge(session::routes())
+        .merge(files::routes())
+        .merge(metrics::routes())
+        .merge(pty::routes())
+        .merge(port_proxy::routes())
         .fallback(error::not_found)
         .with_state(state)
 }
@@ -114,6 +130,10 @@ async fn serve(
     let state = Arc::new(AppState {
         runner: runner.clone(),
         commands: command::Commands::new(config.max_log_bytes),
+        sessions: session::Sessions::default(),
+        ptys: pty::Ptys::default(),
+        metrics: metrics::Sampler::start(runner.clone(), config.cpu_millicores),
+        max_upload_bytes: config.max_upload_bytes,
     });
     execbox_jail::process::signal_ready()?;
     let app = router(state);

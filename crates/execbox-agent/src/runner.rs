@@ -20,6 +20,8 @@ pub struct Started {
     pub stdout: Option<OwnedFd>,
     /// Its stderr, when piped.
     pub stderr: Option<OwnedFd>,
+    /// Its stdin, when piped.
+    pub stdin: Option<OwnedFd>,
     /// Resolves with the exit status.
     pub exit: tokio::sync::oneshot::Receiver<ExitInfo>,
     /// Its execution cgroup, if cgroups are available.
@@ -34,6 +36,23 @@ pub enum Output {
     Combined,
     /// Discarded.
     Null,
+    /// Given descriptors (a terminal, for instance).
+    Fds {
+        /// Standard output.
+        stdout: OwnedFd,
+        /// Standard error.
+        stderr: OwnedFd,
+    },
+}
+
+/// Where a process's input comes from.
+pub enum Input {
+    /// `/dev/null`.
+    Null,
+    /// A pipe whose write end is returned in [`Started::stdin`].
+    Pipe,
+    /// A given descriptor.
+    Fd(OwnedFd),
 }
 
 /// What to run.
@@ -48,6 +67,10 @@ pub struct RunSpec<'a> {
     pub creds: Option<Credentials>,
     /// Output routing.
     pub output: Output,
+    /// Input routing.
+    pub input: Input,
+    /// Make the input (a terminal) the controlling terminal of the process's session.
+    pub controlling_tty: bool,
 }
 
 /// Starts user processes for every API of the agent.
@@ -167,6 +190,9 @@ impl Runner {
         let (stdout, stderr, out_r, err_r) = match spec.output {
             Output::Pipes => (Stdio::piped(), Stdio::piped(), None, None),
             Output::Null => (Stdio::null(), Stdio::null(), None, None),
+            Output::Fds { stdout, stderr } => {
+                (Stdio::from(stdout), Stdio::from(stderr), None, None)
+            }
             Output::Combined => {
                 let (r, w) = std::io::pipe()?;
                 let w2 = w.try_clone()?;
@@ -187,9 +213,14 @@ impl Runner {
             cgroup_procs: procs,
             fence: self.fence.clone(),
             last_cap: self.last_cap,
-            stdin: Stdio::null(),
+            stdin: match spec.input {
+                Input::Null => Stdio::null(),
+                Input::Pipe => Stdio::piped(),
+                Input::Fd(fd) => Stdio::from(fd),
+            },
             stdout,
             stderr,
+            controlling_tty: spec.controlling_tty,
         };
         let (tx, rx) = tokio::sync::oneshot::channel();
         let mut child = self.reaper.spawn(launch, move |info| {
@@ -197,10 +228,12 @@ impl Runner {
         })?;
         let stdout = child.stdout.take().map(OwnedFd::from).or(out_r);
         let stderr = child.stderr.take().map(OwnedFd::from).or(err_r);
+        let stdin = child.stdin.take().map(OwnedFd::from);
         Ok(Started {
             pid: child.id() as i32,
             stdout,
             stderr,
+            stdin,
             exit: rx,
             leaf,
         })
@@ -214,6 +247,8 @@ impl Runner {
             extra_env: Vec::new(),
             creds: None,
             output: Output::Null,
+            input: Input::Null,
+            controlling_tty: false,
         })?;
         tokio::spawn(async move {
             let status = started.exit.await;

@@ -2,6 +2,7 @@
 pub mod cgroup;
 pub mod landlock_fence;
 pub mod process;
+pub mod pty;
 pub mod rootfs;
 pub mod runtimes;
 pub mod seccomp;

@@ -131,6 +131,8 @@ pub struct Launch {
     pub stdout: Stdio,
     /// Standard error.
     pub stderr: Stdio,
+    /// Make standard input (a terminal) the controlling terminal of the new session.
+    pub controlling_tty: bool,
 }
 
 /// The kernel's highest capability number.
@@ -161,12 +163,16 @@ impl Launch {
         let groups = self.groups;
         let fence = self.fence;
         let last_cap = self.last_cap;
+        let controlling_tty = self.controlling_tty;
         // SAFETY: the closure runs between fork and exec and only makes raw syscalls on data
         // prepared before the fork (no allocation, no locks).
         unsafe {
             cmd.pre_exec(move || {
                 let _keep_open = &cgroup_fds;
                 sys::setsid().map_err(errno_to_io)?;
+                if controlling_tty {
+                    sys::set_controlling_tty(0).map_err(errno_to_io)?;
+                }
                 sys::reset_signals();
                 for fd in &procs {
                     sys::write_all(*fd, b"0").map_err(errno_to_io)?;

@@ -416,6 +416,13 @@ pub fn setsid() -> Result<(), Errno> {
     check(unsafe { libc::setsid() } as libc::c_long).map(drop)
 }
 
+/// Makes the terminal on `fd` the controlling terminal of the calling session leader
+/// (`TIOCSCTTY`).
+pub fn set_controlling_tty(fd: libc::c_int) -> Result<(), Errno> {
+    // SAFETY: plain ioctl with an integer argument.
+    check(unsafe { libc::ioctl(fd, libc::TIOCSCTTY, 0) } as libc::c_long).map(drop)
+}
+
 /// `kill(2)`.
 pub fn kill(pid: libc::pid_t, sig: libc::c_int) -> Result<(), Errno> {
     // SAFETY: plain syscall with integer arguments.

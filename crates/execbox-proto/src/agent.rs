@@ -28,4 +28,10 @@ pub struct AgentConfig {
     pub seccomp: bool,
     /// Per-command output cap for background logs, in bytes.
     pub max_log_bytes: u64,
+    /// The sandbox's CPU limit in millicores, if any (reported by `/metrics`).
+    #[serde(default)]
+    pub cpu_millicores: Option<u64>,
+    /// Largest accepted upload, in bytes (0 = unlimited).
+    #[serde(default)]
+    pub max_upload_bytes: u64,
 }

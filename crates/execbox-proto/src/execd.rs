@@ -28,6 +28,16 @@ pub mod codes {
     pub const CONTEXT_NOT_FOUND: &str = "CONTEXT_NOT_FOUND";
     /// 501: not supported on this platform.
     pub const NOT_SUPPORTED: &str = "NOT_SUPPORTED";
+    /// 400: upload form unreadable or empty, or metadata/file count mismatch.
+    pub const INVALID_FILE: &str = "INVALID_FILE";
+    /// 400: upload without a `file` part.
+    pub const INVALID_FILE_CONTENT: &str = "INVALID_FILE_CONTENT";
+    /// 400: upload without a usable `metadata` part.
+    pub const INVALID_FILE_METADATA: &str = "INVALID_FILE_METADATA";
+    /// 416: unparsable `Range` header.
+    pub const UNKNOWN: &str = "UNKNOWN";
+    /// 409: a PTY already has a client attached.
+    pub const ALREADY_CONNECTED: &str = "ALREADY_CONNECTED";
 }
 
 /// `POST /command` request body.

@@ -309,6 +309,8 @@ impl LocalBackend {
             landlock: self.config.landlock,
             seccomp: self.config.seccomp,
             max_log_bytes: 64 << 20,
+            cpu_millicores: p.limits.cpu_millicores,
+            max_upload_bytes: 0,
         };
         let config_json = serde_json::to_string(&agent_config).map_err(|e| BackendError::Io {
             what: "encoding the agent configuration".into(),
