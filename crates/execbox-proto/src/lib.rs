@@ -3,4 +3,5 @@ pub mod agent;
 pub mod execd;
 pub mod labels;
 pub mod lifecycle;
+pub mod proxy_headers;
 pub mod quantity;

@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{HeaderName, HeaderValue, StatusCode};
+use axum::http::{HeaderValue, StatusCode};
+use execbox_proto::proxy_headers::{restore_upgrade, strip_hop_by_hop, upgrade_protocol};
 use axum::response::{IntoResponse, Response};
 use execbox_proto::lifecycle::SandboxState;
 
@@ -17,35 +18,8 @@ pub const AGENT_PORT: u16 = 44772;
 /// The egress-policy port the SDKs look up.
 pub const EGRESS_PORT: u16 = 18080;
 
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "host",
-];
 /// Server credentials never enter a sandbox.
-const CREDENTIALS: &[&str] = &["authorization", "cookie", "open-sandbox-api-key"];
-
-fn strip(headers: &mut http::HeaderMap, extra: &[&str]) {
-    let named: Vec<HeaderName> = headers
-        .get_all(http::header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::try_from(n.trim()).ok())
-        .collect();
-    for n in named {
-        headers.remove(n);
-    }
-    for n in HOP_BY_HOP.iter().chain(extra) {
-        headers.remove(*n);
-    }
-}
+const CREDENTIALS: &[&str] = &["authorization", "cookie", "open-sandbox-api-key", "host"];
 
 /// Splits `/v1/sandboxes/{id}/proxy/{port}{rest}` into its parts.
 fn parse_path(path: &str) -> Option<(&str, &str, &str)> {
@@ -104,13 +78,16 @@ async fn forward(server: Arc<Server>, req: Request) -> Result<Response, Lifecycl
         Some(q) => format!("{agent_path}?{q}"),
         None => agent_path,
     };
+    let upgrade = upgrade_protocol(req.headers());
+    let mut req = req;
+    let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     let client_host = parts
         .headers
         .get(http::header::HOST)
         .and_then(|h| h.to_str().ok())
         .map(str::to_string);
-    strip(&mut parts.headers, CREDENTIALS);
+    strip_hop_by_hop(&mut parts.headers, CREDENTIALS);
     if let Some(h) = client_host.and_then(|h| HeaderValue::from_str(&h).ok()) {
         parts.headers.entry("x-forwarded-host").or_insert(h);
     }
@@ -124,6 +101,10 @@ async fn forward(server: Arc<Server>, req: Request) -> Result<Response, Lifecycl
         .header(http::header::HOST, "sandbox");
     if let Some(h) = builder.headers_mut() {
         h.extend(parts.headers);
+        // A WebSocket (or other) upgrade is end-to-end here: the agent must see it.
+        if let Some(proto) = &upgrade {
+            restore_upgrade(h, proto);
+        }
     }
     let upstream = builder
         .body(body)
@@ -143,9 +124,44 @@ async fn forward(server: Arc<Server>, req: Request) -> Result<Response, Lifecycl
                 .into_response());
         }
     };
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(client_upgrade) = client_upgrade {
+            return Ok(splice_upgrade(id, client_upgrade, resp));
+        }
+    }
     let (mut parts, body) = resp.into_parts();
-    strip(&mut parts.headers, &[]);
+    strip_hop_by_hop(&mut parts.headers, &[]);
     Ok(Response::from_parts(parts, Body::new(body)))
+}
+
+/// Answers the client's upgrade with the agent's 101 and copies bytes both ways between the
+/// two upgraded connections until either side closes.
+fn splice_upgrade(
+    id: &str,
+    client: hyper::upgrade::OnUpgrade,
+    mut agent_resp: http::Response<hyper::body::Incoming>,
+) -> Response {
+    let agent = hyper::upgrade::on(&mut agent_resp);
+    let id = id.to_string();
+    tokio::spawn(async move {
+        let (client, agent) = match tokio::try_join!(client, agent) {
+            Ok(pair) => pair,
+            Err(e) => {
+                tracing::debug!(sandbox = id, error = %e, "upgrade failed");
+                return;
+            }
+        };
+        let mut client = hyper_util::rt::TokioIo::new(client);
+        let mut agent = hyper_util::rt::TokioIo::new(agent);
+        if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut agent).await {
+            tracing::debug!(sandbox = id, error = %e, "upgraded connection ended");
+        }
+    });
+    let (parts, _) = agent_resp.into_parts();
+    let mut resp = Response::new(Body::empty());
+    *resp.status_mut() = parts.status;
+    *resp.headers_mut() = parts.headers;
+    resp
 }
 
 #[cfg(test)]
