@@ -2,12 +2,11 @@
 //! (status, byte-cursor logs, interrupt).
 
 use std::collections::HashMap;
-use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::{Path as UrlPath, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -16,15 +15,15 @@ use execbox_jail::cgroup::ExecLeaf;
 use execbox_jail::process::{Credentials, ExitInfo};
 use execbox_jail::rootfs::AGENT_DATA_DIR;
 use execbox_proto::execd::{CommandStatus, Event, RunCommandRequest};
-use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 
 use crate::error::ApiError;
 use crate::runner::{Input, Output, RunSpec};
+use crate::sse::{
+    now_ms, pipe_reader, read_some, sleep_until_opt, sse_response, LineSplitter, Sink,
+};
 use crate::AppState;
 
-/// Longest line sent as one event; longer runs without a newline are split.
-const MAX_LINE: usize = 64 * 1024;
 /// Interval of `ping` events.
 const PING_EVERY: Duration = Duration::from_secs(3);
 /// Grace between SIGTERM and SIGKILL on interrupt.
@@ -34,10 +33,6 @@ const INTERRUPT_GRACE: Duration = Duration::from_secs(3);
 const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(50);
 /// Finished commands kept for status queries.
 const MAX_FINISHED: usize = 4096;
-
-fn now_ms() -> i64 {
-    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
-}
 
 fn rfc3339_now() -> String {
     time::OffsetDateTime::now_utc()
@@ -172,114 +167,6 @@ fn outcome(exit: Option<ExitInfo>, timed_out: bool, oom: bool, elapsed_ms: u64) 
             }
         }
         None => killed(None),
-    }
-}
-
-/// Splits a byte stream into execd line events: `\r`, `\n` and `\r\n` end a line, a blank line
-/// becomes `"\n"`, the terminator is not part of the text.
-#[derive(Default)]
-pub(crate) struct LineSplitter {
-    buf: Vec<u8>,
-    after_cr: bool,
-}
-
-impl LineSplitter {
-    pub(crate) fn feed(&mut self, chunk: &[u8], out: &mut Vec<String>) {
-        for &b in chunk {
-            match b {
-                b'\n' if self.after_cr => self.after_cr = false,
-                b'\n' | b'\r' => {
-                    out.push(self.take_line());
-                    self.after_cr = b == b'\r';
-                }
-                _ => {
-                    self.after_cr = false;
-                    self.buf.push(b);
-                    if self.buf.len() >= MAX_LINE {
-                        out.push(self.take_line());
-                    }
-                }
-            }
-        }
-    }
-
-    fn take_line(&mut self) -> String {
-        let line = std::mem::take(&mut self.buf);
-        if line.is_empty() {
-            "\n".to_string()
-        } else {
-            String::from_utf8_lossy(&line).into_owned()
-        }
-    }
-
-    pub(crate) fn finish(&mut self, out: &mut Vec<String>) {
-        if !self.buf.is_empty() {
-            out.push(self.take_line());
-        }
-    }
-}
-
-/// Event sink that keeps the command going when the client has gone.
-struct Sink {
-    tx: mpsc::Sender<Bytes>,
-    gone: bool,
-}
-
-impl Sink {
-    async fn send(&mut self, event: &Event) {
-        if self.gone {
-            return;
-        }
-        if self.tx.send(Bytes::from(event.to_sse())).await.is_err() {
-            self.gone = true;
-        }
-    }
-
-    /// Sends each of `lines` as an output event of `kind` and empties it.
-    async fn send_lines(&mut self, kind: &str, lines: &mut Vec<String>) {
-        for l in lines.drain(..) {
-            self.send(&Event::text(kind, l, now_ms())).await;
-        }
-    }
-}
-
-/// Sleeps until `deadline`, or forever when there is none (a `select!` arm that never fires).
-async fn sleep_until_opt(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d.into()).await,
-        None => std::future::pending().await,
-    }
-}
-
-fn sse_response(rx: mpsc::Receiver<Bytes>) -> Response {
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|b| (Ok::<_, std::io::Error>(b), rx))
-    });
-    let mut resp = Response::new(Body::from_stream(stream));
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    h.insert("X-Accel-Buffering", HeaderValue::from_static("no"));
-    resp
-}
-
-fn pipe_reader(fd: Option<OwnedFd>) -> Option<tokio::net::unix::pipe::Receiver> {
-    fd.and_then(|fd| tokio::net::unix::pipe::Receiver::from_owned_fd(fd).ok())
-}
-
-async fn read_some(
-    r: &mut Option<tokio::net::unix::pipe::Receiver>,
-    buf: &mut [u8],
-) -> Option<usize> {
-    match r {
-        Some(r) => match r.read(buf).await {
-            Ok(0) | Err(_) => None,
-            Ok(n) => Some(n),
-        },
-        None => std::future::pending().await,
     }
 }
 
@@ -655,7 +542,9 @@ fn interrupt_id(app: Arc<AppState>, id: String) -> Result<StatusCode, ApiError> 
         match entries.get(&id) {
             Some(e) if e.running => (e.pid, e.leaf.clone()),
             Some(_) => return Err(ApiError::Runtime(format!("command {id} is not running"))),
-            None => return Err(ApiError::Runtime(format!("command not found: {id}"))),
+            // The generic interrupt closes a bash session given its id (§5).
+            None if app.sessions.close(&id) => return Ok(StatusCode::OK),
+            None => return Err(ApiError::Runtime(format!("no such session: {id}"))),
         }
     };
     let _ = execbox_jail::process::signal_group(pid, libc::SIGTERM);
@@ -670,37 +559,4 @@ fn interrupt_id(app: Arc<AppState>, id: String) -> Result<StatusCode, ApiError> 
         }
     });
     Ok(StatusCode::OK)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn split(chunks: &[&[u8]]) -> Vec<String> {
-        let mut s = LineSplitter::default();
-        let mut out = Vec::new();
-        for c in chunks {
-            s.feed(c, &mut out);
-        }
-        s.finish(&mut out);
-        out
-    }
-
-    #[test]
-    fn blank_lines_become_newline_events() {
-        assert_eq!(
-            split(&[b"a\n\nb\n\n\nc\n"]),
-            ["a", "\n", "b", "\n", "\n", "c"]
-        );
-    }
-
-    #[test]
-    fn crlf_split_across_chunks_is_one_terminator() {
-        assert_eq!(split(&[b"a\r", b"\nb\rc"]), ["a", "b", "c"]);
-    }
-
-    #[test]
-    fn trailing_partial_line_is_flushed() {
-        assert_eq!(split(&[b"hello"]), ["hello"]);
-    }
 }

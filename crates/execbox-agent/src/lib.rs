@@ -18,6 +18,7 @@ mod port_proxy;
 mod pty;
 mod runner;
 mod session;
+mod sse;
 
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
@@ -132,7 +133,7 @@ async fn serve(
         commands: command::Commands::new(config.max_log_bytes),
         sessions: session::Sessions::default(),
         ptys: pty::Ptys::default(),
-        metrics: metrics::Sampler::start(runner.clone(), config.cpu_millicores),
+        metrics: metrics::Sampler::new(runner.clone(), config.cpu_millicores),
         max_upload_bytes: config.max_upload_bytes,
     });
     execbox_jail::process::signal_ready()?;

@@ -105,11 +105,20 @@ mod tests {
     #[test]
     fn expands_variables_home_and_relative_paths() {
         let e = env();
-        assert_eq!(resolve("$DATA/x", &e).unwrap(), Path::new("/workspace/data/x"));
-        assert_eq!(resolve("${DATA}y", &e).unwrap(), Path::new("/workspace/datay"));
+        assert_eq!(
+            resolve("$DATA/x", &e).unwrap(),
+            Path::new("/workspace/data/x")
+        );
+        assert_eq!(
+            resolve("${DATA}y", &e).unwrap(),
+            Path::new("/workspace/datay")
+        );
         assert_eq!(resolve("~", &e).unwrap(), Path::new("/home/user"));
         assert_eq!(resolve("~/a/b", &e).unwrap(), Path::new("/home/user/a/b"));
-        assert_eq!(resolve("rel.txt", &e).unwrap(), Path::new("/home/user/rel.txt"));
+        assert_eq!(
+            resolve("rel.txt", &e).unwrap(),
+            Path::new("/home/user/rel.txt")
+        );
         assert_eq!(resolve("/tmp/../etc/./x", &e).unwrap(), Path::new("/etc/x"));
         assert_eq!(resolve("/../../..", &e).unwrap(), Path::new("/"));
         assert_eq!(resolve("/a$", &e).unwrap(), Path::new("/a$"));
@@ -121,6 +130,9 @@ mod tests {
             resolve("$NOPE/x", &env()),
             Err(ApiError::BadRequest(m)) if m.contains("NOPE")
         ));
-        assert!(matches!(resolve("${DATA", &env()), Err(ApiError::BadRequest(_))));
+        assert!(matches!(
+            resolve("${DATA", &env()),
+            Err(ApiError::BadRequest(_))
+        ));
     }
 }

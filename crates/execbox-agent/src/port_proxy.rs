@@ -6,10 +6,10 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::extract::{Path as UrlPath, Request};
 use axum::http::{HeaderValue, StatusCode};
-use execbox_proto::proxy_headers::{restore_upgrade, strip_hop_by_hop, upgrade_protocol};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use axum::Router;
+use execbox_proto::proxy_headers::{restore_upgrade, strip_hop_by_hop, upgrade_protocol};
 use hyper_util::rt::TokioIo;
 
 use crate::AppState;

@@ -158,6 +158,11 @@ impl Runner {
         &self.reaper
     }
 
+    /// Accounting of the whole sandbox (its cgroup, agent included), if cgroups are available.
+    pub fn sandbox_stats(&self) -> Option<CgroupStats> {
+        self.cgroups.as_ref().and_then(|c| c.stats().ok())
+    }
+
     /// The sandbox user.
     pub fn user(&self) -> Credentials {
         self.user

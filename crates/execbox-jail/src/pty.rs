@@ -44,3 +44,22 @@ pub fn resize(controller: &impl AsRawFd, cols: u16, rows: u16) -> std::io::Resul
         Ok(())
     }
 }
+
+/// Puts `fd` (a terminal controller) in non-blocking mode, so an async runtime can poll it
+/// instead of parking a thread in `read`/`write`.
+pub fn set_nonblocking(fd: &impl std::os::fd::AsFd) -> std::io::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    let flags = fcntl(fd.as_fd(), FcntlArg::F_GETFL).map_err(std::io::Error::from)?;
+    let flags = OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK;
+    fcntl(fd.as_fd(), FcntlArg::F_SETFL(flags))
+        .map(drop)
+        .map_err(std::io::Error::from)
+}
+
+/// The foreground process group of the terminal behind `controller` (the job a Ctrl-C at the
+/// keyboard would reach).
+pub fn foreground_group(controller: &impl std::os::fd::AsFd) -> std::io::Result<i32> {
+    nix::unistd::tcgetpgrp(controller.as_fd())
+        .map(|p| p.as_raw())
+        .map_err(std::io::Error::from)
+}

@@ -47,7 +47,10 @@ pub fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
 /// Puts an upgrade request back after [`strip_hop_by_hop`]: it is end-to-end for a proxy that
 /// splices the upgraded connections.
 pub fn restore_upgrade(headers: &mut HeaderMap, protocol: &HeaderValue) {
-    headers.insert(http::header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(
+        http::header::CONNECTION,
+        HeaderValue::from_static("upgrade"),
+    );
     headers.insert(http::header::UPGRADE, protocol.clone());
 }
 
@@ -58,7 +61,10 @@ mod tests {
     #[test]
     fn strips_hop_by_hop_and_connection_named_headers() {
         let mut h = HeaderMap::new();
-        h.insert("connection", HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
         h.insert("cookie", HeaderValue::from_static("a=b"));
@@ -73,7 +79,13 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("upgrade", HeaderValue::from_static("websocket"));
         assert_eq!(upgrade_protocol(&h), None);
-        h.insert("connection", HeaderValue::from_static("keep-alive, Upgrade"));
-        assert_eq!(upgrade_protocol(&h), Some(HeaderValue::from_static("websocket")));
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, Upgrade"),
+        );
+        assert_eq!(
+            upgrade_protocol(&h),
+            Some(HeaderValue::from_static("websocket"))
+        );
     }
 }

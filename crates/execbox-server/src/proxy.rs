@@ -6,9 +6,9 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode};
-use execbox_proto::proxy_headers::{restore_upgrade, strip_hop_by_hop, upgrade_protocol};
 use axum::response::{IntoResponse, Response};
 use execbox_proto::lifecycle::SandboxState;
+use execbox_proto::proxy_headers::{restore_upgrade, strip_hop_by_hop, upgrade_protocol};
 
 use crate::lifecycle::LifecycleError;
 use crate::Server;
