@@ -31,8 +31,12 @@ const INTERRUPT_GRACE: Duration = Duration::from_secs(3);
 /// How long output is still collected after the command's main process exits (children that
 /// kept the pipes open).
 const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(50);
-/// Finished commands kept for status queries.
+/// Finished commands kept for status queries; older ones are forgotten first.
 const MAX_FINISHED: usize = 4096;
+/// Finished commands (and their logs) are forgotten after this long.
+const RETENTION: Duration = Duration::from_secs(24 * 3600);
+/// Largest page of background output returned by one `/logs` call; clients follow the cursor.
+const MAX_LOG_PAGE: u64 = 8 << 20;
 
 fn rfc3339_now() -> String {
     time::OffsetDateTime::now_utc()
@@ -49,6 +53,7 @@ struct Entry {
     error: Option<String>,
     started_at: String,
     finished_at: Option<String>,
+    finished: Option<Instant>,
     log_path: Option<PathBuf>,
     leaf: Option<Arc<ExecLeaf>>,
 }
@@ -86,20 +91,26 @@ impl Commands {
             e.exit_code = Some(outcome.exit_code);
             e.error = outcome.error.clone();
             e.finished_at = Some(rfc3339_now());
+            e.finished = Some(Instant::now());
             e.leaf = None;
         }
-        if entries.len() > MAX_FINISHED {
-            let mut finished: Vec<(String, String)> = entries
-                .iter()
-                .filter(|(_, e)| !e.running)
-                .map(|(k, e)| (e.finished_at.clone().unwrap_or_default(), k.clone()))
-                .collect();
-            finished.sort();
-            for (_, k) in finished.iter().take(entries.len() - MAX_FINISHED) {
-                if let Some(e) = entries.remove(k) {
-                    if let Some(p) = e.log_path {
-                        let _ = std::fs::remove_file(p);
-                    }
+        // Expired ids behave as unknown ids: drop what is too old, then the oldest beyond the cap.
+        let mut finished: Vec<(Instant, String)> = entries
+            .iter()
+            .filter_map(|(k, e)| e.finished.map(|t| (t, k.clone())))
+            .collect();
+        finished.sort();
+        let over = entries.len().saturating_sub(MAX_FINISHED);
+        let expired = finished
+            .iter()
+            .enumerate()
+            .take_while(|(i, (t, _))| *i < over || t.elapsed() > RETENTION)
+            .map(|(_, (_, k))| k.clone())
+            .collect::<Vec<_>>();
+        for k in expired {
+            if let Some(e) = entries.remove(&k) {
+                if let Some(p) = e.log_path {
+                    let _ = std::fs::remove_file(p);
                 }
             }
         }
@@ -178,15 +189,11 @@ fn parse_body(body: &Bytes) -> Result<RunCommandRequest, ApiError> {
     })
 }
 
-fn resolve_cwd(cwd: Option<&str>) -> Result<PathBuf, ApiError> {
+fn resolve_cwd(cwd: Option<&str>, env: &[(String, String)]) -> Result<PathBuf, ApiError> {
     let raw = cwd
         .filter(|c| !c.is_empty())
         .unwrap_or(execbox_jail::rootfs::SANDBOX_HOME);
-    let path = if let Some(rest) = raw.strip_prefix('~') {
-        PathBuf::from(format!("{}{rest}", execbox_jail::rootfs::SANDBOX_HOME))
-    } else {
-        Path::new(execbox_jail::rootfs::SANDBOX_HOME).join(raw)
-    };
+    let path = crate::paths::resolve(raw, env)?;
     if !path.is_dir() {
         return Err(ApiError::BadRequest(format!(
             "invalid request, validation error cwd {raw:?} does not exist or is not a directory"
@@ -212,7 +219,7 @@ pub async fn run(State(app): State<Arc<AppState>>, body: Bytes) -> Result<Respon
             "uid is required when gid is provided".into(),
         ));
     }
-    let cwd = resolve_cwd(req.cwd.as_deref())?;
+    let cwd = resolve_cwd(req.cwd.as_deref(), &app.runner.env_with(&[]))?;
     let background = req.background.unwrap_or(false);
     let creds = req.uid.map(|uid| Credentials {
         uid,
@@ -278,6 +285,7 @@ pub async fn run(State(app): State<Arc<AppState>>, body: Bytes) -> Result<Respon
             error: None,
             started_at: rfc3339_now(),
             finished_at: None,
+            finished: None,
             log_path: log_path.clone(),
             leaf: leaf.clone(),
         },
@@ -340,14 +348,18 @@ impl Execution {
     fn conclude(&self, exit: Option<ExitInfo>, timed_out: bool, started: Instant) -> Outcome {
         let oom = matches!(exit, Some(ExitInfo::Signal(libc::SIGKILL)))
             && crate::runner::leaf_stats(self.leaf.as_deref()).is_some_and(|s| s.oom_kills > 0);
-        // Whatever the command left behind in its cgroup goes with it.
+        let o = outcome(exit, timed_out, oom, started.elapsed().as_millis() as u64);
+        self.app.commands.finish(&self.id, &o);
+        o
+    }
+
+    /// Whatever the command left behind in its cgroup goes with it. Done after the terminal
+    /// event is out, so the client does not wait for it.
+    fn clean_up(self) {
         if let Some(leaf) = &self.leaf {
             let _ = leaf.kill_all();
             let _ = leaf.remove();
         }
-        let o = outcome(exit, timed_out, oom, started.elapsed().as_millis() as u64);
-        self.app.commands.finish(&self.id, &o);
-        o
     }
 
     async fn run_foreground(
@@ -399,6 +411,8 @@ impl Execution {
         let (info, timed_out) = exit.unwrap_or((None, false));
         let o = self.conclude(info, timed_out, started);
         sink.send(&o.event).await;
+        drop(sink);
+        self.clean_up();
     }
 
     async fn run_background(
@@ -446,6 +460,7 @@ impl Execution {
         }
         let (info, timed_out) = exit.unwrap_or((None, false));
         self.conclude(info, timed_out, started);
+        self.clean_up();
     }
 }
 
@@ -493,13 +508,12 @@ pub async fn logs(
         e.log_path.clone()
     };
     let cursor: u64 = q.cursor.and_then(|c| c.parse().ok()).unwrap_or(0);
-    let data = match path {
-        Some(p) => tokio::fs::read(&p).await.unwrap_or_default(),
-        None => Vec::new(),
+    let (body, next) = match path {
+        Some(p) => read_log_page(&p, cursor)
+            .await
+            .map_err(|e| ApiError::Runtime(format!("error reading command logs. {e}")))?,
+        None => (Vec::new(), 0),
     };
-    let start = (cursor as usize).min(data.len());
-    let body = data[start..].to_vec();
-    let next = start + body.len();
     let mut headers = HeaderMap::new();
     headers.insert(
         header::CONTENT_TYPE,
@@ -509,6 +523,26 @@ pub async fn logs(
         headers.insert("EXECD-COMMANDS-TAIL-CURSOR", v);
     }
     Ok((StatusCode::OK, headers, body).into_response())
+}
+
+/// Bytes of the log from `cursor` (clamped to its end, as upstream does not), at most
+/// [`MAX_LOG_PAGE`], and the cursor after them.
+async fn read_log_page(path: &Path, cursor: u64) -> std::io::Result<(Vec<u8>, u64)> {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let mut file = match tokio::fs::File::open(path).await {
+        Ok(f) => f,
+        // Not created yet: the command has written nothing.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), 0)),
+        Err(e) => return Err(e),
+    };
+    let size = file.metadata().await?.len();
+    let start = cursor.min(size);
+    let len = (size - start).min(MAX_LOG_PAGE);
+    file.seek(std::io::SeekFrom::Start(start)).await?;
+    let mut body = Vec::with_capacity(len as usize);
+    (&mut file).take(len).read_to_end(&mut body).await?;
+    let next = start + body.len() as u64;
+    Ok((body, next))
 }
 
 #[derive(serde::Deserialize)]

@@ -301,6 +301,13 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServeError> {
         }
     });
     tracing::info!(addr = %listener.local_addr()?, "execbox listening");
+    // Small request/response exchanges (a command round trip is a few hundred bytes) must not
+    // wait for Nagle's algorithm against the client's delayed ACKs.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY");
+        }
+    });
     axum::serve(listener, router(server)).await?;
     Ok(())
 }
