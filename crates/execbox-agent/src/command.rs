@@ -221,14 +221,17 @@ pub async fn run(State(app): State<Arc<AppState>>, body: Bytes) -> Result<Respon
     }
     let cwd = resolve_cwd(req.cwd.as_deref(), &app.runner.env_with(&[]))?;
     let background = req.background.unwrap_or(false);
+    // As upstream: `uid` also brings that user's primary group (unless `gid` is given) and
+    // supplementary groups, from the sandbox's own user database.
+    let names = crate::users::Names::load();
     let creds = req.uid.map(|uid| Credentials {
         uid,
-        gid: req.gid.unwrap_or(if uid == app.runner.user().uid {
-            app.runner.user().gid
-        } else {
-            uid
-        }),
+        gid: req.gid.or_else(|| names.primary_gid(uid)).unwrap_or(uid),
     });
+    let groups = req
+        .uid
+        .map(|uid| names.supplementary_gids(uid))
+        .unwrap_or_default();
     let extra_env: Vec<(String, String)> = req.envs.unwrap_or_default().into_iter().collect();
     let id = uuid::Uuid::new_v4().simple().to_string();
     let shell = if Path::new("/bin/bash").exists() {
@@ -242,6 +245,7 @@ pub async fn run(State(app): State<Arc<AppState>>, body: Bytes) -> Result<Respon
         cwd: &cwd,
         extra_env,
         creds,
+        groups,
         output: if background {
             Output::Combined
         } else {

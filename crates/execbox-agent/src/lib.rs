@@ -19,6 +19,7 @@ mod pty;
 mod runner;
 mod session;
 mod sse;
+mod users;
 
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
@@ -72,6 +73,7 @@ fn router(state: Arc<AppState>) -> Router {
         .merge(pty::routes())
         .merge(port_proxy::routes())
         .fallback(error::not_found)
+        .method_not_allowed_fallback(error::not_found)
         .with_state(state)
 }
 

@@ -575,6 +575,7 @@ impl Session {
                         cwd: &self.cwd,
                         extra_env,
                         creds: None,
+                        groups: Vec::new(),
                         output: Output::Fds {
                             stdout: out,
                             stderr: err,
@@ -593,6 +594,7 @@ impl Session {
                         cwd: &self.cwd,
                         extra_env,
                         creds: None,
+                        groups: Vec::new(),
                         output: Output::Pipes,
                         input: Input::Pipe,
                         controlling_tty: false,

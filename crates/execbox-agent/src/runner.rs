@@ -65,6 +65,8 @@ pub struct RunSpec<'a> {
     pub extra_env: Vec<(String, String)>,
     /// Identity (defaults to the sandbox user).
     pub creds: Option<Credentials>,
+    /// Supplementary groups (ignored in rootless sandboxes, which cannot set them).
+    pub groups: Vec<u32>,
     /// Output routing.
     pub output: Output,
     /// Input routing.
@@ -214,7 +216,7 @@ impl Runner {
             env: self.env_with(&spec.extra_env),
             cwd: spec.cwd.to_path_buf(),
             creds,
-            groups: (!self.rootless).then(Vec::new),
+            groups: (!self.rootless).then_some(spec.groups),
             cgroup_procs: procs,
             fence: self.fence.clone(),
             last_cap: self.last_cap,
@@ -251,6 +253,7 @@ impl Runner {
             cwd: Path::new(SANDBOX_HOME),
             extra_env: Vec::new(),
             creds: None,
+            groups: Vec::new(),
             output: Output::Null,
             input: Input::Null,
             controlling_tty: false,

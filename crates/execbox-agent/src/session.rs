@@ -227,6 +227,7 @@ fn start_shell(app: &AppState, session: &Session) -> Result<Shell, ApiError> {
             cwd: &cwd,
             extra_env: Vec::new(),
             creds: None,
+            groups: Vec::new(),
             output: Output::Combined,
             input: Input::Pipe,
             controlling_tty: false,

@@ -34,6 +34,9 @@ pub struct ServerConfig {
     /// The executable started as each sandbox's agent (this binary).
     #[serde(skip)]
     pub agent_exe: PathBuf,
+    /// Largest file accepted by the execd upload route, in bytes; 0 leaves only the sandbox's
+    /// disk size as the bound.
+    pub max_upload_bytes: u64,
 }
 
 impl Default for ServerConfig {
@@ -57,6 +60,7 @@ impl Default for ServerConfig {
             require_landlock: false,
             cgroup_base: "execbox".to_string(),
             agent_exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe")),
+            max_upload_bytes: 0,
         }
     }
 }

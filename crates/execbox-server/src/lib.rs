@@ -53,6 +53,7 @@ impl Server {
             landlock: config.require_landlock || doctor::landlock_available(),
             default_pids: config.default_pids,
             cgroup_base: config.cgroup_base.clone(),
+            max_upload_bytes: config.max_upload_bytes,
         })
         .map(Arc::new)
         .map_err(|e| {

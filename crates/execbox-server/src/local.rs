@@ -108,6 +108,8 @@ pub struct LocalConfig {
     pub default_pids: u64,
     /// Prefix of cgroup names (lets tests run beside a real server).
     pub cgroup_base: String,
+    /// Largest accepted upload in bytes (0: bounded by the sandbox's disk only).
+    pub max_upload_bytes: u64,
 }
 
 /// The local backend.
@@ -310,7 +312,7 @@ impl LocalBackend {
             seccomp: self.config.seccomp,
             max_log_bytes: 64 << 20,
             cpu_millicores: p.limits.cpu_millicores,
-            max_upload_bytes: 0,
+            max_upload_bytes: self.config.max_upload_bytes,
         };
         let config_json = serde_json::to_string(&agent_config).map_err(|e| BackendError::Io {
             what: "encoding the agent configuration".into(),

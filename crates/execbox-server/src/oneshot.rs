@@ -39,6 +39,7 @@ pub fn run(lang: Lang, code: &str, memory: Option<&str>, timeout_secs: u64) -> a
         landlock: crate::doctor::landlock_available(),
         default_pids: 512,
         cgroup_base: "execbox".into(),
+        max_upload_bytes: 0,
     })?;
     let id = format!(
         "run-{}-{}",

@@ -73,6 +73,7 @@ fn main() {
         landlock: execbox_server::doctor::landlock_available(),
         default_pids: 512,
         cgroup_base: "execbox-bench".into(),
+        max_upload_bytes: 0,
     })
     .expect("backend");
     let params = |id: &str| SandboxParams {

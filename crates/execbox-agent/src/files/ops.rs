@@ -1,0 +1,397 @@
+//! `DELETE /files`, `POST /files/permissions`, `POST /files/mv`, `POST /files/replace`.
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::io::{self, Read};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{RawQuery, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+
+use super::info::Names;
+use super::resolve::{self, Dir, Entry, Owner};
+use super::{blocking, parent_owner, parse_body, Permission, Query};
+use crate::error::ApiError;
+use crate::paths;
+use crate::AppState;
+
+/// Deepest directory tree copied by a cross-device move.
+const MAX_COPY_DEPTH: usize = 1024;
+
+fn io_err<'a>(what: &str, path: &'a Path) -> impl Fn(io::Error) -> ApiError + 'a {
+    let what = what.to_string();
+    move |e| ApiError::from_io(&format!("{what} {}", path.display()), &e)
+}
+
+/// `DELETE /files?path=…`: removes regular files (and symlinks themselves); missing ones are
+/// fine; a directory is a 500.
+pub async fn delete_files(
+    State(app): State<Arc<AppState>>,
+    RawQuery(raw): RawQuery,
+) -> Result<StatusCode, ApiError> {
+    let query = Query::parse(raw.as_deref());
+    let env = app.runner.env_with(&[]);
+    let targets = query
+        .all("path")
+        .map(|p| paths::resolve(p, &env))
+        .collect::<Result<Vec<_>, _>>()?;
+    blocking(move || {
+        for lexical in targets {
+            let entry = match resolve::existing(&lexical, false) {
+                Ok(e) => e,
+                Err(resolve::Unresolved::Io(e)) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e.into_api(&lexical)),
+            };
+            let md = match entry.lstat() {
+                Ok(md) => md,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err("error removing file", &lexical)(e)),
+            };
+            if md.is_dir() {
+                return Err(ApiError::Runtime(format!(
+                    "error removing file {}. path is a directory",
+                    lexical.display()
+                )));
+            }
+            match fs::remove_file(entry.at()) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err("error removing file", &lexical)(e)),
+            }
+        }
+        Ok(())
+    })
+    .await?;
+    Ok(StatusCode::OK)
+}
+
+/// Applies `perm` to an existing path (following a final symlink, as chmod does).
+fn apply_permission(lexical: &Path, perm: &Permission, names: &Names) -> Result<(), ApiError> {
+    let wanted = perm.resolve(names)?;
+    if wanted == super::Wanted::default() {
+        return Ok(());
+    }
+    let entry = resolve::existing(lexical, true).map_err(|e| e.into_api(lexical))?;
+    let err = io_err("error changing permissions of", lexical);
+    // Pinning the inode makes chown/chmod act on exactly what was resolved.
+    let pinned = entry.pin().map_err(&err)?;
+    if pinned.metadata().map_err(&err)?.file_type().is_symlink() {
+        return Err(ApiError::Runtime(format!(
+            "error changing permissions of {}. path changed while in use",
+            lexical.display()
+        )));
+    }
+    let at = resolve::fd_path(&pinned);
+    if wanted.uid.is_some() || wanted.gid.is_some() {
+        std::os::unix::fs::chown(&at, wanted.uid, wanted.gid).map_err(&err)?;
+    }
+    if let Some(mode) = wanted.mode {
+        fs::set_permissions(&at, fs::Permissions::from_mode(mode)).map_err(&err)?;
+    }
+    Ok(())
+}
+
+/// `POST /files/permissions`: `{"<path>": Permission}`.
+pub async fn permissions(
+    State(app): State<Arc<AppState>>,
+    body: Bytes,
+) -> Result<StatusCode, ApiError> {
+    let req: Option<BTreeMap<String, Option<Permission>>> = parse_body(&body)?;
+    let env = app.runner.env_with(&[]);
+    let items = req
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(p, perm)| Ok((paths::resolve(&p, &env)?, perm.unwrap_or_default())))
+        .collect::<Result<Vec<_>, ApiError>>()?;
+    blocking(move || {
+        let names = Names::load();
+        items
+            .iter()
+            .try_for_each(|(lexical, perm)| apply_permission(lexical, perm, &names))
+    })
+    .await?;
+    Ok(StatusCode::OK)
+}
+
+#[derive(Debug, Deserialize)]
+struct MoveItem {
+    #[serde(default)]
+    src: Option<String>,
+    #[serde(default)]
+    dest: Option<String>,
+}
+
+/// Copies `sdir/sname` to `ddir/dname` without following symlinks, keeping modes and owners
+/// (a rename across filesystems).
+fn copy_entry(
+    sdir: &Dir,
+    sname: &OsStr,
+    ddir: &Dir,
+    dname: &OsStr,
+    depth: usize,
+) -> io::Result<()> {
+    if depth > MAX_COPY_DEPTH {
+        return Err(io::Error::other("directory tree too deep to copy"));
+    }
+    let md = fs::symlink_metadata(sdir.child(sname))?;
+    let ft = md.file_type();
+    let mode = fs::Permissions::from_mode(md.mode() & 0o7777);
+    if ft.is_symlink() {
+        std::os::unix::fs::symlink(fs::read_link(sdir.child(sname))?, ddir.child(dname))?;
+        std::os::unix::fs::lchown(ddir.child(dname), Some(md.uid()), Some(md.gid()))
+    } else if ft.is_dir() {
+        DirBuilder::new().mode(0o700).create(ddir.child(dname))?;
+        let (s, d) = (sdir.subdir(sname)?, ddir.subdir(dname)?);
+        for name in s.names()? {
+            copy_entry(&s, &name, &d, &name, depth + 1)?;
+        }
+        std::os::unix::fs::chown(d.here(), Some(md.uid()), Some(md.gid()))?;
+        fs::set_permissions(d.here(), mode)
+    } else if ft.is_file() {
+        // O_NONBLOCK: a FIFO swapped in since the lstat must not hang the copy.
+        let mut from = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(sdir.child(sname))?;
+        let mut to = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(ddir.child(dname))?;
+        io::copy(&mut from, &mut to)?;
+        std::os::unix::fs::fchown(&to, Some(md.uid()), Some(md.gid()))?;
+        to.set_permissions(mode)?;
+        to.sync_all()
+    } else {
+        Err(io::Error::other(
+            "special files can not be moved across filesystems",
+        ))
+    }
+}
+
+fn remove_any(at: &Path) -> io::Result<()> {
+    if fs::symlink_metadata(at)?.is_dir() {
+        fs::remove_dir_all(at)
+    } else {
+        fs::remove_file(at)
+    }
+}
+
+fn move_one(
+    src: &Path,
+    dest: &Path,
+    user: execbox_jail::process::Credentials,
+) -> Result<(), ApiError> {
+    let what = format!("error moving {} to {}", src.display(), dest.display());
+    let err = |e: io::Error| ApiError::from_io(&what, &e);
+    let from: Entry = resolve::existing(src, false).map_err(|e| e.into_api(src))?;
+    from.lstat().map_err(err)?;
+    let (ddir, dname) =
+        resolve::for_create(dest, parent_owner(user)).map_err(|e| e.into_api(dest))?;
+    let to = ddir.child(&dname);
+    if fs::symlink_metadata(&to).is_ok() {
+        return Err(ApiError::Runtime(format!(
+            "{what}. destination already exists"
+        )));
+    }
+    match fs::rename(from.at(), &to) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+            if let Err(e) = copy_entry(&from.dir, &from.name, &ddir, &dname, 0) {
+                if let Err(cleanup) = remove_any(&to) {
+                    tracing::warn!(error = %cleanup, "could not remove a partial copy");
+                }
+                return Err(err(e));
+            }
+            ddir.sync().map_err(err)?;
+            remove_any(&from.at()).map_err(err)
+        }
+        Err(e) => Err(err(e)),
+    }
+}
+
+/// `POST /files/mv`: `[{"src","dest"}]`, in order; the destination's parent is created.
+pub async fn move_files(
+    State(app): State<Arc<AppState>>,
+    body: Bytes,
+) -> Result<StatusCode, ApiError> {
+    let req: Option<Vec<Option<MoveItem>>> = parse_body(&body)?;
+    let env = app.runner.env_with(&[]);
+    let mut items: Vec<(PathBuf, PathBuf)> = Vec::new();
+    for item in req.unwrap_or_default().into_iter().flatten() {
+        match (item.src.as_deref(), item.dest.as_deref()) {
+            (Some(s), Some(d)) if !s.is_empty() && !d.is_empty() => {
+                items.push((paths::resolve(s, &env)?, paths::resolve(d, &env)?))
+            }
+            _ => {
+                return Err(ApiError::BadRequest(
+                    "invalid request, validation error src and dest are required".into(),
+                ))
+            }
+        }
+    }
+    let user = app.runner.user();
+    blocking(move || {
+        items
+            .iter()
+            .try_for_each(|(src, dest)| move_one(src, dest, user))
+    })
+    .await?;
+    Ok(StatusCode::OK)
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct ReplaceItem {
+    #[serde(default)]
+    old: Option<String>,
+    #[serde(default)]
+    new: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct Replaced {
+    #[serde(rename = "replacedCount")]
+    replaced_count: usize,
+}
+
+/// Replaces every non-overlapping occurrence of `old` (non-empty), left to right.
+pub fn replace_bytes(data: &[u8], old: &[u8], new: &[u8]) -> (Vec<u8>, usize) {
+    let mut out = Vec::new();
+    let mut count = 0;
+    let mut start = 0;
+    let mut i = 0;
+    while !old.is_empty() && i + old.len() <= data.len() {
+        // Scan for the first byte, then compare the rest.
+        match data[i..=data.len() - old.len()]
+            .iter()
+            .position(|b| *b == old[0])
+        {
+            None => break,
+            Some(off) => i += off,
+        }
+        if data[i..].starts_with(old) {
+            if count == 0 {
+                out.reserve(data.len());
+            }
+            out.extend_from_slice(&data[start..i]);
+            out.extend_from_slice(new);
+            count += 1;
+            i += old.len();
+            start = i;
+        } else {
+            i += 1;
+        }
+    }
+    if count == 0 {
+        return (Vec::new(), 0);
+    }
+    out.extend_from_slice(&data[start..]);
+    (out, count)
+}
+
+fn replace_one(lexical: &Path, old: &str, new: &str) -> Result<usize, ApiError> {
+    let err = io_err("error replacing in", lexical);
+    let entry = resolve::existing(lexical, true).map_err(|e| e.into_api(lexical))?;
+    // O_NONBLOCK: a FIFO planted by user code must not hang the request.
+    let mut file: File = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(entry.at())
+        .map_err(&err)?;
+    let md = file.metadata().map_err(&err)?;
+    if md.is_dir() {
+        return Err(ApiError::Runtime(format!(
+            "error replacing in {}. path is a directory",
+            lexical.display()
+        )));
+    }
+    if !md.is_file() {
+        return Err(ApiError::Runtime(format!(
+            "error replacing in {}. not a regular file",
+            lexical.display()
+        )));
+    }
+    let mut data = Vec::with_capacity(md.len() as usize);
+    file.read_to_end(&mut data).map_err(&err)?;
+    let (out, count) = replace_bytes(&data, old.as_bytes(), new.as_bytes());
+    if count > 0 {
+        let owner = Owner {
+            uid: md.uid(),
+            gid: md.gid(),
+            mode: md.mode() & 0o7777,
+        };
+        entry
+            .dir
+            .replace_contents(&entry.name, &out, owner)
+            .map_err(&err)?;
+    }
+    Ok(count)
+}
+
+/// `POST /files/replace[?verbose=true]`: `{"<path>":{"old","new"}}`.
+pub async fn replace(
+    State(app): State<Arc<AppState>>,
+    RawQuery(raw): RawQuery,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let query = Query::parse(raw.as_deref());
+    let verbose = matches!(
+        query.first("verbose"),
+        Some("1" | "t" | "T" | "true" | "TRUE" | "True")
+    );
+    let req: Option<BTreeMap<String, Option<ReplaceItem>>> = parse_body(&body)?;
+    let env = app.runner.env_with(&[]);
+    let mut items = Vec::new();
+    for (raw_path, item) in req.unwrap_or_default() {
+        let item = item.unwrap_or_default();
+        let old = item.old.unwrap_or_default();
+        if old.is_empty() {
+            return Err(ApiError::BadRequest(
+                "invalid request, validation error old content must not be empty".into(),
+            ));
+        }
+        let lexical = paths::resolve(&raw_path, &env)?;
+        items.push((raw_path, lexical, old, item.new.unwrap_or_default()));
+    }
+    let counts = blocking(move || {
+        let mut counts = BTreeMap::new();
+        for (raw_path, lexical, old, new) in items {
+            let n = replace_one(&lexical, &old, &new)?;
+            counts.insert(raw_path, Replaced { replaced_count: n });
+        }
+        Ok(counts)
+    })
+    .await?;
+    Ok(if verbose {
+        Json(counts).into_response()
+    } else {
+        StatusCode::OK.into_response()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replaces_all_non_overlapping() {
+        assert_eq!(replace_bytes(b"aaaa", b"aa", b"b"), (b"bb".to_vec(), 2));
+        assert_eq!(
+            replace_bytes(b"x.y.z", b".", b"::"),
+            (b"x::y::z".to_vec(), 2)
+        );
+        assert_eq!(replace_bytes(b"hello", b"world", b"x"), (Vec::new(), 0));
+        assert_eq!(replace_bytes(b"abcab", b"ab", b""), (b"c".to_vec(), 2));
+        assert_eq!(replace_bytes(b"ab", b"abc", b""), (Vec::new(), 0));
+        assert_eq!(replace_bytes(b"", b"a", b"b"), (Vec::new(), 0));
+        assert_eq!(replace_bytes(b"aXbX", b"X", b"YY"), (b"aYYbYY".to_vec(), 2));
+    }
+}
