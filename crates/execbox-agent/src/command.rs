@@ -35,6 +35,8 @@ const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(50);
 const MAX_FINISHED: usize = 4096;
 /// Finished commands (and their logs) are forgotten after this long.
 const RETENTION: Duration = Duration::from_secs(24 * 3600);
+/// Interval of retention sweeps while under the count cap.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
 /// Largest page of background output returned by one `/logs` call; clients follow the cursor.
 const MAX_LOG_PAGE: u64 = 8 << 20;
 
@@ -61,6 +63,7 @@ struct Entry {
 /// Registry of commands of this sandbox.
 pub struct Commands {
     entries: Mutex<HashMap<String, Entry>>,
+    last_sweep: Mutex<Instant>,
     max_log_bytes: u64,
 }
 
@@ -69,6 +72,7 @@ impl Commands {
     pub fn new(max_log_bytes: u64) -> Self {
         Self {
             entries: Mutex::new(HashMap::new()),
+            last_sweep: Mutex::new(Instant::now()),
             max_log_bytes: if max_log_bytes == 0 {
                 64 << 20
             } else {
@@ -95,6 +99,21 @@ impl Commands {
             e.leaf = None;
         }
         // Expired ids behave as unknown ids: drop what is too old, then the oldest beyond the cap.
+        // The sweep sorts every finished command, so it runs only when there is work for it.
+        let due = entries.len() > MAX_FINISHED || {
+            let mut last = match self.last_sweep.lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            let due = last.elapsed() > SWEEP_EVERY;
+            if due {
+                *last = Instant::now();
+            }
+            due
+        };
+        if !due {
+            return;
+        }
         let mut finished: Vec<(Instant, String)> = entries
             .iter()
             .filter_map(|(k, e)| e.finished.map(|t| (t, k.clone())))
@@ -142,7 +161,8 @@ fn outcome(exit: Option<ExitInfo>, timed_out: bool, oom: bool, elapsed_ms: u64) 
         return killed(Some("OOMKilled: the sandbox memory limit was exceeded"));
     }
     if timed_out {
-        return killed(Some("timeout exceeded"));
+        // As upstream: a timeout reads exactly like any SIGKILL.
+        return killed(None);
     }
     match exit {
         Some(ExitInfo::Code(0)) => Outcome {
@@ -161,11 +181,7 @@ fn outcome(exit: Option<ExitInfo>, timed_out: bool, oom: bool, elapsed_ms: u64) 
             ),
         },
         Some(ExitInfo::Signal(s)) => {
-            let name = if s == libc::SIGKILL {
-                "killed".to_string()
-            } else {
-                format!("signal {s}")
-            };
+            let name = go_signal_name(s);
             Outcome {
                 exit_code: -1,
                 error: Some(format!("signal: {name}")),
@@ -179,6 +195,33 @@ fn outcome(exit: Option<ExitInfo>, timed_out: bool, oom: bool, elapsed_ms: u64) 
         }
         None => killed(None),
     }
+}
+
+/// The text Go's `syscall.Signal.String()` gives, which upstream's wait errors carry
+/// (`signal: killed`, `signal: terminated`).
+fn go_signal_name(sig: i32) -> String {
+    let name = match sig {
+        libc::SIGHUP => "hangup",
+        libc::SIGINT => "interrupt",
+        libc::SIGQUIT => "quit",
+        libc::SIGILL => "illegal instruction",
+        libc::SIGTRAP => "trace/breakpoint trap",
+        libc::SIGABRT => "aborted",
+        libc::SIGBUS => "bus error",
+        libc::SIGFPE => "floating point exception",
+        libc::SIGKILL => "killed",
+        libc::SIGUSR1 => "user defined signal 1",
+        libc::SIGSEGV => "segmentation fault",
+        libc::SIGUSR2 => "user defined signal 2",
+        libc::SIGPIPE => "broken pipe",
+        libc::SIGALRM => "alarm clock",
+        libc::SIGTERM => "terminated",
+        libc::SIGXCPU => "CPU time limit exceeded",
+        libc::SIGXFSZ => "file size limit exceeded",
+        libc::SIGSYS => "bad system call",
+        other => return format!("signal {other}"),
+    };
+    name.to_string()
 }
 
 fn parse_body(body: &Bytes) -> Result<RunCommandRequest, ApiError> {
@@ -358,11 +401,14 @@ impl Execution {
     }
 
     /// Whatever the command left behind in its cgroup goes with it. Done after the terminal
-    /// event is out, so the client does not wait for it.
+    /// event is out and on a blocking thread (removing a memory cgroup can take milliseconds),
+    /// so neither this client nor the next request waits for it.
     fn clean_up(self) {
-        if let Some(leaf) = &self.leaf {
-            let _ = leaf.kill_all();
-            let _ = leaf.remove();
+        if let Some(leaf) = self.leaf {
+            tokio::task::spawn_blocking(move || {
+                let _ = leaf.kill_all();
+                let _ = leaf.remove();
+            });
         }
     }
 

@@ -106,5 +106,7 @@ async fn forward(port: &str, rest: &str, mut req: Request) -> Response {
     }
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers, &[]);
+    // The client's connection is ours: HTTP/1.1 even when the service answers HTTP/1.0.
+    parts.version = http::Version::HTTP_11;
     Response::from_parts(parts, Body::new(body))
 }

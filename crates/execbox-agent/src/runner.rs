@@ -85,6 +85,9 @@ pub struct Runner {
     fence: Option<Arc<PreparedFence>>,
     last_cap: u32,
     next_leaf: AtomicU64,
+    /// An execution cgroup made ahead of need: creating one (a directory in every hierarchy)
+    /// is then off the path of the next start.
+    spare_leaf: std::sync::Mutex<Option<ExecLeaf>>,
 }
 
 /// Errors of starting a process.
@@ -152,6 +155,7 @@ impl Runner {
             fence,
             last_cap: execbox_jail::process::last_capability(),
             next_leaf: AtomicU64::new(1),
+            spare_leaf: std::sync::Mutex::new(None),
         })
     }
 
@@ -182,12 +186,9 @@ impl Runner {
 
     /// Starts a process in its own execution cgroup.
     pub fn start(&self, spec: RunSpec<'_>) -> Result<Started, RunError> {
-        let leaf = match &self.cgroups {
-            Some(cg) => {
-                let n = self.next_leaf.fetch_add(1, Ordering::Relaxed);
-                Some(cg.create_leaf(&format!("x{n}"))?)
-            }
-            None => None,
+        let leaf = match self.take_spare_leaf() {
+            Some(leaf) => Some(leaf),
+            None => self.new_leaf()?,
         };
         let procs = match &leaf {
             Some(l) => l.procs_fds()?,
@@ -235,6 +236,7 @@ impl Runner {
         })?;
         let stdout = child.stdout.take().map(OwnedFd::from).or(out_r);
         let stderr = child.stderr.take().map(OwnedFd::from).or(err_r);
+        self.refill_spare_leaf();
         let stdin = child.stdin.take().map(OwnedFd::from);
         Ok(Started {
             pid: child.id() as i32,
@@ -244,6 +246,35 @@ impl Runner {
             exit: rx,
             leaf,
         })
+    }
+
+    fn new_leaf(&self) -> Result<Option<ExecLeaf>, RunError> {
+        let Some(cg) = &self.cgroups else {
+            return Ok(None);
+        };
+        let n = self.next_leaf.fetch_add(1, Ordering::Relaxed);
+        Ok(Some(cg.create_leaf(&format!("x{n}"))?))
+    }
+
+    fn take_spare_leaf(&self) -> Option<ExecLeaf> {
+        match self.spare_leaf.lock() {
+            Ok(mut g) => g.take(),
+            Err(p) => p.into_inner().take(),
+        }
+    }
+
+    /// Makes the next execution cgroup now, while the process just started is still loading.
+    fn refill_spare_leaf(&self) {
+        let mut spare = match self.spare_leaf.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if spare.is_none() {
+            match self.new_leaf() {
+                Ok(leaf) => *spare = leaf,
+                Err(e) => tracing::debug!(error = %e, "spare execution cgroup"),
+            }
+        }
     }
 
     /// Starts the sandbox entrypoint in the background, output discarded.

@@ -29,16 +29,24 @@ pub(crate) struct LineSplitter {
 
 impl LineSplitter {
     pub(crate) fn feed(&mut self, chunk: &[u8], out: &mut Vec<String>) {
-        for &b in chunk {
-            match b {
-                b'\n' if self.after_cr => self.after_cr = false,
-                b'\n' | b'\r' => {
+        let mut rest = chunk;
+        while let Some((&first, tail)) = rest.split_first() {
+            if std::mem::take(&mut self.after_cr) && first == b'\n' {
+                rest = tail;
+                continue;
+            }
+            let room = MAX_LINE - self.buf.len();
+            let scan = &rest[..rest.len().min(room)];
+            match memchr::memchr2(b'\n', b'\r', scan) {
+                Some(i) => {
+                    self.buf.extend_from_slice(&scan[..i]);
                     out.push(self.take_line());
-                    self.after_cr = b == b'\r';
+                    self.after_cr = scan[i] == b'\r';
+                    rest = &rest[i + 1..];
                 }
-                _ => {
-                    self.after_cr = false;
-                    self.buf.push(b);
+                None => {
+                    self.buf.extend_from_slice(scan);
+                    rest = &rest[scan.len()..];
                     if self.buf.len() >= MAX_LINE {
                         out.push(self.take_line());
                     }
@@ -50,10 +58,10 @@ impl LineSplitter {
     fn take_line(&mut self) -> String {
         let line = std::mem::take(&mut self.buf);
         if line.is_empty() {
-            "\n".to_string()
-        } else {
-            String::from_utf8_lossy(&line).into_owned()
+            return "\n".to_string();
         }
+        String::from_utf8(line)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
     }
 
     pub(crate) fn finish(&mut self, out: &mut Vec<String>) {
@@ -79,10 +87,20 @@ impl Sink {
         }
     }
 
-    /// Sends each of `lines` as an output event of `kind` and empties it.
+    /// Sends each of `lines` as an output event of `kind` and empties it. The events go out as
+    /// one chunk: one channel message, one write per hop, instead of one per line.
     pub(crate) async fn send_lines(&mut self, kind: &str, lines: &mut Vec<String>) {
+        if lines.is_empty() || self.gone {
+            lines.clear();
+            return;
+        }
+        let ts = now_ms();
+        let mut chunk = Vec::new();
         for l in lines.drain(..) {
-            self.send(&Event::text(kind, l, now_ms())).await;
+            Event::text(kind, l, ts).write_sse(&mut chunk);
+        }
+        if self.tx.send(Bytes::from(chunk)).await.is_err() {
+            self.gone = true;
         }
     }
 }
@@ -157,5 +175,15 @@ mod tests {
     #[test]
     fn trailing_partial_line_is_flushed() {
         assert_eq!(split(&[b"hello"]), ["hello"]);
+    }
+
+    #[test]
+    fn long_lines_are_split_and_bad_utf8_replaced() {
+        let long = vec![b'x'; MAX_LINE + 10];
+        let out = split(&[&long, b"\n"]);
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0].len(), MAX_LINE);
+        assert_eq!(out[1].len(), 10);
+        assert_eq!(split(&[b"a\xffb\r", b"\r\n"]), ["a\u{fffd}b", "\n"]);
     }
 }

@@ -142,11 +142,17 @@ impl Event {
 
     /// The event in standard SSE framing: `data: <json>\n\n`.
     pub fn to_sse(&self) -> Vec<u8> {
-        let mut out = b"data: ".to_vec();
-        // Serialising this struct cannot fail: all keys are strings and values plain data.
-        out.extend(serde_json::to_vec(self).unwrap_or_default());
-        out.extend_from_slice(b"\n\n");
+        let mut out = Vec::new();
+        self.write_sse(&mut out);
         out
+    }
+
+    /// Appends the `data: {json}\n\n` frame to `out`.
+    pub fn write_sse(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"data: ");
+        // Serialising this struct cannot fail: all keys are strings and values plain data.
+        let _ = serde_json::to_writer(&mut *out, self);
+        out.extend_from_slice(b"\n\n");
     }
 }
 

@@ -259,6 +259,7 @@ pub fn router(server: Arc<Server>) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/v1/sandboxes/{id}/proxy/{port}", any(proxy::proxy))
+        .route("/v1/sandboxes/{id}/proxy/{port}/", any(proxy::proxy))
         .route("/v1/sandboxes/{id}/proxy/{port}/{*rest}", any(proxy::proxy))
         .merge(lifecycle)
         .fallback(not_found)

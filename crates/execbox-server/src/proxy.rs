@@ -131,6 +131,8 @@ async fn forward(server: Arc<Server>, req: Request) -> Result<Response, Lifecycl
     }
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers, &[]);
+    // The client's connection is ours: HTTP/1.1 whatever the upstream spoke.
+    parts.version = http::Version::HTTP_11;
     Ok(Response::from_parts(parts, Body::new(body)))
 }
 

@@ -38,7 +38,9 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/files/search", get(tree::search))
         .route(
             "/files/upload",
-            post(upload::upload).layer(DefaultBodyLimit::disable()),
+            post(upload::upload)
+                .layer(DefaultBodyLimit::disable())
+                .layer(axum::middleware::from_fn(upload::read_body_to_end)),
         )
         .route("/files/download", get(download::download))
         .route("/directories/list", get(tree::list))

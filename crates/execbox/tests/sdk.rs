@@ -1,0 +1,200 @@
+//! Drives a real `execbox serve` through the official `opensandbox` Python SDK from PyPI.
+//!
+//! The test suite itself lives in `tests/sdk/` at the repository root (pytest). This test
+//! makes sure a virtualenv with `tests/sdk/requirements.txt` exists at `target/sdk-venv`
+//! (creating it with `python3 -m venv` + `pip install` when missing or out of date), starts
+//! a server on loopback and runs `python -m pytest tests/sdk` against it. The test fails,
+//! never skips, when Python or PyPI is unavailable.
+
+mod common;
+
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Upper bound for the whole pytest run; a hang must fail the test, not stall CI.
+const PYTEST_DEADLINE: Duration = Duration::from_secs(20 * 60);
+/// Upper bound for creating the virtualenv and installing the requirements.
+const INSTALL_DEADLINE: Duration = Duration::from_secs(10 * 60);
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("repository root")
+}
+
+/// An exclusive `flock` on a file, released on drop (the fd closes).
+struct FileLock(#[allow(dead_code)] File);
+
+impl FileLock {
+    fn acquire(path: &Path) -> FileLock {
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .unwrap_or_else(|e| panic!("open lock file {}: {e}", path.display()));
+        // SAFETY: flock on a valid, owned file descriptor.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+        assert_eq!(
+            rc,
+            0,
+            "flock {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
+        FileLock(file)
+    }
+}
+
+/// Runs a command to completion within `deadline`, capturing stdout and stderr.
+fn run_with_deadline(mut cmd: Command, what: &str, deadline: Duration) -> Output {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("{what}: could not start {cmd:?}: {e}"));
+    let out_reader = drain(child.stdout.take().expect("stdout pipe"));
+    let err_reader = drain(child.stderr.take().expect("stderr pipe"));
+    let status = wait_with_deadline(&mut child, deadline)
+        .unwrap_or_else(|| panic!("{what}: still running after {deadline:?}; killed"));
+    Output {
+        status,
+        stdout: out_reader.join().unwrap_or_default(),
+        stderr: err_reader.join().unwrap_or_default(),
+    }
+}
+
+fn drain(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = pipe.read_to_end(&mut buf);
+        buf
+    })
+}
+
+fn wait_with_deadline(child: &mut Child, deadline: Duration) -> Option<std::process::ExitStatus> {
+    let until = Instant::now() + deadline;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait for child") {
+            return Some(status);
+        }
+        if Instant::now() >= until {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn describe(output: &Output) -> String {
+    format!(
+        "{}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// Returns the venv's python, creating the venv and installing the requirements when the
+/// venv is missing or was built from a different requirements file.
+fn ensure_venv(root: &Path) -> PathBuf {
+    let target = root.join("target");
+    std::fs::create_dir_all(&target).expect("create target/");
+    let venv = target.join("sdk-venv");
+    let python = venv.join("bin/python");
+    let requirements = root.join("tests/sdk/requirements.txt");
+    let wanted = std::fs::read_to_string(&requirements)
+        .unwrap_or_else(|e| panic!("read {}: {e}", requirements.display()));
+    let stamp = venv.join(".execbox-requirements");
+
+    // Concurrent test binaries (or concurrent `cargo test` runs) must not build the venv
+    // at the same time.
+    let _lock = FileLock::acquire(&target.join("sdk-venv.lock"));
+    if python.exists() && std::fs::read_to_string(&stamp).ok().as_deref() == Some(&wanted) {
+        return python;
+    }
+
+    let _ = std::fs::remove_dir_all(&venv);
+    let mut mk = Command::new("python3");
+    mk.args(["-m", "venv"]).arg(&venv);
+    let out = run_with_deadline(mk, "python3 -m venv", INSTALL_DEADLINE);
+    assert!(
+        out.status.success(),
+        "could not create the Python virtualenv for the SDK tests at {} \
+         (python3 with the venv module is required):\n{}",
+        venv.display(),
+        describe(&out)
+    );
+
+    let mut pip = Command::new(&python);
+    pip.args([
+        "-m",
+        "pip",
+        "install",
+        "--disable-pip-version-check",
+        "--no-input",
+        "--timeout",
+        "60",
+        "-r",
+    ])
+    .arg(&requirements)
+    .env("PIP_NO_INPUT", "1");
+    let out = run_with_deadline(pip, "pip install", INSTALL_DEADLINE);
+    if !out.status.success() {
+        let _ = std::fs::remove_dir_all(&venv);
+        panic!(
+            "could not install the OpenSandbox SDK test requirements from PyPI \
+             ({}). The SDK compatibility tests need network access to PyPI (or a \
+             pip index configured via PIP_INDEX_URL); they are not skipped.\n{}",
+            requirements.display(),
+            describe(&out)
+        );
+    }
+    std::fs::write(&stamp, &wanted).expect("write requirements stamp");
+    python
+}
+
+#[test]
+fn opensandbox_python_sdk_suite() {
+    let root = repo_root();
+    let python = ensure_venv(&root);
+
+    let server = common::TestServer::start();
+
+    let mut pytest = Command::new(&python);
+    pytest
+        .args([
+            "-m",
+            "pytest",
+            "-q",
+            "-rfEs",
+            "-p",
+            "no:cacheprovider",
+            "tests/sdk",
+        ])
+        .current_dir(&root)
+        .env("OPEN_SANDBOX_DOMAIN", format!("127.0.0.1:{}", server.port))
+        .env_remove("OPEN_SANDBOX_API_KEY")
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .env("PYTHONUNBUFFERED", "1")
+        // keep the user's proxy settings away from loopback traffic
+        .env("NO_PROXY", "127.0.0.1,localhost")
+        .env("no_proxy", "127.0.0.1,localhost");
+    let out = run_with_deadline(pytest, "pytest tests/sdk", PYTEST_DEADLINE);
+
+    println!("{}", String::from_utf8_lossy(&out.stdout));
+    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+    drop(server);
+    assert!(
+        out.status.success(),
+        "the OpenSandbox Python SDK suite failed ({}); see the pytest output above",
+        out.status
+    );
+}
