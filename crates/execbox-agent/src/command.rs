@@ -296,6 +296,7 @@ pub async fn run(State(app): State<Arc<AppState>>, body: Bytes) -> Result<Respon
         },
         input: Input::Null,
         controlling_tty: false,
+        inherit_fds: Vec::new(),
     });
     let (tx, rx) = mpsc::channel::<Bytes>(64);
     let mut sink = Sink { tx, gone: false };
@@ -473,7 +474,15 @@ impl Execution {
     ) {
         let started = Instant::now();
         let deadline = self.timeout.map(|t| started + t);
-        let mut file = match tokio::fs::File::create(&log_path).await {
+        // Logs are the agent's: other users of the sandbox cannot read them.
+        let mut file = match tokio::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&log_path)
+            .await
+        {
             Ok(f) => Some(f),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot create command log");
@@ -626,7 +635,8 @@ fn interrupt_id(app: Arc<AppState>, id: String) -> Result<StatusCode, ApiError> 
         match entries.get(&id) {
             Some(e) if e.running => (e.pid, e.leaf.clone()),
             Some(_) => return Err(ApiError::Runtime(format!("command {id} is not running"))),
-            // The generic interrupt closes a bash session given its id (§5).
+            // The generic interrupt (§5): a code context is interrupted, a bash session closed.
+            None if app.contexts.interrupt(&id) => return Ok(StatusCode::OK),
             None if app.sessions.close(&id) => return Ok(StatusCode::OK),
             None => return Err(ApiError::Runtime(format!("no such session: {id}"))),
         }

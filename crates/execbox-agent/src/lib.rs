@@ -9,9 +9,12 @@
 //! - starts the sandbox entrypoint as the sandbox user,
 //! - on SIGTERM kills every process of the sandbox and exits.
 
+mod code;
 mod command;
 mod error;
 mod files;
+mod kernel;
+mod leap0;
 mod metrics;
 mod paths;
 mod port_proxy;
@@ -46,6 +49,7 @@ pub enum AgentError {
 pub(crate) struct AppState {
     pub runner: Arc<Runner>,
     pub commands: command::Commands,
+    pub contexts: code::Contexts,
     pub sessions: session::Sessions,
     pub ptys: pty::Ptys,
     pub metrics: metrics::Sampler,
@@ -68,6 +72,8 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/command/{id}/logs", get(command::logs))
         .route("/command/{id}", delete(command::interrupt_path))
         .merge(session::routes())
+        .merge(code::routes())
+        .merge(leap0::routes())
         .merge(files::routes())
         .merge(metrics::routes())
         .merge(pty::routes())
@@ -75,6 +81,30 @@ fn router(state: Arc<AppState>) -> Router {
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::not_found)
         .with_state(state)
+}
+
+/// Port the code-interpreter SDK probes from inside the sandbox before it uses code contexts
+/// (`JUPYTER_PORT`, upstream's Jupyter server).
+const READINESS_PORT: u16 = 44771;
+
+/// Accepts connections on [`READINESS_PORT`] and answers `200 OK`. It serves no API: whatever
+/// runs inside the sandbox must not reach the agent's routes.
+async fn readiness_port() {
+    use tokio::io::AsyncWriteExt;
+    let listener = match tokio::net::TcpListener::bind(("127.0.0.1", READINESS_PORT)).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(error = %e, "readiness port unavailable");
+            return;
+        }
+    };
+    while let Ok((mut stream, _)) = listener.accept().await {
+        tokio::spawn(async move {
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                .await;
+        });
+    }
 }
 
 /// Runs the agent; returns only on a start-up error.
@@ -133,11 +163,16 @@ async fn serve(
     let state = Arc::new(AppState {
         runner: runner.clone(),
         commands: command::Commands::new(config.max_log_bytes),
+        contexts: code::Contexts::default(),
         sessions: session::Sessions::default(),
         ptys: pty::Ptys::default(),
         metrics: metrics::Sampler::new(runner.clone(), config.cpu_millicores),
         max_upload_bytes: config.max_upload_bytes,
     });
+    if let Err(e) = kernel::install_scripts() {
+        tracing::warn!(error = %e, "kernel scripts not installed: code contexts will fail");
+    }
+    tokio::spawn(readiness_port());
     execbox_jail::process::signal_ready()?;
     let app = router(state);
     tokio::select! {

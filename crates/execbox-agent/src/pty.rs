@@ -582,6 +582,7 @@ impl Session {
                         },
                         input: Input::Fd(pair.terminal),
                         controlling_tty: true,
+                        inherit_fds: Vec::new(),
                     })
                     .map_err(|e| e.to_string())?;
                 (started, writer, Some(reader), None)
@@ -598,6 +599,7 @@ impl Session {
                         output: Output::Pipes,
                         input: Input::Pipe,
                         controlling_tty: false,
+                        inherit_fds: Vec::new(),
                     })
                     .map_err(|e| e.to_string())?;
                 let pipes = (|| -> std::io::Result<_> {

@@ -73,6 +73,8 @@ pub struct RunSpec<'a> {
     pub input: Input,
     /// Make the input (a terminal) the controlling terminal of the process's session.
     pub controlling_tty: bool,
+    /// Descriptors the process gets as 3, 4, …
+    pub inherit_fds: Vec<OwnedFd>,
 }
 
 /// Starts user processes for every API of the agent.
@@ -229,6 +231,7 @@ impl Runner {
             stdout,
             stderr,
             controlling_tty: spec.controlling_tty,
+            inherit_fds: spec.inherit_fds,
         };
         let (tx, rx) = tokio::sync::oneshot::channel();
         let mut child = self.reaper.spawn(launch, move |info| {
@@ -288,6 +291,7 @@ impl Runner {
             output: Output::Null,
             input: Input::Null,
             controlling_tty: false,
+            inherit_fds: Vec::new(),
         })?;
         tokio::spawn(async move {
             let status = started.exit.await;

@@ -81,7 +81,7 @@ impl Sessions {
 }
 
 /// One session: the shell (absent until started, or after it died) and the last known cwd.
-struct Session {
+pub(crate) struct Session {
     id: String,
     cwd: Mutex<PathBuf>,
     /// Held for the whole of a run: runs of one session are serialised.
@@ -231,6 +231,7 @@ fn start_shell(app: &AppState, session: &Session) -> Result<Shell, ApiError> {
             output: Output::Combined,
             input: Input::Pipe,
             controlling_tty: false,
+            inherit_fds: Vec::new(),
         })
         .map_err(|e| ApiError::Runtime(format!("error starting session shell. {e}")))?;
     let stdin = started
@@ -350,7 +351,16 @@ async fn run(
         let mut sink = sink;
         sink.send(&Event::text("init", session.id.clone(), now_ms()))
             .await;
-        run_in_shell(&app, &session, &command, cwd.as_deref(), timeout, sink).await;
+        run_in_shell(
+            &app,
+            &session,
+            &command,
+            cwd.as_deref(),
+            timeout,
+            sink,
+            Style::Session,
+        )
+        .await;
     });
     Ok(sse_response(rx))
 }
@@ -365,6 +375,55 @@ enum RunEnd {
     TimedOut,
 }
 
+/// How a run's output and end are reported.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Style {
+    /// `/session/{id}/run` (§6): one event per line without its terminator, empty lines
+    /// dropped, and exactly one terminal event.
+    Session,
+    /// A bash code context (`/code`, §5): lines keep their terminator, blank lines are kept,
+    /// and a failure is an `error` followed by `execution_complete`.
+    Code,
+}
+
+impl Session {
+    /// A session outside the `/session` registry, for a bash code context.
+    pub(crate) fn detached(cwd: PathBuf) -> Arc<Session> {
+        Arc::new(Session {
+            id: uuid::Uuid::new_v4().to_string(),
+            cwd: Mutex::new(cwd),
+            shell: tokio::sync::Mutex::new(None),
+            pgid: Mutex::new(None),
+        })
+    }
+
+    /// Whether a run is in progress.
+    pub(crate) fn is_busy(&self) -> bool {
+        self.shell.try_lock().is_err()
+    }
+
+    /// Interrupts the current run: SIGINT to the shell's process group.
+    pub(crate) fn interrupt(&self) {
+        let pid = match self.pgid.lock() {
+            Ok(g) => g.as_ref().map(|(p, _)| *p),
+            Err(p) => p.into_inner().as_ref().map(|(p, _)| *p),
+        };
+        if let Some(pid) = pid {
+            let _ = execbox_jail::process::signal_group(pid, libc::SIGINT);
+        }
+    }
+
+    /// Kills the shell (for good: used when the context is deleted).
+    pub(crate) fn kill(&self) {
+        self.kill_shell();
+    }
+}
+
+/// Runs `code` in a bash code context's shell, reporting in the code style.
+pub(crate) async fn run_code(app: &AppState, session: &Session, code: &str, sink: Sink) {
+    run_in_shell(app, session, code, None, DEFAULT_TIMEOUT, sink, Style::Code).await;
+}
+
 async fn run_in_shell(
     app: &AppState,
     session: &Session,
@@ -372,6 +431,7 @@ async fn run_in_shell(
     cwd: Option<&Path>,
     timeout: Duration,
     mut sink: Sink,
+    style: Style,
 ) {
     let started = Instant::now();
     let mut guard = session.shell.lock().await;
@@ -404,13 +464,13 @@ async fn run_in_shell(
     let end = if shell.stdin.write_all(line.as_bytes()).await.is_err() {
         RunEnd::ShellExited((&mut shell.exit).await.ok())
     } else {
-        stream_until_marker(shell, &nonce, started + timeout, &mut sink).await
+        stream_until_marker(shell, &nonce, started + timeout, &mut sink, style).await
     };
     let ts = now_ms();
     match end {
         RunEnd::Marker(code, pwd) => {
             session.set_cwd(pwd);
-            sink.send(&exit_event(code, started, ts)).await;
+            send_exit(&mut sink, code, started, ts, style).await;
         }
         RunEnd::ShellExited(info) => {
             *guard = None;
@@ -419,7 +479,7 @@ async fn run_in_shell(
                 Some(ExitInfo::Code(c)) => c,
                 _ => -1,
             };
-            sink.send(&exit_event(code, started, ts)).await;
+            send_exit(&mut sink, code, started, ts, style).await;
         }
         RunEnd::TimedOut => {
             *guard = None;
@@ -433,6 +493,15 @@ async fn run_in_shell(
             )
             .await;
         }
+    }
+}
+
+async fn send_exit(sink: &mut Sink, code: i32, started: Instant, ts: i64, style: Style) {
+    sink.send(&exit_event(code, started, ts)).await;
+    // Code streams always end with `execution_complete`, after an error too (§3.3).
+    if style == Style::Code && code != 0 {
+        sink.send(&Event::complete(started.elapsed().as_millis() as u64, ts))
+            .await;
     }
 }
 
@@ -475,12 +544,14 @@ async fn stream_until_marker(
     nonce: &str,
     deadline: Instant,
     sink: &mut Sink,
+    style: Style,
 ) -> RunEnd {
     let marker = format!("\u{1e}{nonce} ");
     let mut splitter = LineSplitter::default();
     let mut buf = vec![0u8; 64 * 1024];
     let mut lines = Vec::new();
     let mut ping = tokio::time::interval_at((Instant::now() + PING_EVERY).into(), PING_EVERY);
+    let mut held_blank = false;
     loop {
         tokio::select! {
             n = read_some(&mut shell.output, &mut buf) => match n {
@@ -488,6 +559,15 @@ async fn stream_until_marker(
                     splitter.feed(&buf[..n], &mut lines);
                     let mut end = None;
                     for line in lines.drain(..) {
+                        // The marker starts with a newline, which makes an empty line when the
+                        // output already ended with one: a code context holds an empty line
+                        // back until it knows the marker is not next.
+                        if style == Style::Code && line == "\n" {
+                            if std::mem::replace(&mut held_blank, true) {
+                                sink.send(&Event::text("stdout", "\n", now_ms())).await;
+                            }
+                            continue;
+                        }
                         if let Some(rest) = line.strip_prefix(&marker) {
                             let (code, pwd) = rest.split_once(' ').unwrap_or((rest, ""));
                             end = Some(RunEnd::Marker(
@@ -497,9 +577,11 @@ async fn stream_until_marker(
                             // Anything after the marker belongs to no run.
                             break;
                         }
-                        // Sessions drop empty lines (unlike /command).
-                        if line != "\n" {
-                            sink.send(&Event::text("stdout", line, now_ms())).await;
+                        if std::mem::take(&mut held_blank) {
+                            sink.send(&Event::text("stdout", "\n", now_ms())).await;
+                        }
+                        if let Some(text) = styled_line(line, style) {
+                            sink.send(&Event::text("stdout", text, now_ms())).await;
                         }
                     }
                     if let Some(end) = end {
@@ -510,8 +592,8 @@ async fn stream_until_marker(
                     shell.output = None;
                     let mut rest = Vec::new();
                     splitter.finish(&mut rest);
-                    for line in rest.into_iter().filter(|l| l != "\n") {
-                        sink.send(&Event::text("stdout", line, now_ms())).await;
+                    for text in rest.into_iter().filter_map(|l| styled_line(l, style)) {
+                        sink.send(&Event::text("stdout", text, now_ms())).await;
                     }
                     let info = tokio::time::timeout_at(deadline.into(), &mut shell.exit).await;
                     return match info {
@@ -523,6 +605,16 @@ async fn stream_until_marker(
             _ = sleep_until_opt(Some(deadline)) => return RunEnd::TimedOut,
             _ = ping.tick() => sink.send(&Event::text("ping", "pong", now_ms())).await,
         }
+    }
+}
+
+/// The event text of one output line: sessions drop empty lines (unlike `/command`); code
+/// contexts keep the terminator, as interpreters' output chunks do.
+fn styled_line(line: String, style: Style) -> Option<String> {
+    match style {
+        Style::Session => (line != "\n").then_some(line),
+        Style::Code if line == "\n" => Some(line),
+        Style::Code => Some(line + "\n"),
     }
 }
 

@@ -133,7 +133,12 @@ pub struct Launch {
     pub stderr: Stdio,
     /// Make standard input (a terminal) the controlling terminal of the new session.
     pub controlling_tty: bool,
+    /// Descriptors the program inherits as 3, 4, … (everything else above 2 is closed on exec).
+    pub inherit_fds: Vec<OwnedFd>,
 }
+
+/// Most descriptors a [`Launch`] can pass on (fixed, so the child needs no allocation).
+pub const MAX_INHERITED_FDS: usize = 8;
 
 /// The kernel's highest capability number.
 pub fn last_capability() -> u32 {
@@ -164,11 +169,16 @@ impl Launch {
         let fence = self.fence;
         let last_cap = self.last_cap;
         let controlling_tty = self.controlling_tty;
+        let inherit: Vec<RawFd> = self.inherit_fds.iter().map(AsRawFd::as_raw_fd).collect();
+        let inherit_fds = self.inherit_fds;
+        // Copies are first made above every number the program will see, so that moving them
+        // down to 3, 4, … cannot overwrite one not yet moved.
+        let staging_floor = 3 + inherit.len() as RawFd + inherit.iter().copied().max().unwrap_or(0);
         // SAFETY: the closure runs between fork and exec and only makes raw syscalls on data
         // prepared before the fork (no allocation, no locks).
         unsafe {
             cmd.pre_exec(move || {
-                let _keep_open = &cgroup_fds;
+                let _keep_open = (&cgroup_fds, &inherit_fds);
                 sys::setsid().map_err(errno_to_io)?;
                 if controlling_tty {
                     sys::set_controlling_tty(0).map_err(errno_to_io)?;
@@ -193,7 +203,18 @@ impl Launch {
                 if let Some(fence) = &fence {
                     fence.restrict_raw().map_err(errno_to_io)?;
                 }
-                sys::cloexec_from(3).map_err(errno_to_io)?;
+                let mut staged = [0 as RawFd; MAX_INHERITED_FDS];
+                if inherit.len() > MAX_INHERITED_FDS {
+                    return Err(errno_to_io(libc::EINVAL));
+                }
+                for (slot, fd) in staged.iter_mut().zip(&inherit) {
+                    *slot = sys::dup_above(*fd, staging_floor).map_err(errno_to_io)?;
+                }
+                for (i, fd) in staged.iter().take(inherit.len()).enumerate() {
+                    // dup2 clears close-on-exec on the new number.
+                    sys::dup2(*fd, 3 + i as RawFd).map_err(errno_to_io)?;
+                }
+                sys::cloexec_from(3 + inherit.len() as RawFd).map_err(errno_to_io)?;
                 Ok(())
             });
         }

@@ -19,6 +19,13 @@ pub const SANDBOX_GID: u32 = 1000;
 pub const SANDBOX_HOME: &str = "/home/user";
 /// Directory inside the sandbox that holds the interpreter links put first on `PATH`.
 pub const RUNTIME_BIN_DIR: &str = "/opt/execbox/bin";
+/// The entrypoint of OpenSandbox's code-interpreter image, which its SDK README passes.
+pub const CODE_INTERPRETER_ENTRYPOINT: &str = "/opt/opensandbox/code-interpreter.sh";
+/// Its content here: the agent starts interpreters on demand, so the entrypoint has nothing to
+/// start and only keeps running, as upstream's does.
+const CODE_INTERPRETER_SCRIPT: &str = "#!/bin/sh\n\
+# execbox: interpreters are started by the sandbox agent when a code context needs one.\n\
+exec sleep infinity\n";
 /// Directory inside the sandbox for the agent's private data (command logs and the like).
 pub const AGENT_DATA_DIR: &str = "/run/execbox";
 /// `PATH` of processes started inside the sandbox.
@@ -282,6 +289,12 @@ impl RootfsPlan {
         for rt in &self.runtimes {
             link(&rt.executable, &bin.join(&rt.name))?;
         }
+        let entrypoint = inside(root, Path::new(CODE_INTERPRETER_ENTRYPOINT));
+        if let Some(parent) = entrypoint.parent() {
+            dir(parent)?;
+        }
+        fs::write(&entrypoint, CODE_INTERPRETER_SCRIPT)?;
+        fs::set_permissions(&entrypoint, fs::Permissions::from_mode(0o755))?;
         Ok(())
     }
 
@@ -372,7 +385,8 @@ impl RootfsPlan {
                 format!("size={size},mode={mode},uid={},gid={}", owner.0, owner.1),
             );
         }
-        // The agent's private data: root-only, inside the sandbox's own memory budget.
+        // The agent's private data: root-only (the agent opens it to traversal for its kernel
+        // scripts), inside the sandbox's own memory budget.
         mount(
             &mut ops,
             "tmpfs",

@@ -1,0 +1,526 @@
+//! Kernels: one interpreter process per code context, driven over a private control channel.
+//!
+//! A kernel is started as the sandbox user with stdout and stderr on pipes (the program's own
+//! output, streamed as produced) and a unix socketpair on fd 3 carrying newline-delimited JSON:
+//! the agent sends `{"op":"execute","code":…}`, the kernel answers `ready` once at start, then
+//! per execution any number of `display` and one optional `result`, an optional `error`, and
+//! `done`. The kernel flushes its output before each message, and the agent drains the output
+//! pipes before handling one, which keeps output and results in order.
+//!
+//! The kernel scripts are part of the agent binary and written to [`KERNEL_DIR`] at start.
+
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use execbox_jail::cgroup::ExecLeaf;
+use execbox_jail::process::ExitInfo;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::pipe;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::mpsc;
+
+use crate::runner::{Input, Output, RunSpec, Runner};
+use crate::sse::pipe_reader;
+
+/// Where the kernel scripts are written inside the sandbox (agent-owned, read-only to users).
+pub const KERNEL_DIR: &str = "/run/execbox/kernels";
+
+const PYTHON_KERNEL: &str = include_str!("../kernels/python_kernel.py");
+const JS_KERNEL: &str = include_str!("../kernels/js_kernel.js");
+const JAVA_KERNEL: &str = include_str!("../kernels/JavaKernel.java");
+
+/// After SIGINT for a timeout, how long the kernel has to finish the execution before it is
+/// killed and restarted.
+const INTERRUPT_GRACE: Duration = Duration::from_secs(2);
+
+/// Languages with a kernel process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KernelLanguage {
+    /// CPython.
+    Python,
+    /// Node, or Bun when installed.
+    JavaScript,
+    /// Bun with its TypeScript transpiler.
+    TypeScript,
+    /// jshell's API in a JVM.
+    Java,
+}
+
+/// Writes the kernel scripts to [`KERNEL_DIR`].
+pub fn install_scripts() -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    // The agent's data directory is traversable (not listable) so that user processes can
+    // reach the kernel scripts; everything else in it is private to the agent.
+    std::fs::set_permissions(
+        execbox_jail::rootfs::AGENT_DATA_DIR,
+        std::fs::Permissions::from_mode(0o711),
+    )?;
+    std::fs::create_dir_all(KERNEL_DIR)?;
+    std::fs::set_permissions(KERNEL_DIR, std::fs::Permissions::from_mode(0o755))?;
+    for (name, text) in [
+        ("python_kernel.py", PYTHON_KERNEL),
+        ("js_kernel.js", JS_KERNEL),
+        ("JavaKernel.java", JAVA_KERNEL),
+    ] {
+        let path = Path::new(KERNEL_DIR).join(name);
+        std::fs::write(&path, text)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))?;
+    }
+    Ok(())
+}
+
+/// The first executable called `name` on the sandbox's `PATH`.
+pub fn find_program(name: &str, env: &[(String, String)]) -> Option<PathBuf> {
+    let path = env
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.as_str())
+        .unwrap_or(execbox_jail::rootfs::SANDBOX_PATH);
+    path.split(':')
+        .map(|dir| Path::new(dir).join(name))
+        .find(|p| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}
+
+impl KernelLanguage {
+    /// The command line of this language's kernel, or why it cannot run here.
+    pub fn argv(self, env: &[(String, String)]) -> Result<Vec<String>, String> {
+        let need = |name: &str| {
+            find_program(name, env)
+                .map(|p| p.to_string_lossy().into_owned())
+                .ok_or_else(|| format!("{name} is not installed in this sandbox"))
+        };
+        let script = |name: &str| format!("{KERNEL_DIR}/{name}");
+        Ok(match self {
+            KernelLanguage::Python => {
+                vec![need("python3")?, "-u".into(), script("python_kernel.py")]
+            }
+            KernelLanguage::JavaScript => {
+                let runtime = need("bun").or_else(|_| need("node"))?;
+                vec![runtime, script("js_kernel.js"), "javascript".into()]
+            }
+            KernelLanguage::TypeScript => vec![
+                need("bun").map_err(|_| {
+                    "typescript needs bun, which is not installed in this sandbox".to_string()
+                })?,
+                script("js_kernel.js"),
+                "typescript".into(),
+            ],
+            KernelLanguage::Java => {
+                need("jshell")?;
+                vec![need("java")?, script("JavaKernel.java")]
+            }
+        })
+    }
+
+    fn start_deadline(self) -> Duration {
+        match self {
+            // The JVM compiles the kernel source at start.
+            KernelLanguage::Java => Duration::from_secs(60),
+            _ => Duration::from_secs(20),
+        }
+    }
+}
+
+/// What an execution produces, in order.
+#[derive(Debug, Clone)]
+pub enum KernelOutput {
+    /// Program output on stdout (a chunk, terminators kept).
+    Stdout(String),
+    /// Program output on stderr.
+    Stderr(String),
+    /// A rich display output (MIME bundle).
+    Display(Map<String, Value>),
+    /// The value of the trailing expression.
+    Result {
+        /// Execution counter.
+        execution_count: u64,
+        /// MIME bundle.
+        data: Map<String, Value>,
+    },
+    /// An exception.
+    Error {
+        /// Exception name.
+        ename: String,
+        /// Exception message.
+        evalue: String,
+        /// Traceback lines.
+        traceback: Vec<String>,
+    },
+    /// The execution ended.
+    Done {
+        /// Execution counter.
+        execution_count: u64,
+    },
+    /// The execution passed its timeout (it was interrupted, or the kernel restarted).
+    TimedOut {
+        /// True when the kernel had to be killed (state lost).
+        restarted: bool,
+    },
+    /// The kernel died during the execution; its state is lost.
+    Died(String),
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "ev", rename_all = "lowercase")]
+enum Message {
+    Ready,
+    Display {
+        #[serde(default)]
+        data: Map<String, Value>,
+    },
+    Result {
+        #[serde(default)]
+        execution_count: u64,
+        #[serde(default)]
+        data: Map<String, Value>,
+    },
+    Error {
+        #[serde(default)]
+        ename: String,
+        #[serde(default)]
+        evalue: String,
+        #[serde(default)]
+        traceback: Vec<String>,
+    },
+    Done {
+        #[serde(default)]
+        execution_count: u64,
+    },
+    Fatal {
+        #[serde(default)]
+        message: String,
+    },
+}
+
+/// The next control message; `None` at EOF (the kernel is gone).
+async fn read_message(reader: &mut BufReader<OwnedReadHalf>) -> Option<Message> {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        match reader.read_line(&mut line).await {
+            Ok(0) | Err(_) => return None,
+            Ok(_) => match serde_json::from_str::<Message>(line.trim_end()) {
+                Ok(m) => return Some(m),
+                Err(e) => tracing::debug!(error = %e, "unreadable kernel message"),
+            },
+        }
+    }
+}
+
+/// A running kernel process.
+pub struct Kernel {
+    pid: i32,
+    leaf: Option<Arc<ExecLeaf>>,
+    out: Option<pipe::Receiver>,
+    err: Option<pipe::Receiver>,
+    ctl_read: BufReader<OwnedReadHalf>,
+    ctl_write: OwnedWriteHalf,
+    exit: tokio::sync::oneshot::Receiver<ExitInfo>,
+}
+
+/// Process group and cgroup of a kernel, kept outside the kernel's lock so that interrupt and
+/// delete work while it executes.
+#[derive(Clone)]
+pub struct KernelHandle {
+    /// Pid (and process group).
+    pub pid: i32,
+    leaf: Option<Arc<ExecLeaf>>,
+}
+
+impl KernelHandle {
+    /// SIGINT to the kernel's process group (interrupts the running execution).
+    pub fn interrupt(&self) {
+        let _ = execbox_jail::process::signal_group(self.pid, libc::SIGINT);
+    }
+
+    /// Kills the kernel and everything it started; its cgroup leaf goes too.
+    pub fn kill(&self) {
+        let _ = execbox_jail::process::signal_group(self.pid, libc::SIGKILL);
+        if let Some(leaf) = self.leaf.clone() {
+            tokio::task::spawn_blocking(move || {
+                let _ = leaf.kill_all();
+                let _ = leaf.remove();
+            });
+        }
+    }
+}
+
+/// Errors of starting a kernel.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    /// The runtime is missing.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The process could not start or did not become ready.
+    #[error("kernel failed to start: {0}")]
+    Start(String),
+}
+
+impl Kernel {
+    /// Starts a kernel and waits until it is ready.
+    pub async fn start(
+        runner: &Runner,
+        language: KernelLanguage,
+        cwd: &Path,
+        extra_env: Vec<(String, String)>,
+    ) -> Result<(Kernel, KernelHandle), KernelError> {
+        let env = runner.env_with(&extra_env);
+        let argv = language.argv(&env).map_err(KernelError::Unavailable)?;
+        let (agent_end, kernel_end) = std::os::unix::net::UnixStream::pair()
+            .map_err(|e| KernelError::Start(e.to_string()))?;
+        let started = runner
+            .start(RunSpec {
+                argv,
+                cwd,
+                extra_env,
+                creds: None,
+                groups: Vec::new(),
+                output: Output::Pipes,
+                input: Input::Null,
+                controlling_tty: false,
+                inherit_fds: vec![OwnedFd::from(kernel_end)],
+            })
+            .map_err(|e| KernelError::Start(e.to_string()))?;
+        let leaf = started.leaf.map(Arc::new);
+        let handle = KernelHandle {
+            pid: started.pid,
+            leaf: leaf.clone(),
+        };
+        let fail = |handle: &KernelHandle, msg: String| {
+            handle.kill();
+            KernelError::Start(msg)
+        };
+        agent_end
+            .set_nonblocking(true)
+            .map_err(|e| fail(&handle, e.to_string()))?;
+        let ctl = tokio::net::UnixStream::from_std(agent_end)
+            .map_err(|e| fail(&handle, e.to_string()))?;
+        let (read, write) = ctl.into_split();
+        let mut kernel = Kernel {
+            pid: started.pid,
+            leaf,
+            out: pipe_reader(started.stdout),
+            err: pipe_reader(started.stderr),
+            ctl_read: BufReader::new(read),
+            ctl_write: write,
+            exit: started.exit,
+        };
+        let deadline = Instant::now() + language.start_deadline();
+        loop {
+            let line =
+                tokio::time::timeout_at(deadline.into(), read_message(&mut kernel.ctl_read)).await;
+            match line {
+                Ok(Some(Message::Ready)) => return Ok((kernel, handle)),
+                Ok(Some(Message::Fatal { message })) => return Err(fail(&handle, message)),
+                Ok(Some(_)) => continue,
+                Ok(None) => {
+                    let stderr = kernel.drain_stderr();
+                    return Err(fail(
+                        &handle,
+                        format!("the interpreter exited during start. {}", stderr.trim()),
+                    ));
+                }
+                Err(_) => return Err(fail(&handle, "the interpreter did not become ready".into())),
+            }
+        }
+    }
+
+    fn drain_stderr(&mut self) -> String {
+        let mut text = Vec::new();
+        if let Some(err) = &self.err {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = err.try_read(&mut buf) {
+                if n == 0 || text.len() > 16 * 1024 {
+                    break;
+                }
+                text.extend_from_slice(&buf[..n]);
+            }
+        }
+        String::from_utf8_lossy(&text).into_owned()
+    }
+
+    /// Runs `code`, sending what it produces to `out`. Returns false when the kernel is no
+    /// longer usable (died, or killed after a timeout).
+    pub async fn execute(
+        &mut self,
+        code: &str,
+        timeout: Option<Duration>,
+        out: &mpsc::Sender<KernelOutput>,
+    ) -> bool {
+        let request = serde_json::json!({ "op": "execute", "code": code });
+        let mut line = request.to_string();
+        line.push('\n');
+        if self.ctl_write.write_all(line.as_bytes()).await.is_err() {
+            let _ = out
+                .send(KernelOutput::Died("the interpreter is gone".into()))
+                .await;
+            return false;
+        }
+        let mut stdout = Utf8Chunks::default();
+        let mut stderr = Utf8Chunks::default();
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut ebuf = vec![0u8; 64 * 1024];
+        let mut deadline = timeout.map(|t| Instant::now() + t);
+        let mut interrupted = false;
+        loop {
+            tokio::select! {
+                n = crate::sse::read_some(&mut self.out, &mut buf) => match n {
+                    Some(n) => send_text(out, &mut stdout, &buf[..n], KernelOutput::Stdout).await,
+                    None => self.out = None,
+                },
+                n = crate::sse::read_some(&mut self.err, &mut ebuf) => match n {
+                    Some(n) => send_text(out, &mut stderr, &ebuf[..n], KernelOutput::Stderr).await,
+                    None => self.err = None,
+                },
+                msg = read_message(&mut self.ctl_read) => {
+                    // Output written before the message is in the pipes now.
+                    self.drain_output(out, &mut stdout, &mut stderr, &mut buf).await;
+                    let Some(msg) = msg else {
+                        let why = match tokio::time::timeout(Duration::from_millis(200), &mut self.exit).await {
+                            Ok(Ok(ExitInfo::Code(c))) => format!("the interpreter exited with code {c}"),
+                            Ok(Ok(ExitInfo::Signal(s))) => format!("the interpreter was killed by signal {s}"),
+                            _ => "the interpreter is gone".to_string(),
+                        };
+                        let _ = out.send(KernelOutput::Died(why)).await;
+                        return false;
+                    };
+                    let item = match msg {
+                        Message::Display { data } => KernelOutput::Display(data),
+                        Message::Result { execution_count, data } => KernelOutput::Result { execution_count, data },
+                        Message::Error { ename, evalue, traceback } => KernelOutput::Error { ename, evalue, traceback },
+                        Message::Done { execution_count } => {
+                            if interrupted {
+                                let _ = out.send(KernelOutput::TimedOut { restarted: false }).await;
+                            }
+                            let _ = out.send(KernelOutput::Done { execution_count }).await;
+                            return true;
+                        }
+                        Message::Ready | Message::Fatal { .. } => continue,
+                    };
+                    if out.send(item).await.is_err() {
+                        // Nobody listens any more; the execution still runs to its end.
+                        tracing::debug!("execution output dropped");
+                    }
+                },
+                _ = crate::sse::sleep_until_opt(deadline) => {
+                    if interrupted {
+                        self.kill();
+                        let _ = out.send(KernelOutput::TimedOut { restarted: true }).await;
+                        return false;
+                    }
+                    interrupted = true;
+                    let _ = execbox_jail::process::signal_group(self.pid, libc::SIGINT);
+                    deadline = Some(Instant::now() + INTERRUPT_GRACE);
+                }
+            }
+        }
+    }
+
+    async fn drain_output(
+        &mut self,
+        out: &mpsc::Sender<KernelOutput>,
+        stdout: &mut Utf8Chunks,
+        stderr: &mut Utf8Chunks,
+        buf: &mut [u8],
+    ) {
+        for (pipe, chunks, is_err) in [(&self.out, stdout, false), (&self.err, stderr, true)] {
+            let Some(pipe) = pipe else { continue };
+            while let Ok(n) = pipe.try_read(buf) {
+                if n == 0 {
+                    break;
+                }
+                let kind = if is_err {
+                    KernelOutput::Stderr
+                } else {
+                    KernelOutput::Stdout
+                };
+                send_text(out, chunks, &buf[..n], kind).await;
+            }
+        }
+    }
+
+    fn kill(&self) {
+        KernelHandle {
+            pid: self.pid,
+            leaf: self.leaf.clone(),
+        }
+        .kill();
+    }
+}
+
+async fn send_text(
+    out: &mpsc::Sender<KernelOutput>,
+    chunks: &mut Utf8Chunks,
+    bytes: &[u8],
+    kind: fn(String) -> KernelOutput,
+) {
+    if let Some(text) = chunks.push(bytes) {
+        let _ = out.send(kind(text)).await;
+    }
+}
+
+/// Turns a byte stream into UTF-8 text chunks without splitting a character across chunks.
+#[derive(Default)]
+struct Utf8Chunks {
+    carry: Vec<u8>,
+}
+
+impl Utf8Chunks {
+    fn push(&mut self, bytes: &[u8]) -> Option<String> {
+        self.carry.extend_from_slice(bytes);
+        let valid = match std::str::from_utf8(&self.carry) {
+            Ok(_) => self.carry.len(),
+            // An incomplete character at the end waits for the next chunk; invalid bytes
+            // elsewhere are replaced.
+            Err(e) if e.error_len().is_none() => e.valid_up_to(),
+            Err(_) => self.carry.len(),
+        };
+        if valid == 0 {
+            return None;
+        }
+        let rest = self.carry.split_off(valid);
+        let text = String::from_utf8_lossy(&self.carry).into_owned();
+        self.carry = rest;
+        Some(text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utf8_chunks_never_split_a_character() {
+        let mut c = Utf8Chunks::default();
+        let snow = "☃".as_bytes();
+        assert_eq!(c.push(&snow[..1]), None);
+        assert_eq!(c.push(&snow[1..]).as_deref(), Some("☃"));
+        assert_eq!(c.push(b"a\xffb").as_deref(), Some("a\u{fffd}b"));
+    }
+
+    #[test]
+    fn messages_parse() {
+        let m: Message = serde_json::from_str(
+            r#"{"ev":"result","execution_count":2,"data":{"text/plain":"4"}}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            m,
+            Message::Result {
+                execution_count: 2,
+                ..
+            }
+        ));
+        let m: Message =
+            serde_json::from_str(r#"{"ev":"done","execution_count":1,"ok":true}"#).unwrap();
+        assert!(matches!(m, Message::Done { execution_count: 1 }));
+    }
+}
