@@ -1,6 +1,6 @@
 """execbox Python kernel: runs the code cells of one code context.
 
-Started by execbox-agent as `python3 -u python_kernel.py` with stdout/stderr on pipes (the
+Started by execbox-agent as `python3 -S python_kernel.py` with stdout/stderr on pipes (the
 program's own output) and fd 3 = a unix stream socket carrying newline-delimited JSON:
 
   agent -> kernel  {"op":"execute","code":"..."}            (one at a time)
@@ -14,24 +14,118 @@ stdout and stderr are flushed before every control message, so the agent, which 
 pipes before handling a message, keeps output and messages in order. SIGINT interrupts the
 running cell (KeyboardInterrupt) and is ignored while idle. EOF on fd 3 ends the kernel.
 
-Only cheap modules are imported at start: context creation has to stay fast and idle kernels
-small. Everything else (matplotlib, IPython, asyncio, traceback) is imported when needed.
+Startup has to stay fast (context creation) and idle kernels small, so only C modules are
+imported at start: the C halves of json, ast and signal (their Python halves pull in re and
+enum, ~12 ms), no socket module. linecache, traceback, matplotlib, IPython and asyncio are
+imported when needed.
 """
 
 import sys
 import os
-import json
-import ast
-import signal
-import linecache
 import builtins
 import _thread
+
+
+def _add_site_directories():
+    """Started with -S: the host's Python may carry .pth hooks that run at every start (one
+    seen here imports certifi: +28 ms and +4 MiB per kernel). The kernel adds the user and
+    global site directories itself and honours the path lines of .pth files, not their
+    import lines."""
+    if not sys.flags.no_site:
+        return
+    import site  # with -S, importing site does not run site.main()
+
+    dirs = []
+    if site.check_enableusersite():
+        dirs.append(site.getusersitepackages())
+    dirs.extend(site.getsitepackages())
+    for d in dirs:
+        if not os.path.isdir(d) or d in sys.path:
+            continue
+        sys.path.append(d)
+        try:
+            names = sorted(n for n in os.listdir(d) if n.endswith(".pth"))
+        except OSError:
+            continue
+        for name in names:
+            try:
+                with open(os.path.join(d, name), encoding="utf-8") as f:
+                    lines = f.read().splitlines()
+            except (OSError, UnicodeDecodeError):
+                continue
+            for line in lines:
+                line = line.strip()
+                if not line or line.startswith(("#", "import ", "import\t")):
+                    continue
+                path = os.path.join(d, line)
+                if os.path.isdir(path) and path not in sys.path:
+                    sys.path.append(path)
+
+
+_add_site_directories()
+# Line-buffered output: a print() reaches the agent as one chunk ("4\n", not "4" then "\n"),
+# still line by line while a cell runs; the kernel flushes before every control message.
+try:
+    sys.stdout.reconfigure(line_buffering=True)
+    sys.stderr.reconfigure(line_buffering=True)
+except (AttributeError, ValueError):
+    pass
+
+try:
+    import _signal as signal  # what signal.py wraps (minus enums)
+except ImportError:
+    import signal
+try:
+    import _ast as ast  # parse/compile flags and node classes; ast.py adds enum, contextlib
+except ImportError:
+    import ast
 
 _CTRL_FD = 3
 _KERNEL_FILE = sys._getframe().f_code.co_filename
 _CO_COROUTINE = 0x80  # inspect.CO_COROUTINE: the cell used top-level await
 _CO_FUTURE_ANNOTATIONS = 0x1000000  # __future__.annotations: persists across cells, as in Jupyter
+_PyCF_ONLY_AST = ast.PyCF_ONLY_AST
 _PyCF_TLA = getattr(ast, "PyCF_ALLOW_TOP_LEVEL_AWAIT", 0)
+
+
+def _unserializable(obj):
+    raise TypeError("%s is not JSON serializable" % type(obj).__name__)
+
+
+try:
+    # json's C scanner and encoder, used directly: json/decoder.py and json/encoder.py import
+    # re at load. The context object carries what json.JSONDecoder would give the scanner.
+    from _json import make_scanner as _make_scanner, make_encoder as _make_encoder
+    from _json import encode_basestring as _encode_str
+
+    class _JsonContext:
+        strict = True
+        object_hook = None
+        object_pairs_hook = None
+        parse_float = float
+        parse_int = int
+        parse_constant = {"NaN": float("nan"), "Infinity": float("inf"),
+                          "-Infinity": float("-inf")}.__getitem__
+
+    _scan = _make_scanner(_JsonContext())
+
+    def _loads(text):
+        return _scan(text.strip(), 0)[0]
+
+    def _json_encoder(check_circular):
+        # allow_nan=False: NaN is not JSON, and the agent's parser would reject the line.
+        encode = _make_encoder({} if check_circular else None, _unserializable, _encode_str,
+                               None, ":", ",", False, False, False)
+        return lambda obj: "".join(encode(obj, 0))
+
+except ImportError:  # not CPython: the plain json module
+    import json
+
+    _loads = json.loads
+
+    def _json_encoder(check_circular):
+        return json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False,
+                                check_circular=check_circular).encode
 
 # Matplotlib must never try a GUI backend in a sandbox. Set before user code can import it.
 os.environ["MPLBACKEND"] = "Agg"
@@ -42,7 +136,7 @@ os.environ["MPLBACKEND"] = "Agg"
 # enum) costs milliseconds of startup. The fd must not leak into programs the user starts.
 os.set_inheritable(_CTRL_FD, False)
 _ctrl_in = open(_CTRL_FD, "rb", buffering=65536, closefd=False)
-_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_encode = _json_encoder(False)  # messages are trees; user JSON values are checked before
 _send_lock = _thread.allocate_lock()  # user threads may call display() too
 _main_thread = _thread.get_ident()
 
@@ -105,7 +199,8 @@ _user_ns["__builtins__"] = builtins
 sys.modules["__main__"] = _user_module
 sys.argv = [""]
 # Imports resolve from the context's directory (cwd) like in Jupyter, not from the kernel's.
-if sys.path and sys.path[0] == os.path.dirname(_KERNEL_FILE):
+# (Not there under -P / PYTHONSAFEPATH, hence the check.)
+if sys.path and os.path.realpath(sys.path[0]) == os.path.dirname(os.path.realpath(_KERNEL_FILE)):
     sys.path[0] = ""
 
 
@@ -126,6 +221,33 @@ class _Exit:
 
 builtins.exit = _Exit("exit")
 builtins.quit = _Exit("quit")
+
+# --- cell sources -----------------------------------------------------------------------------
+
+# Cell sources for linecache, so that tracebacks, warnings and inspect show the cells' lines.
+# linecache (and tokenize, re) is only imported by whoever needs it, e.g. the first traceback;
+# until then the entries wait here. mtime None: linecache.checkcache() leaves them alone.
+_linecache = None
+_pending_sources = {}
+
+
+def _adopt_linecache(module):
+    global _linecache
+    module.cache.update(_pending_sources)
+    _pending_sources.clear()
+    _linecache = module
+
+
+def _register_source(filename, src):
+    entry = (len(src), None, src.splitlines(True), filename)
+    if _linecache is None:
+        module = sys.modules.get("linecache")
+        if module is None:
+            _pending_sources[filename] = entry
+            return
+        _adopt_linecache(module)
+    _linecache.cache[filename] = entry
+
 
 # --- rich output ------------------------------------------------------------------------------
 
@@ -174,9 +296,9 @@ def _normalize(mime, value):
             return _b64(value)
         return value if isinstance(value, str) else None  # str: already base64
     if mime == "application/json" or mime.endswith("+json"):
-        try:  # must survive serialisation (and NaN is not JSON)
-            json.dumps(value, allow_nan=False)
-        except (TypeError, ValueError):
+        try:  # must survive serialisation (cycles, NaN and odd types are not JSON)
+            _json_encoder(True)(value)
+        except (TypeError, ValueError, RecursionError):
             return None
         return value
     if isinstance(value, (bytes, bytearray)):
@@ -248,7 +370,14 @@ def _bundle(obj):
                 v = _normalize(str(mime), v)
                 if v is not None:
                     data[str(mime)] = v
-    if not rich:
+    # IPython's formatters only for objects they can do more for (_repr_pretty_), or once
+    # IPython is loaded anyway: importing it costs ~280 ms and ~36 MB.
+    if not rich and (
+        _ipython_formatter
+        or "IPython" in sys.modules
+        or _safe_getattr(obj, "_repr_pretty_") is not None
+        or _safe_getattr(obj, "_ipython_display_") is not None
+    ):
         formatted = _format_with_ipython(obj)
         if formatted:
             data.update(formatted)
@@ -256,7 +385,7 @@ def _bundle(obj):
 
 
 def _format_with_ipython(obj):
-    """IPython's formatters for objects without rich reprs, when IPython is installed."""
+    """IPython's formatters (pretty printer, _ipython_display_), when IPython is installed."""
     global _ipython_formatter
     if _ipython_formatter is None:
         try:  # heavy: imported once, and only for objects that may need it
@@ -307,6 +436,13 @@ def display(*objs, include=None, exclude=None, raw=False, **kwargs):
 
 builtins.display = display
 
+
+def _patch_ipython_display(module):
+    # Outside an IPython shell, IPython.display.display() only prints; notebook code that
+    # imports it gets this kernel's display() instead (IPython.display re-exports it).
+    module.display = display
+
+
 # --- matplotlib -------------------------------------------------------------------------------
 
 _pyplot = None  # matplotlib.pyplot, once user code imported it (and it is patched)
@@ -349,14 +485,17 @@ def _flush_figures():
         _pyplot.close("all")
 
 
-class _PyplotHook:
-    """Meta path finder that patches matplotlib.pyplot as soon as it is imported, so that a
-    plt.show() in the very cell that imports it already displays (in output order).
+class _PostImportHook:
+    """Meta path finder that adjusts a few modules as soon as they are loaded: matplotlib.pyplot
+    (so that plt.show() in the very cell that imports it already displays, in output order),
+    linecache (gets the cell sources) and IPython's display(). Per-cell checks of sys.modules
+    are the fallback for the first two.
 
-    It costs one cheap call per first import of a module; matplotlib is never imported by it."""
+    It costs one cheap call per first import of a module and imports nothing itself."""
 
     def find_spec(self, name, path=None, target=None):
-        if name != "matplotlib.pyplot":
+        hook = _POST_IMPORT.get(name)
+        if hook is None:
             return None
         for finder in sys.meta_path:
             find = getattr(finder, "find_spec", None)
@@ -367,22 +506,30 @@ class _PyplotHook:
                 break
         else:
             return None
-        exec_module = getattr(spec.loader, "exec_module", None)
-        if exec_module is None:
+        loader = spec.loader
+        exec_module = getattr(loader, "exec_module", None)
+        # Only per-module loader instances are patched (never a shared loader class).
+        if exec_module is None or isinstance(loader, type):
             return spec
 
-        def exec_and_patch(module):
+        def exec_and_hook(module):
             exec_module(module)
-            _patch_pyplot(module)
+            hook(module)
 
-        try:  # loaders are per-module instances, so this affects pyplot only
-            spec.loader.exec_module = exec_and_patch
+        try:
+            loader.exec_module = exec_and_hook
         except Exception:
-            pass  # _check_pyplot() still patches it after the cell
+            pass
         return spec
 
 
-sys.meta_path.insert(0, _PyplotHook())
+_POST_IMPORT = {
+    "matplotlib.pyplot": _patch_pyplot,
+    "linecache": _adopt_linecache,
+    "IPython.core.display_functions": _patch_ipython_display,  # IPython >= 7.23
+    "IPython.core.display": _patch_ipython_display,  # older IPython defines display() here
+}
+sys.meta_path.insert(0, _PostImportHook())
 
 # --- execution --------------------------------------------------------------------------------
 
@@ -412,7 +559,7 @@ def _compile(node, filename, mode):
 
 
 def _run_cell(src, filename, n):
-    tree = ast.parse(src, filename)
+    tree = compile(src, filename, "exec", _PyCF_ONLY_AST, True)  # = ast.parse
     body = tree.body
     if not body or not isinstance(body[-1], ast.Expr):
         _run(_compile(tree, filename, "exec"))
@@ -470,9 +617,7 @@ def _execute(src):
     _count += 1
     n = _count
     filename = "<cell-%d>" % n
-    # Registered so that tracebacks, warnings and inspect show the cell's lines. mtime None:
-    # linecache.checkcache() leaves the entry alone.
-    linecache.cache[filename] = (len(src), None, src.splitlines(True), filename)
+    _register_source(filename, src)
     _check_pyplot()
     _figures_shown.clear()
     ok = True
@@ -515,7 +660,7 @@ def _main():
     signal.signal(signal.SIGINT, _on_sigint)
     _send({"ev": "ready", "language": "python", "version": "%d.%d.%d" % sys.version_info[:3]})
     readline = _ctrl_in.readline
-    loads = json.loads
+    loads = _loads
     while True:
         try:
             line = readline()
@@ -524,8 +669,8 @@ def _main():
         if not line:
             break  # EOF: the agent closed the channel
         try:
-            req = loads(line)
-        except ValueError:
+            req = loads(line.decode("utf-8", "replace"))
+        except Exception:  # StopIteration or ValueError: not JSON
             continue
         if isinstance(req, dict) and req.get("op") == "execute":
             code = req.get("code")

@@ -99,8 +99,9 @@ impl KernelLanguage {
         };
         let script = |name: &str| format!("{KERNEL_DIR}/{name}");
         Ok(match self {
+            // -S: the kernel adds the site directories itself, without running .pth hooks.
             KernelLanguage::Python => {
-                vec![need("python3")?, "-u".into(), script("python_kernel.py")]
+                vec![need("python3")?, "-S".into(), script("python_kernel.py")]
             }
             KernelLanguage::JavaScript => {
                 let runtime = need("bun").or_else(|_| need("node"))?;
