@@ -425,6 +425,11 @@ function rewrite(src, forceAsync) {
     stmts.some(([s]) => isStaticImport(toks, s));
   const edits = []; // [pos, deleteLength, insertText]
   const hoist = [];
+  if (!MAIN_LOADER) {
+    toks.forEach((tk, i) => {
+      if (isId(tk, 'import') && isP(toks[i + 1], '(') && !isP(toks[i - 1], '.')) edits.push([tk.s, tk.e - tk.s, '__execbox_import']);
+    });
+  }
   for (let k = 0; k < stmts.length; k++) {
     const [s, e0] = stmts[k];
     const e = isP(toks[e0 - 1], ';') && e0 - 1 > s ? e0 - 1 : e0; // without the `;`
@@ -501,8 +506,20 @@ function rewrite(src, forceAsync) {
 let transpile = null;
 if (mode === 'typescript') {
   if (isBun) {
-    const t = new Bun.Transpiler({ loader: 'ts', trimUnusedImports: false });
-    transpile = (code) => t.transformSync(code);
+    const t = new Bun.Transpiler({ loader: 'ts', trimUnusedImports: false, deadCodeElimination: false });
+    transpile = (code) => {
+      try {
+        return t.transformSync(code);
+      } catch (e) {
+        // bun reports a BuildMessage (with the position); it is a syntax error of the cell.
+        const pos = e && e.position;
+        const err = new SyntaxError(String((e && e.message) || e));
+        err.stack = pos ? `cell:${pos.line}:${pos.column}\n${pos.lineText}\n${' '.repeat(Math.max(0, pos.column - 1))}^\n` +
+          `SyntaxError: ${err.message}` : `SyntaxError: ${err.message}`;
+        err.fromTranspiler = true;
+        throw err;
+      }
+    };
   } else if (typeof Module.stripTypeScriptTypes === 'function') {
     transpile = (code) => Module.stripTypeScriptTypes(code, { mode: 'transform' });
   } else {
@@ -511,13 +528,28 @@ if (mode === 'typescript') {
   }
 }
 
-const scripts = []; // kept alive: node 20 loses importModuleDynamically of collected scripts
+const scripts = []; // kept alive: a collected script loses its importModuleDynamically callback
 let count = 0;
 let interruptPending = null; // rejects the awaited promise of an async cell on SIGINT
 
+// import() in cells: the runtime's own loader (relative to the cwd) where vm
+// offers it; node 20 refuses a custom callback without
+// --experimental-vm-modules, so older runtimes get `import(` rewritten to
+// importFromCell instead.
+const MAIN_LOADER = vm.constants && vm.constants.USE_MAIN_CONTEXT_DEFAULT_LOADER;
+globalThis.__execbox_import = importFromCell;
+if (MAIN_LOADER) {
+  // Its ExperimentalWarning would land in the first importing cell's stderr.
+  const emitWarning = proc.emitWarning;
+  proc.emitWarning = function (w, ...rest) {
+    if (String((w && w.message) || w).includes('USE_MAIN_CONTEXT_DEFAULT_LOADER')) return undefined;
+    return emitWarning.call(this, w, ...rest);
+  };
+}
+
 function compile(code, filename) {
-  const script = new vm.Script(code, { filename, importModuleDynamically: importFromCell });
-  scripts.push(script);
+  const script = new vm.Script(code, { filename, importModuleDynamically: MAIN_LOADER || importFromCell });
+  if (!MAIN_LOADER) scripts.push(script);
   return script;
 }
 
@@ -531,16 +563,24 @@ function errorEvent(err, src, filename) {
     const ename = String(err.name || (err.constructor && err.constructor.name) || 'Error');
     const evalue = String(err.message === undefined ? '' : err.message);
     let traceback;
-    if (ename === 'SyntaxError' && typeof err.stack === 'string' && err.stack.startsWith(filename + ':')) {
+    if (err.fromTranspiler) {
+      traceback = err.stack.split('\n').map((l) => l.replace(/^cell:/, `${filename}:`));
+    } else if (ename === 'SyntaxError' && typeof err.stack === 'string' && err.stack.startsWith(filename + ':')) {
       // Compile error: show the cell's own line (node decorates the stack
       // with the rewritten source).
       const line = parseInt(err.stack.slice(filename.length + 1), 10);
-      traceback = [`${filename}:${line}`, String(src.split('\n')[line - 1] ?? ''), `${ename}: ${evalue}`];
+      const lines = src.trimEnd().split('\n');
+      if (line > lines.length) {
+        // Reported in the async wrapper's closing line: the cell itself is unfinished.
+        const msg = 'Unexpected end of input';
+        return { ev: 'error', ename, evalue: msg, traceback: [`${filename}:${lines.length}`, lines[lines.length - 1], `${ename}: ${msg}`] };
+      }
+      traceback = [`${filename}:${line}`, lines[line - 1], `${ename}: ${evalue}`];
     } else {
       const stack = typeof err.stack === 'string' ? err.stack.split('\n') : [`${ename}: ${evalue}`];
       // Frames of the kernel and of vm are noise to the user.
-      traceback = stack.filter((l) => !(/^\s+at /.test(l) && (l.includes(KERNEL_FILE) || l.includes('node:vm') ||
-        l.includes('node:internal') || l.includes('runInThisContext'))));
+      traceback = stack.filter((l) => !(/^\s+at /.test(l) && (l.includes(KERNEL_FILE) || /\bnode:/.test(l) ||
+        l.includes('runInThisContext'))));
       if (!traceback.length) traceback = [`${ename}: ${evalue}`];
     }
     return { ev: 'error', ename, evalue, traceback };
@@ -636,7 +676,13 @@ if (isBun) {
   })();
 } else {
   const net = require('net');
-  const sock = new net.Socket({ fd: CTRL_FD, readable: true, writable: true });
+  let sock;
+  try {
+    sock = new net.Socket({ fd: CTRL_FD, readable: true, writable: true });
+  } catch (e) {
+    stderr.write(`kernel: fd ${CTRL_FD} must be the control socket: ${e.message}\n`);
+    proc.exit(2);
+  }
   sock.on('data', onData);
   sock.on('end', onEnd);
   sock.on('error', onEnd);

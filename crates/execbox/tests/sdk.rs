@@ -198,3 +198,32 @@ fn opensandbox_python_sdk_suite() {
         out.status
     );
 }
+
+/// The kernels' own protocol tests (`crates/execbox-agent/kernels/test_*.py`): each kernel
+/// script driven over its fd-3 channel directly, with the host runtimes the sandboxes use.
+#[test]
+fn kernel_script_suites() {
+    let root = repo_root();
+    let python = ensure_venv(&root);
+    let mut pytest = Command::new(&python);
+    pytest
+        .args([
+            "-m",
+            "pytest",
+            "-q",
+            "-rfEs",
+            "-p",
+            "no:cacheprovider",
+            "crates/execbox-agent/kernels",
+        ])
+        .current_dir(&root)
+        .env("PYTHONDONTWRITEBYTECODE", "1");
+    let out = run_with_deadline(pytest, "pytest kernels", PYTEST_DEADLINE);
+    println!("{}", String::from_utf8_lossy(&out.stdout));
+    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "the kernel suites failed ({}); see the pytest output above",
+        out.status
+    );
+}
