@@ -642,7 +642,13 @@ async function pump() {
     const line = queue.shift();
     let msg;
     try { msg = _JSON.parse(line); } catch (e) { stderr.write(`kernel: bad control message: ${line}\n`); continue; }
-    if (msg && msg.op === 'execute') await execute(String(msg.code ?? ''));
+    if (msg && msg.op === 'execute') {
+      // Leap0's env_vars: set for this execution and the ones after it.
+      if (msg.env && typeof msg.env === 'object') {
+        for (const [k, v] of Object.entries(msg.env)) process.env[k] = String(v);
+      }
+      await execute(String(msg.code ?? ''));
+    }
     else stderr.write(`kernel: unknown op: ${line}\n`);
   }
   busy = false;

@@ -3,7 +3,8 @@
 Started by execbox-agent as `python3 -S python_kernel.py` with stdout/stderr on pipes (the
 program's own output) and fd 3 = a unix stream socket carrying newline-delimited JSON:
 
-  agent -> kernel  {"op":"execute","code":"..."}            (one at a time)
+  agent -> kernel  {"op":"execute","code":"...","env":{...}?}   (one at a time)
+                   {"op":"ack"}   (after each display message, when `ready` asked for acks)
   kernel -> agent  {"ev":"ready","language":"python","version":"3.11.7"}   (once, at start)
                    {"ev":"display","data":{mime: value}}     (display(), plt.show(), figures)
                    {"ev":"result","execution_count":N,"data":{mime: value}}
@@ -432,6 +433,25 @@ def display(*objs, include=None, exclude=None, raw=False, **kwargs):
             data = {k: v for k, v in data.items() if k not in exclude}
         if data:
             _send({"ev": "display", "data": data})
+            _await_ack()
+
+
+def _await_ack():
+    """Waits until the agent has handled a display message: output printed after display()
+    must reach the client after it, and the agent takes the output pipes' contents when it
+    handles a message. Only the cell's own thread waits (it alone reads the channel)."""
+    if not (_executing and _thread.get_ident() == _main_thread):
+        return
+    while True:
+        line = _ctrl_in.readline()
+        if not line:
+            return
+        try:
+            req = _loads(line.decode("utf-8", "replace"))
+        except Exception:
+            continue
+        if isinstance(req, dict) and req.get("op") == "ack":
+            return
 
 
 builtins.display = display
@@ -658,7 +678,8 @@ def _report_error_safely(exc):
 
 def _main():
     signal.signal(signal.SIGINT, _on_sigint)
-    _send({"ev": "ready", "language": "python", "version": "%d.%d.%d" % sys.version_info[:3]})
+    _send({"ev": "ready", "language": "python", "version": "%d.%d.%d" % sys.version_info[:3],
+           "display_acks": True})
     readline = _ctrl_in.readline
     loads = _loads
     while True:
@@ -673,6 +694,10 @@ def _main():
         except Exception:  # StopIteration or ValueError: not JSON
             continue
         if isinstance(req, dict) and req.get("op") == "execute":
+            env = req.get("env")
+            if isinstance(env, dict):
+                # Leap0's env_vars: set for this execution and the ones after it.
+                os.environ.update({str(k): str(v) for k, v in env.items()})
             code = req.get("code")
             _execute(code if isinstance(code, str) else "")
     # os._exit: user threads or atexit handlers must not keep a discarded kernel alive.

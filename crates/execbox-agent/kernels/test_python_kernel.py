@@ -75,7 +75,8 @@ class Kernel:
         self.events = []
         ready = self.read_message(timeout=20)
         self.startup = time.perf_counter() - self.started
-        assert ready == {"ev": "ready", "language": "python", "version": ready["version"]}
+        assert ready == {"ev": "ready", "language": "python", "version": ready["version"],
+                         "display_acks": True}
         assert ready["version"] == "%d.%d.%d" % self._version()
 
     def _version(self):
@@ -129,6 +130,9 @@ class Kernel:
             msg = self.read_message(timeout)
             assert msg is not None, "kernel died: %r" % self.events
             self.events.append(("msg", msg))
+            if msg["ev"] == "display":
+                # As the agent does: the kernel waits for this before it goes on.
+                self.sock.sendall(b'{"op":"ack"}\n')
             if msg["ev"] == "done":
                 return self.events
 

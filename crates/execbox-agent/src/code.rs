@@ -169,6 +169,7 @@ impl Context {
         self: &Arc<Self>,
         app: Arc<AppState>,
         code: String,
+        env: Vec<(String, String)>,
         timeout: Option<Duration>,
     ) -> Result<mpsc::Receiver<KernelOutput>, RunError> {
         let Engine::Kernel { kernel, .. } = &self.engine else {
@@ -200,7 +201,7 @@ impl Context {
                 }
             }
             let Some(k) = guard.as_mut() else { return };
-            if !k.execute(&code, timeout, &tx).await {
+            if !k.execute(&code, &env, timeout, &tx).await {
                 *guard = None;
                 ctx.restarted
                     .store(true, std::sync::atomic::Ordering::Relaxed);
@@ -537,7 +538,7 @@ async fn run(State(app): State<Arc<AppState>>, body: Bytes) -> Result<Response, 
                 }
                 crate::session::run_code(&app, session, &code, sink).await;
             }
-            Language::Kernel(_) => match ctx.execute_kernel(app.clone(), code, None) {
+            Language::Kernel(_) => match ctx.execute_kernel(app.clone(), code, Vec::new(), None) {
                 Ok(rx) => stream_kernel(&ctx, rx, sink).await,
                 Err(RunError::Busy) => send_busy(&mut sink).await,
                 Err(e) => send_envelope(&mut sink, &format!("error running codes {e}")).await,

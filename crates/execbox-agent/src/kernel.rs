@@ -172,7 +172,11 @@ pub enum KernelOutput {
 #[derive(Deserialize)]
 #[serde(tag = "ev", rename_all = "lowercase")]
 enum Message {
-    Ready,
+    Ready {
+        /// The kernel waits for `{"op":"ack"}` after each display message.
+        #[serde(default)]
+        display_acks: bool,
+    },
     Display {
         #[serde(default)]
         data: Map<String, Value>,
@@ -225,6 +229,7 @@ pub struct Kernel {
     ctl_read: BufReader<OwnedReadHalf>,
     ctl_write: OwnedWriteHalf,
     exit: tokio::sync::oneshot::Receiver<ExitInfo>,
+    display_acks: bool,
 }
 
 /// Process group and cgroup of a kernel, kept outside the kernel's lock so that interrupt and
@@ -313,13 +318,17 @@ impl Kernel {
             ctl_read: BufReader::new(read),
             ctl_write: write,
             exit: started.exit,
+            display_acks: false,
         };
         let deadline = Instant::now() + language.start_deadline();
         loop {
             let line =
                 tokio::time::timeout_at(deadline.into(), read_message(&mut kernel.ctl_read)).await;
             match line {
-                Ok(Some(Message::Ready)) => return Ok((kernel, handle)),
+                Ok(Some(Message::Ready { display_acks })) => {
+                    kernel.display_acks = display_acks;
+                    return Ok((kernel, handle));
+                }
                 Ok(Some(Message::Fatal { message })) => return Err(fail(&handle, message)),
                 Ok(Some(_)) => continue,
                 Ok(None) => {
@@ -353,10 +362,18 @@ impl Kernel {
     pub async fn execute(
         &mut self,
         code: &str,
+        env: &[(String, String)],
         timeout: Option<Duration>,
         out: &mpsc::Sender<KernelOutput>,
     ) -> bool {
-        let request = serde_json::json!({ "op": "execute", "code": code });
+        let mut request = serde_json::json!({ "op": "execute", "code": code });
+        if !env.is_empty() {
+            request["env"] = env
+                .iter()
+                .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+                .collect::<Map<_, _>>()
+                .into();
+        }
         let mut line = request.to_string();
         line.push('\n');
         if self.ctl_write.write_all(line.as_bytes()).await.is_err() {
@@ -404,11 +421,15 @@ impl Kernel {
                             let _ = out.send(KernelOutput::Done { execution_count }).await;
                             return true;
                         }
-                        Message::Ready | Message::Fatal { .. } => continue,
+                        Message::Ready { .. } | Message::Fatal { .. } => continue,
                     };
+                    let ack = self.display_acks && matches!(item, KernelOutput::Display(_));
                     if out.send(item).await.is_err() {
                         // Nobody listens any more; the execution still runs to its end.
                         tracing::debug!("execution output dropped");
+                    }
+                    if ack {
+                        let _ = self.ctl_write.write_all(b"{\"op\":\"ack\"}\n").await;
                     }
                 },
                 _ = crate::sse::sleep_until_opt(deadline) => {

@@ -331,27 +331,29 @@ async fn execute(State(app): State<Arc<AppState>>, body: Body) -> Result<Respons
         .transpose()?;
     let timeout = timeout_ms(&m)?;
     let env = env_vars(&m)?;
-    let ctx = match named_context(&app, &m, language)? {
-        Some(ctx) => ctx,
+    let (ctx, env) = match named_context(&app, &m, language)? {
+        Some(ctx) => (ctx, env),
         None => {
             let language = match language {
                 Some(l) => l,
                 None => parse_language(&app, "python")?,
             };
-            create(&app, language, None, env).await?
+            // A new context gets env_vars as its process environment.
+            (create(&app, language, None, env).await?, Vec::new())
         }
     };
     let restarted = ctx.take_restarted();
-    let mut rx = match ctx.execute_kernel(app.clone(), code, Some(Duration::from_millis(timeout))) {
-        Ok(rx) => rx,
-        Err(RunError::Busy) => {
-            return Err(Leap0Error::Busy(format!(
-                "context {} is running another execution",
-                ctx.id
-            )))
-        }
-        Err(e) => return Err(Leap0Error::Internal(e.to_string())),
-    };
+    let mut rx =
+        match ctx.execute_kernel(app.clone(), code, env, Some(Duration::from_millis(timeout))) {
+            Ok(rx) => rx,
+            Err(RunError::Busy) => {
+                return Err(Leap0Error::Busy(format!(
+                    "context {} is running another execution",
+                    ctx.id
+                )))
+            }
+            Err(e) => return Err(Leap0Error::Internal(e.to_string())),
+        };
     let (mut stdout, mut stderr) = (String::new(), String::new());
     if restarted {
         stderr.push_str("[the interpreter restarted; earlier state is lost]\n");
@@ -486,8 +488,21 @@ async fn execute_stream(
     Ok(resp)
 }
 
-fn frame(event: Value) -> Bytes {
-    Bytes::from(format!("data: {event}\n\n"))
+/// One Leap0 StreamEvent; `type` first, as the compat document shows it.
+#[derive(serde::Serialize)]
+struct StreamEvent<'a> {
+    #[serde(rename = "type")]
+    kind: u8,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    code: Option<i32>,
+}
+
+fn frame(kind: u8, data: Option<&str>, code: Option<i32>) -> Bytes {
+    let event = StreamEvent { kind, data, code };
+    let json = serde_json::to_string(&event).unwrap_or_default();
+    Bytes::from(format!("data: {json}\n\n"))
 }
 
 async fn stream_process(
@@ -504,8 +519,8 @@ async fn stream_process(
     let send_lines = |kind: u8, lines: &mut Vec<String>| {
         let mut chunk = Vec::new();
         for l in lines.drain(..) {
-            let data = if l == "\n" { String::new() } else { l };
-            chunk.extend_from_slice(&frame(json!({ "type": kind, "data": data })));
+            let data = if l == "\n" { "" } else { l.as_str() };
+            chunk.extend_from_slice(&frame(kind, Some(data), None));
         }
         Bytes::from(chunk)
     };
@@ -536,16 +551,16 @@ async fn stream_process(
     se.finish(&mut lines);
     let _ = tx.send(send_lines(1, &mut lines)).await;
     let last = if timed_out {
-        json!({ "type": 3, "data": "timeout" })
+        frame(3, Some("timeout"), None)
     } else {
         let code = match exit.flatten() {
             Some(execbox_jail::process::ExitInfo::Code(c)) => c,
             Some(execbox_jail::process::ExitInfo::Signal(s)) => 128 + s,
             None => -1,
         };
-        json!({ "type": 2, "code": code })
+        frame(2, None, Some(code))
     };
-    let _ = tx.send(frame(last)).await;
+    let _ = tx.send(last).await;
     drop(tx);
     if let Some(leaf) = started.leaf {
         tokio::task::spawn_blocking(move || {

@@ -7,7 +7,7 @@
 //! copy of the output pipe), then each run is one line written to its stdin,
 //!
 //! ```text
-//! cd -- $'<cwd>' && eval $'<command>' </dev/null; printf '\n\x1e<nonce> %d %s\n' $? "$PWD" >&200; exec 1>&200 2>&200
+//! cd -- $'<cwd>' && eval $'<command>' </dev/null; printf '\n\x1e<nonce> %d %s\n' $? "$PWD" >&200; exec 1>&200 2>&201
 //! ```
 //!
 //! The command text travels ANSI-C quoted (every unusual byte as `\xHH`), so no input can break
@@ -48,7 +48,7 @@ const MAX_SESSIONS: usize = 256;
 /// Interval of `ping` events.
 const PING_EVERY: Duration = Duration::from_secs(3);
 /// First line every session shell runs (see the module documentation).
-const SHELL_PREAMBLE: &str = "shopt -s expand_aliases; exec 200>&1\n";
+const SHELL_PREAMBLE: &str = "shopt -s expand_aliases; exec 200>&1 201>&2\n";
 /// Timeout when a run gives none (upstream: 24 h).
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
@@ -88,6 +88,8 @@ pub(crate) struct Session {
     shell: tokio::sync::Mutex<Option<Shell>>,
     /// Process group of the current shell, for killing it without taking the run lock.
     pgid: Mutex<Option<(i32, Option<Arc<ExecLeaf>>)>>,
+    /// Keep stderr apart from stdout (code contexts) instead of merging it (sessions, §6).
+    separate_stderr: bool,
 }
 
 struct Shell {
@@ -95,6 +97,8 @@ struct Shell {
     fresh: bool,
     stdin: pipe::Sender,
     output: Option<pipe::Receiver>,
+    /// stderr, when it is kept apart (code contexts); sessions merge it into `output`.
+    errput: Option<pipe::Receiver>,
     exit: tokio::sync::oneshot::Receiver<ExitInfo>,
 }
 
@@ -172,6 +176,7 @@ async fn create(
         cwd: Mutex::new(cwd),
         shell: tokio::sync::Mutex::new(None),
         pgid: Mutex::new(None),
+        separate_stderr: false,
     });
     {
         let mut map = app.sessions.lock();
@@ -228,7 +233,11 @@ fn start_shell(app: &AppState, session: &Session) -> Result<Shell, ApiError> {
             extra_env: Vec::new(),
             creds: None,
             groups: Vec::new(),
-            output: Output::Combined,
+            output: if session.separate_stderr {
+                Output::Pipes
+            } else {
+                Output::Combined
+            },
             input: Input::Pipe,
             controlling_tty: false,
             inherit_fds: Vec::new(),
@@ -260,6 +269,7 @@ fn start_shell(app: &AppState, session: &Session) -> Result<Shell, ApiError> {
         fresh: true,
         stdin,
         output: pipe_reader(started.stdout),
+        errput: pipe_reader(started.stderr),
         exit: rx,
     })
 }
@@ -394,6 +404,7 @@ impl Session {
             cwd: Mutex::new(cwd),
             shell: tokio::sync::Mutex::new(None),
             pgid: Mutex::new(None),
+            separate_stderr: true,
         })
     }
 
@@ -458,7 +469,7 @@ async fn run_in_shell(
     };
     let line = format!(
         "{preamble}{cd}eval {} </dev/null; printf '\\n\\x1e%s %d %s\\n' {nonce} $? \"$PWD\" >&200; \
-         exec 1>&200 2>&200\n",
+         exec 1>&200 2>&201\n",
         ansi_c_quote(command)
     );
     let end = if shell.stdin.write_all(line.as_bytes()).await.is_err() {
@@ -552,8 +563,18 @@ async fn stream_until_marker(
     let mut lines = Vec::new();
     let mut ping = tokio::time::interval_at((Instant::now() + PING_EVERY).into(), PING_EVERY);
     let mut held_blank = false;
+    let mut err_splitter = LineSplitter::default();
+    let mut ebuf = vec![0u8; 64 * 1024];
+    let mut err_lines = Vec::new();
     loop {
         tokio::select! {
+            n = read_some(&mut shell.errput, &mut ebuf) => match n {
+                Some(n) => {
+                    err_splitter.feed(&ebuf[..n], &mut err_lines);
+                    send_stderr(sink, &mut err_lines, style).await;
+                }
+                None => shell.errput = None,
+            },
             n = read_some(&mut shell.output, &mut buf) => match n {
                 Some(n) => {
                     splitter.feed(&buf[..n], &mut lines);
@@ -585,6 +606,17 @@ async fn stream_until_marker(
                         }
                     }
                     if let Some(end) = end {
+                        // What the command wrote to stderr is in its pipe by now.
+                        if let Some(err) = &shell.errput {
+                            while let Ok(n) = err.try_read(&mut ebuf) {
+                                if n == 0 {
+                                    break;
+                                }
+                                err_splitter.feed(&ebuf[..n], &mut err_lines);
+                            }
+                        }
+                        err_splitter.finish(&mut err_lines);
+                        send_stderr(sink, &mut err_lines, style).await;
                         return end;
                     }
                 }
@@ -605,6 +637,12 @@ async fn stream_until_marker(
             _ = sleep_until_opt(Some(deadline)) => return RunEnd::TimedOut,
             _ = ping.tick() => sink.send(&Event::text("ping", "pong", now_ms())).await,
         }
+    }
+}
+
+async fn send_stderr(sink: &mut Sink, lines: &mut Vec<String>, style: Style) {
+    for text in lines.drain(..).filter_map(|l| styled_line(l, style)) {
+        sink.send(&Event::text("stderr", text, now_ms())).await;
     }
 }
 
