@@ -19,8 +19,12 @@ pub const SANDBOX_GID: u32 = 1000;
 pub const SANDBOX_HOME: &str = "/home/user";
 /// Directory inside the sandbox that holds the interpreter links put first on `PATH`.
 pub const RUNTIME_BIN_DIR: &str = "/opt/execbox/bin";
-/// The entrypoint of OpenSandbox's code-interpreter image, which its SDK README passes.
-pub const CODE_INTERPRETER_ENTRYPOINT: &str = "/opt/opensandbox/code-interpreter.sh";
+/// The entrypoint of OpenSandbox's code-interpreter image, under both names its SDK's README
+/// and code pass.
+pub const CODE_INTERPRETER_ENTRYPOINTS: &[&str] = &[
+    "/opt/opensandbox/code-interpreter.sh",
+    "/opt/code-interpreter/code-interpreter.sh",
+];
 /// Its content here: the agent starts interpreters on demand, so the entrypoint has nothing to
 /// start and only keeps running, as upstream's does.
 const CODE_INTERPRETER_SCRIPT: &str = "#!/bin/sh\n\
@@ -289,12 +293,14 @@ impl RootfsPlan {
         for rt in &self.runtimes {
             link(&rt.executable, &bin.join(&rt.name))?;
         }
-        let entrypoint = inside(root, Path::new(CODE_INTERPRETER_ENTRYPOINT));
-        if let Some(parent) = entrypoint.parent() {
-            dir(parent)?;
+        for path in CODE_INTERPRETER_ENTRYPOINTS {
+            let entrypoint = inside(root, Path::new(path));
+            if let Some(parent) = entrypoint.parent() {
+                dir(parent)?;
+            }
+            fs::write(&entrypoint, CODE_INTERPRETER_SCRIPT)?;
+            fs::set_permissions(&entrypoint, fs::Permissions::from_mode(0o755))?;
         }
-        fs::write(&entrypoint, CODE_INTERPRETER_SCRIPT)?;
-        fs::set_permissions(&entrypoint, fs::Permissions::from_mode(0o755))?;
         Ok(())
     }
 
