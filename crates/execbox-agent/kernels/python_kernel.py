@@ -324,6 +324,15 @@ def _figure_png(fig):
     return _b64(buf.getbuffer())
 
 
+def _figure_svg(fig):
+    # Leap0's clients expect a shown figure as PNG and SVG.
+    import io
+
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg", bbox_inches="tight")
+    return buf.getvalue()
+
+
 def _bundle(obj):
     """The MIME bundle of `obj`: text/plain plus whatever its rich-repr methods give."""
     if type(obj) in _PLAIN_TYPES:
@@ -341,6 +350,7 @@ def _bundle(obj):
         png = _figure_png(obj)
         if png:
             data["image/png"] = png
+            data["image/svg+xml"] = _figure_svg(obj)
     for name, mime in _REPR_METHODS:
         method = _safe_getattr(obj, name)
         if method is None or not callable(method):

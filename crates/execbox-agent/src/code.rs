@@ -51,7 +51,7 @@ impl Language {
             "java" => Language::Kernel(KernelLanguage::Java),
             "bash" => Language::Bash,
             "go" | "sql" => return Err(format!("language {name} is not supported by execbox")),
-            other => return Err(format!("unknown language {other:?}")),
+            other => return Err(format!("unknown language: {other}")),
         })
     }
 

@@ -384,11 +384,16 @@ async fn execute(State(app): State<Arc<AppState>>, body: Body) -> Result<Respons
                 );
             }
             KernelOutput::TimedOut { restarted } => {
-                let mut value = format!("Execution timed out after {timeout} ms");
                 if restarted {
-                    value.push_str("; the interpreter was restarted and its state is lost");
+                    stderr.push_str(
+                        "[the interpreter did not stop and was restarted; its state is lost]\n",
+                    );
                 }
-                error = Some(json!({ "name": "TimeoutError", "value": value, "traceback": "" }));
+                error = Some(json!({
+                    "name": "TimeoutError",
+                    "value": format!("Execution timed out after {timeout} ms"),
+                    "traceback": "",
+                }));
             }
             KernelOutput::Done { execution_count: n } => {
                 execution_count = Some(n);

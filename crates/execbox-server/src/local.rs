@@ -112,6 +112,9 @@ pub struct LocalConfig {
     pub max_upload_bytes: u64,
 }
 
+/// How long a delete waits for a killed agent to be reaped.
+const REAP_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The local backend.
 pub struct LocalBackend {
     config: LocalConfig,
@@ -392,8 +395,25 @@ impl LocalBackend {
                 nix::sys::signal::Signal::SIGKILL,
             );
         }
-        // Reap it when it is our child (not after a restart); ECHILD otherwise.
-        let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(placement.pid), None);
+        // Reap it when it is our child (not after a restart; ECHILD then). A dying PID 1 waits
+        // for every process of its namespace, and a process in a frozen cgroup cannot die: the
+        // agent may have been killed halfway through killing one of its execution cgroups
+        // (freeze, kill, thaw), so thaw the whole tree until the agent is gone.
+        let pid = nix::unistd::Pid::from_raw(placement.pid);
+        let deadline = std::time::Instant::now() + REAP_DEADLINE;
+        loop {
+            if let Ok(cg) = self.cgroups.open(id) {
+                let _ = cg.thaw();
+            }
+            match nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
+                Ok(nix::sys::wait::WaitStatus::StillAlive)
+                    if std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                }
+                _ => break,
+            }
+        }
         let result = self.cleanup(id);
         self.free_slot(placement.slot);
         result

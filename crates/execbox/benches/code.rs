@@ -176,11 +176,25 @@ impl Server {
 
     /// Deletes every sandbox, stops the server, removes its state.
     fn stop(mut self) {
-        if let Ok(r) = ureq::get(&format!("{}/v1/sandboxes?pageSize=200", self.base)).call() {
+        let timeout = Duration::from_secs(30);
+        if let Ok(r) = ureq::get(&format!("{}/v1/sandboxes?pageSize=200", self.base))
+            .timeout(timeout)
+            .call()
+        {
             if let Ok(v) = r.into_json::<Value>() {
                 for item in v["items"].as_array().cloned().unwrap_or_default() {
                     if let Some(id) = item["id"].as_str() {
-                        let _ = ureq::delete(&format!("{}/v1/sandboxes/{id}", self.base)).call();
+                        let t = Instant::now();
+                        let r = ureq::delete(&format!("{}/v1/sandboxes/{id}", self.base))
+                            .timeout(timeout)
+                            .call();
+                        if let Err(e) = r {
+                            println!(
+                                "  DELETE /v1/sandboxes/{id} failed after {:.1} s: {}",
+                                t.elapsed().as_secs_f64(),
+                                describe(e)
+                            );
+                        }
                     }
                 }
             }
@@ -453,6 +467,51 @@ fn bench_execbox(sb: &Sandbox, n_rtt: usize, n_ctx: usize, figures: &mut Execbox
         }
         for (c, _) in &ctxs {
             sb.delete_context(c)?;
+        }
+        // Deleting a context kills its kernel: wait for that before the sandbox goes.
+        let kernels: HashSet<u32> = ctxs.iter().flat_map(|(_, p)| p.iter().copied()).collect();
+        let t = Instant::now();
+        loop {
+            let alive: Vec<u32> = kernels
+                .iter()
+                .copied()
+                .filter(|p| {
+                    std::fs::read_to_string(format!("/proc/{p}/stat"))
+                        .ok()
+                        .and_then(|s| s.rsplit_once(')').map(|(_, r)| r.trim_start().to_string()))
+                        .is_some_and(|r| !r.starts_with('Z'))
+                })
+                .collect();
+            if alive.is_empty() {
+                break;
+            }
+            if t.elapsed() > Duration::from_secs(5) {
+                println!(
+                    "  kernels of deleted contexts still alive after 5 s: {alive:?} (freezer: {})",
+                    alive
+                        .iter()
+                        .map(|p| {
+                            let cg = std::fs::read_to_string(format!("/proc/{p}/cgroup"))
+                                .unwrap_or_default();
+                            cg.lines()
+                                .find(|l| l.contains(":freezer:"))
+                                .and_then(|l| l.rsplit(':').next())
+                                .map(|path| {
+                                    std::fs::read_to_string(format!(
+                                        "/sys/fs/cgroup/freezer{path}/freezer.state"
+                                    ))
+                                    .unwrap_or_default()
+                                    .trim()
+                                    .to_string()
+                                })
+                                .unwrap_or_default()
+                        })
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
         Ok(mems)
     })() {
@@ -808,6 +867,9 @@ fn main() {
         mem(jm, |m| m.uss)
     );
 
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load: Vec<&str> = load.split_whitespace().take(3).collect();
+    println!("\nload average at the end: {}", load.join(" "));
     println!("\ntargets:");
     if let Some(r) = e_rtt {
         let x = s(j_rtt, |s| s.p50) / r.p50;

@@ -366,13 +366,23 @@ impl<'a, N: Node> CgSet<'a, N> {
         }
     }
 
-    /// Thaws the cgroup (does not wait).
+    /// Thaws the cgroup and every cgroup below it (does not wait). A descendant frozen on its
+    /// own (by an agent that was killed halfway through killing one of its leaves) stays
+    /// frozen when only its parent thaws, and its processes could then never die.
     pub fn thaw(&self) -> Result<(), CgroupError> {
         let node = self.freezer_node()?;
-        match self.version {
-            CgroupVersion::V1 => node.write("freezer.state", "THAWED"),
-            CgroupVersion::V2 => node.write("cgroup.freeze", "0"),
-        }
+        let version = self.version;
+        let thaw_one = |n: &N| match version {
+            CgroupVersion::V1 => n.write("freezer.state", "THAWED"),
+            CgroupVersion::V2 => n.write("cgroup.freeze", "0"),
+        };
+        thaw_one(node)?;
+        // Descendants may be removed meanwhile: their errors do not matter.
+        let _ = walk(node, &mut |n: &N| {
+            let _ = thaw_one(n);
+            Ok(())
+        });
+        Ok(())
     }
 
     /// Whether the freeze has completed.
