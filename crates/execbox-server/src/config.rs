@@ -14,6 +14,10 @@ pub struct ServerConfig {
     pub state_dir: PathBuf,
     /// API keys accepted by every surface; empty = loopback only, no auth.
     pub api_keys: Vec<String>,
+    /// Tenants and their API keys (`[tenants] acme = ["key-1"]`). A sandbox belongs to the
+    /// tenant of the key that created it; other tenants' keys see 404. Keys of `api_keys`
+    /// belong to the tenant `default`.
+    pub tenants: BTreeMap<String, Vec<String>>,
     /// Address put into endpoint answers instead of the request's Host.
     pub public_address: Option<String>,
     /// Longest sandbox timeout a client may ask for, in seconds.
@@ -39,6 +43,9 @@ pub struct ServerConfig {
     pub max_upload_bytes: u64,
 }
 
+/// Tenant of the keys in `api_keys`, and of every request when no key is configured.
+pub const DEFAULT_TENANT: &str = "default";
+
 impl Default for ServerConfig {
     fn default() -> Self {
         let mut images = BTreeMap::new();
@@ -51,6 +58,7 @@ impl Default for ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             state_dir: PathBuf::from("/var/lib/execbox"),
             api_keys: Vec::new(),
+            tenants: BTreeMap::new(),
             public_address: None,
             max_timeout_secs: 7 * 24 * 3600,
             default_pids: 512,
@@ -71,6 +79,23 @@ impl ServerConfig {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("reading {}: {e}", path.display()))?;
         toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// Whether any API key is configured (otherwise the server is open, on loopback only).
+    pub fn has_keys(&self) -> bool {
+        !self.api_keys.is_empty() || self.tenants.values().any(|k| !k.is_empty())
+    }
+
+    /// Every configured key with its tenant.
+    pub fn keys(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.api_keys
+            .iter()
+            .map(|k| (k.as_str(), DEFAULT_TENANT))
+            .chain(
+                self.tenants
+                    .iter()
+                    .flat_map(|(t, keys)| keys.iter().map(move |k| (k.as_str(), t.as_str()))),
+            )
     }
 
     /// The template an image reference resolves to, if any.

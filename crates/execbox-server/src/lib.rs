@@ -141,30 +141,39 @@ impl Server {
         .map_err(|e| LifecycleError::Internal(e.to_string()))
     }
 
-    /// Whether the request carries a valid server key. With no key configured, every request
-    /// is trusted (the server then listens on loopback only).
-    fn key_ok(&self, presented: Option<&str>) -> bool {
-        if self.config.api_keys.is_empty() {
-            return true;
+    /// The tenant of a presented server key, compared in constant time against every
+    /// configured key. With no key configured, every request is the default tenant (the server
+    /// then listens on loopback only).
+    pub fn tenant_of(&self, presented: Option<&str>) -> Option<String> {
+        if !self.config.has_keys() {
+            return Some(config::DEFAULT_TENANT.to_string());
         }
-        let Some(p) = presented else { return false };
-        self.config
-            .api_keys
-            .iter()
-            .any(|k| bool::from(k.as_bytes().ct_eq(p.as_bytes())))
+        let p = presented?;
+        let mut found = None;
+        // Every key is compared, so the time taken does not tell which one matched.
+        for (key, tenant) in self.config.keys() {
+            if bool::from(key.as_bytes().ct_eq(p.as_bytes())) {
+                found = Some(tenant.to_string());
+            }
+        }
+        found
     }
 
-    fn proxy_authorized(&self, headers: &HeaderMap, token: &str) -> bool {
+    /// Whether a data-plane request may reach the sandbox `rec`: its access token, or a server
+    /// key of the sandbox's tenant.
+    fn proxy_authorized(&self, headers: &HeaderMap, rec: &registry::SandboxRecord) -> bool {
         let get = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
         if let Some(t) = get("x-execd-access-token") {
-            if bool::from(t.as_bytes().ct_eq(token.as_bytes())) {
+            if bool::from(t.as_bytes().ct_eq(rec.token.as_bytes())) {
                 return true;
             }
         }
         // Without a configured key only the token opens the data plane.
         let bearer = get("authorization").and_then(|a| a.strip_prefix("Bearer "));
         let key = get("open-sandbox-api-key").or(bearer);
-        !self.config.api_keys.is_empty() && key.is_some() && self.key_ok(key)
+        self.config.has_keys()
+            && key.is_some()
+            && self.tenant_of(key).is_some_and(|t| t == rec.tenant)
     }
 
     /// Deletes every sandbox whose expiry has passed.
@@ -181,12 +190,18 @@ impl Server {
     }
 }
 
+/// The tenant a lifecycle request acts for (set by the auth middleware).
+#[derive(Clone, Debug)]
+pub struct Tenant(pub String);
+
 async fn lifecycle_auth(State(server): State<Arc<Server>>, req: Request, next: Next) -> Response {
     let key = req
         .headers()
         .get("open-sandbox-api-key")
         .and_then(|v| v.to_str().ok());
-    if server.config.api_keys.is_empty() || server.key_ok(key) {
+    if let Some(tenant) = server.tenant_of(key) {
+        let mut req = req;
+        req.extensions_mut().insert(Tenant(tenant));
         return next.run(req).await;
     }
     let env = if key.is_none() {
@@ -280,7 +295,7 @@ pub enum ServeError {
 
 /// Runs the server until the process is stopped.
 pub async fn serve(config: ServerConfig) -> Result<(), ServeError> {
-    if config.api_keys.is_empty() {
+    if !config.has_keys() {
         if !config.listen.ip().is_loopback() {
             return Err(ServeError::Config(format!(
                 "refusing to listen on {} without an API key: set EXECBOX_API_KEY or \

@@ -7,7 +7,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use execbox_proto::lifecycle::{
     self as wire, CreateSandboxResponse, Endpoint, ErrorCode, ErrorEnvelope, ListSandboxesQuery,
     ListSandboxesResponse, Pagination, RenewExpirationResponse, SandboxState,
@@ -16,7 +16,7 @@ use time::OffsetDateTime;
 
 use crate::local::{SandboxLimits, SandboxParams};
 use crate::registry::SandboxRecord;
-use crate::Server;
+use crate::{Server, Tenant};
 
 /// A lifecycle API error: one variant per wire code family.
 #[derive(Debug, thiserror::Error)]
@@ -96,7 +96,11 @@ fn host_arch() -> &'static str {
 }
 
 /// `POST /v1/sandboxes`.
-pub async fn create(State(server): State<Arc<Server>>, body: Bytes) -> Result<Response> {
+pub async fn create(
+    State(server): State<Arc<Server>>,
+    Extension(tenant): Extension<Tenant>,
+    body: Bytes,
+) -> Result<Response> {
     let req = wire::parse_create_request(&body)?;
     let v = req.validate(server.config.max_timeout_secs, host_arch())?;
     let image = req.image.as_ref().map(|i| i.uri.clone());
@@ -141,7 +145,7 @@ pub async fn create(State(server): State<Arc<Server>>, body: Bytes) -> Result<Re
     let entrypoint = v.entrypoint.clone();
     let record = SandboxRecord {
         id: id.clone(),
-        tenant: "default".into(),
+        tenant: tenant.0.clone(),
         token: random_token(),
         image_uri: image,
         entrypoint: entrypoint.clone(),
@@ -199,20 +203,30 @@ fn uuid_like() -> String {
     )
 }
 
-fn find(server: &Server, id: &str) -> Result<SandboxRecord> {
+/// The sandbox `id` if it belongs to `tenant`; another tenant's sandbox is as unknown.
+fn find(server: &Server, id: &str, tenant: &Tenant) -> Result<SandboxRecord> {
     server
         .registry
         .get(id)
+        .filter(|r| r.tenant == tenant.0)
         .ok_or_else(|| LifecycleError::NotFound(id.to_string()))
 }
 
 /// `GET /v1/sandboxes/{id}`.
-pub async fn get(State(server): State<Arc<Server>>, Path(id): Path<String>) -> Result<Response> {
-    Ok(Json(find(&server, &id)?.to_api()).into_response())
+pub async fn get(
+    State(server): State<Arc<Server>>,
+    Extension(tenant): Extension<Tenant>,
+    Path(id): Path<String>,
+) -> Result<Response> {
+    Ok(Json(find(&server, &id, &tenant)?.to_api()).into_response())
 }
 
 /// `GET /v1/sandboxes`.
-pub async fn list(State(server): State<Arc<Server>>, RawQuery(q): RawQuery) -> Result<Response> {
+pub async fn list(
+    State(server): State<Arc<Server>>,
+    Extension(tenant): Extension<Tenant>,
+    RawQuery(q): RawQuery,
+) -> Result<Response> {
     let query = ListSandboxesQuery::parse(q.as_deref().unwrap_or("")).map_err(|e| {
         let env = e.to_envelope();
         LifecycleError::Invalid {
@@ -224,7 +238,7 @@ pub async fn list(State(server): State<Arc<Server>>, RawQuery(q): RawQuery) -> R
         .registry
         .all()
         .into_iter()
-        .filter(|r| query.matches(r.state, Some(&r.metadata)))
+        .filter(|r| r.tenant == tenant.0 && query.matches(r.state, Some(&r.metadata)))
         .collect();
     let pagination = Pagination::new(query.page, query.page_size, matching.len() as u64);
     let range = pagination.range();
@@ -238,14 +252,23 @@ pub async fn list(State(server): State<Arc<Server>>, RawQuery(q): RawQuery) -> R
 }
 
 /// `DELETE /v1/sandboxes/{id}`.
-pub async fn delete(State(server): State<Arc<Server>>, Path(id): Path<String>) -> Result<Response> {
-    find(&server, &id)?;
+pub async fn delete(
+    State(server): State<Arc<Server>>,
+    Extension(tenant): Extension<Tenant>,
+    Path(id): Path<String>,
+) -> Result<Response> {
+    find(&server, &id, &tenant)?;
     server.destroy(&id, "user_delete").await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 /// Freezes or thaws a sandbox: the two transitions differ only in their states and codes.
-async fn transition(server: Arc<Server>, id: String, pause: bool) -> Result<Response> {
+async fn transition(
+    server: Arc<Server>,
+    tenant: Tenant,
+    id: String,
+    pause: bool,
+) -> Result<Response> {
     let (from, to, code) = if pause {
         (
             SandboxState::Running,
@@ -259,7 +282,7 @@ async fn transition(server: Arc<Server>, id: String, pause: bool) -> Result<Resp
             ErrorCode::SandboxNotPaused,
         )
     };
-    let rec = find(&server, &id)?;
+    let rec = find(&server, &id, &tenant)?;
     if rec.state != from {
         return Err(LifecycleError::Conflict {
             code,
@@ -283,22 +306,31 @@ async fn transition(server: Arc<Server>, id: String, pause: bool) -> Result<Resp
 }
 
 /// `POST /v1/sandboxes/{id}/pause`.
-pub async fn pause(State(server): State<Arc<Server>>, Path(id): Path<String>) -> Result<Response> {
-    transition(server, id, true).await
+pub async fn pause(
+    State(server): State<Arc<Server>>,
+    Extension(tenant): Extension<Tenant>,
+    Path(id): Path<String>,
+) -> Result<Response> {
+    transition(server, tenant, id, true).await
 }
 
 /// `POST /v1/sandboxes/{id}/resume`.
-pub async fn resume(State(server): State<Arc<Server>>, Path(id): Path<String>) -> Result<Response> {
-    transition(server, id, false).await
+pub async fn resume(
+    State(server): State<Arc<Server>>,
+    Extension(tenant): Extension<Tenant>,
+    Path(id): Path<String>,
+) -> Result<Response> {
+    transition(server, tenant, id, false).await
 }
 
 /// `POST /v1/sandboxes/{id}/renew-expiration`.
 pub async fn renew(
     State(server): State<Arc<Server>>,
+    Extension(tenant): Extension<Tenant>,
     Path(id): Path<String>,
     body: Bytes,
 ) -> Result<Response> {
-    let rec = find(&server, &id)?;
+    let rec = find(&server, &id, &tenant)?;
     let req = wire::parse_renew_request(&body)?;
     let now = OffsetDateTime::now_utc();
     if req.expires_at <= now {
@@ -339,10 +371,11 @@ pub async fn renew(
 /// `PATCH /v1/sandboxes/{id}/metadata`.
 pub async fn patch_metadata(
     State(server): State<Arc<Server>>,
+    Extension(tenant): Extension<Tenant>,
     Path(id): Path<String>,
     body: Bytes,
 ) -> Result<Response> {
-    let rec = find(&server, &id)?;
+    let rec = find(&server, &id, &tenant)?;
     let patch = wire::parse_metadata_patch(&body)?;
     let mut metadata = rec.metadata.clone();
     wire::apply_metadata_merge_patch(&mut metadata, &patch)?;
@@ -357,11 +390,12 @@ pub async fn patch_metadata(
 /// `GET /v1/sandboxes/{id}/endpoints/{port}`.
 pub async fn endpoint(
     State(server): State<Arc<Server>>,
+    Extension(tenant): Extension<Tenant>,
     Path((id, port)): Path<(String, String)>,
     RawQuery(q): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response> {
-    let rec = find(&server, &id)?;
+    let rec = find(&server, &id, &tenant)?;
     let port: u16 = port
         .parse()
         .ok()

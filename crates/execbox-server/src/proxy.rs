@@ -49,7 +49,7 @@ async fn forward(server: Arc<Server>, req: Request) -> Result<Response, Lifecycl
         .registry
         .get(id)
         .ok_or_else(|| LifecycleError::NotFound(id.to_string()))?;
-    if !server.proxy_authorized(req.headers(), &rec.token) {
+    if !server.proxy_authorized(req.headers(), &rec) {
         return Ok((
             StatusCode::UNAUTHORIZED,
             axum::Json(serde_json::json!({

@@ -197,6 +197,55 @@ fn api_key_is_required_when_configured() {
     assert_eq!(server.get("/health").0, 200, "/health needs no key");
 }
 
+/// Keys carry tenants: a sandbox belongs to the tenant of the key that created it, and
+/// another tenant's key sees neither it (404) nor its data plane.
+#[test]
+fn tenants_are_separated_by_their_keys() {
+    let server = TestServer::start_with_config(
+        "[tenants]\nacme = [\"key-acme\"]\nglobex = [\"key-globex-1\", \"key-globex-2\"]\n",
+    );
+    let call = |method: &str, path: &str, key: &str| {
+        ureq::request(method, &server.url(path)).set("OPEN-SANDBOX-API-KEY", key)
+    };
+    let body = r#"{"image":{"uri":"default"},"entrypoint":["tail","-f","/dev/null"],"resourceLimits":{"cpu":"500m","memory":"256Mi"},"timeout":600}"#;
+    let (s, created) = into_pair(
+        call("POST", "/v1/sandboxes", "key-acme")
+            .set("Content-Type", "application/json")
+            .send_string(body),
+    );
+    assert_eq!(s, 202, "{created}");
+    let id = created["id"].as_str().expect("id").to_string();
+    let path = format!("/v1/sandboxes/{id}");
+
+    // The owner sees it with its key; the other tenant, with either of its keys, does not.
+    assert_eq!(into_pair(call("GET", &path, "key-acme").call()).0, 200);
+    for key in ["key-globex-1", "key-globex-2"] {
+        let (s, v) = into_pair(call("GET", &path, key).call());
+        assert_eq!(s, 404, "{v}");
+        let (_, list) = into_pair(call("GET", "/v1/sandboxes", key).call());
+        assert_eq!(list["items"], serde_json::json!([]), "{list}");
+        for (method, p) in [
+            ("DELETE", path.clone()),
+            ("POST", format!("{path}/pause")),
+            ("GET", format!("{path}/endpoints/44772")),
+        ] {
+            let (s, v) = into_pair(call(method, &p, key).call());
+            assert_eq!(s, 404, "{method} {p} with {key}: {v}");
+        }
+        // The data plane: another tenant's key does not open it.
+        let (s, _) = into_pair(call("GET", &format!("{path}/proxy/44772/ping"), key).call());
+        assert_eq!(s, 401, "proxy with {key}");
+    }
+    let (_, list) = into_pair(call("GET", "/v1/sandboxes", "key-acme").call());
+    assert_eq!(list["items"].as_array().map(Vec::len), Some(1), "{list}");
+    // The owner's key opens the data plane; no key at all is refused.
+    let (s, _) = into_pair(call("GET", &format!("{path}/proxy/44772/ping"), "key-acme").call());
+    assert_eq!(s, 200);
+    let (s, v) = into_pair(ureq::get(&server.url(&path)).call());
+    assert_eq!((s, v["code"].as_str()), (401, Some("MISSING_API_KEY")));
+    assert_eq!(into_pair(call("DELETE", &path, "key-acme").call()).0, 204);
+}
+
 #[test]
 fn serving_without_a_key_on_a_public_address_is_refused() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_execbox"))

@@ -50,11 +50,26 @@ impl TestServer {
     /// Starts the server the way a non-interactive shell would: with SIGINT and SIGQUIT
     /// ignored, which must not reach user code.
     pub fn start_on(state_dir: PathBuf, port: u16, key: Option<&str>) -> Self {
+        Self::start_full(state_dir, port, key, None)
+    }
+
+    /// Starts the server with a configuration file holding `config_toml`.
+    pub fn start_with_config(config_toml: &str) -> Self {
+        let state_dir = std::env::temp_dir().join(unique("execbox-test-state"));
+        let config = std::env::temp_dir().join(unique("execbox-test-config"));
+        std::fs::write(&config, config_toml).expect("write config");
+        Self::start_full(state_dir, free_port(), None, Some(&config))
+    }
+
+    fn start_full(state_dir: PathBuf, port: u16, key: Option<&str>, config: Option<&Path>) -> Self {
         let exe = env!("CARGO_BIN_EXE_execbox");
+        let config = config
+            .map(|c| format!(" --config {}", c.display()))
+            .unwrap_or_default();
         let mut cmd = Command::new("/bin/sh");
         cmd.arg("-c")
             .arg(format!(
-                "trap '' INT QUIT; exec {exe} serve --listen 127.0.0.1:{port} --state-dir {}",
+                "trap '' INT QUIT; exec {exe} serve --listen 127.0.0.1:{port} --state-dir {}{config}",
                 state_dir.display()
             ))
             .env("RUST_LOG", "warn")
