@@ -16,7 +16,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use execbox_proto::execd::{Event, ExecdError};
+use execbox_proto::execd::Event;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
@@ -541,35 +541,19 @@ async fn run(State(app): State<Arc<AppState>>, body: Bytes) -> Result<Response, 
             Language::Kernel(_) => match ctx.execute_kernel(app.clone(), code, Vec::new(), None) {
                 Ok(rx) => stream_kernel(&ctx, rx, sink).await,
                 Err(RunError::Busy) => send_busy(&mut sink).await,
-                Err(e) => send_envelope(&mut sink, &format!("error running codes {e}")).await,
+                Err(e) => {
+                    sink.send_envelope(&format!("error running codes {e}"))
+                        .await
+                }
             },
         }
     });
     Ok(sse_response(rx))
 }
 
-async fn send_envelope(sink: &mut Sink, message: &str) {
-    if sink.gone {
-        return;
-    }
-    let env = ExecdError {
-        code: execbox_proto::execd::codes::RUNTIME_ERROR.into(),
-        message: message.into(),
-    };
-    if let Ok(json) = serde_json::to_string(&env) {
-        if sink
-            .tx
-            .send(Bytes::from(format!("data: {json}\n\n")))
-            .await
-            .is_err()
-        {
-            sink.gone = true;
-        }
-    }
-}
-
 async fn send_busy(sink: &mut Sink) {
-    send_envelope(sink, "error running codes session is busy").await;
+    sink.send_envelope("error running codes session is busy")
+        .await;
 }
 
 /// A MIME bundle as an execd `results` object: `text/plain` renamed `text`.

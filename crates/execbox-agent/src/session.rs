@@ -30,7 +30,7 @@ use axum::routing::{delete, post};
 use axum::{Json, Router};
 use execbox_jail::cgroup::ExecLeaf;
 use execbox_jail::process::ExitInfo;
-use execbox_proto::execd::{Event, ExecdError};
+use execbox_proto::execd::Event;
 use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
 use tokio::net::unix::pipe;
@@ -450,7 +450,7 @@ async fn run_in_shell(
         match start_shell(app, session) {
             Ok(s) => *guard = Some(s),
             Err(e) => {
-                send_envelope(&mut sink, &e.to_string()).await;
+                sink.send_envelope(&e.to_string()).await;
                 return;
             }
         }
@@ -495,13 +495,10 @@ async fn run_in_shell(
         RunEnd::TimedOut => {
             *guard = None;
             session.kill_shell();
-            send_envelope(
-                &mut sink,
-                &format!(
-                    "error running in session. timeout after {}",
-                    go_duration(timeout)
-                ),
-            )
+            sink.send_envelope(&format!(
+                "error running in session. timeout after {}",
+                go_duration(timeout)
+            ))
             .await;
         }
     }
@@ -526,27 +523,6 @@ fn exit_event(code: i32, started: Instant, ts: i64) -> Event {
             vec![format!("command exited with code {code}")],
             ts,
         )
-    }
-}
-
-/// An error after the stream began: one frame carrying the error envelope (§3.1).
-async fn send_envelope(sink: &mut Sink, message: &str) {
-    if sink.gone {
-        return;
-    }
-    let env = ExecdError {
-        code: execbox_proto::execd::codes::RUNTIME_ERROR.into(),
-        message: message.into(),
-    };
-    if let Ok(json) = serde_json::to_string(&env) {
-        if sink
-            .tx
-            .send(Bytes::from(format!("data: {json}\n\n")))
-            .await
-            .is_err()
-        {
-            sink.gone = true;
-        }
     }
 }
 

@@ -87,6 +87,28 @@ impl Sink {
         }
     }
 
+    /// An error after the stream began: one frame carrying the execd error envelope
+    /// `{"code":"RUNTIME_ERROR","message":…}` (§3.1).
+    pub(crate) async fn send_envelope(&mut self, message: &str) {
+        if self.gone {
+            return;
+        }
+        let env = execbox_proto::execd::ExecdError {
+            code: execbox_proto::execd::codes::RUNTIME_ERROR.into(),
+            message: message.into(),
+        };
+        if let Ok(json) = serde_json::to_string(&env) {
+            if self
+                .tx
+                .send(Bytes::from(format!("data: {json}\n\n")))
+                .await
+                .is_err()
+            {
+                self.gone = true;
+            }
+        }
+    }
+
     /// Sends each of `lines` as an output event of `kind` and empties it. The events go out as
     /// one chunk: one channel message, one write per hop, instead of one per line.
     pub(crate) async fn send_lines(&mut self, kind: &str, lines: &mut Vec<String>) {
