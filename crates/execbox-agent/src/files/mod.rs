@@ -75,6 +75,14 @@ impl Query {
         Query(pairs)
     }
 
+    /// Every `path` value, resolved against the sandbox environment (`paths::resolve`).
+    pub fn resolved_paths(&self, app: &AppState) -> Result<Vec<std::path::PathBuf>, ApiError> {
+        let env = app.runner.env_with(&[]);
+        self.all("path")
+            .map(|p| crate::paths::resolve(p, &env))
+            .collect()
+    }
+
     /// Every value of `key`.
     pub fn all<'a>(&'a self, key: &'a str) -> impl Iterator<Item = &'a str> + 'a {
         self.0

@@ -36,12 +36,7 @@ pub async fn delete_files(
     State(app): State<Arc<AppState>>,
     RawQuery(raw): RawQuery,
 ) -> Result<StatusCode, ApiError> {
-    let query = Query::parse(raw.as_deref());
-    let env = app.runner.env_with(&[]);
-    let targets = query
-        .all("path")
-        .map(|p| paths::resolve(p, &env))
-        .collect::<Result<Vec<_>, _>>()?;
+    let targets = Query::parse(raw.as_deref()).resolved_paths(&app)?;
     blocking(move || {
         for lexical in targets {
             let entry = match resolve::existing(&lexical, false) {

@@ -230,12 +230,7 @@ pub async fn remove_directories(
     State(app): State<Arc<AppState>>,
     RawQuery(raw): RawQuery,
 ) -> Result<StatusCode, ApiError> {
-    let query = Query::parse(raw.as_deref());
-    let env = app.runner.env_with(&[]);
-    let targets = query
-        .all("path")
-        .map(|p| paths::resolve(p, &env))
-        .collect::<Result<Vec<_>, _>>()?;
+    let targets = Query::parse(raw.as_deref()).resolved_paths(&app)?;
     blocking(move || {
         for lexical in targets {
             if lexical == Path::new("/") {
