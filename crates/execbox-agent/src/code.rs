@@ -90,6 +90,9 @@ pub struct Context {
     engine: Engine,
     /// The kernel was restarted and lost its state since the last execution reported it.
     restarted: std::sync::atomic::AtomicBool,
+    /// Created implicitly (Leap0 `/execute` without `context_id`): removed when idle too long.
+    expires_when_idle: std::sync::atomic::AtomicBool,
+    last_used: Mutex<Instant>,
 }
 
 /// Why an execution could not start.
@@ -119,7 +122,36 @@ impl Context {
             env,
             engine,
             restarted: std::sync::atomic::AtomicBool::new(false),
+            expires_when_idle: std::sync::atomic::AtomicBool::new(false),
+            last_used: Mutex::new(Instant::now()),
         })
+    }
+
+    /// Marks the context as created implicitly: [`Contexts::sweep_idle`] removes it once idle.
+    pub fn expire_when_idle(&self) {
+        self.expires_when_idle
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn touch(&self) {
+        match self.last_used.lock() {
+            Ok(mut g) => *g = Instant::now(),
+            Err(p) => *p.into_inner() = Instant::now(),
+        }
+    }
+
+    fn idle_for(&self) -> Duration {
+        match self.last_used.lock() {
+            Ok(g) => g.elapsed(),
+            Err(p) => p.into_inner().elapsed(),
+        }
+    }
+
+    fn is_busy(&self) -> bool {
+        match &self.engine {
+            Engine::Kernel { kernel, .. } => kernel.try_lock().is_err(),
+            Engine::Bash(session) => session.is_busy(),
+        }
     }
 
     /// Starts the interpreter now (so that creation fails fast and the first run is quick).
@@ -182,6 +214,7 @@ impl Context {
             .clone()
             .try_lock_owned()
             .map_err(|_| RunError::Busy)?;
+        self.touch();
         let (tx, rx) = mpsc::channel(64);
         let ctx = self.clone();
         tokio::spawn(async move {
@@ -206,6 +239,7 @@ impl Context {
                 ctx.restarted
                     .store(true, std::sync::atomic::Ordering::Relaxed);
             }
+            ctx.touch();
         });
         Ok(rx)
     }
@@ -323,6 +357,25 @@ impl Contexts {
         self.lock_defaults().retain(|_, v| v != id);
         ctx.shut_down();
         true
+    }
+
+    /// Removes the implicitly created contexts idle for longer than `ttl`.
+    pub fn sweep_idle(&self, ttl: Duration) {
+        let expired: Vec<String> = self
+            .all()
+            .into_iter()
+            .filter(|c| {
+                c.expires_when_idle
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    && c.idle_for() > ttl
+                    && !c.is_busy()
+            })
+            .map(|c| c.id.clone())
+            .collect();
+        for id in expired {
+            tracing::debug!(context = %id, "idle context removed");
+            self.remove(&id);
+        }
     }
 
     /// Interrupts the context `id`; false when unknown.

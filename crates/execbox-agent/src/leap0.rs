@@ -338,8 +338,11 @@ async fn execute(State(app): State<Arc<AppState>>, body: Body) -> Result<Respons
                 Some(l) => l,
                 None => parse_language(&app, "python")?,
             };
-            // A new context gets env_vars as its process environment.
-            (create(&app, language, None, env).await?, Vec::new())
+            // A new context gets env_vars as its process environment; nobody holds its id
+            // yet, so it goes away when left idle.
+            let ctx = create(&app, language, None, env).await?;
+            ctx.expire_when_idle();
+            (ctx, Vec::new())
         }
     };
     let restarted = ctx.take_restarted();

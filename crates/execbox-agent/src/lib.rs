@@ -107,6 +107,21 @@ async fn readiness_port() {
     }
 }
 
+/// Removes implicitly created code contexts once idle past their TTL.
+async fn sweep_idle_contexts(state: Arc<AppState>, ttl_secs: u64) {
+    let ttl = std::time::Duration::from_secs(if ttl_secs == 0 { 3600 } else { ttl_secs });
+    let every = (ttl / 2).clamp(
+        std::time::Duration::from_secs(1),
+        std::time::Duration::from_secs(60),
+    );
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        state.contexts.sweep_idle(ttl);
+    }
+}
+
 /// Runs the agent; returns only on a start-up error.
 pub fn run() -> Result<(), AgentError> {
     let config = read_config()?;
@@ -173,6 +188,10 @@ async fn serve(
         tracing::warn!(error = %e, "kernel scripts not installed: code contexts will fail");
     }
     tokio::spawn(readiness_port());
+    tokio::spawn(sweep_idle_contexts(
+        state.clone(),
+        config.context_idle_ttl_secs,
+    ));
     execbox_jail::process::signal_ready()?;
     let app = router(state);
     tokio::select! {

@@ -34,4 +34,8 @@ pub struct AgentConfig {
     /// Largest accepted upload, in bytes (0 = unlimited).
     #[serde(default)]
     pub max_upload_bytes: u64,
+    /// Code contexts created implicitly (Leap0 `/execute` without `context_id`) are removed
+    /// after this many idle seconds (0 = the default, one hour).
+    #[serde(default)]
+    pub context_idle_ttl_secs: u64,
 }

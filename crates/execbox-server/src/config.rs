@@ -41,6 +41,8 @@ pub struct ServerConfig {
     /// Largest file accepted by the execd upload route, in bytes; 0 leaves only the sandbox's
     /// disk size as the bound.
     pub max_upload_bytes: u64,
+    /// Idle lifetime of code contexts created implicitly by Leap0's `/execute`, in seconds.
+    pub context_idle_ttl_secs: u64,
 }
 
 /// Tenant of the keys in `api_keys`, and of every request when no key is configured.
@@ -69,6 +71,7 @@ impl Default for ServerConfig {
             cgroup_base: "execbox".to_string(),
             agent_exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe")),
             max_upload_bytes: 0,
+            context_idle_ttl_secs: 3600,
         }
     }
 }

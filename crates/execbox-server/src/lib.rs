@@ -54,6 +54,7 @@ impl Server {
             default_pids: config.default_pids,
             cgroup_base: config.cgroup_base.clone(),
             max_upload_bytes: config.max_upload_bytes,
+            context_idle_ttl_secs: config.context_idle_ttl_secs,
         })
         .map(Arc::new)
         .map_err(|e| {

@@ -110,6 +110,8 @@ pub struct LocalConfig {
     pub cgroup_base: String,
     /// Largest accepted upload in bytes (0: bounded by the sandbox's disk only).
     pub max_upload_bytes: u64,
+    /// Idle lifetime of implicitly created code contexts, in seconds (0: one hour).
+    pub context_idle_ttl_secs: u64,
 }
 
 /// How long a delete waits for a killed agent to be reaped.
@@ -316,6 +318,7 @@ impl LocalBackend {
             max_log_bytes: 64 << 20,
             cpu_millicores: p.limits.cpu_millicores,
             max_upload_bytes: self.config.max_upload_bytes,
+            context_idle_ttl_secs: self.config.context_idle_ttl_secs,
         };
         let config_json = serde_json::to_string(&agent_config).map_err(|e| BackendError::Io {
             what: "encoding the agent configuration".into(),

@@ -40,6 +40,7 @@ pub fn run(lang: Lang, code: &str, memory: Option<&str>, timeout_secs: u64) -> a
         default_pids: 512,
         cgroup_base: "execbox".into(),
         max_upload_bytes: 0,
+        context_idle_ttl_secs: 0,
     })?;
     let id = format!(
         "run-{}-{}",

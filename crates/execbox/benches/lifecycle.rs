@@ -74,6 +74,7 @@ fn main() {
         default_pids: 512,
         cgroup_base: "execbox-bench".into(),
         max_upload_bytes: 0,
+        context_idle_ttl_secs: 0,
     })
     .expect("backend");
     let params = |id: &str| SandboxParams {

@@ -1506,3 +1506,30 @@ fn sandbox_delete_right_after_context_deletes() {
         );
     }
 }
+
+/// Leap0 contexts created implicitly by `/execute` go away once idle past the configured TTL;
+/// contexts created explicitly stay.
+#[test]
+fn implicit_leap0_contexts_expire_when_idle() {
+    let server = TestServer::start_with_config("context_idle_ttl_secs = 2\n");
+    let sb = server.create(json!({}));
+    let v = execute(&sb, json!({"code": "41 + 1"}));
+    assert_eq!(v["items"][0]["text"], "42", "{v}");
+    let implicit = v["context_id"].as_str().expect("context id").to_string();
+    let r = post_json(&sb, "/contexts", json!({"language": "python"}));
+    assert_eq!(r.status, 201);
+    let explicit = r.json()["id"].as_str().expect("id").to_string();
+    assert_eq!(get(&sb, &format!("/contexts/{implicit}")).status, 200);
+
+    // Used again before the TTL: still there.
+    std::thread::sleep(Duration::from_millis(1200));
+    let v = execute(&sb, json!({"code": "1", "context_id": implicit}));
+    assert_eq!(v["items"][0]["text"], "1", "{v}");
+
+    wait_for(
+        "the idle implicit context to be removed",
+        Duration::from_secs(10),
+        || get(&sb, &format!("/contexts/{implicit}")).status == 404,
+    );
+    assert_eq!(get(&sb, &format!("/contexts/{explicit}")).status, 200);
+}
