@@ -28,14 +28,15 @@
 
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Read};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-type Res<T> = Result<T, String>;
+mod support;
+
+use support::{cpu_model, describe, env_usize, Res, Sandbox, Server};
 
 // ---------------------------------------------------------------------------------------------
 // Reporting
@@ -80,23 +81,6 @@ fn verdict(ok: bool) -> &'static str {
     }
 }
 
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("model name"))
-        .and_then(|l| l.split(':').nth(1))
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|| "unknown CPU".into())
-}
-
 /// Rss, Pss and USS (Private_Clean + Private_Dirty) of a process, in KiB.
 #[derive(Clone, Copy, Default, Debug)]
 struct Mem {
@@ -128,154 +112,7 @@ fn mib(kib: f64) -> f64 {
 // ---------------------------------------------------------------------------------------------
 // Server and sandbox
 
-struct Server {
-    child: Child,
-    base: String,
-    state_dir: PathBuf,
-}
-
-fn free_port() -> Res<u16> {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| format!("free port: {e}"))
-}
-
-impl Server {
-    fn start() -> Res<Server> {
-        let port = free_port()?;
-        let state_dir =
-            std::env::temp_dir().join(format!("execbox-bench-code-{}", std::process::id()));
-        let child = Command::new(env!("CARGO_BIN_EXE_execbox"))
-            .arg("serve")
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--state-dir")
-            .arg(&state_dir)
-            .env("RUST_LOG", "error")
-            .env_remove("EXECBOX_API_KEY")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(|e| format!("starting execbox serve: {e}"))?;
-        let server = Server {
-            child,
-            base: format!("http://127.0.0.1:{port}"),
-            state_dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if ureq::get(&format!("{}/health", server.base)).call().is_ok() {
-                return Ok(server);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        server.stop();
-        Err("the server did not come up".into())
-    }
-
-    /// Deletes every sandbox, stops the server, removes its state.
-    fn stop(mut self) {
-        let timeout = Duration::from_secs(30);
-        if let Ok(r) = ureq::get(&format!("{}/v1/sandboxes?pageSize=200", self.base))
-            .timeout(timeout)
-            .call()
-        {
-            if let Ok(v) = r.into_json::<Value>() {
-                for item in v["items"].as_array().cloned().unwrap_or_default() {
-                    if let Some(id) = item["id"].as_str() {
-                        let t = Instant::now();
-                        let r = ureq::delete(&format!("{}/v1/sandboxes/{id}", self.base))
-                            .timeout(timeout)
-                            .call();
-                        if let Err(e) = r {
-                            println!(
-                                "  DELETE /v1/sandboxes/{id} failed after {:.1} s: {}",
-                                t.elapsed().as_secs_f64(),
-                                describe(e)
-                            );
-                        }
-                    }
-                }
-            }
-        }
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            match self.child.try_wait() {
-                Ok(Some(_)) => break,
-                _ if Instant::now() > deadline => {
-                    let _ = self.child.kill();
-                    let _ = self.child.wait();
-                    break;
-                }
-                _ => std::thread::sleep(Duration::from_millis(20)),
-            }
-        }
-        let _ = std::fs::remove_dir_all(&self.state_dir);
-    }
-}
-
-struct Sandbox {
-    id: String,
-    endpoint: String,
-    token: String,
-    agent: ureq::Agent,
-}
-
-fn describe(e: ureq::Error) -> String {
-    match e {
-        ureq::Error::Status(s, r) => format!("HTTP {s}: {}", r.into_string().unwrap_or_default()),
-        e => e.to_string(),
-    }
-}
-
 impl Sandbox {
-    fn create(server: &Server, body: Value) -> Res<Sandbox> {
-        let r = ureq::post(&format!("{}/v1/sandboxes", server.base))
-            .send_json(body)
-            .map_err(|e| format!("create: {}", describe(e)))?;
-        let v: Value = r.into_json().map_err(|e| e.to_string())?;
-        let id = v["id"].as_str().ok_or("no id")?.to_string();
-        let ep: Value = ureq::get(&format!(
-            "{}/v1/sandboxes/{id}/endpoints/44772",
-            server.base
-        ))
-        .call()
-        .map_err(|e| format!("endpoint: {}", describe(e)))?
-        .into_json()
-        .map_err(|e| e.to_string())?;
-        let sb = Sandbox {
-            id,
-            endpoint: format!("http://{}", ep["endpoint"].as_str().ok_or("no endpoint")?),
-            token: ep["headers"]["X-EXECD-ACCESS-TOKEN"]
-                .as_str()
-                .ok_or("no token")?
-                .to_string(),
-            agent: ureq::AgentBuilder::new()
-                .max_idle_connections(16)
-                .max_idle_connections_per_host(16)
-                .build(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while sb.req("GET", "/ping").call().is_err() {
-            if Instant::now() > deadline {
-                return Err("the sandbox never answered /ping".into());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(sb)
-    }
-
-    fn req(&self, method: &str, path: &str) -> ureq::Request {
-        self.agent
-            .request(method, &format!("{}{path}", self.endpoint))
-            .set("X-EXECD-ACCESS-TOKEN", &self.token)
-            .timeout(Duration::from_secs(60))
-    }
-
     fn new_context(&self) -> Res<String> {
         let r = self
             .req("POST", "/code/context")
@@ -800,7 +637,7 @@ fn main() {
     );
 
     let mut ex = ExecboxFigures::default();
-    match Server::start() {
+    match Server::start("code") {
         Ok(server) => {
             let t = Instant::now();
             match Sandbox::create(

@@ -24,14 +24,15 @@
 
 use std::borrow::Cow;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-type Res<T> = Result<T, String>;
+mod support;
+
+use support::{cpu_model, describe, env_usize, Res, Sandbox, Server};
 
 const MIB: u64 = 1 << 20;
 
@@ -65,23 +66,6 @@ fn report_rate(name: &str, bytes: u64, took: Duration, target: &str) {
     );
 }
 
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("model name"))
-        .and_then(|l| l.split(':').nth(1))
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|| "unknown CPU".into())
-}
-
 /// `VmHWM` (peak RSS) and `VmRSS` of a process, in KiB.
 fn rss_kib(pid: u32) -> (u64, u64) {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -106,7 +90,11 @@ fn cpu_secs(pid: Option<u32>) -> f64 {
     let rest = s.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100)
+        .max(1) as f64;
     (ticks(11) + ticks(12)) as f64 / hz
 }
 
@@ -151,136 +139,7 @@ impl CpuMeter {
 // ---------------------------------------------------------------------------------------------
 // Server and sandbox
 
-struct Server {
-    child: Child,
-    base: String,
-    state_dir: PathBuf,
-}
-
-fn free_port() -> Res<u16> {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| format!("free port: {e}"))
-}
-
-impl Server {
-    fn start() -> Res<Server> {
-        let port = free_port()?;
-        let state_dir =
-            std::env::temp_dir().join(format!("execbox-bench-execd-{}", std::process::id()));
-        let child = Command::new(env!("CARGO_BIN_EXE_execbox"))
-            .arg("serve")
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--state-dir")
-            .arg(&state_dir)
-            .env("RUST_LOG", "error")
-            .env_remove("EXECBOX_API_KEY")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(|e| format!("starting execbox serve: {e}"))?;
-        let server = Server {
-            child,
-            base: format!("http://127.0.0.1:{port}"),
-            state_dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if ureq::get(&format!("{}/health", server.base)).call().is_ok() {
-                return Ok(server);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        server.stop();
-        Err("the server did not come up".into())
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Deletes every sandbox, stops the server, removes its state.
-    fn stop(mut self) {
-        if let Ok(r) = ureq::get(&format!("{}/v1/sandboxes?pageSize=200", self.base)).call() {
-            if let Ok(v) = r.into_json::<Value>() {
-                for item in v["items"].as_array().cloned().unwrap_or_default() {
-                    if let Some(id) = item["id"].as_str() {
-                        let _ = ureq::delete(&format!("{}/v1/sandboxes/{id}", self.base)).call();
-                    }
-                }
-            }
-        }
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            match self.child.try_wait() {
-                Ok(Some(_)) => break,
-                _ if Instant::now() > deadline => {
-                    let _ = self.child.kill();
-                    let _ = self.child.wait();
-                    break;
-                }
-                _ => std::thread::sleep(Duration::from_millis(20)),
-            }
-        }
-        let _ = std::fs::remove_dir_all(&self.state_dir);
-    }
-}
-
-struct Sandbox {
-    id: String,
-    endpoint: String,
-    token: String,
-    agent: ureq::Agent,
-}
-
 impl Sandbox {
-    fn create(server: &Server, body: Value) -> Res<Sandbox> {
-        let r = ureq::post(&format!("{}/v1/sandboxes", server.base))
-            .send_json(body)
-            .map_err(|e| format!("create: {}", describe(e)))?;
-        let v: Value = r.into_json().map_err(|e| e.to_string())?;
-        let id = v["id"].as_str().ok_or("no id")?.to_string();
-        let ep: Value = ureq::get(&format!(
-            "{}/v1/sandboxes/{id}/endpoints/44772",
-            server.base
-        ))
-        .call()
-        .map_err(|e| format!("endpoint: {}", describe(e)))?
-        .into_json()
-        .map_err(|e| e.to_string())?;
-        let sb = Sandbox {
-            id,
-            endpoint: format!("http://{}", ep["endpoint"].as_str().ok_or("no endpoint")?),
-            token: ep["headers"]["X-EXECD-ACCESS-TOKEN"]
-                .as_str()
-                .ok_or("no token")?
-                .to_string(),
-            agent: ureq::AgentBuilder::new()
-                .max_idle_connections(256)
-                .max_idle_connections_per_host(256)
-                .build(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while sb.req("GET", "/ping").call().is_err() {
-            if Instant::now() > deadline {
-                return Err("the sandbox never answered /ping".into());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(sb)
-    }
-
-    fn req(&self, method: &str, path: &str) -> ureq::Request {
-        self.agent
-            .request(method, &format!("{}{path}", self.endpoint))
-            .set("X-EXECD-ACCESS-TOKEN", &self.token)
-    }
-
     /// Host pid of the sandbox's agent (PID 1 inside), found through its cgroup membership.
     fn agent_pid(&self) -> Option<u32> {
         for e in std::fs::read_dir("/proc").ok()?.flatten() {
@@ -297,13 +156,6 @@ impl Sandbox {
             }
         }
         None
-    }
-}
-
-fn describe(e: ureq::Error) -> String {
-    match e {
-        ureq::Error::Status(s, r) => format!("HTTP {s}: {}", r.into_string().unwrap_or_default()),
-        e => e.to_string(),
     }
 }
 
@@ -1070,7 +922,7 @@ fn main() {
          with flat server memory; {concurrent} concurrent streams with 0 errors"
     );
 
-    let server = match Server::start() {
+    let server = match Server::start("execd") {
         Ok(s) => s,
         Err(e) => {
             println!("cannot start the server: {e}");

@@ -10,7 +10,6 @@ mod common;
 
 use std::fs::File;
 use std::io::Read;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -28,7 +27,7 @@ fn repo_root() -> PathBuf {
 }
 
 /// An exclusive `flock` on a file, released on drop (the fd closes).
-struct FileLock(#[allow(dead_code)] File);
+struct FileLock(#[allow(dead_code)] nix::fcntl::Flock<File>);
 
 impl FileLock {
     fn acquire(path: &Path) -> FileLock {
@@ -38,16 +37,9 @@ impl FileLock {
             .write(true)
             .open(path)
             .unwrap_or_else(|e| panic!("open lock file {}: {e}", path.display()));
-        // SAFETY: flock on a valid, owned file descriptor.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
-        assert_eq!(
-            rc,
-            0,
-            "flock {}: {}",
-            path.display(),
-            std::io::Error::last_os_error()
-        );
-        FileLock(file)
+        let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+            .unwrap_or_else(|(_, e)| panic!("flock {}: {e}", path.display()));
+        FileLock(lock)
     }
 }
 

@@ -1,0 +1,192 @@
+//! What the benchmarks share: a release `execbox serve` on loopback, a sandbox with its execd
+//! endpoint, and small helpers. Included by each benchmark with `mod support;`.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub type Res<T> = Result<T, String>;
+
+pub fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
+/// An HTTP error with the response body, when there is one.
+pub fn describe(e: ureq::Error) -> String {
+    match e {
+        ureq::Error::Status(s, r) => format!("HTTP {s}: {}", r.into_string().unwrap_or_default()),
+        e => e.to_string(),
+    }
+}
+
+fn free_port() -> Res<u16> {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| format!("free port: {e}"))
+}
+
+/// A release `execbox serve` on a free loopback port with its own state directory.
+pub struct Server {
+    child: Child,
+    pub base: String,
+    state_dir: PathBuf,
+}
+
+impl Server {
+    /// Starts the server; `name` labels its state directory.
+    pub fn start(name: &str) -> Res<Server> {
+        let port = free_port()?;
+        let state_dir =
+            std::env::temp_dir().join(format!("execbox-bench-{name}-{}", std::process::id()));
+        let child = Command::new(env!("CARGO_BIN_EXE_execbox"))
+            .arg("serve")
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--state-dir")
+            .arg(&state_dir)
+            .env("RUST_LOG", "error")
+            .env_remove("EXECBOX_API_KEY")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("starting execbox serve: {e}"))?;
+        let server = Server {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            state_dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if ureq::get(&format!("{}/health", server.base)).call().is_ok() {
+                return Ok(server);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        server.stop();
+        Err("the server did not come up".into())
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Deletes every sandbox, stops the server, removes its state.
+    pub fn stop(mut self) {
+        let timeout = Duration::from_secs(30);
+        if let Ok(r) = ureq::get(&format!("{}/v1/sandboxes?pageSize=200", self.base))
+            .timeout(timeout)
+            .call()
+        {
+            if let Ok(v) = r.into_json::<Value>() {
+                for item in v["items"].as_array().cloned().unwrap_or_default() {
+                    if let Some(id) = item["id"].as_str() {
+                        let t = Instant::now();
+                        let r = ureq::delete(&format!("{}/v1/sandboxes/{id}", self.base))
+                            .timeout(timeout)
+                            .call();
+                        if let Err(e) = r {
+                            println!(
+                                "  DELETE /v1/sandboxes/{id} failed after {:.1} s: {}",
+                                t.elapsed().as_secs_f64(),
+                                describe(e)
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(_)) => break,
+                _ if Instant::now() > deadline => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    break;
+                }
+                _ => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.state_dir);
+    }
+}
+
+/// A sandbox and its execd endpoint.
+pub struct Sandbox {
+    pub id: String,
+    endpoint: String,
+    token: String,
+    agent: ureq::Agent,
+}
+
+impl Sandbox {
+    /// Creates a sandbox from the lifecycle request `body` and waits until its agent answers.
+    pub fn create(server: &Server, body: Value) -> Res<Sandbox> {
+        let r = ureq::post(&format!("{}/v1/sandboxes", server.base))
+            .timeout(Duration::from_secs(60))
+            .send_json(body)
+            .map_err(|e| format!("create: {}", describe(e)))?;
+        let v: Value = r.into_json().map_err(|e| e.to_string())?;
+        let id = v["id"].as_str().ok_or("no id")?.to_string();
+        let ep: Value = ureq::get(&format!(
+            "{}/v1/sandboxes/{id}/endpoints/44772",
+            server.base
+        ))
+        .call()
+        .map_err(|e| format!("endpoint: {}", describe(e)))?
+        .into_json()
+        .map_err(|e| e.to_string())?;
+        let sb = Sandbox {
+            id,
+            endpoint: format!("http://{}", ep["endpoint"].as_str().ok_or("no endpoint")?),
+            token: ep["headers"]["X-EXECD-ACCESS-TOKEN"]
+                .as_str()
+                .ok_or("no token")?
+                .to_string(),
+            // Enough kept-alive connections for the concurrent series.
+            agent: ureq::AgentBuilder::new()
+                .max_idle_connections(256)
+                .max_idle_connections_per_host(256)
+                .build(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while sb.req("GET", "/ping").call().is_err() {
+            if Instant::now() > deadline {
+                return Err("the sandbox never answered /ping".into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(sb)
+    }
+
+    /// An execd request carrying the sandbox's token.
+    pub fn req(&self, method: &str, path: &str) -> ureq::Request {
+        self.agent
+            .request(method, &format!("{}{path}", self.endpoint))
+            .set("X-EXECD-ACCESS-TOKEN", &self.token)
+            .timeout(Duration::from_secs(60))
+    }
+}
