@@ -10,37 +10,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::{json, Value};
 
-/// A whole response: status, headers and body bytes.
-struct Reply {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
 impl Reply {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|_| panic!("not JSON: {:?}", self.text()))
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-
-    /// 200, empty body, no Content-Type: the spec's "empty success".
-    #[track_caller]
-    fn assert_empty_ok(&self) {
-        assert_eq!(self.status, 200, "{}", self.text());
-        assert!(self.body.is_empty(), "{}", self.text());
-        assert_eq!(self.header("content-type"), None);
-    }
-
     /// An error envelope with this status and code.
     #[track_caller]
     fn assert_error(&self, status: u16, code: &str) -> String {
@@ -49,30 +19,6 @@ impl Reply {
         assert_eq!(v["code"], code, "{v}");
         assert_eq!(self.header("content-type"), Some("application/json"));
         v["message"].as_str().unwrap_or("").to_string()
-    }
-}
-
-fn reply(r: Result<ureq::Response, ureq::Error>) -> Reply {
-    let resp = match r {
-        Ok(r) => r,
-        Err(ureq::Error::Status(_, r)) => r,
-        Err(e) => panic!("request failed: {e}"),
-    };
-    let status = resp.status();
-    let headers = resp
-        .headers_names()
-        .into_iter()
-        .map(|n| {
-            let v = resp.header(&n).unwrap_or("").to_string();
-            (n, v)
-        })
-        .collect();
-    let mut body = Vec::new();
-    resp.into_reader().read_to_end(&mut body).expect("body");
-    Reply {
-        status,
-        headers,
-        body,
     }
 }
 

@@ -307,3 +307,62 @@ pub fn host_uid_of(pid: i32) -> Option<u32> {
         .parse()
         .ok()
 }
+
+/// A response of any status, read whole.
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    #[track_caller]
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|_| panic!("not JSON ({}): {:?}", self.status, self.text()))
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// 200, empty body, no Content-Type.
+    #[track_caller]
+    pub fn assert_empty_ok(&self) {
+        assert_eq!(self.status, 200, "{}", self.text());
+        assert!(self.body.is_empty(), "{}", self.text());
+        assert_eq!(self.header("content-type"), None);
+    }
+}
+
+/// Reads a response (an error status is a response too) into a [`Reply`].
+pub fn reply(r: Result<ureq::Response, ureq::Error>) -> Reply {
+    let resp = match r {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("request failed: {e}"),
+    };
+    let status = resp.status();
+    let headers = resp
+        .headers_names()
+        .into_iter()
+        .map(|n| {
+            let v = resp.header(&n).unwrap_or("").to_string();
+            (n, v)
+        })
+        .collect();
+    let mut body = Vec::new();
+    std::io::Read::read_to_end(&mut resp.into_reader(), &mut body).expect("read body");
+    Reply {
+        status,
+        headers,
+        body,
+    }
+}
