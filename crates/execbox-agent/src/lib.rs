@@ -19,6 +19,7 @@ mod metrics;
 mod paths;
 mod port_proxy;
 mod pty;
+mod run;
 mod runner;
 mod session;
 mod sse;
@@ -78,6 +79,7 @@ fn router(state: Arc<AppState>) -> Router {
         .merge(metrics::routes())
         .merge(pty::routes())
         .merge(port_proxy::routes())
+        .merge(run::routes())
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::not_found)
         .with_state(state)

@@ -129,7 +129,7 @@ impl Runner {
         let fence = if config.landlock {
             let spec = FenceSpec {
                 read_only: vec![PathBuf::from("/")],
-                read_write: ["/home/user", "/workspace", "/tmp", "/dev", "/proc"]
+                read_write: ["/home/user", "/workspace", "/sandbox", "/tmp", "/dev", "/proc"]
                     .into_iter()
                     .map(PathBuf::from)
                     .collect(),

@@ -238,6 +238,14 @@ pub fn signal_group(pgid: i32, sig: i32) -> std::io::Result<()> {
     sys::kill(-pgid, sig).map_err(errno_to_io)
 }
 
+/// Sends `sig` to the single process `pid` (0 checks that it exists).
+pub fn signal_process(pid: i32, sig: i32) -> std::io::Result<()> {
+    if pid <= 0 {
+        return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+    }
+    sys::kill(pid, sig).map_err(errno_to_io)
+}
+
 /// Sends SIGKILL to every process of the pid namespace except the caller (PID 1).
 pub fn kill_everything() {
     let _ = sys::kill(-1, libc::SIGKILL);

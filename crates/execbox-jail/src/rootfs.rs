@@ -30,6 +30,8 @@ pub const CODE_INTERPRETER_ENTRYPOINTS: &[&str] = &[
 const CODE_INTERPRETER_SCRIPT: &str = "#!/bin/sh\n\
 # execbox: interpreters are started by the sandbox agent when a code context needs one.\n\
 exec sleep infinity\n";
+/// Working directory of isol8 runs (a writable area of its own, as isol8's `/sandbox`).
+pub const SANDBOX_WORKDIR: &str = "/sandbox";
 /// Directory inside the sandbox for the agent's private data (command logs and the like).
 pub const AGENT_DATA_DIR: &str = "/run/execbox";
 /// `PATH` of processes started inside the sandbox.
@@ -89,6 +91,8 @@ pub struct WritableSizes {
     pub workspace: u64,
     /// `/tmp`.
     pub tmp: u64,
+    /// `/sandbox` (the working directory of isol8 runs).
+    pub sandbox: u64,
     /// `/dev/shm`.
     pub shm: u64,
 }
@@ -100,6 +104,7 @@ impl Default for WritableSizes {
             home: 512 * MIB,
             workspace: 512 * MIB,
             tmp: 512 * MIB,
+            sandbox: 512 * MIB,
             shm: 64 * MIB,
         }
     }
@@ -260,6 +265,7 @@ impl RootfsPlan {
         for d in [
             SANDBOX_HOME,
             "/workspace",
+            SANDBOX_WORKDIR,
             "/tmp",
             AGENT_DATA_DIR,
             "/proc",
@@ -381,6 +387,7 @@ impl RootfsPlan {
         for (dir, size, mode, owner) in [
             (SANDBOX_HOME, sizes.home, "750", (uid, gid)),
             ("/workspace", sizes.workspace, "755", (uid, gid)),
+            (SANDBOX_WORKDIR, sizes.sandbox, "755", (uid, gid)),
             ("/tmp", sizes.tmp, "1777", (0, 0)),
         ] {
             mount(

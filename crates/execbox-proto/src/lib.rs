@@ -5,3 +5,4 @@ pub mod labels;
 pub mod lifecycle;
 pub mod proxy_headers;
 pub mod quantity;
+pub mod run;

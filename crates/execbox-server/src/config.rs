@@ -43,6 +43,86 @@ pub struct ServerConfig {
     pub max_upload_bytes: u64,
     /// Idle lifetime of code contexts created implicitly by Leap0's `/execute`, in seconds.
     pub context_idle_ttl_secs: u64,
+    /// What clients of the isol8 and session-execute surfaces may ask for (`[policy]`).
+    pub policy: Policy,
+}
+
+/// The server's maxima over request options: a request asking for more is refused with a 400
+/// naming the option, never silently granted.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Policy {
+    /// Largest memory limit a run may ask for, in bytes.
+    pub max_memory_bytes: u64,
+    /// Largest CPU limit, in CPUs.
+    pub max_cpus: f64,
+    /// Largest pids limit.
+    pub max_pids: u64,
+    /// Longest timeout, in milliseconds.
+    pub max_timeout_ms: u64,
+    /// Largest output kept per stream, in bytes.
+    pub max_output_bytes: u64,
+    /// Largest `/sandbox` size, in bytes.
+    pub max_sandbox_bytes: u64,
+    /// Largest `/tmp` size, in bytes.
+    pub max_tmp_bytes: u64,
+    /// Network modes a request may ask for. Only `none` exists on this server.
+    pub network_modes: Vec<String>,
+    /// Sessions per tenant and surface; at the cap the least recently used idle one is removed.
+    pub max_sessions: usize,
+    /// Sessions idle this long are removed, in seconds.
+    pub session_idle_ttl_secs: u64,
+    /// Largest input file after decoding, in bytes.
+    pub max_file_bytes: u64,
+    /// Files per request.
+    pub max_files: usize,
+    /// Environment variables per request.
+    pub max_env: usize,
+    /// Largest request body, in bytes.
+    pub max_request_bytes: usize,
+    /// Ready sandboxes kept per template and limits profile for one-shot runs (0: no pool).
+    pub warm_pool_size: usize,
+    /// Distinct limits profiles the pool keeps sandboxes for.
+    pub max_pool_profiles: usize,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            max_memory_bytes: 4 << 30,
+            max_cpus: 2.0,
+            max_pids: 1024,
+            max_timeout_ms: 300_000,
+            max_output_bytes: 16 << 20,
+            max_sandbox_bytes: 2 << 30,
+            max_tmp_bytes: 2 << 30,
+            network_modes: vec!["none".to_string()],
+            max_sessions: 64,
+            session_idle_ttl_secs: 3600,
+            max_file_bytes: 10_000_000,
+            max_files: 100,
+            max_env: 100,
+            max_request_bytes: 256 << 20,
+            warm_pool_size: 2,
+            max_pool_profiles: 4,
+        }
+    }
+}
+
+impl Policy {
+    /// Checks values no server can honour.
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(m) = self.network_modes.iter().find(|m| m.as_str() != "none") {
+            return Err(format!(
+                "policy.network_modes: {m:?} is not available: sandboxes of this server have no \
+                 network (only \"none\")"
+            ));
+        }
+        if self.max_sessions == 0 {
+            return Err("policy.max_sessions: must be at least 1".into());
+        }
+        Ok(())
+    }
 }
 
 /// Tenant of the keys in `api_keys`, and of every request when no key is configured.
@@ -72,6 +152,7 @@ impl Default for ServerConfig {
             agent_exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe")),
             max_upload_bytes: 0,
             context_idle_ttl_secs: 3600,
+            policy: Policy::default(),
         }
     }
 }
@@ -81,7 +162,13 @@ impl ServerConfig {
     pub fn from_file(path: &Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("reading {}: {e}", path.display()))?;
-        toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+        let config: Self =
+            toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        config
+            .policy
+            .validate()
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(config)
     }
 
     /// Whether any API key is configured (otherwise the server is open, on loopback only).

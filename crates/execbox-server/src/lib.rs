@@ -6,13 +6,17 @@
 //! in the state directory, so a restarted server re-attaches to every sandbox still running.
 
 pub mod agent_client;
+pub mod agent_run;
 pub mod config;
 pub mod doctor;
 pub mod lifecycle;
 pub mod local;
 pub mod oneshot;
+pub mod pool;
 pub mod proxy;
 pub mod registry;
+pub mod session_exec;
+pub mod sessions;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -38,6 +42,10 @@ pub struct Server {
     pub config: ServerConfig,
     /// Sandbox records.
     pub registry: Registry,
+    /// Ready sandboxes for one-shot runs.
+    pub pool: pool::WarmPool,
+    /// Persistent sessions of the isol8 and session-execute surfaces.
+    pub sessions: sessions::Sessions,
     backend: Result<Arc<LocalBackend>, String>,
 }
 
@@ -62,9 +70,15 @@ impl Server {
             e.to_string()
         });
         let registry = Registry::load(&config.state_dir);
+        let pool = pool::WarmPool::new(
+            config.policy.warm_pool_size,
+            config.policy.max_pool_profiles,
+        );
         let server = Arc::new(Self {
             config,
             registry,
+            pool,
+            sessions: sessions::Sessions::default(),
             backend,
         });
         server.reattach();
@@ -76,7 +90,13 @@ impl Server {
         self.backend.clone().map_err(LifecycleError::Internal)
     }
 
-    fn socket_path(&self, id: &str) -> Result<PathBuf, LifecycleError> {
+    /// Whether the sandbox placed at `p` still runs.
+    pub fn is_alive(&self, p: &local::Placement) -> bool {
+        self.backend.as_ref().is_ok_and(|b| b.is_alive(p))
+    }
+
+    /// Path of a sandbox's agent socket.
+    pub fn socket_path(&self, id: &str) -> Result<PathBuf, LifecycleError> {
         Ok(self.backend()?.socket_path(id))
     }
 
@@ -84,7 +104,15 @@ impl Server {
         let Ok(backend) = &self.backend else { return };
         for rec in self.registry.all() {
             let alive = rec.placement.as_ref().is_some_and(|p| backend.is_alive(p));
-            if alive {
+            if alive && rec.owner.is_some() {
+                // Pool and session sandboxes are tracked in memory only: nobody can reach them
+                // after a restart.
+                tracing::info!(sandbox = %rec.id, owner = ?rec.owner, "removing an orphaned sandbox");
+                if let Some(p) = &rec.placement {
+                    backend.forget(&rec.id, p);
+                }
+                self.registry.remove(&rec.id);
+            } else if alive {
                 backend.claim_slot(rec.placement.as_ref().and_then(|p| p.slot));
                 let state = if backend.is_paused(&rec.id) {
                     SandboxState::Paused
@@ -121,6 +149,57 @@ impl Server {
             .ok_or_else(|| LifecycleError::NotFound(id.to_string()))?
             .map(drop)
             .map_err(|e| LifecycleError::Internal(e.to_string()))
+    }
+
+    /// Starts a sandbox and records it.
+    pub async fn launch(&self, spec: LaunchSpec) -> Result<registry::SandboxRecord, LifecycleError> {
+        let backend = self.backend()?;
+        let id = uuid::Uuid::new_v4().to_string();
+        let now = time::OffsetDateTime::now_utc()
+            .replace_nanosecond(0)
+            .unwrap_or(time::OffsetDateTime::now_utc());
+        let record = registry::SandboxRecord {
+            id: id.clone(),
+            tenant: spec.tenant,
+            token: random_token(),
+            image_uri: spec.image_uri,
+            entrypoint: spec.entrypoint.clone(),
+            env: spec.env.clone(),
+            metadata: spec.metadata,
+            created_at: now,
+            expires_at: spec.expires_at,
+            state: SandboxState::Running,
+            reason: None,
+            last_transition_at: now,
+            limits: spec.limits,
+            placement: None,
+            owner: spec.owner,
+        };
+        let limits = spec.limits;
+        let env = spec.env;
+        let entrypoint = spec.entrypoint;
+        let placement = tokio::task::spawn_blocking(move || {
+            backend.create(local::SandboxParams {
+                id: &id,
+                limits,
+                env: env.into_iter().collect(),
+                entrypoint,
+            })
+        })
+        .await
+        .map_err(|e| LifecycleError::Internal(e.to_string()))?
+        .map_err(|e| LifecycleError::Internal(e.to_string()))?;
+        let record = registry::SandboxRecord {
+            placement: Some(placement),
+            ..record
+        };
+        if let Err(e) = self.registry.save(record.clone()) {
+            let _ = self.destroy(&record.id, "record_failed").await;
+            return Err(LifecycleError::Internal(format!(
+                "saving the sandbox record: {e}"
+            )));
+        }
+        Ok(record)
     }
 
     /// Stops a sandbox and removes all of it.
@@ -189,6 +268,33 @@ impl Server {
             }
         }
     }
+}
+
+/// What [`Server::launch`] starts.
+pub struct LaunchSpec {
+    /// Owning tenant.
+    pub tenant: String,
+    /// The surface holding it (see [`registry::SandboxRecord::owner`]).
+    pub owner: Option<String>,
+    /// Image the client asked for.
+    pub image_uri: Option<String>,
+    /// Entrypoint.
+    pub entrypoint: Vec<String>,
+    /// Environment of user processes.
+    pub env: std::collections::BTreeMap<String, String>,
+    /// Labels.
+    pub metadata: std::collections::BTreeMap<String, String>,
+    /// Limits.
+    pub limits: local::SandboxLimits,
+    /// Automatic expiry.
+    pub expires_at: Option<time::OffsetDateTime>,
+}
+
+fn random_token() -> String {
+    use rand::RngCore;
+    let mut b = [0u8; 24];
+    rand::rng().fill_bytes(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// The tenant a lifecycle request acts for (set by the auth middleware).
@@ -278,6 +384,7 @@ pub fn router(server: Arc<Server>) -> Router {
         .route("/v1/sandboxes/{id}/proxy/{port}/", any(proxy::proxy))
         .route("/v1/sandboxes/{id}/proxy/{port}/{*rest}", any(proxy::proxy))
         .merge(lifecycle)
+        .merge(session_exec::routes(server.clone()))
         .fallback(not_found)
         .layer(middleware::from_fn(request_id))
         .with_state(server)
@@ -316,6 +423,8 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServeError> {
         loop {
             tick.tick().await;
             reaper.reap_expired().await;
+            let ttl = Duration::from_secs(reaper.config.policy.session_idle_ttl_secs);
+            sessions::Sessions::prune(&reaper, ttl).await;
         }
     });
     tracing::info!(addr = %listener.local_addr()?, "execbox listening");

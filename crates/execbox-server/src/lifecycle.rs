@@ -14,9 +14,9 @@ use execbox_proto::lifecycle::{
 };
 use time::OffsetDateTime;
 
-use crate::local::{SandboxLimits, SandboxParams};
+use crate::local::SandboxLimits;
 use crate::registry::SandboxRecord;
-use crate::{Server, Tenant};
+use crate::{LaunchSpec, Server, Tenant};
 
 /// A lifecycle API error: one variant per wire code family.
 #[derive(Debug, thiserror::Error)]
@@ -84,13 +84,6 @@ impl IntoResponse for LifecycleError {
 
 type Result<T> = std::result::Result<T, LifecycleError>;
 
-fn random_token() -> String {
-    use rand::RngCore;
-    let mut b = [0u8; 24];
-    rand::rng().fill_bytes(&mut b);
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 fn host_arch() -> &'static str {
     wire::normalize_arch(std::env::consts::ARCH)
 }
@@ -130,77 +123,32 @@ pub async fn create(
             "networkPolicy: only network mode none (no egress) is available on this server",
         ));
     }
-    let backend = server.backend()?;
     let limits = SandboxLimits {
         cpu_millicores: v.cpu_millicores,
         memory_bytes: v.memory_bytes,
         pids: v.pids,
         disk_bytes: v.disk_bytes,
+        ..Default::default()
     };
-    let id = uuid_like();
     let now = OffsetDateTime::now_utc()
         .replace_nanosecond(0)
         .unwrap_or(OffsetDateTime::now_utc());
-    let env: BTreeMap<String, String> = req.env.clone().unwrap_or_default();
-    let entrypoint = v.entrypoint.clone();
-    let record = SandboxRecord {
-        id: id.clone(),
-        tenant: tenant.0.clone(),
-        token: random_token(),
-        image_uri: image,
-        entrypoint: entrypoint.clone(),
-        env: env.clone(),
-        metadata: req.metadata.clone().unwrap_or_default(),
-        created_at: now,
-        expires_at: v
-            .timeout_secs
-            .map(|s| now + time::Duration::seconds(s as i64)),
-        state: SandboxState::Running,
-        reason: None,
-        last_transition_at: now,
-        limits,
-        placement: None,
-    };
-    let b = backend.clone();
-    let id2 = id.clone();
-    let placement = tokio::task::spawn_blocking(move || {
-        b.create(SandboxParams {
-            id: &id2,
+    let record = server
+        .launch(LaunchSpec {
+            tenant: tenant.0.clone(),
+            owner: None,
+            image_uri: image,
+            entrypoint: v.entrypoint.clone(),
+            env: req.env.clone().unwrap_or_default(),
+            metadata: req.metadata.clone().unwrap_or_default(),
             limits,
-            env: env.into_iter().collect(),
-            entrypoint,
+            expires_at: v
+                .timeout_secs
+                .map(|s| now + time::Duration::seconds(s as i64)),
         })
-    })
-    .await
-    .map_err(|e| LifecycleError::Internal(e.to_string()))?
-    .map_err(|e| LifecycleError::Internal(e.to_string()))?;
-    let record = SandboxRecord {
-        placement: Some(placement),
-        ..record
-    };
-    server
-        .registry
-        .save(record.clone())
-        .map_err(|e| LifecycleError::Internal(format!("saving the sandbox record: {e}")))?;
+        .await?;
     let body = CreateSandboxResponse::from(record.to_api());
     Ok((StatusCode::ACCEPTED, Json(body)).into_response())
-}
-
-fn uuid_like() -> String {
-    use rand::RngCore;
-    let mut b = [0u8; 16];
-    rand::rng().fill_bytes(&mut b);
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..]
-    )
 }
 
 /// The sandbox `id` if it belongs to `tenant`; another tenant's sandbox is as unknown.
@@ -208,7 +156,7 @@ fn find(server: &Server, id: &str, tenant: &Tenant) -> Result<SandboxRecord> {
     server
         .registry
         .get(id)
-        .filter(|r| r.tenant == tenant.0)
+        .filter(|r| r.tenant == tenant.0 && r.owner.is_none())
         .ok_or_else(|| LifecycleError::NotFound(id.to_string()))
 }
 
@@ -238,7 +186,9 @@ pub async fn list(
         .registry
         .all()
         .into_iter()
-        .filter(|r| r.tenant == tenant.0 && query.matches(r.state, Some(&r.metadata)))
+        .filter(|r| {
+            r.tenant == tenant.0 && r.owner.is_none() && query.matches(r.state, Some(&r.metadata))
+        })
         .collect();
     let pagination = Pagination::new(query.page, query.page_size, matching.len() as u64);
     let range = pagination.range();

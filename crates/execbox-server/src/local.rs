@@ -54,7 +54,9 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BackendErro
 }
 
 /// Resource limits of one sandbox.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct SandboxLimits {
     /// CPU in millicores.
     pub cpu_millicores: Option<u64>,
@@ -64,6 +66,12 @@ pub struct SandboxLimits {
     pub pids: Option<u64>,
     /// Size of each writable area in bytes.
     pub disk_bytes: Option<u64>,
+    /// Size of `/sandbox` in bytes, over `disk_bytes`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox_bytes: Option<u64>,
+    /// Size of `/tmp` in bytes, over `disk_bytes`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tmp_bytes: Option<u64>,
 }
 
 /// What the backend needs to start one sandbox.
@@ -325,19 +333,21 @@ impl LocalBackend {
             source: std::io::Error::other(e),
         })?;
         let ops_custom;
-        let ops = match p.limits.disk_bytes {
-            Some(bytes) => {
-                let mut plan = self.plan.clone();
-                plan.sizes = WritableSizes {
-                    home: bytes,
-                    workspace: bytes,
-                    tmp: bytes,
-                    shm: bytes.min(WritableSizes::default().shm),
-                };
-                ops_custom = plan.compile();
-                &ops_custom
-            }
-            None => &self.ops_default,
+        let l = &p.limits;
+        let ops = if l.disk_bytes.is_some() || l.sandbox_bytes.is_some() || l.tmp_bytes.is_some() {
+            let d = WritableSizes::default();
+            let mut plan = self.plan.clone();
+            plan.sizes = WritableSizes {
+                home: l.disk_bytes.unwrap_or(d.home),
+                workspace: l.disk_bytes.unwrap_or(d.workspace),
+                tmp: l.tmp_bytes.or(l.disk_bytes).unwrap_or(d.tmp),
+                sandbox: l.sandbox_bytes.or(l.disk_bytes).unwrap_or(d.sandbox),
+                shm: l.disk_bytes.unwrap_or(d.shm).min(d.shm),
+            };
+            ops_custom = plan.compile();
+            &ops_custom
+        } else {
+            &self.ops_default
         };
         let spawned = spawn::spawn_sandbox(SpawnRequest {
             mount_ops: ops,

@@ -44,6 +44,11 @@ pub struct SandboxRecord {
     pub limits: SandboxLimits,
     /// Where the sandbox runs.
     pub placement: Option<Placement>,
+    /// The surface holding the sandbox when it is not a lifecycle sandbox (`pool`, `isol8`,
+    /// `session-exec`): such sandboxes are invisible to the lifecycle API and, since their
+    /// owners keep them in memory, removed when the server restarts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 impl SandboxRecord {

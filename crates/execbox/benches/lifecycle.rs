@@ -82,8 +82,7 @@ fn main() {
         limits: SandboxLimits {
             cpu_millicores: Some(1000),
             memory_bytes: Some(512 << 20),
-            pids: None,
-            disk_bytes: None,
+            ..Default::default()
         },
         env: Vec::new(),
         entrypoint: Vec::new(),

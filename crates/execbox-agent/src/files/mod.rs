@@ -5,6 +5,7 @@
 //! operation. Blocking file work runs on tokio's blocking pool (the agent's runtime is
 //! single-threaded); uploads and downloads stream through a blocking worker per transfer.
 
+pub(crate) mod direct;
 mod download;
 mod info;
 mod ops;

@@ -1,0 +1,335 @@
+//! Direct file work for the run API (`/execbox/…`): all-or-nothing writes under given roots,
+//! listings, output-file reads and change tracking. Paths go through the same hardened
+//! resolution as the execd file API.
+
+use std::fs;
+use std::io::{self, Read, Write};
+use std::path::{Component, Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use execbox_jail::process::Credentials;
+use execbox_proto::run::{ListFilesResponse, ListedFile};
+
+use super::resolve::{self, Dir, Owner, Unresolved, Walk};
+
+/// Errors of direct file work.
+#[derive(Debug, thiserror::Error)]
+pub enum DirectError {
+    /// The request names a path it may not use.
+    #[error("{0}")]
+    Invalid(String),
+    /// The path does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The filesystem failed.
+    #[error("{0}")]
+    Io(String),
+}
+
+fn unresolved(shown: &Path, e: Unresolved) -> DirectError {
+    match e {
+        Unresolved::Proc(_) => {
+            DirectError::Invalid(format!("{}: /proc is not accessible", shown.display()))
+        }
+        Unresolved::Io(e) if e.kind() == io::ErrorKind::NotFound => {
+            DirectError::NotFound(format!("{}: no such file or directory", shown.display()))
+        }
+        Unresolved::Io(e) => DirectError::Io(format!("{}: {e}", shown.display())),
+    }
+}
+
+/// `path` made absolute and free of `.` and `..`, without touching the filesystem.
+pub fn normalize(path: &Path) -> Option<PathBuf> {
+    if !path.is_absolute() {
+        return None;
+    }
+    let mut out = PathBuf::from("/");
+    for c in path.components() {
+        match c {
+            Component::Normal(n) => out.push(n),
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
+        }
+    }
+    Some(out)
+}
+
+fn under_roots(path: &Path, roots: &[PathBuf]) -> bool {
+    roots.iter().any(|r| path.starts_with(r) && path != r)
+}
+
+/// A file ready to be renamed into place.
+struct Staged {
+    dir: Dir,
+    temp: std::ffi::OsString,
+    name: std::ffi::OsString,
+    file: fs::File,
+    shown: PathBuf,
+}
+
+/// Writes every file through a temporary file beside it, then renames them all: either every
+/// file is in place or (on an error before the renames) none is. Each path must resolve, after
+/// symlinks, under one of `roots`. New files and directories belong to `user`.
+pub fn write_all(
+    files: &[(PathBuf, Vec<u8>)],
+    roots: &[PathBuf],
+    user: Credentials,
+) -> Result<Vec<String>, DirectError> {
+    let dir_owner = Owner {
+        uid: user.uid,
+        gid: user.gid,
+        mode: 0o755,
+    };
+    let file_owner = Owner {
+        mode: 0o644,
+        ..dir_owner
+    };
+    let mut staged: Vec<Staged> = Vec::with_capacity(files.len());
+    let result = (|| {
+        for (path, data) in files {
+            let lexical = normalize(path).ok_or_else(|| {
+                DirectError::Invalid(format!("{}: not an absolute path", path.display()))
+            })?;
+            if !under_roots(&lexical, roots) {
+                return Err(outside(path, roots));
+            }
+            let (dir, name) =
+                resolve::for_create(&lexical, dir_owner).map_err(|e| unresolved(path, e))?;
+            if !under_roots(&dir.path().join(&name), roots) {
+                return Err(outside(path, roots));
+            }
+            let (mut file, temp) = dir
+                .temp_file()
+                .map_err(|e| DirectError::Io(format!("{}: {e}", path.display())))?;
+            let write = file.write_all(data);
+            staged.push(Staged {
+                dir,
+                temp,
+                name,
+                file,
+                shown: lexical,
+            });
+            write.map_err(|e| DirectError::Io(format!("{}: {e}", path.display())))?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        for s in &staged {
+            s.dir.remove_temp(&s.temp);
+        }
+        return Err(e);
+    }
+    let mut written = Vec::with_capacity(staged.len());
+    for s in staged {
+        let shown = s.shown.display().to_string();
+        s.dir
+            .commit(s.file, &s.temp, &s.name, file_owner)
+            .map_err(|e| DirectError::Io(format!("{shown}: {e}")))?;
+        written.push(shown);
+    }
+    Ok(written)
+}
+
+fn outside(path: &Path, roots: &[PathBuf]) -> DirectError {
+    let roots: Vec<String> = roots.iter().map(|r| r.display().to_string()).collect();
+    DirectError::Invalid(format!(
+        "{}: must be inside {}",
+        path.display(),
+        roots.join(" or ")
+    ))
+}
+
+/// Creates the directory `path` (and missing parents) owned by `user`.
+pub fn make_dir(path: &Path, user: Credentials) -> Result<(), DirectError> {
+    let owner = Owner {
+        uid: user.uid,
+        gid: user.gid,
+        mode: 0o755,
+    };
+    resolve::make_dirs(path, owner, owner)
+        .map(drop)
+        .map_err(|e| unresolved(path, e))
+}
+
+/// Reads a file of at most `max` bytes; `Ok(None)` when it does not exist or is not a regular
+/// file.
+pub fn read_small(path: &Path, max: u64) -> Result<Option<Vec<u8>>, DirectError> {
+    let Some(lexical) = normalize(path) else {
+        return Ok(None);
+    };
+    let entry = match resolve::existing(&lexical, true) {
+        Ok(e) => e,
+        Err(Unresolved::Io(e)) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(unresolved(path, e)),
+    };
+    let md = match entry.lstat() {
+        Ok(md) if md.is_file() => md,
+        _ => return Ok(None),
+    };
+    if md.len() > max {
+        return Err(DirectError::Invalid(format!(
+            "{}: {} bytes is more than the {max} bytes an output file may have",
+            path.display(),
+            md.len()
+        )));
+    }
+    let mut data = Vec::with_capacity(md.len() as usize);
+    fs::File::open(entry.at())
+        .and_then(|f| f.take(max + 1).read_to_end(&mut data))
+        .map_err(|e| DirectError::Io(format!("{}: {e}", path.display())))?;
+    Ok(Some(data))
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    time::OffsetDateTime::from(t)
+        .replace_nanosecond(0)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+fn listed(path: &Path, md: &fs::Metadata) -> ListedFile {
+    let ft = md.file_type();
+    let kind = if ft.is_symlink() {
+        "symlink"
+    } else if ft.is_dir() {
+        "directory"
+    } else if ft.is_file() {
+        "file"
+    } else {
+        "other"
+    };
+    ListedFile {
+        path: path.display().to_string(),
+        name: path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "/".into()),
+        kind: kind.to_string(),
+        size: md.len(),
+        modified_at: rfc3339(md.modified().unwrap_or(SystemTime::UNIX_EPOCH)),
+    }
+}
+
+/// Lists `path` (its direct children, or the whole tree), symlinks listed and never followed,
+/// sorted by path, at most `max` entries.
+pub fn list(path: &Path, recursive: bool, max: usize) -> Result<ListFilesResponse, DirectError> {
+    let lexical = normalize(path)
+        .ok_or_else(|| DirectError::Invalid(format!("{}: not an absolute path", path.display())))?;
+    let canonical = match resolve::walk(&lexical, false).map_err(|e| unresolved(path, e))? {
+        Walk::Found(p) => p,
+        Walk::Missing { .. } => {
+            return Err(DirectError::NotFound(format!(
+                "{}: no such file or directory",
+                path.display()
+            )))
+        }
+    };
+    let md = fs::symlink_metadata(&canonical).map_err(|e| unresolved(path, e.into()))?;
+    let mut files = Vec::new();
+    if md.is_dir() {
+        let dir = Dir::open(&canonical).map_err(|e| unresolved(path, e))?;
+        walk_dir(&dir, &lexical, recursive, max, &mut files)
+            .map_err(|e| DirectError::Io(format!("{}: {e}", path.display())))?;
+    } else {
+        files.push(listed(&lexical, &md));
+    }
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(ListFilesResponse {
+        path: lexical.display().to_string(),
+        files,
+    })
+}
+
+fn walk_dir(
+    dir: &Dir,
+    shown: &Path,
+    recursive: bool,
+    max: usize,
+    out: &mut Vec<ListedFile>,
+) -> io::Result<()> {
+    for name in dir.names()? {
+        if out.len() >= max {
+            return Ok(());
+        }
+        let Ok(md) = fs::symlink_metadata(dir.child(&name)) else {
+            continue;
+        };
+        let path = shown.join(&name);
+        out.push(listed(&path, &md));
+        if recursive && md.is_dir() {
+            if let Ok(sub) = dir.subdir(&name) {
+                walk_dir(&sub, &path, recursive, max, out)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Slack for tmpfs timestamps, which come from the coarse clock (up to a tick behind).
+const CLOCK_SLACK: Duration = Duration::from_millis(20);
+
+/// Regular files under `root` whose status changed at or after `since` (creation, write,
+/// rename), at most `max`, never following symlinks.
+pub fn changed_since(root: &Path, since: SystemTime, max: usize) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    let since = since - CLOCK_SLACK;
+    let since_ns = since
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i128)
+        .unwrap_or(0);
+    let mut out = Vec::new();
+    let Ok(dir) = Dir::open(root) else {
+        return out;
+    };
+    let mut stack = vec![(dir, root.to_path_buf())];
+    while let Some((dir, shown)) = stack.pop() {
+        let Ok(names) = dir.names() else { continue };
+        for name in names {
+            if out.len() >= max {
+                return out;
+            }
+            let Ok(md) = fs::symlink_metadata(dir.child(&name)) else {
+                continue;
+            };
+            let path = shown.join(&name);
+            if md.is_dir() {
+                if let Ok(sub) = dir.subdir(&name) {
+                    stack.push((sub, path));
+                }
+            } else if md.is_file() {
+                let ctime = md.ctime() as i128 * 1_000_000_000 + md.ctime_nsec() as i128;
+                let mtime = md.mtime() as i128 * 1_000_000_000 + md.mtime_nsec() as i128;
+                if ctime.max(mtime) >= since_ns {
+                    out.push(path.display().to_string());
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalize_removes_dots_and_refuses_relative_paths() {
+        assert_eq!(
+            normalize(Path::new("/a/./b/../c")),
+            Some(PathBuf::from("/a/c"))
+        );
+        assert_eq!(normalize(Path::new("/../../etc")), Some(PathBuf::from("/etc")));
+        assert_eq!(normalize(Path::new("a/b")), None);
+    }
+
+    #[test]
+    fn roots_exclude_the_root_itself_and_siblings() {
+        let roots = [PathBuf::from("/tmp")];
+        assert!(under_roots(Path::new("/tmp/x"), &roots));
+        assert!(!under_roots(Path::new("/tmp"), &roots));
+        assert!(!under_roots(Path::new("/tmpx/y"), &roots));
+    }
+}
