@@ -438,6 +438,7 @@ impl Run {
             (None, _) => 128 + libc::SIGKILL,
         };
         let oom_killed = !timed_out && signal == Some(libc::SIGKILL) && stats.oom_kills > 0;
+        let keep = self.req.keep_background;
         let req = std::mem::take(&mut self.req);
         let prepared = std::mem::replace(
             &mut self.prepared,
@@ -453,7 +454,7 @@ impl Run {
         })
         .await
         .unwrap_or_default();
-        self.clean_up();
+        self.clean_up(keep);
         RunResult {
             stdout: out.text(),
             stderr: err.text(),
@@ -480,9 +481,8 @@ impl Run {
 
     /// Removes the execution cgroup, at once when it is empty, otherwise once the processes
     /// left in the background (persistent sessions) have ended.
-    fn clean_up(mut self) {
+    fn clean_up(mut self, keep: bool) {
         let Some(leaf) = self.leaf.take() else { return };
-        let keep = self.req.keep_background;
         tokio::spawn(async move {
             loop {
                 let leaf_ref = &leaf;

@@ -1,8 +1,10 @@
 //! execbox-proto: wire types of every execbox API surface. No I/O.
 pub mod agent;
 pub mod execd;
+pub mod isol8;
 pub mod labels;
 pub mod lifecycle;
 pub mod proxy_headers;
 pub mod quantity;
 pub mod run;
+pub mod session_exec;

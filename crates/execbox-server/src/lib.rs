@@ -9,6 +9,7 @@ pub mod agent_client;
 pub mod agent_run;
 pub mod config;
 pub mod doctor;
+pub mod isol8;
 pub mod lifecycle;
 pub mod local;
 pub mod oneshot;
@@ -88,6 +89,11 @@ impl Server {
     /// The backend, or the reason sandboxes are refused.
     pub fn backend(&self) -> Result<Arc<LocalBackend>, LifecycleError> {
         self.backend.clone().map_err(LifecycleError::Internal)
+    }
+
+    /// Whether sandboxes have the runtime `name` (`python3`, `node`, `bun`, `deno`, `bash`…).
+    pub fn has_runtime(&self, name: &str) -> bool {
+        self.backend.as_ref().is_ok_and(|b| b.has_runtime(name))
     }
 
     /// Whether the sandbox placed at `p` still runs.
@@ -384,6 +390,7 @@ pub fn router(server: Arc<Server>) -> Router {
         .route("/v1/sandboxes/{id}/proxy/{port}/", any(proxy::proxy))
         .route("/v1/sandboxes/{id}/proxy/{port}/{*rest}", any(proxy::proxy))
         .merge(lifecycle)
+        .merge(isol8::routes(server.clone()))
         .merge(session_exec::routes(server.clone()))
         .fallback(not_found)
         .layer(middleware::from_fn(request_id))
@@ -417,6 +424,7 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServeError> {
     let server = tokio::task::spawn_blocking(move || Server::new(config))
         .await
         .map_err(|e| ServeError::Config(e.to_string()))?;
+    isol8::warm(&server);
     let reaper = server.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));

@@ -204,6 +204,12 @@ impl LocalBackend {
         })
     }
 
+    /// Whether the sandboxes have the runtime `name` (`python3`, `node`, `bun`, …) on their
+    /// `PATH`.
+    pub fn has_runtime(&self, name: &str) -> bool {
+        self.plan.runtimes.iter().any(|r| r.name == name)
+    }
+
     /// Directory of one sandbox's host-side files.
     pub fn sandbox_dir(&self, id: &str) -> PathBuf {
         self.config.state_dir.join("sandboxes").join(id)

@@ -1,0 +1,1120 @@
+//! The isol8 API (`../shared/compat/isol8.md`) at the top level of the port: `/execute`,
+//! `/execute/stream`, `/file`, `/sessions`, `/session/{id}` (and `/health`, served for every
+//! surface). One-shot runs take a sandbox from the warm pool and destroy it afterwards; runs with
+//! a `sessionId` use the tenant's persistent sandbox of that session. Every option is checked
+//! against the server's policy: asking for more than it allows, or for weaker isolation, is a 400
+//! naming the option.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path as UrlPath, Query, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Extension, Json, Router};
+use base64::Engine;
+use execbox_proto::isol8::{
+    format_size, parse_size, ErrorBody, ExecuteBody, ExecutionRequest, ExecutionResult, Options,
+    PutFileBody, StreamEvent,
+};
+use execbox_proto::run::{FileContent, RunEvent, RunRequest, RunResult};
+use tokio::sync::mpsc;
+
+use crate::agent_run::{self, AgentCallError};
+use crate::config::Policy;
+use crate::local::SandboxLimits;
+use crate::pool::{Profile, WarmPool};
+use crate::sessions::{Lease, SessionKey, Sessions, Surface};
+use crate::{LaunchSpec, Server, Tenant};
+
+/// Working directory and writable area of isol8 runs.
+const SANDBOX_DIR: &str = "/sandbox";
+/// Roots input files may be written under.
+const FILE_ROOTS: [&str; 2] = ["/sandbox", "/tmp"];
+/// Roots `POST /file` may write under (every writable area of a sandbox).
+const PUT_FILE_ROOTS: [&str; 4] = ["/sandbox", "/tmp", "/home/user", "/workspace"];
+/// isol8's defaults (§4).
+const DEFAULT_TIMEOUT_MS: u64 = 30_000;
+const DEFAULT_MEMORY: u64 = 512 << 20;
+const DEFAULT_CPU_MILLICORES: u64 = 1000;
+const DEFAULT_PIDS: u64 = 64;
+const DEFAULT_SANDBOX_SIZE: u64 = 512 << 20;
+const DEFAULT_TMP_SIZE: u64 = 256 << 20;
+const DEFAULT_MAX_OUTPUT: u64 = 1 << 20;
+/// Longest session id.
+const MAX_SESSION_ID: usize = 256;
+/// The template every isol8 run uses.
+const TEMPLATE: &str = "default";
+
+/// An isol8 API error, answered as `{"error":"…"}`.
+#[derive(Debug, thiserror::Error)]
+pub enum Isol8Error {
+    /// 400: the request is invalid or asks for more than the policy allows.
+    #[error("{0}")]
+    BadRequest(String),
+    /// 401.
+    #[error("Missing Authorization header")]
+    MissingKey,
+    /// 403.
+    #[error("Invalid API key")]
+    InvalidKey,
+    /// 404.
+    #[error("{0}")]
+    NotFound(String),
+    /// 413.
+    #[error("{0}")]
+    TooLarge(String),
+    /// 429: the tenant's sessions are all busy at the cap.
+    #[error("{0}")]
+    TooMany(String),
+    /// 500.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl IntoResponse for Isol8Error {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::MissingKey => StatusCode::UNAUTHORIZED,
+            Self::InvalidKey => StatusCode::FORBIDDEN,
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::TooMany(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        if status.is_server_error() {
+            tracing::error!(error = %self, "isol8 request failed");
+        }
+        (
+            status,
+            Json(ErrorBody {
+                error: self.to_string(),
+            }),
+        )
+            .into_response()
+    }
+}
+
+impl From<AgentCallError> for Isol8Error {
+    fn from(e: AgentCallError) -> Self {
+        match e {
+            AgentCallError::Refused(s, err) if s == StatusCode::NOT_FOUND => {
+                Self::NotFound(err.message)
+            }
+            AgentCallError::Refused(_, err) => Self::BadRequest(err.message),
+            AgentCallError::Failed(m) => Self::Internal(m),
+        }
+    }
+}
+
+impl From<crate::lifecycle::LifecycleError> for Isol8Error {
+    fn from(e: crate::lifecycle::LifecycleError) -> Self {
+        Self::Internal(e.to_string())
+    }
+}
+
+impl From<crate::sessions::SessionError> for Isol8Error {
+    fn from(e: crate::sessions::SessionError) -> Self {
+        match e {
+            crate::sessions::SessionError::TooMany(_) => Self::TooMany(e.to_string()),
+            crate::sessions::SessionError::Sandbox(e) => e.into(),
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, Isol8Error>;
+
+/// `Authorization: Bearer <key>` (prefix case-insensitive and optional): 401 without the
+/// header, 403 with a key the server does not know.
+async fn auth(State(server): State<Arc<Server>>, mut req: Request, next: Next) -> Response {
+    let header = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim);
+    let key = header.map(|h| match h.get(..7) {
+        Some(p) if p.eq_ignore_ascii_case("bearer ") => h[7..].trim(),
+        _ => h,
+    });
+    if server.config.has_keys() && key.is_none() {
+        return Isol8Error::MissingKey.into_response();
+    }
+    match server.tenant_of(key) {
+        Some(t) => {
+            req.extensions_mut().insert(Tenant(t));
+            next.run(req).await
+        }
+        None => Isol8Error::InvalidKey.into_response(),
+    }
+}
+
+/// The isol8 routes.
+pub fn routes(server: Arc<Server>) -> Router<Arc<Server>> {
+    let limit = server.config.policy.max_request_bytes;
+    Router::new()
+        .route("/execute", post(execute))
+        .route("/execute/stream", post(execute_stream))
+        .route("/file", post(put_file).get(get_file))
+        .route("/sessions", get(list_sessions))
+        .route("/session/{id}", delete(delete_session))
+        .layer(DefaultBodyLimit::max(limit))
+        .route_layer(middleware::from_fn_with_state(server, auth))
+}
+
+/// Starts the pool's sandboxes for the default options, so the first one-shot run finds one.
+pub fn warm(server: &Arc<Server>) {
+    WarmPool::refill(server, &default_profile());
+}
+
+fn default_profile() -> Profile {
+    Profile {
+        template: TEMPLATE.to_string(),
+        limits: SandboxLimits {
+            cpu_millicores: Some(DEFAULT_CPU_MILLICORES),
+            memory_bytes: Some(DEFAULT_MEMORY),
+            pids: Some(DEFAULT_PIDS),
+            disk_bytes: None,
+            sandbox_bytes: Some(DEFAULT_SANDBOX_SIZE),
+            tmp_bytes: Some(DEFAULT_TMP_SIZE),
+        },
+    }
+}
+
+fn body_bytes(body: std::result::Result<Bytes, BytesRejection>) -> Result<Bytes> {
+    body.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            Isol8Error::TooLarge("request body is larger than this server accepts".into())
+        }
+        _ => Isol8Error::BadRequest(format!("unreadable request body: {e}")),
+    })
+}
+
+/// Parses JSON, naming the field that is wrong.
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T> {
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path.is_empty() || path == "." {
+            Isol8Error::BadRequest(format!("invalid request body: {inner}"))
+        } else {
+            Isol8Error::BadRequest(format!("{path}: {inner}"))
+        }
+    })
+}
+
+/// A runtime of §6.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Runtime {
+    Python,
+    Node,
+    Bun,
+    Deno,
+    Bash,
+}
+
+impl Runtime {
+    fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "python" => Self::Python,
+            "node" => Self::Node,
+            "bun" => Self::Bun,
+            "deno" => Self::Deno,
+            "bash" => Self::Bash,
+            _ => return None,
+        })
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Python => "python",
+            Self::Node => "node",
+            Self::Bun => "bun",
+            Self::Deno => "deno",
+            Self::Bash => "bash",
+        }
+    }
+
+    /// The program it needs in the sandbox.
+    fn program(self) -> &'static str {
+        match self {
+            Self::Python => "python3",
+            other => other.name(),
+        }
+    }
+
+    fn extension(self) -> &'static str {
+        match self {
+            Self::Python => ".py",
+            Self::Node => ".mjs",
+            Self::Bun => ".ts",
+            Self::Deno => ".mts",
+            Self::Bash => ".sh",
+        }
+    }
+
+    fn inline(self, code: &str) -> Option<Vec<String>> {
+        let (prog, flag) = match self {
+            Self::Python => ("python3", "-c"),
+            Self::Node => ("node", "-e"),
+            Self::Bun => ("bun", "-e"),
+            Self::Bash => ("bash", "-c"),
+            Self::Deno => return None,
+        };
+        Some(vec![prog.into(), flag.into(), code.into()])
+    }
+
+    fn file(self, path: &str) -> Vec<String> {
+        let v: &[&str] = match self {
+            Self::Python => &["python3"],
+            Self::Node => &["node"],
+            Self::Bun => &["bun", "run"],
+            Self::Deno => &[
+                "deno",
+                "run",
+                "--allow-read=/sandbox,/tmp",
+                "--allow-write=/sandbox,/tmp",
+                "--allow-env",
+                "--allow-net",
+            ],
+            Self::Bash => &["bash"],
+        };
+        v.iter()
+            .map(|s| s.to_string())
+            .chain([path.to_string()])
+            .collect()
+    }
+}
+
+/// A checked execute request: what to run, where, with which limits.
+struct Plan {
+    runtime: Runtime,
+    profile: Profile,
+    run: RunRequest,
+    setup: Option<RunRequest>,
+    secrets: Vec<String>,
+    max_output: u64,
+}
+
+fn exceeds(field: &str, max: impl std::fmt::Display) -> Isol8Error {
+    Isol8Error::BadRequest(format!("{field} exceeds server maximum {max}"))
+}
+
+fn weaker(field: &str, what: &str) -> Isol8Error {
+    Isol8Error::BadRequest(format!(
+        "{field}: {what} is not allowed by this server's policy"
+    ))
+}
+
+fn size_option(field: &str, raw: Option<&str>, default: u64, max: u64) -> Result<u64> {
+    let Some(raw) = raw else { return Ok(default) };
+    let bytes = parse_size(raw)
+        .filter(|b| *b > 0)
+        .ok_or_else(|| Isol8Error::BadRequest(format!("{field}: invalid size {raw:?}")))?;
+    if bytes > max {
+        return Err(exceeds(field, format_size(max)));
+    }
+    Ok(bytes)
+}
+
+/// Checks `options` against the policy; returns the sandbox profile and the output cap.
+fn check_options(o: &Options, p: &Policy, config: &crate::ServerConfig) -> Result<(Profile, u64)> {
+    let memory = size_option(
+        "options.memoryLimit",
+        o.memory_limit.as_deref(),
+        DEFAULT_MEMORY.min(p.max_memory_bytes),
+        p.max_memory_bytes,
+    )?;
+    let cpus = o.cpu_limit.unwrap_or(DEFAULT_CPU_MILLICORES as f64 / 1000.0);
+    if !cpus.is_finite() || cpus <= 0.0 {
+        return Err(Isol8Error::BadRequest(format!(
+            "options.cpuLimit: {cpus} is not a positive number of CPUs"
+        )));
+    }
+    if cpus > p.max_cpus {
+        return Err(exceeds("options.cpuLimit", p.max_cpus));
+    }
+    let pids = o.pids_limit.unwrap_or(DEFAULT_PIDS.min(p.max_pids));
+    if pids == 0 {
+        return Err(Isol8Error::BadRequest(
+            "options.pidsLimit: must be at least 1".into(),
+        ));
+    }
+    if pids > p.max_pids {
+        return Err(exceeds("options.pidsLimit", p.max_pids));
+    }
+    let sandbox = size_option(
+        "options.sandboxSize",
+        o.sandbox_size.as_deref(),
+        DEFAULT_SANDBOX_SIZE.min(p.max_sandbox_bytes),
+        p.max_sandbox_bytes,
+    )?;
+    let tmp = size_option(
+        "options.tmpSize",
+        o.tmp_size.as_deref(),
+        DEFAULT_TMP_SIZE.min(p.max_tmp_bytes),
+        p.max_tmp_bytes,
+    )?;
+    let max_output = o
+        .max_output_size
+        .unwrap_or(DEFAULT_MAX_OUTPUT.min(p.max_output_bytes));
+    if max_output == 0 {
+        return Err(Isol8Error::BadRequest(
+            "options.maxOutputSize: must be at least 1".into(),
+        ));
+    }
+    if max_output > p.max_output_bytes {
+        return Err(exceeds("options.maxOutputSize", p.max_output_bytes));
+    }
+    if let Some(t) = o.timeout_ms {
+        if t > p.max_timeout_ms {
+            return Err(exceeds("options.timeoutMs", p.max_timeout_ms));
+        }
+    }
+    let network = o.network.as_deref().unwrap_or("none");
+    if !p.network_modes.iter().any(|m| m == network) {
+        return Err(Isol8Error::BadRequest(format!(
+            "options.network: {network:?} is not allowed by this server's policy (allowed: {})",
+            p.network_modes.join(", ")
+        )));
+    }
+    // Isolation switches: the secure default is accepted (and is what runs anyway), anything
+    // weaker is refused.
+    if let Some(image) = o.image.as_deref().filter(|i| !i.is_empty()) {
+        if config.resolve_image(image) != Some(TEMPLATE) {
+            return Err(weaker("options.image", &format!("the image {image:?}")));
+        }
+    }
+    if let Some(sec) = &o.security {
+        if let Some(mode) = sec.seccomp.as_deref().filter(|m| *m != "strict") {
+            return Err(weaker(
+                "options.security.seccomp",
+                &format!("the seccomp mode {mode:?}"),
+            ));
+        }
+        if sec.custom_profile_path.is_some() {
+            return Err(weaker(
+                "options.security.customProfilePath",
+                "a custom seccomp profile",
+            ));
+        }
+    }
+    if o.readonly_root_fs == Some(false) {
+        return Err(weaker(
+            "options.readonlyRootFs",
+            "a writable root filesystem",
+        ));
+    }
+    if o.persist == Some(true) {
+        return Err(weaker(
+            "options.persist",
+            "keeping the sandbox after the run",
+        ));
+    }
+    if o.debug == Some(true) {
+        return Err(weaker("options.debug", "debug mode"));
+    }
+    if o
+        .remote_code
+        .as_ref()
+        .and_then(|r| r.get("enabled"))
+        .and_then(|e| e.as_bool())
+        == Some(true)
+    {
+        return Err(weaker("options.remoteCode.enabled", "fetching remote code"));
+    }
+    if o.network_filter.is_some() && network != "filtered" {
+        return Err(Isol8Error::BadRequest(
+            "options.networkFilter: only used with network \"filtered\"".into(),
+        ));
+    }
+    let profile = Profile {
+        template: TEMPLATE.to_string(),
+        limits: SandboxLimits {
+            cpu_millicores: Some((cpus * 1000.0).round() as u64),
+            memory_bytes: Some(memory),
+            pids: Some(pids),
+            disk_bytes: None,
+            sandbox_bytes: Some(sandbox),
+            tmp_bytes: Some(tmp),
+        },
+    };
+    Ok((profile, max_output))
+}
+
+/// `path` without `.` and `..`, when absolute.
+fn normalize(path: &str) -> Option<PathBuf> {
+    let p = Path::new(path);
+    if !p.is_absolute() {
+        return None;
+    }
+    let mut out = PathBuf::from("/");
+    for c in p.components() {
+        match c {
+            Component::Normal(n) => out.push(n),
+            Component::ParentDir => {
+                out.pop();
+            }
+            _ => {}
+        }
+    }
+    Some(out)
+}
+
+fn inside(path: &Path, roots: &[&str]) -> bool {
+    roots
+        .iter()
+        .any(|r| path.starts_with(r) && path != Path::new(r))
+}
+
+fn b64(data: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(data)
+}
+
+fn valid_package(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"@_./-=".contains(&b))
+}
+
+fn now_ms() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0)
+}
+
+/// Checks an execute request against §3–§4 and the policy.
+fn plan(server: &Server, body: &ExecuteBody) -> Result<Plan> {
+    let r: &ExecutionRequest = &body.request;
+    let p = &server.config.policy;
+    let (profile, max_output) = check_options(&body.options, p, &server.config)?;
+    let sources = [r.code.is_some(), r.code_url.is_some(), r.cmd.is_some()];
+    match sources.iter().filter(|s| **s).count() {
+        0 => {
+            return Err(Isol8Error::BadRequest(
+                "request: one of code, codeUrl or cmd is required".into(),
+            ))
+        }
+        1 => {}
+        _ => {
+            return Err(Isol8Error::BadRequest(
+                "request: code, codeUrl and cmd are mutually exclusive; give exactly one".into(),
+            ))
+        }
+    }
+    if r.code_url.is_some() {
+        return Err(weaker("request.codeUrl", "fetching remote code"));
+    }
+    let runtime_name = r
+        .runtime
+        .as_deref()
+        .ok_or_else(|| Isol8Error::BadRequest("request.runtime: required".into()))?;
+    let runtime = Runtime::parse(runtime_name)
+        .ok_or_else(|| Isol8Error::BadRequest(format!("Unsupported runtime: {runtime_name}")))?;
+    if !server.has_runtime(runtime.program()) && r.cmd.is_none() {
+        return Err(Isol8Error::BadRequest(format!(
+            "Unsupported runtime: {runtime_name} ({} is not installed on this server)",
+            runtime.program()
+        )));
+    }
+    let timeout_ms = match (r.timeout_ms, body.options.timeout_ms) {
+        (Some(t), _) if t > p.max_timeout_ms => {
+            return Err(exceeds("request.timeoutMs", p.max_timeout_ms))
+        }
+        (Some(t), _) | (None, Some(t)) => t,
+        (None, None) => DEFAULT_TIMEOUT_MS.min(p.max_timeout_ms),
+    };
+    if timeout_ms == 0 {
+        return Err(Isol8Error::BadRequest(
+            "request.timeoutMs: must be at least 1".into(),
+        ));
+    }
+    let mut env: BTreeMap<String, String> = BTreeMap::new();
+    let secrets = body.options.secrets.clone().unwrap_or_default();
+    let user_env = r.env.clone().unwrap_or_default();
+    if user_env.len() + secrets.len() > p.max_env {
+        return Err(exceeds("request.env", format!("{} variables", p.max_env)));
+    }
+    for (k, v) in secrets.iter().chain(user_env.iter()) {
+        if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
+            return Err(Isol8Error::BadRequest(format!(
+                "request.env: invalid variable name or value {k:?}"
+            )));
+        }
+        env.insert(k.clone(), v.clone());
+    }
+    let workdir = match r.workdir.as_deref() {
+        None | Some("") => PathBuf::from(SANDBOX_DIR),
+        Some(w) => {
+            let joined = if w.starts_with('/') {
+                w.to_string()
+            } else {
+                format!("{SANDBOX_DIR}/{w}")
+            };
+            normalize(&joined)
+                .filter(|p| p.starts_with(SANDBOX_DIR))
+                .ok_or_else(|| {
+                    Isol8Error::BadRequest(format!(
+                        "request.workdir: {w:?} must resolve inside /sandbox"
+                    ))
+                })?
+        }
+    };
+    let mut files = Vec::new();
+    for (path, content) in r.files.iter().flatten() {
+        let lexical = normalize(path)
+            .filter(|p| inside(p, &FILE_ROOTS))
+            .ok_or_else(|| {
+                Isol8Error::BadRequest(format!(
+                    "request.files: {path:?} must be an absolute path under /sandbox or /tmp"
+                ))
+            })?;
+        if content.len() as u64 > p.max_file_bytes {
+            return Err(Isol8Error::TooLarge(format!(
+                "request.files: {path:?} is larger than {} bytes",
+                p.max_file_bytes
+            )));
+        }
+        files.push(FileContent {
+            path: lexical.display().to_string(),
+            content: b64(content.as_bytes()),
+        });
+    }
+    if files.len() > p.max_files {
+        return Err(exceeds("request.files", format!("{} files", p.max_files)));
+    }
+    let output_paths = r.output_paths.clone().unwrap_or_default();
+    if let Some(bad) = output_paths.iter().find(|o| normalize(o).is_none()) {
+        return Err(Isol8Error::BadRequest(format!(
+            "request.outputPaths: {bad:?} is not an absolute path"
+        )));
+    }
+    let packages = r.install_packages.clone().unwrap_or_default();
+    if let Some(bad) = packages.iter().find(|n| !valid_package(n)) {
+        return Err(Isol8Error::BadRequest(format!(
+            "request.installPackages: {bad:?} is not a valid package name"
+        )));
+    }
+    if !packages.is_empty() {
+        return Err(Isol8Error::BadRequest(format!(
+            "request.installPackages: installing packages needs network access to a package \
+             registry, and this server's sandboxes have none (network {:?}); use a runtime \
+             that has the packages already",
+            body.options.network.as_deref().unwrap_or("none")
+        )));
+    }
+    if let Some(ext) = &r.file_extension {
+        let ok = ext.len() <= 12
+            && ext.starts_with('.')
+            && ext.len() > 1
+            && ext[1..].bytes().all(|b| b.is_ascii_alphanumeric());
+        if !ok {
+            return Err(Isol8Error::BadRequest(format!(
+                "request.fileExtension: {ext:?} is not an extension like \".cjs\""
+            )));
+        }
+    }
+    let inline_ok = r.stdin.is_none() && files.is_empty() && output_paths.is_empty();
+    let mut program = None;
+    let argv = if let Some(cmd) = &r.cmd {
+        vec!["bash".into(), "-c".into(), cmd.clone()]
+    } else {
+        let code = r.code.clone().unwrap_or_default();
+        match runtime.inline(&code).filter(|_| inline_ok) {
+            Some(argv) => argv,
+            None => {
+                let ext = r
+                    .file_extension
+                    .clone()
+                    .unwrap_or_else(|| runtime.extension().to_string());
+                let path = format!("{SANDBOX_DIR}/exec_{}{ext}", now_ms());
+                program = Some(FileContent {
+                    path: path.clone(),
+                    content: b64(code.as_bytes()),
+                });
+                runtime.file(&path)
+            }
+        }
+    };
+    let persistent = body.session_id.is_some();
+    let run = RunRequest {
+        argv,
+        cwd: workdir.display().to_string(),
+        create_cwd: true,
+        env: env.clone(),
+        stdin: r.stdin.clone(),
+        timeout_ms,
+        max_output_bytes: max_output,
+        files,
+        file_roots: FILE_ROOTS.iter().map(|s| s.to_string()).collect(),
+        program,
+        output_paths,
+        track_changes_under: None,
+        keep_background: persistent,
+        stream: false,
+    };
+    let setup = r.setup_script.as_ref().map(|script| RunRequest {
+        argv: vec!["bash".into(), "-c".into(), script.clone()],
+        cwd: SANDBOX_DIR.into(),
+        env: env.clone(),
+        timeout_ms,
+        max_output_bytes: max_output,
+        keep_background: persistent,
+        ..Default::default()
+    });
+    Ok(Plan {
+        runtime,
+        profile,
+        run,
+        setup,
+        secrets: secrets.into_values().filter(|v| !v.is_empty()).collect(),
+        max_output,
+    })
+}
+
+/// Replaces secret values with `***`, also when a value is split across chunks: the last
+/// `longest - 1` bytes are held back until more output (or the end) shows what they are.
+struct Masker {
+    secrets: Vec<String>,
+    held: String,
+}
+
+impl Masker {
+    fn new(secrets: Vec<String>) -> Self {
+        Self {
+            secrets,
+            held: String::new(),
+        }
+    }
+
+    fn mask(&self, text: &str) -> String {
+        let mut out = text.to_string();
+        for s in &self.secrets {
+            out = out.replace(s.as_str(), "***");
+        }
+        out
+    }
+
+    fn feed(&mut self, chunk: &str) -> String {
+        if self.secrets.is_empty() {
+            return chunk.to_string();
+        }
+        self.held.push_str(chunk);
+        let masked = self.mask(&self.held);
+        let keep = self.secrets.iter().map(String::len).max().unwrap_or(1) - 1;
+        let mut cut = masked.len().saturating_sub(keep);
+        while !masked.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        self.held = masked[cut..].to_string();
+        masked[..cut].to_string()
+    }
+
+    fn finish(&mut self) -> String {
+        let rest = std::mem::take(&mut self.held);
+        self.mask(&rest)
+    }
+}
+
+/// Where a run happens: a pooled one-shot sandbox (destroyed after) or a session's.
+enum Slot {
+    OneShot(Arc<Server>, String),
+    Session(Lease),
+}
+
+impl Slot {
+    fn sandbox(&self) -> &str {
+        match self {
+            Slot::OneShot(_, id) => id,
+            Slot::Session(l) => &l.sandbox,
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Slot::OneShot(server, id) = self {
+            let (server, id) = (server.clone(), std::mem::take(id));
+            tokio::spawn(async move {
+                if let Err(e) = server.destroy(&id, "oneshot_done").await {
+                    tracing::warn!(sandbox = %id, error = %e, "removing a one-shot sandbox");
+                }
+            });
+        }
+    }
+}
+
+fn check_session_id(id: &str) -> Result<()> {
+    if id.is_empty() || id.len() > MAX_SESSION_ID {
+        return Err(Isol8Error::BadRequest(format!(
+            "sessionId: must be 1 to {MAX_SESSION_ID} characters"
+        )));
+    }
+    Ok(())
+}
+
+fn session_key(tenant: &Tenant, id: &str) -> SessionKey {
+    SessionKey {
+        surface: Surface::Isol8,
+        tenant: tenant.0.clone(),
+        id: id.to_string(),
+    }
+}
+
+async fn acquire(
+    server: &Arc<Server>,
+    tenant: &Tenant,
+    plan: &Plan,
+    session: Option<&str>,
+) -> Result<Slot> {
+    match session {
+        None => {
+            let rec = WarmPool::acquire(server, &plan.profile, &tenant.0).await?;
+            Ok(Slot::OneShot(server.clone(), rec.id))
+        }
+        Some(id) => {
+            let key = session_key(tenant, id);
+            let profile = plan.profile.clone();
+            let mut lease = Sessions::open(server, &key, || LaunchSpec {
+                tenant: tenant.0.clone(),
+                owner: None,
+                image_uri: Some(profile.template.clone()),
+                entrypoint: Vec::new(),
+                env: BTreeMap::new(),
+                metadata: BTreeMap::new(),
+                limits: profile.limits,
+                expires_at: None,
+            })
+            .await?;
+            if let Err(bound) = lease.bind_runtime(plan.runtime.name()) {
+                return Err(Isol8Error::BadRequest(format!(
+                    "Cannot switch runtime from {bound} to {} in session {id:?}",
+                    plan.runtime.name()
+                )));
+            }
+            Ok(Slot::Session(lease))
+        }
+    }
+}
+
+fn timestamp() -> String {
+    let f = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    time::OffsetDateTime::now_utc()
+        .format(&f)
+        .unwrap_or_default()
+}
+
+/// A stream's text as isol8 returns it: masked, cut with the truncation marker, trimmed.
+fn finish_stream(text: &str, total: u64, max: u64, masker: &Masker) -> String {
+    let masked = masker.mask(text);
+    let trimmed = masked.trim_end();
+    if total > text.len() as u64 {
+        format!("{trimmed}\n\n--- OUTPUT TRUNCATED ({total} bytes, limit: {max}) ---")
+    } else {
+        trimmed.to_string()
+    }
+}
+
+fn to_result(plan: &Plan, r: RunResult, sandbox: &str) -> ExecutionResult {
+    let masker = Masker::new(plan.secrets.clone());
+    let truncated = r.truncated();
+    let stdout = finish_stream(&r.stdout, r.stdout_bytes, plan.max_output, &masker);
+    let mut stderr = finish_stream(&r.stderr, r.stderr_bytes, plan.max_output, &masker);
+    if r.timed_out {
+        stderr.push_str("\n--- EXECUTION TIMED OUT ---");
+    }
+    ExecutionResult {
+        stdout,
+        stderr,
+        exit_code: r.exit_code,
+        duration_ms: r.duration_ms,
+        truncated,
+        execution_id: uuid::Uuid::new_v4().to_string(),
+        runtime: plan.runtime.name().to_string(),
+        timestamp: timestamp(),
+        container_id: Some(sandbox.to_string()),
+        files: (!plan.run.output_paths.is_empty()).then_some(r.files),
+        timed_out: r.timed_out,
+        oom_killed: r.oom_killed,
+    }
+}
+
+/// `POST /execute`.
+async fn execute(
+    State(server): State<Arc<Server>>,
+    Extension(tenant): Extension<Tenant>,
+    body: std::result::Result<Bytes, BytesRejection>,
+) -> Result<Json<ExecutionResult>> {
+    let body: ExecuteBody = parse(&body_bytes(body)?)?;
+    if let Some(id) = &body.session_id {
+        check_session_id(id)?;
+    }
+    let plan = plan(&server, &body)?;
+    let slot = acquire(&server, &tenant, &plan, body.session_id.as_deref()).await?;
+    let socket = server.socket_path(slot.sandbox())?;
+    if let Some(setup) = &plan.setup {
+        let r = agent_run::run(&socket, setup).await?;
+        if r.exit_code != 0 {
+            let mut result = to_result(&plan, r, slot.sandbox());
+            result.stderr.push_str("\n--- SETUP SCRIPT FAILED ---");
+            return Ok(Json(result));
+        }
+    }
+    let r = agent_run::run(&socket, &plan.run).await?;
+    Ok(Json(to_result(&plan, r, slot.sandbox())))
+}
+
+/// `POST /execute/stream`: always one-shot (a `sessionId` is ignored, as upstream).
+async fn execute_stream(
+    State(server): State<Arc<Server>>,
+    Extension(tenant): Extension<Tenant>,
+    body: std::result::Result<Bytes, BytesRejection>,
+) -> Result<Response> {
+    let mut body: ExecuteBody = parse(&body_bytes(body)?)?;
+    body.session_id = None;
+    let plan = plan(&server, &body)?;
+    let (tx, rx) = mpsc::channel::<Bytes>(64);
+    tokio::spawn(async move {
+        let mut out = StreamOut { tx, gone: false };
+        if let Err(e) = stream_run(&server, &tenant, &plan, &mut out).await {
+            tracing::warn!(error = %e, "isol8 stream failed");
+            out.send("error", e.to_string(), None).await;
+        }
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
+    });
+    let mut resp = Response::new(Body::from_stream(stream));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+    Ok(resp)
+}
+
+struct StreamOut {
+    tx: mpsc::Sender<Bytes>,
+    gone: bool,
+}
+
+impl StreamOut {
+    async fn send(&mut self, kind: &str, data: String, phase: Option<&str>) {
+        if self.gone || (data.is_empty() && matches!(kind, "stdout" | "stderr")) {
+            return;
+        }
+        let ev = StreamEvent {
+            kind: kind.into(),
+            data,
+            phase: phase.map(str::to_string),
+        };
+        if self.tx.send(Bytes::from(ev.to_sse())).await.is_err() {
+            // The client left; the run still ends (and its sandbox is removed) normally.
+            self.gone = true;
+        }
+    }
+}
+
+/// Runs one phase, forwarding its output; returns its outcome.
+async fn stream_phase(
+    socket: &Path,
+    req: &RunRequest,
+    phase: &str,
+    secrets: &[String],
+    out: &mut StreamOut,
+) -> Result<RunResult> {
+    let mut events = agent_run::run_stream(socket, req).await?;
+    let mut so = Masker::new(secrets.to_vec());
+    let mut se = Masker::new(secrets.to_vec());
+    while let Some(ev) = events.recv().await {
+        match ev {
+            RunEvent::Stdout { data } => out.send("stdout", so.feed(&data), Some(phase)).await,
+            RunEvent::Stderr { data } => out.send("stderr", se.feed(&data), Some(phase)).await,
+            RunEvent::Result { result } => {
+                out.send("stdout", so.finish(), Some(phase)).await;
+                out.send("stderr", se.finish(), Some(phase)).await;
+                return Ok(result);
+            }
+            RunEvent::Error { message } => return Err(Isol8Error::Internal(message)),
+        }
+    }
+    Err(Isol8Error::Internal(
+        "the sandbox stopped before the run finished".into(),
+    ))
+}
+
+async fn stream_run(
+    server: &Arc<Server>,
+    tenant: &Tenant,
+    plan: &Plan,
+    out: &mut StreamOut,
+) -> Result<()> {
+    let slot = acquire(server, tenant, plan, None).await?;
+    let socket = server.socket_path(slot.sandbox())?;
+    if let Some(setup) = &plan.setup {
+        let r = stream_phase(&socket, setup, "setup", &plan.secrets, out).await?;
+        if r.exit_code != 0 {
+            out.send(
+                "error",
+                format!("setup script failed with exit code {}", r.exit_code),
+                Some("setup"),
+            )
+            .await;
+            return Ok(());
+        }
+    }
+    let r = stream_phase(&socket, &plan.run, "code", &plan.secrets, out).await?;
+    if r.timed_out {
+        out.send("error", "EXECUTION TIMED OUT".into(), None).await;
+    }
+    out.send("exit", r.exit_code.to_string(), None).await;
+    Ok(())
+}
+
+async fn session_lease(server: &Arc<Server>, tenant: &Tenant, id: &str) -> Result<Lease> {
+    Sessions::get(server, &session_key(tenant, id))
+        .ok_or_else(|| Isol8Error::NotFound("Session not found".into()))
+}
+
+/// `POST /file`.
+async fn put_file(
+    State(server): State<Arc<Server>>,
+    Extension(tenant): Extension<Tenant>,
+    body: std::result::Result<Bytes, BytesRejection>,
+) -> Result<Json<serde_json::Value>> {
+    let body: PutFileBody = parse(&body_bytes(body)?)?;
+    let lease = session_lease(&server, &tenant, &body.session_id).await?;
+    let data = base64::engine::general_purpose::STANDARD
+        .decode(body.content.as_bytes())
+        .map_err(|e| Isol8Error::BadRequest(format!("content: invalid base64: {e}")))?;
+    let path = normalize(&body.path)
+        .filter(|p| inside(p, &PUT_FILE_ROOTS))
+        .ok_or_else(|| {
+            Isol8Error::BadRequest(format!(
+                "path: {:?} must be an absolute path in a writable area ({})",
+                body.path,
+                PUT_FILE_ROOTS.join(", ")
+            ))
+        })?;
+    let socket = server.socket_path(&lease.sandbox)?;
+    agent_run::write_files(
+        &socket,
+        &execbox_proto::run::WriteFilesRequest {
+            files: vec![FileContent {
+                path: path.display().to_string(),
+                content: b64(&data),
+            }],
+            roots: PUT_FILE_ROOTS.iter().map(|s| s.to_string()).collect(),
+        },
+    )
+    .await?;
+    Ok(Json(serde_json::json!({"ok": true})))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct FileQuery {
+    session_id: Option<String>,
+    path: Option<String>,
+}
+
+/// `GET /file?sessionId=&path=`.
+async fn get_file(
+    State(server): State<Arc<Server>>,
+    Extension(tenant): Extension<Tenant>,
+    query: std::result::Result<Query<FileQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<serde_json::Value>> {
+    let missing = || Isol8Error::BadRequest("Missing sessionId or path".into());
+    let Query(q) = query.map_err(|_| missing())?;
+    let (Some(id), Some(path)) = (
+        q.session_id.filter(|s| !s.is_empty()),
+        q.path.filter(|p| !p.is_empty()),
+    ) else {
+        return Err(missing());
+    };
+    let lease = session_lease(&server, &tenant, &id).await?;
+    let socket = server.socket_path(&lease.sandbox)?;
+    match agent_run::read_file(&socket, &path).await? {
+        Some(data) => Ok(Json(serde_json::json!({"content": b64(&data)}))),
+        None => Err(Isol8Error::NotFound("File not found".into())),
+    }
+}
+
+/// `GET /sessions`: the caller's sessions only.
+async fn list_sessions(
+    State(server): State<Arc<Server>>,
+    Extension(tenant): Extension<Tenant>,
+) -> Json<serde_json::Value> {
+    let sessions: Vec<serde_json::Value> = server
+        .sessions
+        .list(Surface::Isol8, &tenant.0)
+        .into_iter()
+        .map(|s| {
+            serde_json::json!({"id": s.id, "isActive": s.active, "lastAccessedAt": s.last_used_ms})
+        })
+        .collect();
+    Json(serde_json::json!({ "sessions": sessions }))
+}
+
+/// `DELETE /session/{id}`: idempotent; another tenant's session is left alone.
+async fn delete_session(
+    State(server): State<Arc<Server>>,
+    Extension(tenant): Extension<Tenant>,
+    UrlPath(id): UrlPath<String>,
+) -> Json<serde_json::Value> {
+    Sessions::remove(&server, &session_key(&tenant, &id)).await;
+    Json(serde_json::json!({"ok": true}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masker_catches_a_secret_split_across_chunks() {
+        let mut m = Masker::new(vec!["hunter2".into()]);
+        let mut out = m.feed("pass: hun");
+        out.push_str(&m.feed("ter2 ok"));
+        out.push_str(&m.finish());
+        assert_eq!(out, "pass: *** ok");
+    }
+
+    #[test]
+    fn workdir_and_files_stay_inside_their_roots() {
+        assert!(inside(&normalize("/sandbox/a").unwrap(), &FILE_ROOTS));
+        assert!(!inside(&normalize("/sandbox/../etc/x").unwrap(), &FILE_ROOTS));
+        assert!(!inside(&normalize("/tmp").unwrap(), &FILE_ROOTS));
+        assert!(normalize("relative").is_none());
+    }
+
+    #[test]
+    fn truncation_marker_names_the_sizes() {
+        let m = Masker::new(Vec::new());
+        assert_eq!(
+            finish_stream("abc", 10, 3, &m),
+            "abc\n\n--- OUTPUT TRUNCATED (10 bytes, limit: 3) ---"
+        );
+        assert_eq!(finish_stream("hello\n\n", 7, 100, &m), "hello");
+    }
+
+    #[test]
+    fn package_names_follow_isol8s_pattern() {
+        assert!(valid_package("numpy==1.26"));
+        assert!(valid_package("@types/node"));
+        assert!(!valid_package("x; rm -rf /"));
+        assert!(!valid_package(""));
+    }
+}
