@@ -1,0 +1,1 @@
+//! Wire types of the session-execute API (`../shared/compat/session-exec.md`).
