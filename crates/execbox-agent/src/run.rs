@@ -19,9 +19,9 @@ use base64::Engine;
 use execbox_jail::cgroup::ExecLeaf;
 use execbox_jail::process::ExitInfo;
 use execbox_proto::run::{
-    utf8_prefix_len, FileContent, KillRequest, ListFilesResponse, RunError, RunEvent,
-    RunRequest, RunResult, WriteFilesRequest, WriteFilesResponse, KILL_PATH, LIST_FILES_PATH,
-    RUN_PATH, WRITE_FILES_PATH,
+    utf8_prefix_len, FileContent, KillRequest, ListFilesResponse, RunError, RunEvent, RunRequest,
+    RunResult, WriteFilesRequest, WriteFilesResponse, KILL_PATH, LIST_FILES_PATH, RUN_PATH,
+    WRITE_FILES_PATH,
 };
 use tokio::sync::mpsc;
 
@@ -186,7 +186,11 @@ struct Prepared {
 }
 
 /// Writes the request's files and program, and makes the working directory.
-fn prepare(req: &RunRequest, cwd: &Path, user: execbox_jail::process::Credentials) -> Result<Prepared, Fail> {
+fn prepare(
+    req: &RunRequest,
+    cwd: &Path,
+    user: execbox_jail::process::Credentials,
+) -> Result<Prepared, Fail> {
     let files = decode(&req.files)?;
     let written = if files.is_empty() {
         Vec::new()
@@ -303,8 +307,7 @@ impl Captured {
     fn feed(&mut self, chunk: &[u8], max: u64) -> Option<String> {
         self.total += chunk.len() as u64;
         let room = (max as usize).saturating_sub(self.kept.len());
-        self.kept
-            .extend_from_slice(&chunk[..chunk.len().min(room)]);
+        self.kept.extend_from_slice(&chunk[..chunk.len().min(room)]);
         let pending = &self.kept[self.streamed..];
         let whole = utf8_prefix_len(pending);
         if whole == 0 {
@@ -365,8 +368,8 @@ impl Run {
 
     async fn execute(mut self, events: Option<&mpsc::Sender<Bytes>>) -> RunResult {
         let started = Instant::now();
-        let deadline = (self.req.timeout_ms > 0)
-            .then(|| started + Duration::from_millis(self.req.timeout_ms));
+        let deadline =
+            (self.req.timeout_ms > 0).then(|| started + Duration::from_millis(self.req.timeout_ms));
         if let (Some(fd), Some(input)) = (self.stdin.take(), self.req.stdin.take()) {
             tokio::spawn(feed_stdin(fd, input));
         }

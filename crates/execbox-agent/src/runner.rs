@@ -129,10 +129,17 @@ impl Runner {
         let fence = if config.landlock {
             let spec = FenceSpec {
                 read_only: vec![PathBuf::from("/")],
-                read_write: ["/home/user", "/workspace", "/sandbox", "/tmp", "/dev", "/proc"]
-                    .into_iter()
-                    .map(PathBuf::from)
-                    .collect(),
+                read_write: [
+                    "/home/user",
+                    "/workspace",
+                    "/sandbox",
+                    "/tmp",
+                    "/dev",
+                    "/proc",
+                ]
+                .into_iter()
+                .map(PathBuf::from)
+                .collect(),
             };
             let fence = landlock_fence::prepare(&spec)
                 .map_err(|e| std::io::Error::other(format!("landlock: {e}")))?;

@@ -214,8 +214,13 @@ pub fn parse_size(raw: &str) -> Option<u64> {
 
 /// A byte count in isol8's syntax (`512m`), exact when it can be.
 pub fn format_size(bytes: u64) -> String {
-    for (unit, size) in [("t", 1u64 << 40), ("g", 1 << 30), ("m", 1 << 20), ("k", 1 << 10)] {
-        if bytes >= size && bytes % size == 0 {
+    for (unit, size) in [
+        ("t", 1u64 << 40),
+        ("g", 1 << 30),
+        ("m", 1 << 20),
+        ("k", 1 << 10),
+    ] {
+        if bytes >= size && bytes.is_multiple_of(size) {
             return format!("{}{unit}", bytes / size);
         }
     }

@@ -217,7 +217,12 @@ mod tests {
             r#"{"type":"stdout","data":"x"}"#
         );
         let back: RunEvent = serde_json::from_str(r#"{"type":"error","message":"m"}"#).unwrap();
-        assert_eq!(back, RunEvent::Error { message: "m".into() });
+        assert_eq!(
+            back,
+            RunEvent::Error {
+                message: "m".into()
+            }
+        );
     }
 
     #[test]

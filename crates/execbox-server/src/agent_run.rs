@@ -110,7 +110,9 @@ pub async fn run_stream(
         let mut ended = false;
         while let Some(frame) = body.frame().await {
             let Ok(frame) = frame else { break };
-            let Ok(data) = frame.into_data() else { continue };
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
             buf.extend_from_slice(&data);
             while let Some(i) = memchr_newline(&buf) {
                 let line: Vec<u8> = buf.drain(..=i).collect();

@@ -162,8 +162,7 @@ impl ServerConfig {
     pub fn from_file(path: &Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("reading {}: {e}", path.display()))?;
-        let config: Self =
-            toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        let config: Self = toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
         config
             .policy
             .validate()

@@ -332,7 +332,9 @@ fn check_options(o: &Options, p: &Policy, config: &crate::ServerConfig) -> Resul
         DEFAULT_MEMORY.min(p.max_memory_bytes),
         p.max_memory_bytes,
     )?;
-    let cpus = o.cpu_limit.unwrap_or(DEFAULT_CPU_MILLICORES as f64 / 1000.0);
+    let cpus = o
+        .cpu_limit
+        .unwrap_or(DEFAULT_CPU_MILLICORES as f64 / 1000.0);
     if !cpus.is_finite() || cpus <= 0.0 {
         return Err(Isol8Error::BadRequest(format!(
             "options.cpuLimit: {cpus} is not a positive number of CPUs"
@@ -421,8 +423,7 @@ fn check_options(o: &Options, p: &Policy, config: &crate::ServerConfig) -> Resul
     if o.debug == Some(true) {
         return Err(weaker("options.debug", "debug mode"));
     }
-    if o
-        .remote_code
+    if o.remote_code
         .as_ref()
         .and_then(|r| r.get("enabled"))
         .and_then(|e| e.as_bool())
@@ -1095,7 +1096,10 @@ mod tests {
     #[test]
     fn workdir_and_files_stay_inside_their_roots() {
         assert!(inside(&normalize("/sandbox/a").unwrap(), &FILE_ROOTS));
-        assert!(!inside(&normalize("/sandbox/../etc/x").unwrap(), &FILE_ROOTS));
+        assert!(!inside(
+            &normalize("/sandbox/../etc/x").unwrap(),
+            &FILE_ROOTS
+        ));
         assert!(!inside(&normalize("/tmp").unwrap(), &FILE_ROOTS));
         assert!(normalize("relative").is_none());
     }

@@ -158,7 +158,10 @@ impl Server {
     }
 
     /// Starts a sandbox and records it.
-    pub async fn launch(&self, spec: LaunchSpec) -> Result<registry::SandboxRecord, LifecycleError> {
+    pub async fn launch(
+        &self,
+        spec: LaunchSpec,
+    ) -> Result<registry::SandboxRecord, LifecycleError> {
         let backend = self.backend()?;
         let id = uuid::Uuid::new_v4().to_string();
         let now = time::OffsetDateTime::now_utc()
@@ -260,6 +263,18 @@ impl Server {
         self.config.has_keys()
             && key.is_some()
             && self.tenant_of(key).is_some_and(|t| t == rec.tenant)
+    }
+
+    /// Removes the sandboxes only this process can reach (pool, one-shot and session sandboxes,
+    /// tracked in memory). Lifecycle sandboxes stay: a restarted server re-attaches to them.
+    pub async fn stop_owned(&self) {
+        for rec in self.registry.all() {
+            if rec.owner.is_some() {
+                if let Err(e) = self.destroy(&rec.id, "server_stopped").await {
+                    tracing::warn!(sandbox = %rec.id, error = %e, "removing a sandbox on stop");
+                }
+            }
+        }
     }
 
     /// Deletes every sandbox whose expiry has passed.
@@ -442,6 +457,17 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServeError> {
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "TCP_NODELAY");
         }
+    });
+    let on_stop = server.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut term) = signal(SignalKind::terminate()) else {
+            return;
+        };
+        term.recv().await;
+        on_stop.stop_owned().await;
+        tracing::info!("stopped");
+        std::process::exit(0);
     });
     axum::serve(listener, router(server)).await?;
     Ok(())

@@ -321,7 +321,10 @@ mod tests {
             normalize(Path::new("/a/./b/../c")),
             Some(PathBuf::from("/a/c"))
         );
-        assert_eq!(normalize(Path::new("/../../etc")), Some(PathBuf::from("/etc")));
+        assert_eq!(
+            normalize(Path::new("/../../etc")),
+            Some(PathBuf::from("/etc"))
+        );
         assert_eq!(normalize(Path::new("a/b")), None);
     }
 

@@ -54,11 +54,23 @@ pub struct Server {
 impl Server {
     /// Starts the server; `name` labels its state directory.
     pub fn start(name: &str) -> Res<Server> {
+        Self::start_with_config(name, None)
+    }
+
+    /// Starts the server with a configuration file holding `config_toml`.
+    pub fn start_with_config(name: &str, config_toml: Option<&str>) -> Res<Server> {
         let port = free_port()?;
         let state_dir =
             std::env::temp_dir().join(format!("execbox-bench-{name}-{}", std::process::id()));
-        let child = Command::new(env!("CARGO_BIN_EXE_execbox"))
-            .arg("serve")
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_execbox"));
+        cmd.arg("serve");
+        if let Some(toml) = config_toml {
+            let path = std::env::temp_dir()
+                .join(format!("execbox-bench-{name}-{}.toml", std::process::id()));
+            std::fs::write(&path, toml).map_err(|e| format!("writing the config: {e}"))?;
+            cmd.arg("--config").arg(path);
+        }
+        let child = cmd
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
             .arg("--state-dir")

@@ -1,0 +1,194 @@
+//! isol8 one-shot benchmark: a real release `execbox serve` on loopback, `POST /execute` of
+//! `print("hello")` (python, no session: a fresh sandbox per run, destroyed afterwards), side by
+//! side in the same run with the bare interpreter, `<python3> -c 'print("hello")'` by absolute
+//! path, the same interpreter the sandboxes run.
+//!
+//! Series:
+//! 1. bare interpreter, spawned and waited for from this process;
+//! 2. `/execute` through the server with the warm pool (default: 2 ready sandboxes);
+//! 3. `/execute` with the pool off (`warm_pool_size = 0`): a sandbox started per request;
+//! 4. 50 concurrent one-shot runs (with the pool), counting errors.
+//!
+//! Run: `cargo bench -p execbox --bench isol8` (as root). `EXECBOX_BENCH_ISOL8_N` sets the
+//! number of sequential runs (default 200), `EXECBOX_BENCH_ISOL8_CONCURRENT` the concurrent
+//! ones (default 50), `EXECBOX_BENCH_PYTHON` the interpreter (default `/usr/bin/python3` when
+//! present: a pyenv build may load site hooks costing tens of milliseconds per start).
+//!
+//! Targets: with the pool, p50 <= 25 ms and p99 <= 60 ms (isol8 publishes 113-150 ms warm);
+//! 50 concurrent runs with no error.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use serde_json::{json, Value};
+
+mod support;
+
+use support::{cpu_model, describe, env_usize, Res, Server};
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn report(label: &str, mut ms: Vec<f64>, target: &str) {
+    ms.sort_by(|a, b| a.total_cmp(b));
+    println!(
+        "  {label:<44} n={:<4} p50={:>8.2} ms  p99={:>8.2} ms  {target}",
+        ms.len(),
+        percentile(&ms, 0.50),
+        percentile(&ms, 0.99)
+    );
+}
+
+fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("EXECBOX_BENCH_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let system = PathBuf::from("/usr/bin/python3");
+    if system.exists() {
+        return system;
+    }
+    Command::new("python3")
+        .args([
+            "-c",
+            "import os,sys;print(os.path.realpath(sys.executable))",
+        ])
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| PathBuf::from(s.trim()))
+        .unwrap_or_else(|| PathBuf::from("python3"))
+}
+
+fn bare(python: &PathBuf, n: usize) -> Res<Vec<f64>> {
+    let mut ms = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        let out = Command::new(python)
+            .args(["-c", "print(\"hello\")"])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("{}: {e}", python.display()))?;
+        ms.push(t.elapsed().as_secs_f64() * 1e3);
+        if out.stdout != b"hello\n" {
+            return Err(format!("bare python printed {:?}", out.stdout));
+        }
+    }
+    Ok(ms)
+}
+
+fn execute_once(base: &str) -> Res<f64> {
+    let body = json!({"request": {"runtime": "python", "code": "print(\"hello\")"}});
+    let t = Instant::now();
+    let r = ureq::post(&format!("{base}/execute"))
+        .set("Content-Type", "application/json")
+        .send_string(&body.to_string())
+        .map_err(describe)?;
+    let v: Value = r.into_json().map_err(|e| e.to_string())?;
+    let elapsed = t.elapsed().as_secs_f64() * 1e3;
+    if v["stdout"] != "hello" || v["exitCode"] != 0 {
+        return Err(format!("unexpected result {v}"));
+    }
+    Ok(elapsed)
+}
+
+fn sequential(base: &str, n: usize) -> Res<Vec<f64>> {
+    // Warm-up: page cache, the pool's first sandboxes.
+    for _ in 0..5 {
+        execute_once(base)?;
+    }
+    (0..n).map(|_| execute_once(base)).collect()
+}
+
+fn concurrent(base: &str, n: usize) -> (Vec<f64>, Vec<String>, f64) {
+    let t = Instant::now();
+    let results: Vec<Res<f64>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..n).map(|_| s.spawn(|| execute_once(base))).collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err("thread panicked".into())))
+            .collect()
+    });
+    let wall = t.elapsed().as_secs_f64() * 1e3;
+    let mut ok = Vec::new();
+    let mut errors = Vec::new();
+    for r in results {
+        match r {
+            Ok(ms) => ok.push(ms),
+            Err(e) => errors.push(e),
+        }
+    }
+    (ok, errors, wall)
+}
+
+fn config(python: &PathBuf, pool: usize) -> String {
+    format!(
+        "python = {:?}\n[policy]\nwarm_pool_size = {pool}\n",
+        python.display().to_string()
+    )
+}
+
+fn main() {
+    let n = env_usize("EXECBOX_BENCH_ISOL8_N", 200);
+    let c = env_usize("EXECBOX_BENCH_ISOL8_CONCURRENT", 50);
+    let python = python();
+    println!("execbox isol8 one-shot benchmark");
+    println!(
+        "  cpu: {}, interpreter: {}\n",
+        cpu_model(),
+        python.display()
+    );
+
+    match bare(&python, n) {
+        Ok(ms) => report(
+            &format!("bare {} -c 'print(\"hello\")'", python.display()),
+            ms,
+            "(baseline)",
+        ),
+        Err(e) => println!("  bare interpreter failed: {e}"),
+    }
+
+    match Server::start_with_config("isol8-pool", Some(&config(&python, 2))) {
+        Ok(server) => {
+            match sequential(&server.base, n) {
+                Ok(ms) => report(
+                    "POST /execute, warm pool (2 ready)",
+                    ms,
+                    "target p50 <= 25 ms, p99 <= 60 ms",
+                ),
+                Err(e) => println!("  /execute with the pool failed: {e}"),
+            }
+            let (ok, errors, wall) = concurrent(&server.base, c);
+            report(
+                &format!("{c} concurrent POST /execute"),
+                ok,
+                &format!("wall {wall:.0} ms, errors: {} (target 0)", errors.len()),
+            );
+            for e in errors.iter().take(5) {
+                println!("    error: {e}");
+            }
+            server.stop();
+        }
+        Err(e) => println!("  server failed: {e}"),
+    }
+
+    match Server::start_with_config("isol8-nopool", Some(&config(&python, 0))) {
+        Ok(server) => {
+            match sequential(&server.base, n.min(100)) {
+                Ok(ms) => report(
+                    "POST /execute, no pool (sandbox per run)",
+                    ms,
+                    "(for comparison)",
+                ),
+                Err(e) => println!("  /execute without the pool failed: {e}"),
+            }
+            server.stop();
+        }
+        Err(e) => println!("  server failed: {e}"),
+    }
+}
