@@ -275,7 +275,12 @@ async fn start(app: Arc<AppState>, body: Bytes) -> Result<Response, Fail> {
         );
         Ok(resp)
     } else {
-        Ok(Json(run.execute(None).await).into_response())
+        // Spawned: a caller that goes away does not cancel the run, whose timeout must still
+        // hold (a persistent session outlives its callers).
+        let result = tokio::spawn(run.execute(None))
+            .await
+            .map_err(|e| Fail::Internal(format!("the run failed: {e}")))?;
+        Ok(Json(result).into_response())
     }
 }
 

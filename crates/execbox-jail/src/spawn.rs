@@ -185,6 +185,12 @@ fn child_fail(err_fd: RawFd, stage: u32, index: u32, errno: Errno) -> ! {
 /// Runs in the child of `clone3`: async-signal-safe code only (see [`crate::sys`]).
 fn child_main(plan: &ChildPlan<'_>) -> ! {
     sys::block_all_signals();
+    // Until the exec: if the server dies mid-start, this half-made child must not wait forever
+    // on the sync pipe (a concurrently started sibling may hold its write end open). Cleared
+    // before the exec: the creating thread is a pooled one that may exit later.
+    if sys::set_parent_death_signal(libc::SIGKILL).is_err() {
+        sys::exit_now(126);
+    }
     // Move our descriptors out of the range that the final layout (3, 4, …) will use.
     let err = match sys::dup_above(plan.err_write, 64) {
         Ok(fd) => fd,
@@ -238,6 +244,10 @@ fn child_main(plan: &ChildPlan<'_>) -> ! {
     }
     if let Err(e) = sys::cloexec_from(READY_FD + plan.pass_count as RawFd + 1) {
         child_fail(err, STAGE_FDS, 3, e);
+    }
+    // (A credential change has usually cleared it already; not in a rootless sandbox.)
+    if let Err(e) = sys::set_parent_death_signal(0) {
+        child_fail(err, STAGE_FDS, 4, e);
     }
     sys::reset_signals();
     let e = sys::execveat_fd(exe, &plan.argv, &plan.envp);

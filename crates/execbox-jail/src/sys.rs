@@ -283,6 +283,17 @@ pub fn reset_signals() {
     }
 }
 
+/// `prctl(PR_SET_PDEATHSIG)`: `sig` is sent to the caller when the thread that created it
+/// exits (0 clears it).
+pub fn set_parent_death_signal(sig: i32) -> Result<(), Errno> {
+    // SAFETY: plain syscall with integer arguments.
+    check(
+        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, sig as libc::c_ulong, 0, 0, 0) }
+            as libc::c_long,
+    )
+    .map(drop)
+}
+
 /// Blocks every signal in the calling thread.
 pub fn block_all_signals() {
     // SAFETY: the set is initialised by sigfillset before use.

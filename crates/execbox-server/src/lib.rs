@@ -268,6 +268,7 @@ impl Server {
     /// Removes the sandboxes only this process can reach (pool, one-shot and session sandboxes,
     /// tracked in memory). Lifecycle sandboxes stay: a restarted server re-attaches to them.
     pub async fn stop_owned(&self) {
+        self.pool.stop().await;
         for rec in self.registry.all() {
             if rec.owner.is_some() {
                 if let Err(e) = self.destroy(&rec.id, "server_stopped").await {

@@ -36,6 +36,7 @@ pub struct WarmPool {
     size: usize,
     max_profiles: usize,
     shelves: Mutex<HashMap<Profile, Shelf>>,
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 impl WarmPool {
@@ -45,6 +46,19 @@ impl WarmPool {
             size,
             max_profiles,
             shelves: Mutex::new(HashMap::new()),
+            stopping: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Starts nothing more, and waits (bounded) until the sandboxes being started are up, so
+    /// that the caller can then remove every pooled sandbox.
+    pub async fn stop(&self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
+        while self.lock().values().any(|s| s.starting > 0) && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
     }
 
@@ -104,7 +118,7 @@ impl WarmPool {
     /// Starts sandboxes until `profile` has its ready count (counting those starting).
     pub fn refill(server: &Arc<Server>, profile: &Profile) {
         let pool = &server.pool;
-        if pool.size == 0 {
+        if pool.size == 0 || pool.stopping.load(std::sync::atomic::Ordering::SeqCst) {
             return;
         }
         let missing = {
