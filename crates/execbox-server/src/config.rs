@@ -84,6 +84,39 @@ pub struct Policy {
     pub warm_pool_size: usize,
     /// Distinct limits profiles the pool keeps sandboxes for.
     pub max_pool_profiles: usize,
+    /// Per-tenant maxima over these (`[policy.tenants.acme] max_memory_bytes = …`): what the
+    /// keys of that tenant may ask for.
+    pub tenants: BTreeMap<String, PolicyOverride>,
+}
+
+/// A tenant's maxima, each over the server-wide one when given.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PolicyOverride {
+    /// See [`Policy::max_memory_bytes`].
+    pub max_memory_bytes: Option<u64>,
+    /// See [`Policy::max_cpus`].
+    pub max_cpus: Option<f64>,
+    /// See [`Policy::max_pids`].
+    pub max_pids: Option<u64>,
+    /// See [`Policy::max_timeout_ms`].
+    pub max_timeout_ms: Option<u64>,
+    /// See [`Policy::max_output_bytes`].
+    pub max_output_bytes: Option<u64>,
+    /// See [`Policy::max_sandbox_bytes`].
+    pub max_sandbox_bytes: Option<u64>,
+    /// See [`Policy::max_tmp_bytes`].
+    pub max_tmp_bytes: Option<u64>,
+    /// See [`Policy::network_modes`].
+    pub network_modes: Option<Vec<String>>,
+    /// See [`Policy::max_sessions`].
+    pub max_sessions: Option<usize>,
+    /// See [`Policy::max_file_bytes`].
+    pub max_file_bytes: Option<u64>,
+    /// See [`Policy::max_files`].
+    pub max_files: Option<usize>,
+    /// See [`Policy::max_env`].
+    pub max_env: Option<usize>,
 }
 
 impl Default for Policy {
@@ -105,13 +138,46 @@ impl Default for Policy {
             max_request_bytes: 256 << 20,
             warm_pool_size: 2,
             max_pool_profiles: 4,
+            tenants: BTreeMap::new(),
         }
     }
 }
 
 impl Policy {
+    /// The maxima for the keys of `tenant`: the server-wide ones with the tenant's overrides.
+    pub fn for_tenant(&self, tenant: &str) -> Policy {
+        let mut p = self.clone();
+        p.tenants = BTreeMap::new();
+        let Some(o) = self.tenants.get(tenant) else {
+            return p;
+        };
+        macro_rules! over {
+            ($($f:ident),*) => { $( if let Some(v) = o.$f.clone() { p.$f = v; } )* };
+        }
+        over!(
+            max_memory_bytes,
+            max_cpus,
+            max_pids,
+            max_timeout_ms,
+            max_output_bytes,
+            max_sandbox_bytes,
+            max_tmp_bytes,
+            network_modes,
+            max_sessions,
+            max_file_bytes,
+            max_files,
+            max_env
+        );
+        p
+    }
+
     /// Checks values no server can honour.
     pub fn validate(&self) -> Result<(), String> {
+        for (tenant, _) in &self.tenants {
+            self.for_tenant(tenant)
+                .validate()
+                .map_err(|e| format!("[policy.tenants.{tenant}]: {e}"))?;
+        }
         if let Some(m) = self.network_modes.iter().find(|m| m.as_str() != "none") {
             return Err(format!(
                 "policy.network_modes: {m:?} is not available: sandboxes of this server have no \
@@ -205,6 +271,20 @@ impl ServerConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tenant_policies_override_the_server_maxima() {
+        let c: ServerConfig = toml::from_str(
+            "[policy]\nmax_pids = 100\n[policy.tenants.acme]\nmax_pids = 10\nmax_env = 5\n",
+        )
+        .expect("config");
+        assert_eq!(c.policy.for_tenant("acme").max_pids, 10);
+        assert_eq!(c.policy.for_tenant("acme").max_env, 5);
+        assert_eq!(c.policy.for_tenant("other").max_pids, 100);
+        let bad: ServerConfig =
+            toml::from_str("[policy.tenants.x]\nnetwork_modes = [\"host\"]\n").expect("config");
+        assert!(bad.policy.validate().is_err());
+    }
 
     #[test]
     fn code_interpreter_image_of_any_tag_is_the_default_template() {

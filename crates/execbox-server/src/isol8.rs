@@ -494,9 +494,9 @@ fn now_ms() -> u128 {
 }
 
 /// Checks an execute request against §3–§4 and the policy.
-fn plan(server: &Server, body: &ExecuteBody) -> Result<Plan> {
+fn plan(server: &Server, tenant: &Tenant, body: &ExecuteBody) -> Result<Plan> {
     let r: &ExecutionRequest = &body.request;
-    let p = &server.config.policy;
+    let p = &server.config.policy.for_tenant(&tenant.0);
     let (profile, max_output) = check_options(&body.options, p, &server.config)?;
     let sources = [r.code.is_some(), r.code_url.is_some(), r.cmd.is_some()];
     match sources.iter().filter(|s| **s).count() {
@@ -861,7 +861,7 @@ async fn execute(
     if let Some(id) = &body.session_id {
         check_session_id(id)?;
     }
-    let plan = plan(&server, &body)?;
+    let plan = plan(&server, &tenant, &body)?;
     let slot = acquire(&server, &tenant, &plan, body.session_id.as_deref()).await?;
     let socket = server.socket_path(slot.sandbox())?;
     if let Some(setup) = &plan.setup {
@@ -884,7 +884,7 @@ async fn execute_stream(
 ) -> Result<Response> {
     let mut body: ExecuteBody = parse(&body_bytes(body)?)?;
     body.session_id = None;
-    let plan = plan(&server, &body)?;
+    let plan = plan(&server, &tenant, &body)?;
     let (tx, rx) = mpsc::channel::<Bytes>(64);
     tokio::spawn(async move {
         let mut out = StreamOut { tx, gone: false };

@@ -165,7 +165,7 @@ impl Sessions {
         if let Some(l) = this.lease_existing(server, key) {
             return Ok(l);
         }
-        let cap = server.config.policy.max_sessions;
+        let cap = server.config.policy.for_tenant(&key.tenant).max_sessions;
         let evict = {
             let map = this.lock();
             let mine: Vec<(&SessionKey, &Session)> = map

@@ -428,7 +428,8 @@ fn sessions_keep_files_and_processes_but_not_variables() {
 #[test]
 fn tenants_never_see_each_others_sessions() {
     let server = TestServer::start_with_config(
-        "[tenants]\nacme = [\"key-acme\"]\nglobex = [\"key-globex\"]\n",
+        "[tenants]\nacme = [\"key-acme\"]\nglobex = [\"key-globex\"]\n\
+         [policy.tenants.globex]\nmax_memory_bytes = 268435456\n",
     );
     let run = |key: &str, cmd: &str| {
         let body = json!({"sessionId": "shared", "request": {"runtime": "bash", "cmd": cmd}});
@@ -467,6 +468,18 @@ fn tenants_never_see_each_others_sessions() {
     assert_eq!(a2["stdout"], "acme-secret");
     let (_, v) = call(&server, "GET", "/sessions", Some("key-acme"), None);
     assert_eq!(v["sessions"].as_array().unwrap().len(), 1);
+    // Each tenant has its own maxima.
+    let big = json!({"request": {"runtime": "bash", "cmd": "echo ok"}, "options": {"memoryLimit": "300m"}});
+    let (s, v) = call(&server, "POST", "/execute", Some("key-globex"), Some(&big));
+    assert_eq!(
+        (s, v),
+        (
+            400,
+            json!({"error": "options.memoryLimit exceeds server maximum 256m"})
+        )
+    );
+    let (s, v) = call(&server, "POST", "/execute", Some("key-acme"), Some(&big));
+    assert_eq!((s, v["stdout"].clone()), (200, json!("ok")));
 }
 
 #[test]
