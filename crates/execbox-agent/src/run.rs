@@ -155,6 +155,15 @@ async fn kill(body: Bytes) -> Result<StatusCode, Fail> {
             "pid: 1 is the sandbox's init process and cannot be signalled".into(),
         ));
     }
+    if req.pid == execbox_proto::run::EVERY_PROCESS {
+        return match execbox_jail::process::signal_everything(req.signal) {
+            Ok(()) => Ok(StatusCode::OK),
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Err(Fail::NotFound(
+                "no process is running in this sandbox".into(),
+            )),
+            Err(e) => Err(Fail::Internal(format!("signalling every process: {e}"))),
+        };
+    }
     if req.pid <= 0 {
         return Err(Fail::Invalid(format!(
             "pid: {} is not a process id",

@@ -248,7 +248,13 @@ pub fn signal_process(pid: i32, sig: i32) -> std::io::Result<()> {
 
 /// Sends SIGKILL to every process of the pid namespace except the caller (PID 1).
 pub fn kill_everything() {
-    let _ = sys::kill(-1, libc::SIGKILL);
+    let _ = signal_everything(libc::SIGKILL);
+}
+
+/// Sends `sig` to every process of the pid namespace except the caller (PID 1); ESRCH when
+/// there is none.
+pub fn signal_everything(sig: i32) -> std::io::Result<()> {
+    sys::kill(-1, sig).map_err(errno_to_io)
 }
 
 /// Hardens the agent itself: not dumpable (no ptrace, no core, `/proc/1` unreadable by the

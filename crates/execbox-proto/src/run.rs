@@ -13,6 +13,8 @@ pub const WRITE_FILES_PATH: &str = "/execbox/files/write";
 pub const LIST_FILES_PATH: &str = "/execbox/files/list";
 /// Route of [`KillRequest`].
 pub const KILL_PATH: &str = "/execbox/kill";
+/// [`KillRequest::pid`] meaning every process of the sandbox but its agent.
+pub const EVERY_PROCESS: i32 = -1;
 
 /// A file to write; `content` is base64.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -69,7 +71,7 @@ pub struct ListFilesResponse {
 /// `POST /execbox/kill`.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct KillRequest {
-    /// Pid inside the sandbox.
+    /// Pid inside the sandbox; [`EVERY_PROCESS`] for all of them (the agent excepted).
     pub pid: i32,
     /// Signal number.
     pub signal: i32,

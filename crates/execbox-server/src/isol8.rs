@@ -164,6 +164,7 @@ pub fn routes(server: Arc<Server>) -> Router<Arc<Server>> {
         .route("/file", post(put_file).get(get_file))
         .route("/sessions", get(list_sessions))
         .route("/session/{id}", delete(delete_session))
+        .route("/session/{id}/signal", post(signal_session))
         .layer(DefaultBodyLimit::max(limit))
         .route_layer(middleware::from_fn_with_state(server, auth))
 }
@@ -1078,6 +1079,59 @@ async fn delete_session(
 ) -> Json<serde_json::Value> {
     Sessions::remove(&server, &session_key(&tenant, &id)).await;
     Json(serde_json::json!({"ok": true}))
+}
+
+/// `POST /session/{id}/signal` (`{"signal":"SIGTERM"}`): to every process of the session.
+async fn signal_session(
+    State(server): State<Arc<Server>>,
+    Extension(tenant): Extension<Tenant>,
+    UrlPath(id): UrlPath<String>,
+    body: std::result::Result<Bytes, BytesRejection>,
+) -> Result<Json<serde_json::Value>> {
+    #[derive(serde::Deserialize)]
+    struct SignalBody {
+        signal: Option<String>,
+    }
+    let body = body_bytes(body)?;
+    let name = if body.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else {
+        parse::<SignalBody>(&body)?.signal
+    }
+    .unwrap_or_else(|| "SIGTERM".to_string());
+    use nix::sys::signal::Signal;
+    const ALLOWED: [Signal; 7] = [
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGKILL,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+    ];
+    let number = name
+        .parse::<Signal>()
+        .ok()
+        .filter(|s| ALLOWED.contains(s))
+        .ok_or_else(|| {
+            Isol8Error::BadRequest(format!(
+                "signal: {name:?} is not one of SIGTERM, SIGINT, SIGKILL, SIGHUP, SIGQUIT, \
+                 SIGUSR1, SIGUSR2"
+            ))
+        })? as i32;
+    let lease = session_lease(&server, &tenant, &id).await?;
+    let socket = server.socket_path(&lease.sandbox)?;
+    match agent_run::kill(&socket, execbox_proto::run::EVERY_PROCESS, number).await {
+        Err(e) if e.is_not_found() => {
+            return Err(Isol8Error::BadRequest(
+                "No running container for session".into(),
+            ))
+        }
+        other => other?,
+    }
+    Ok(Json(
+        serde_json::json!({"ok": true, "signal": name, "containerId": lease.sandbox}),
+    ))
 }
 
 #[cfg(test)]

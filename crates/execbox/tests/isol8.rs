@@ -408,6 +408,36 @@ fn sessions_keep_files_and_processes_but_not_variables() {
     let (s, v) = call(&server, "POST", "/file", None, Some(&nosession));
     assert_eq!((s, v), (404, json!({"error": "Session not found"})));
 
+    // POST /session/{id}/signal reaches every process of the session.
+    let sig = json!({"signal": "SIGKILL"});
+    let (s, v) = call(&server, "POST", "/session/s-1/signal", None, Some(&sig));
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["ok"], true);
+    assert_eq!(v["signal"], "SIGKILL");
+    assert_eq!(v["containerId"], container);
+    let v = ok(
+        &server,
+        json!({"sessionId": sid, "request": {"runtime": "python",
+            "code": "import os\nprint(any(b'sleep\\x001234' in open(f'/proc/{p}/cmdline','rb').read() for p in os.listdir('/proc') if p.isdigit()))"}}),
+    );
+    assert_eq!(v["stdout"], "False", "{v}");
+    let (s, v) = call(&server, "POST", "/session/s-1/signal", None, Some(&sig));
+    assert_eq!(
+        (s, v),
+        (400, json!({"error": "No running container for session"}))
+    );
+    let (s, v) = call(
+        &server,
+        "POST",
+        "/session/s-1/signal",
+        None,
+        Some(&json!({"signal": "SIGFOO"})),
+    );
+    assert_eq!(s, 400);
+    assert!(v["error"].as_str().unwrap().starts_with("signal:"), "{v}");
+    let (s, v) = call(&server, "POST", "/session/nope/signal", None, Some(&sig));
+    assert_eq!((s, v), (404, json!({"error": "Session not found"})));
+
     let (s, v) = server.get("/sessions");
     assert_eq!(s, 200);
     let list = v["sessions"].as_array().unwrap();
