@@ -5,9 +5,10 @@
 //! answers with the outcome and the cgroup's accounting: as one JSON object, or as NDJSON
 //! events while it runs.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Query, State};
@@ -233,11 +234,16 @@ async fn start(app: Arc<AppState>, body: Bytes) -> Result<Response, Fail> {
     }
     let cwd = direct::normalize(Path::new(&req.cwd))
         .ok_or_else(|| Fail::Invalid(format!("cwd: {:?} is not an absolute path", req.cwd)))?;
-    let since = SystemTime::now();
     let user = app.runner.user();
-    let (req_back, cwd, prepared) = blocking(move || {
+    let (req_back, cwd, prepared, before) = blocking(move || {
+        // Taken before the request's files are written: those are reported anyway.
+        let before = req
+            .track_changes_under
+            .as_deref()
+            .map(|dir| direct::snapshot(Path::new(dir), MAX_TRACKED))
+            .unwrap_or_default();
         let prepared = prepare(&req, &cwd, user);
-        Ok((req, cwd, prepared))
+        Ok((req, cwd, prepared, before))
     })
     .await?;
     req = req_back;
@@ -267,7 +273,7 @@ async fn start(app: Arc<AppState>, body: Bytes) -> Result<Response, Fail> {
             return Err(e);
         }
     };
-    let run = Run::new(req, started, prepared, since);
+    let run = Run::new(req, started, prepared, before);
     if run.req.stream {
         let (tx, rx) = mpsc::channel::<Bytes>(64);
         tokio::spawn(async move {
@@ -355,11 +361,16 @@ struct Run {
     stderr: Option<tokio::net::unix::pipe::Receiver>,
     stdin: Option<std::os::fd::OwnedFd>,
     prepared: Prepared,
-    since: SystemTime,
+    before: HashMap<PathBuf, direct::FileStamp>,
 }
 
 impl Run {
-    fn new(req: RunRequest, started: Started, prepared: Prepared, since: SystemTime) -> Self {
+    fn new(
+        req: RunRequest,
+        started: Started,
+        prepared: Prepared,
+        before: HashMap<PathBuf, direct::FileStamp>,
+    ) -> Self {
         Self {
             req,
             pid: started.pid,
@@ -369,7 +380,7 @@ impl Run {
             stderr: pipe_reader(started.stderr),
             stdin: started.stdin,
             prepared,
-            since,
+            before,
         }
     }
 
@@ -464,10 +475,10 @@ impl Run {
                 program: None,
             },
         );
-        let since = self.since;
+        let before = std::mem::take(&mut self.before);
         let (files, files_written) = tokio::task::spawn_blocking(move || {
             remove_program(prepared.program);
-            collect_files(&req, prepared.written, since)
+            collect_files(&req, prepared.written, &before)
         })
         .await
         .unwrap_or_default();
@@ -523,7 +534,7 @@ impl Run {
 fn collect_files(
     req: &RunRequest,
     mut written: Vec<String>,
-    since: SystemTime,
+    before: &HashMap<PathBuf, direct::FileStamp>,
 ) -> (std::collections::BTreeMap<String, String>, Vec<String>) {
     let mut files = std::collections::BTreeMap::new();
     for p in &req.output_paths {
@@ -539,7 +550,7 @@ fn collect_files(
         }
     }
     if let Some(dir) = &req.track_changes_under {
-        written.extend(direct::changed_since(Path::new(dir), since, MAX_TRACKED));
+        written.extend(direct::changed_since(Path::new(dir), before, MAX_TRACKED));
     }
     written.sort();
     written.dedup();

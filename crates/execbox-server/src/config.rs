@@ -173,7 +173,7 @@ impl Policy {
 
     /// Checks values no server can honour.
     pub fn validate(&self) -> Result<(), String> {
-        for (tenant, _) in &self.tenants {
+        for tenant in self.tenants.keys() {
             self.for_tenant(tenant)
                 .validate()
                 .map_err(|e| format!("[policy.tenants.{tenant}]: {e}"))?;

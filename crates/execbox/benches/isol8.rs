@@ -65,7 +65,7 @@ fn python() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("python3"))
 }
 
-fn bare(python: &PathBuf, n: usize) -> Res<Vec<f64>> {
+fn bare(python: &std::path::Path, n: usize) -> Res<Vec<f64>> {
     let mut ms = Vec::with_capacity(n);
     for _ in 0..n {
         let t = Instant::now();
@@ -126,7 +126,7 @@ fn concurrent(base: &str, n: usize) -> (Vec<f64>, Vec<String>, f64) {
     (ok, errors, wall)
 }
 
-fn config(python: &PathBuf, pool: usize) -> String {
+fn config(python: &std::path::Path, pool: usize) -> String {
     format!(
         "python = {:?}\n[policy]\nwarm_pool_size = {pool}\n",
         python.display().to_string()

@@ -2,10 +2,11 @@
 //! listings, output-file reads and change tracking. Paths go through the same hardened
 //! resolution as the execd file API.
 
+use std::collections::HashMap;
 use std::fs;
 use std::io::{self, Read, Write};
 use std::path::{Component, Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use execbox_jail::process::Credentials;
 use execbox_proto::run::{ListFilesResponse, ListedFile};
@@ -268,28 +269,20 @@ fn walk_dir(
     Ok(())
 }
 
-/// Slack for tmpfs timestamps, which come from the coarse clock (up to a tick behind).
-const CLOCK_SLACK: Duration = Duration::from_millis(20);
+/// Identity and version of a regular file: inode, size, modification and change times.
+pub type FileStamp = (u64, u64, i64, i64, i64, i64);
 
-/// Regular files under `root` whose status changed at or after `since` (creation, write,
-/// rename), at most `max`, never following symlinks.
-pub fn changed_since(root: &Path, since: SystemTime, max: usize) -> Vec<String> {
-    use std::os::unix::fs::MetadataExt;
-    let since = since - CLOCK_SLACK;
-    let since_ns = since
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i128)
-        .unwrap_or(0);
-    let mut out = Vec::new();
-    let Ok(dir) = Dir::open(root) else {
-        return out;
-    };
+/// Regular files under `root` (at most `max`), never following symlinks.
+fn regular_files(root: &Path, max: usize, mut each: impl FnMut(PathBuf, &fs::Metadata)) {
+    let Ok(dir) = Dir::open(root) else { return };
+    let mut seen = 0usize;
     let mut stack = vec![(dir, root.to_path_buf())];
     while let Some((dir, shown)) = stack.pop() {
         let Ok(names) = dir.names() else { continue };
         for name in names {
-            if out.len() >= max {
-                return out;
+            seen += 1;
+            if seen > max {
+                return;
             }
             let Ok(md) = fs::symlink_metadata(dir.child(&name)) else {
                 continue;
@@ -300,14 +293,43 @@ pub fn changed_since(root: &Path, since: SystemTime, max: usize) -> Vec<String> 
                     stack.push((sub, path));
                 }
             } else if md.is_file() {
-                let ctime = md.ctime() as i128 * 1_000_000_000 + md.ctime_nsec() as i128;
-                let mtime = md.mtime() as i128 * 1_000_000_000 + md.mtime_nsec() as i128;
-                if ctime.max(mtime) >= since_ns {
-                    out.push(path.display().to_string());
-                }
+                each(path, &md);
             }
         }
     }
+}
+
+fn stamp(md: &fs::Metadata) -> FileStamp {
+    use std::os::unix::fs::MetadataExt;
+    (
+        md.ino(),
+        md.size(),
+        md.mtime(),
+        md.mtime_nsec(),
+        md.ctime(),
+        md.ctime_nsec(),
+    )
+}
+
+/// The regular files under `root` and their stamps, taken before a run.
+pub fn snapshot(root: &Path, max: usize) -> HashMap<PathBuf, FileStamp> {
+    let mut out = HashMap::new();
+    regular_files(root, max, |path, md| {
+        out.insert(path, stamp(md));
+    });
+    out
+}
+
+/// Regular files under `root` that are new or changed since `before` (a [`snapshot`]).
+/// Comparing stamps rather than times against a clock keeps files written just before the run
+/// out: tmpfs times come from the coarse clock, a tick behind.
+pub fn changed_since(root: &Path, before: &HashMap<PathBuf, FileStamp>, max: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    regular_files(root, max, |path, md| {
+        if before.get(&path) != Some(&stamp(md)) {
+            out.push(path.display().to_string());
+        }
+    });
     out
 }
 

@@ -58,7 +58,10 @@ impl TestServer {
         let state_dir = std::env::temp_dir().join(unique("execbox-test-state"));
         let config = std::env::temp_dir().join(unique("execbox-test-config"));
         std::fs::write(&config, config_toml).expect("write config");
-        Self::start_full(state_dir, free_port(), None, Some(&config))
+        let server = Self::start_full(state_dir, free_port(), None, Some(&config));
+        // Read at start only.
+        let _ = std::fs::remove_file(&config);
+        server
     }
 
     fn start_full(state_dir: PathBuf, port: u16, key: Option<&str>, config: Option<&Path>) -> Self {
