@@ -70,6 +70,9 @@ pub struct Policy {
     pub network_modes: Vec<String>,
     /// Sessions per tenant and surface; at the cap the least recently used idle one is removed.
     pub max_sessions: usize,
+    /// Executions (isol8 and session-execute) a tenant may have running at once; more are a
+    /// 429.
+    pub max_concurrent_runs: usize,
     /// Sessions idle this long are removed, in seconds.
     pub session_idle_ttl_secs: u64,
     /// Largest input file after decoding, in bytes.
@@ -111,6 +114,8 @@ pub struct PolicyOverride {
     pub network_modes: Option<Vec<String>>,
     /// See [`Policy::max_sessions`].
     pub max_sessions: Option<usize>,
+    /// See [`Policy::max_concurrent_runs`].
+    pub max_concurrent_runs: Option<usize>,
     /// See [`Policy::max_file_bytes`].
     pub max_file_bytes: Option<u64>,
     /// See [`Policy::max_files`].
@@ -131,6 +136,7 @@ impl Default for Policy {
             max_tmp_bytes: 2 << 30,
             network_modes: vec!["none".to_string()],
             max_sessions: 64,
+            max_concurrent_runs: 64,
             session_idle_ttl_secs: 3600,
             max_file_bytes: 10_000_000,
             max_files: 100,
@@ -164,6 +170,7 @@ impl Policy {
             max_tmp_bytes,
             network_modes,
             max_sessions,
+            max_concurrent_runs,
             max_file_bytes,
             max_files,
             max_env

@@ -863,6 +863,7 @@ async fn execute(
         check_session_id(id)?;
     }
     let plan = plan(&server, &tenant, &body)?;
+    let _permit = admit(&server, &tenant)?;
     let slot = acquire(&server, &tenant, &plan, body.session_id.as_deref()).await?;
     let socket = server.socket_path(slot.sandbox())?;
     if let Some(setup) = &plan.setup {
@@ -886,8 +887,10 @@ async fn execute_stream(
     let mut body: ExecuteBody = parse(&body_bytes(body)?)?;
     body.session_id = None;
     let plan = plan(&server, &tenant, &body)?;
+    let permit = admit(&server, &tenant)?;
     let (tx, rx) = mpsc::channel::<Bytes>(64);
     tokio::spawn(async move {
+        let _permit = permit;
         let mut out = StreamOut { tx, gone: false };
         if let Err(e) = stream_run(&server, &tenant, &plan, &mut out).await {
             tracing::warn!(error = %e, "isol8 stream failed");
@@ -984,6 +987,14 @@ async fn stream_run(
     }
     out.send("exit", r.exit_code.to_string(), None).await;
     Ok(())
+}
+
+fn admit(server: &Arc<Server>, tenant: &Tenant) -> Result<crate::concurrency::RunPermit> {
+    crate::concurrency::RunGate::admit(server, &tenant.0).map_err(|max| {
+        Isol8Error::TooMany(format!(
+            "too many concurrent executions: at most {max} for this API key"
+        ))
+    })
 }
 
 async fn session_lease(server: &Arc<Server>, tenant: &Tenant, id: &str) -> Result<Lease> {

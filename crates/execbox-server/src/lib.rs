@@ -7,6 +7,7 @@
 
 pub mod agent_client;
 pub mod agent_run;
+pub mod concurrency;
 pub mod config;
 pub mod doctor;
 pub mod isol8;
@@ -47,6 +48,8 @@ pub struct Server {
     pub pool: pool::WarmPool,
     /// Persistent sessions of the isol8 and session-execute surfaces.
     pub sessions: sessions::Sessions,
+    /// Executions running per tenant.
+    pub runs: concurrency::RunGate,
     backend: Result<Arc<LocalBackend>, String>,
 }
 
@@ -80,6 +83,7 @@ impl Server {
             registry,
             pool,
             sessions: sessions::Sessions::default(),
+            runs: concurrency::RunGate::default(),
             backend,
         });
         server.reattach();

@@ -30,6 +30,8 @@ use execbox_proto::session_exec::{
 use tokio::sync::mpsc;
 
 use crate::agent_run::{self, AgentCallError};
+use crate::concurrency::{RunGate, RunPermit};
+use crate::config::Policy;
 use crate::local::SandboxLimits;
 use crate::sessions::{Lease, SessionError, SessionKey, Sessions, Surface};
 use crate::{LaunchSpec, Server};
@@ -170,6 +172,11 @@ impl FromRequestParts<Arc<Server>> for Caller {
 }
 
 impl Caller {
+    /// The maxima for this caller's tenant.
+    fn policy(&self, server: &Server) -> Policy {
+        server.config.policy.for_tenant(&self.0)
+    }
+
     fn session(&self, id: &str) -> SessionKey {
         SessionKey {
             surface: Surface::SessionExec,
@@ -192,8 +199,7 @@ fn body_bytes(body: Result<Bytes, BytesRejection>, server: &Server) -> Result<By
     })
 }
 
-fn limits(server: &Server) -> Limits {
-    let p = &server.config.policy;
+fn limits(p: &Policy) -> Limits {
     Limits {
         max_files: p.max_files,
         max_env: p.max_env,
@@ -269,7 +275,7 @@ async fn open(server: &Arc<Server>, caller: &Caller, id: &str) -> Result<Lease, 
         env: BTreeMap::new(),
         metadata: BTreeMap::new(),
         limits: SandboxLimits {
-            memory_bytes: Some(SESSION_MEMORY_BYTES),
+            memory_bytes: Some(SESSION_MEMORY_BYTES.min(caller.policy(server).max_memory_bytes)),
             ..Default::default()
         },
         expires_at: None,
@@ -323,12 +329,13 @@ async fn execute(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body_bytes(body, &server)?;
-    let req = ExecuteRequest::from_json(&body, &limits(&server))?;
+    let policy = caller.policy(&server);
+    let req = ExecuteRequest::from_json(&body, &limits(&policy))?;
     let timeout_ms = req.timeout_ms();
-    let files = agent_files(req.files, server.config.policy.max_file_bytes)?;
+    let files = agent_files(req.files, policy.max_file_bytes)?;
     let paths: Vec<String> = files.iter().map(|f| f.path.clone()).collect();
     let (argv, stdin) = argv_of(&server, req.program)?;
-    let max_output = DEFAULT_MAX_OUTPUT_BYTES.min(server.config.policy.max_output_bytes);
+    let max_output = DEFAULT_MAX_OUTPUT_BYTES.min(policy.max_output_bytes);
     let run = RunRequest {
         argv,
         cwd: req.cwd,
@@ -345,17 +352,22 @@ async fn execute(
         keep_background: true,
         stream: req.stream,
     };
+    let permit = RunGate::admit(&server, &caller.0).map_err(|max| {
+        ApiError::TooMany(format!(
+            "too many concurrent executions: at most {max} for this API key"
+        ))
+    })?;
     let lease = open(&server, &caller, &req.session_id).await?;
     let socket = socket(&server, &lease)?;
     if req.stream {
-        return stream(lease, socket, run, max_output)
+        return stream((lease, permit), socket, run, max_output)
             .await
             .map_err(file_refusal(&paths));
     }
     // The run goes on (and keeps its session busy) when the client goes away.
     let task = tokio::spawn(async move {
         let result = agent_run::run(&socket, &run).await;
-        drop(lease);
+        drop((lease, permit));
         result
     });
     let result = task
@@ -368,7 +380,7 @@ async fn execute(
 /// Answers a streamed execution as SSE. Refusals before the run starts are normal errors;
 /// afterwards everything, failures included, is an event.
 async fn stream(
-    lease: Lease,
+    hold: (Lease, RunPermit),
     socket: PathBuf,
     run: RunRequest,
     max_output: u64,
@@ -377,7 +389,7 @@ async fn stream(
     let (tx, rx) = mpsc::channel::<Bytes>(STREAM_BUFFER);
     tokio::spawn(async move {
         // Held until the run ends, whether or not the client is still there.
-        let _lease = lease;
+        let _hold = hold;
         let mut client = Some(tx);
         loop {
             let event = match tokio::time::timeout(PING_EVERY, events.recv()).await {
@@ -435,8 +447,9 @@ async fn write_files(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<WriteFilesResponse>, ApiError> {
     let body = body_bytes(body, &server)?;
-    let req = WriteFilesRequest::from_json(&body, &limits(&server))?;
-    let files = agent_files(req.files, server.config.policy.max_file_bytes)?;
+    let policy = caller.policy(&server);
+    let req = WriteFilesRequest::from_json(&body, &limits(&policy))?;
+    let files = agent_files(req.files, policy.max_file_bytes)?;
     let lease = open(&server, &caller, &req.session_id).await?;
     let socket = socket(&server, &lease)?;
     let write = execbox_proto::run::WriteFilesRequest {

@@ -773,3 +773,29 @@ fn bad_requests_name_the_field() {
     assert_eq!(s, 400);
     assert!(v["error"].as_str().is_some(), "{v}");
 }
+
+#[test]
+fn concurrent_runs_beyond_the_tenants_limit_are_429() {
+    let server = TestServer::start_with_config("[policy]\nmax_concurrent_runs = 1\n");
+    std::thread::scope(|s| {
+        let slow = s.spawn(|| {
+            ok(
+                &server,
+                json!({"request": {"runtime": "bash", "cmd": "sleep 1.5; echo slow"}}),
+            )
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        let (st, v) = execute(
+            &server,
+            json!({"request": {"runtime": "bash", "cmd": "echo fast"}}),
+        );
+        assert_eq!(st, 429, "{v}");
+        assert!(v["error"].as_str().unwrap().contains("at most 1"), "{v}");
+        assert_eq!(slow.join().expect("thread")["stdout"], "slow");
+    });
+    let v = ok(
+        &server,
+        json!({"request": {"runtime": "bash", "cmd": "echo again"}}),
+    );
+    assert_eq!(v["stdout"], "again");
+}
