@@ -604,7 +604,7 @@ fn busy_context_interrupt_and_validation() {
     let t = Instant::now();
     let r = post_json(&sb, "/code/context", json!({"language": "cobol"}));
     assert!(
-        t.elapsed() < Duration::from_secs(1),
+        t.elapsed() < Duration::from_secs(10),
         "took {:?}",
         t.elapsed()
     );
@@ -617,7 +617,7 @@ fn busy_context_interrupt_and_validation() {
         json!({"code": "1", "context": {"language": "cobol"}}),
     );
     assert!(
-        t.elapsed() < Duration::from_secs(1),
+        t.elapsed() < Duration::from_secs(10),
         "took {:?}",
         t.elapsed()
     );

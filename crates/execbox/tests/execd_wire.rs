@@ -572,15 +572,17 @@ fn foreground_command_streams() {
             let t = Instant::now();
             let r = get(&sb, "/ping");
             assert_eq!(r.status, 200);
+            // Generous bounds: this checks that nothing waits on the vanished client (which
+            // would be forever), not speed, and other tests load the machine meanwhile.
             assert!(
-                t.elapsed() < Duration::from_secs(1),
+                t.elapsed() < Duration::from_secs(10),
                 "ping took {:?}",
                 t.elapsed()
             );
             let t = Instant::now();
             assert_eq!(sh(&sb, "echo still-here"), ["still-here"]);
             assert!(
-                t.elapsed() < Duration::from_secs(2),
+                t.elapsed() < Duration::from_secs(10),
                 "a new command took {:?}",
                 t.elapsed()
             );
@@ -801,7 +803,7 @@ fn background_commands_options_and_errors() {
         Duration::from_secs(5),
         || get(&sb, &format!("/command/status/{sid}")).json()["running"] == false,
     );
-    assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
+    assert!(t.elapsed() < Duration::from_secs(8), "{:?}", t.elapsed());
     let v = get(&sb, &format!("/command/status/{sid}")).json();
     let code = v["exit_code"].as_i64().expect("exit_code");
     assert!(code != 0, "{v}");

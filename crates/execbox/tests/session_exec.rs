@@ -282,7 +282,7 @@ fn a_timeout_kills_the_whole_process_tree() {
     assert_eq!(v["exitCode"], 137);
     let ms = v["executionTime"].as_u64().unwrap();
     assert!((900..4000).contains(&ms), "{v}");
-    assert!(t.elapsed() < Duration::from_secs(5));
+    assert!(t.elapsed() < Duration::from_secs(10));
     let left: Vec<_> = processes(&api, "t")
         .into_iter()
         .filter(|(_, c)| c.contains("sleep"))
@@ -884,7 +884,7 @@ fn concurrent_executions_share_one_session() {
                 s.spawn(move || {
                     api.sh(
                         "cc",
-                        &format!("sleep 1; echo {i} > /workspace/r{i}; echo {i}"),
+                        &format!("sleep 3; echo {i} > /workspace/r{i}; echo {i}"),
                     )
                 })
             })
@@ -894,7 +894,8 @@ fn concurrent_executions_share_one_session() {
         }
     });
     assert!(
-        t.elapsed() < Duration::from_millis(2900),
+        // One after another they would take 9 s.
+        t.elapsed() < Duration::from_millis(8000),
         "they ran side by side: {:?}",
         t.elapsed()
     );
