@@ -926,8 +926,11 @@ impl StreamOut {
             data,
             phase: phase.map(str::to_string),
         };
-        if self.tx.send(Bytes::from(ev.to_sse())).await.is_err() {
-            // The client left; the run still ends (and its sandbox is removed) normally.
+        let sent =
+            tokio::time::timeout(crate::CLIENT_STALL, self.tx.send(Bytes::from(ev.to_sse()))).await;
+        if !matches!(sent, Ok(Ok(()))) {
+            // The client left, or takes nothing: the run still ends (and its sandbox is
+            // removed) normally.
             self.gone = true;
         }
     }

@@ -296,6 +296,10 @@ impl Server {
     }
 }
 
+/// How long a streaming client may take nothing before it counts as gone (its events are then
+/// dropped, so that it holds no sandbox and no memory).
+pub const CLIENT_STALL: Duration = Duration::from_secs(60);
+
 /// What [`Server::launch`] starts.
 pub struct LaunchSpec {
     /// Owning tenant.

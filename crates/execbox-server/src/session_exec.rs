@@ -431,10 +431,13 @@ async fn stream(
     Ok(resp)
 }
 
-/// Sends a frame to the client while it is there; once it is gone, frames are dropped.
+/// Sends a frame to the client while it is there; once it is gone, frames are dropped. A client
+/// that takes nothing for [`crate::CLIENT_STALL`] counts as gone: it must not hold the session
+/// busy (and its run's output in memory) for ever.
 async fn forward(client: &mut Option<mpsc::Sender<Bytes>>, frame: String) {
     if let Some(tx) = client {
-        if tx.send(Bytes::from(frame)).await.is_err() {
+        let sent = tokio::time::timeout(crate::CLIENT_STALL, tx.send(Bytes::from(frame))).await;
+        if !matches!(sent, Ok(Ok(()))) {
             *client = None;
         }
     }

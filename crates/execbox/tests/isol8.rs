@@ -799,3 +799,33 @@ fn concurrent_runs_beyond_the_tenants_limit_are_429() {
     );
     assert_eq!(v["stdout"], "again");
 }
+
+#[test]
+fn idle_sessions_are_removed_after_the_ttl() {
+    let server = TestServer::start_with_config("[policy]\nsession_idle_ttl_secs = 1\n");
+    let v = ok(
+        &server,
+        json!({"sessionId": "idle", "request": {"runtime": "bash", "cmd": "echo hi"}}),
+    );
+    let sandbox = v["containerId"].as_str().unwrap().to_string();
+    let (_, v) = server.get("/sessions");
+    assert_eq!(v["sessions"].as_array().unwrap().len(), 1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, v) = server.get("/sessions");
+        if v["sessions"] == json!([]) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still there: {v}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!server.state_dir.join("sandboxes").join(&sandbox).exists());
+    let (s, v) = server.get("/file?sessionId=idle&path=/sandbox/x");
+    assert_eq!((s, v), (404, json!({"error": "Session not found"})));
+    // A session in use is never pruned, however long its run.
+    let v = ok(
+        &server,
+        json!({"sessionId": "busy", "request": {"runtime": "bash", "cmd": "sleep 3; echo done"}}),
+    );
+    assert_eq!(v["stdout"], "done");
+}
