@@ -571,30 +571,10 @@ pub fn is_valid_env_name(name: &str) -> bool {
         && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
-/// Resolves `path` against the absolute directory `base` (when relative) and normalizes `.`
-/// and `..` lexically (`..` at the root stays at the root). The result is absolute, without a
-/// trailing slash.
-pub fn normalize(path: &str, base: &str) -> String {
-    let mut parts: Vec<&str> = Vec::new();
-    let joined = if path.starts_with('/') {
-        [path, ""]
-    } else {
-        [base, path]
-    };
-    for component in joined.iter().flat_map(|s| s.split('/')) {
-        match component {
-            "" | "." => {}
-            ".." => {
-                parts.pop();
-            }
-            c => parts.push(c),
-        }
-    }
-    format!("/{}", parts.join("/"))
-}
+pub use crate::paths::normalize;
 
 fn under(path: &str, root: &str) -> bool {
-    path.strip_prefix(root).is_some_and(|r| r.starts_with('/'))
+    crate::paths::is_strictly_under(path, root)
 }
 
 /// Resolves a file path (against the absolute `base`); it must lie strictly inside

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
@@ -453,27 +453,14 @@ fn check_options(o: &Options, p: &Policy, config: &crate::ServerConfig) -> Resul
 
 /// `path` without `.` and `..`, when absolute.
 fn normalize(path: &str) -> Option<PathBuf> {
-    let p = Path::new(path);
-    if !p.is_absolute() {
-        return None;
-    }
-    let mut out = PathBuf::from("/");
-    for c in p.components() {
-        match c {
-            Component::Normal(n) => out.push(n),
-            Component::ParentDir => {
-                out.pop();
-            }
-            _ => {}
-        }
-    }
-    Some(out)
+    execbox_proto::paths::normalize_absolute(path).map(PathBuf::from)
 }
 
 fn inside(path: &Path, roots: &[&str]) -> bool {
+    let path = path.to_string_lossy();
     roots
         .iter()
-        .any(|r| path.starts_with(r) && path != Path::new(r))
+        .any(|r| execbox_proto::paths::is_strictly_under(&path, r))
 }
 
 fn b64(data: &[u8]) -> String {

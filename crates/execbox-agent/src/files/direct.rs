@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::fs;
 use std::io::{self, Read, Write};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use execbox_jail::process::Credentials;
@@ -39,22 +39,9 @@ fn unresolved(shown: &Path, e: Unresolved) -> DirectError {
     }
 }
 
-/// `path` made absolute and free of `.` and `..`, without touching the filesystem.
+/// `path` free of `.` and `..`, without touching the filesystem; `None` when relative.
 pub fn normalize(path: &Path) -> Option<PathBuf> {
-    if !path.is_absolute() {
-        return None;
-    }
-    let mut out = PathBuf::from("/");
-    for c in path.components() {
-        match c {
-            Component::Normal(n) => out.push(n),
-            Component::ParentDir => {
-                out.pop();
-            }
-            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
-        }
-    }
-    Some(out)
+    execbox_proto::paths::normalize_absolute(path.to_str()?).map(PathBuf::from)
 }
 
 fn under_roots(path: &Path, roots: &[PathBuf]) -> bool {
