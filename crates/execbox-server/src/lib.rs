@@ -296,6 +296,27 @@ impl Server {
     }
 }
 
+/// A `text/event-stream` response whose body is the frames sent on `rx`; it ends when every
+/// sender is gone.
+pub(crate) fn sse_response(rx: tokio::sync::mpsc::Receiver<bytes::Bytes>) -> Response {
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|b| (Ok::<_, std::convert::Infallible>(b), rx))
+    });
+    let mut resp = Response::new(axum::body::Body::from_stream(stream));
+    let h = resp.headers_mut();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(
+        http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache"),
+    );
+    resp
+}
+
 /// How long a streaming client may take nothing before it counts as gone (its events are then
 /// dropped, so that it holds no sandbox and no memory).
 pub const CLIENT_STALL: Duration = Duration::from_secs(60);

@@ -179,23 +179,13 @@ fn rfc3339(t: SystemTime) -> String {
 }
 
 fn listed(path: &Path, md: &fs::Metadata) -> ListedFile {
-    let ft = md.file_type();
-    let kind = if ft.is_symlink() {
-        "symlink"
-    } else if ft.is_dir() {
-        "directory"
-    } else if ft.is_file() {
-        "file"
-    } else {
-        "other"
-    };
     ListedFile {
         path: path.display().to_string(),
         name: path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "/".into()),
-        kind: kind.to_string(),
+        kind: super::info::kind_of(md).to_string(),
         size: md.len(),
         modified_at: rfc3339(md.modified().unwrap_or(SystemTime::UNIX_EPOCH)),
     }

@@ -74,10 +74,10 @@ fn rfc3339(secs: i64, nanos: i64) -> String {
         .unwrap_or_default()
 }
 
-/// Builds the `FileInfo` of `path` from its lstat.
-pub fn file_info(path: &Path, md: &Metadata, names: &Names) -> FileInfo {
+/// `file`, `directory`, `symlink` or `other`, from an lstat.
+pub fn kind_of(md: &Metadata) -> &'static str {
     let ft = md.file_type();
-    let kind = if ft.is_symlink() {
+    if ft.is_symlink() {
         "symlink"
     } else if ft.is_dir() {
         "directory"
@@ -85,7 +85,12 @@ pub fn file_info(path: &Path, md: &Metadata, names: &Names) -> FileInfo {
         "file"
     } else {
         "other"
-    };
+    }
+}
+
+/// Builds the `FileInfo` of `path` from its lstat.
+pub fn file_info(path: &Path, md: &Metadata, names: &Names) -> FileInfo {
+    let kind = kind_of(md);
     FileInfo {
         path: path.to_string_lossy().into_owned(),
         kind,
