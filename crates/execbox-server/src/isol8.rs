@@ -624,7 +624,12 @@ fn plan(server: &Server, tenant: &Tenant, body: &ExecuteBody) -> Result<Plan> {
                     .file_extension
                     .clone()
                     .unwrap_or_else(|| runtime.extension().to_string());
-                let path = format!("{SANDBOX_DIR}/exec_{}{ext}", now_ms());
+                // Unique: runs of one session may start in the same millisecond.
+                let path = format!(
+                    "{SANDBOX_DIR}/exec_{}_{}{ext}",
+                    now_ms(),
+                    uuid::Uuid::new_v4().simple()
+                );
                 program = Some(FileContent {
                     path: path.clone(),
                     content: b64(code.as_bytes()),

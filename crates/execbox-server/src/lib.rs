@@ -50,6 +50,8 @@ pub struct Server {
     pub sessions: sessions::Sessions,
     /// Executions running per tenant.
     pub runs: concurrency::RunGate,
+    /// Deletions in progress.
+    destroying: std::sync::atomic::AtomicUsize,
     backend: Result<Arc<LocalBackend>, String>,
 }
 
@@ -84,6 +86,7 @@ impl Server {
             pool,
             sessions: sessions::Sessions::default(),
             runs: concurrency::RunGate::default(),
+            destroying: std::sync::atomic::AtomicUsize::new(0),
             backend,
         });
         server.reattach();
@@ -225,6 +228,9 @@ impl Server {
         self.registry.remove(id);
         let backend = self.backend()?;
         let id2 = id.to_string();
+        // Counted until done: a stopping server waits for it (see `stop_owned`), or the
+        // sandbox, already out of the registry, would be left running.
+        let _destroying = Destroying::start(&self.destroying);
         tokio::task::spawn_blocking(move || match &rec.placement {
             Some(p) => backend.destroy(&id2, p),
             None => Ok(()),
@@ -280,6 +286,13 @@ impl Server {
                 }
             }
         }
+        // Deletions started by requests (one-shot sandboxes after their run) finish too.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while self.destroying.load(std::sync::atomic::Ordering::SeqCst) > 0
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// Deletes every sandbox whose expiry has passed.
@@ -320,6 +333,22 @@ pub(crate) fn sse_response(rx: tokio::sync::mpsc::Receiver<bytes::Bytes>) -> Res
 /// How long a streaming client may take nothing before it counts as gone (its events are then
 /// dropped, so that it holds no sandbox and no memory).
 pub const CLIENT_STALL: Duration = Duration::from_secs(60);
+
+/// One deletion in progress, counted in [`Server`] while it lives.
+struct Destroying<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> Destroying<'a> {
+    fn start(count: &'a std::sync::atomic::AtomicUsize) -> Self {
+        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Self(count)
+    }
+}
+
+impl Drop for Destroying<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
 
 /// What [`Server::launch`] starts.
 pub struct LaunchSpec {

@@ -130,7 +130,8 @@ impl Server {
             nix::unistd::Pid::from_raw(self.child.id() as i32),
             nix::sys::signal::Signal::SIGTERM,
         );
-        let deadline = Instant::now() + Duration::from_secs(10);
+        // The server removes its pool and one-shot sandboxes before it exits.
+        let deadline = Instant::now() + Duration::from_secs(40);
         loop {
             match self.child.try_wait() {
                 Ok(Some(_)) => break,
