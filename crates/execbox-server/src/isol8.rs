@@ -160,6 +160,7 @@ pub fn routes(server: Arc<Server>) -> Router<Arc<Server>> {
     Router::new()
         .route("/execute", post(execute))
         .route("/execute/stream", post(execute_stream))
+        .route("/execute/ws", get(execute_ws))
         .route("/file", post(put_file).get(get_file))
         .route("/sessions", get(list_sessions))
         .route("/session/{id}", delete(delete_session))
@@ -882,11 +883,8 @@ async fn execute_stream(
     let (tx, rx) = mpsc::channel::<Bytes>(64);
     tokio::spawn(async move {
         let _permit = permit;
-        let mut out = StreamOut { tx, gone: false };
-        if let Err(e) = stream_run(&server, &tenant, &plan, &mut out).await {
-            tracing::warn!(error = %e, "isol8 stream failed");
-            out.send("error", e.to_string(), None).await;
-        }
+        let mut out = StreamOut::new(tx, |ev| Bytes::from(ev.to_sse()));
+        out.run(&server, &tenant, &plan).await;
     });
     let mut resp = crate::sse_response(rx);
     resp.headers_mut()
@@ -894,12 +892,30 @@ async fn execute_stream(
     Ok(resp)
 }
 
+/// Where a streamed run's events go: SSE frames or WebSocket messages, as `frame` encodes them.
 struct StreamOut {
     tx: mpsc::Sender<Bytes>,
     gone: bool,
+    frame: fn(&StreamEvent) -> Bytes,
 }
 
 impl StreamOut {
+    fn new(tx: mpsc::Sender<Bytes>, frame: fn(&StreamEvent) -> Bytes) -> Self {
+        Self {
+            tx,
+            gone: false,
+            frame,
+        }
+    }
+
+    /// The whole one-shot run; a failure ends the events with an `error`.
+    async fn run(&mut self, server: &Arc<Server>, tenant: &Tenant, plan: &Plan) {
+        if let Err(e) = stream_run(server, tenant, plan, self).await {
+            tracing::warn!(error = %e, "isol8 stream failed");
+            self.send("error", e.to_string(), None).await;
+        }
+    }
+
     async fn send(&mut self, kind: &str, data: String, phase: Option<&str>) {
         if self.gone || (data.is_empty() && matches!(kind, "stdout" | "stderr")) {
             return;
@@ -909,8 +925,7 @@ impl StreamOut {
             data,
             phase: phase.map(str::to_string),
         };
-        let sent =
-            tokio::time::timeout(crate::CLIENT_STALL, self.tx.send(Bytes::from(ev.to_sse()))).await;
+        let sent = tokio::time::timeout(crate::CLIENT_STALL, self.tx.send((self.frame)(&ev))).await;
         if !matches!(sent, Ok(Ok(()))) {
             // The client left, or takes nothing: the run still ends (and its sandbox is
             // removed) normally.
@@ -981,6 +996,111 @@ fn admit(server: &Arc<Server>, tenant: &Tenant) -> Result<crate::concurrency::Ru
             "too many concurrent executions: at most {max} for this API key"
         ))
     })
+}
+
+/// `GET /execute/ws`: the first text message is `{"type":"execute","request",…}`; every event
+/// of the one-shot run is then one message, and the socket closes with 1000 `Execution
+/// complete`. `stdin` and `signal` messages are accepted and ignored, as upstream; invalid JSON
+/// gets an `error` event and close code 1003.
+async fn execute_ws(
+    State(server): State<Arc<Server>>,
+    Extension(tenant): Extension<Tenant>,
+    ws: axum::extract::ws::WebSocketUpgrade,
+) -> Response {
+    ws.on_upgrade(move |socket| ws_session(server, tenant, socket))
+}
+
+async fn ws_session(server: Arc<Server>, tenant: Tenant, mut socket: axum::extract::ws::WebSocket) {
+    use axum::extract::ws::{CloseFrame, Message};
+    let json = |kind: &str, data: String| {
+        let ev = StreamEvent {
+            kind: kind.into(),
+            data,
+            phase: None,
+        };
+        Message::Text(serde_json::to_string(&ev).unwrap_or_default().into())
+    };
+    let close = |code: u16, reason: &'static str| {
+        Message::Close(Some(CloseFrame {
+            code,
+            reason: reason.into(),
+        }))
+    };
+    let text = loop {
+        match socket.recv().await {
+            Some(Ok(Message::Text(t))) => break t,
+            Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
+            Some(Ok(_)) => continue,
+        }
+    };
+    let started = serde_json::from_str::<serde_json::Value>(&text)
+        .map_err(|e| (1003, format!("invalid JSON: {e}")))
+        .and_then(|v| match v.get("type").and_then(|t| t.as_str()) {
+            Some("execute") => {
+                parse::<ExecuteBody>(text.as_bytes()).map_err(|e| (1008, e.to_string()))
+            }
+            _ => Err((
+                1003,
+                "the first message must have type \"execute\"".to_string(),
+            )),
+        })
+        .and_then(|mut body| {
+            body.session_id = None;
+            let plan = plan(&server, &tenant, &body).map_err(|e| (1008, e.to_string()))?;
+            let permit = admit(&server, &tenant).map_err(|e| (1008, e.to_string()))?;
+            Ok((plan, permit))
+        });
+    let (plan, permit) = match started {
+        Ok(p) => p,
+        Err((code, message)) => {
+            let _ = socket.send(json("error", message)).await;
+            let reason = if code == 1003 {
+                "Invalid message"
+            } else {
+                "Request refused"
+            };
+            let _ = socket.send(close(code, reason)).await;
+            return;
+        }
+    };
+    let (tx, mut rx) = mpsc::channel::<Bytes>(64);
+    let run_server = server.clone();
+    let run = tokio::spawn(async move {
+        let _permit = permit;
+        let mut out = StreamOut::new(tx, |ev| {
+            Bytes::from(serde_json::to_vec(ev).unwrap_or_default())
+        });
+        out.run(&run_server, &tenant, &plan).await;
+    });
+    loop {
+        tokio::select! {
+            frame = rx.recv() => match frame {
+                Some(b) => {
+                    let text = String::from_utf8_lossy(&b).into_owned();
+                    let sent = tokio::time::timeout(
+                        crate::CLIENT_STALL,
+                        socket.send(Message::Text(text.into())),
+                    )
+                    .await;
+                    if !matches!(sent, Ok(Ok(()))) {
+                        break;
+                    }
+                }
+                None => {
+                    let _ = socket.send(close(1000, "Execution complete")).await;
+                    break;
+                }
+            },
+            // stdin and signal messages are accepted and ignored; a closed socket ends only
+            // the forwarding (the run ends by itself and its sandbox is removed).
+            msg = socket.recv() => match msg {
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
+                Some(Ok(_)) => {}
+            },
+        }
+    }
+    drop(rx);
+    let _ = run.await;
 }
 
 async fn session_lease(server: &Arc<Server>, tenant: &Tenant, id: &str) -> Result<Lease> {

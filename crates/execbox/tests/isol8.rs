@@ -829,3 +829,71 @@ fn idle_sessions_are_removed_after_the_ttl() {
     );
     assert_eq!(v["stdout"], "done");
 }
+
+/// Messages of one `/execute/ws` exchange: the events, then the close code and reason.
+fn ws_exchange(server: &TestServer, first: &str, key: Option<&str>) -> (Vec<Value>, u16, String) {
+    use tungstenite::client::IntoClientRequest;
+    use tungstenite::Message;
+    let mut req = format!("ws://127.0.0.1:{}/execute/ws", server.port)
+        .into_client_request()
+        .expect("request");
+    if let Some(k) = key {
+        req.headers_mut().insert(
+            "Authorization",
+            format!("Bearer {k}").parse().expect("header"),
+        );
+    }
+    let stream = std::net::TcpStream::connect(("127.0.0.1", server.port)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let (mut ws, _) = tungstenite::client(req, stream).expect("upgrade");
+    ws.send(Message::text(first)).expect("send");
+    // Accepted and ignored.
+    let _ = ws.send(Message::text(r#"{"type":"stdin","data":"x"}"#));
+    let mut events = Vec::new();
+    loop {
+        match ws.read().expect("read") {
+            Message::Text(t) => events.push(serde_json::from_str(t.as_str()).expect("json")),
+            Message::Close(frame) => {
+                let (code, reason) = frame
+                    .map(|f| (u16::from(f.code), f.reason.to_string()))
+                    .unwrap_or((0, String::new()));
+                return (events, code, reason);
+            }
+            _ => {}
+        }
+    }
+}
+
+#[test]
+fn websocket_execute_sends_one_message_per_event() {
+    let server = TestServer::start_with_key("k-ws");
+    let body = json!({"type": "execute",
+        "request": {"runtime": "bash", "cmd": "echo one; sleep 0.2; echo two >&2; exit 5"}});
+    let (events, code, reason) = ws_exchange(&server, &body.to_string(), Some("k-ws"));
+    assert_eq!((code, reason.as_str()), (1000, "Execution complete"));
+    let out: String = events
+        .iter()
+        .filter(|e| e["type"] == "stdout")
+        .map(|e| e["data"].as_str().unwrap())
+        .collect();
+    assert_eq!(out, "one\n");
+    assert!(events
+        .iter()
+        .any(|e| e["type"] == "stderr" && e["data"] == "two\n"));
+    assert_eq!(events.last(), Some(&json!({"type": "exit", "data": "5"})));
+    // Invalid JSON: an error event, then 1003.
+    let (events, code, _) = ws_exchange(&server, "{nope", Some("k-ws"));
+    assert_eq!(code, 1003);
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0]["type"], "error");
+    // A refused request names the field.
+    let bad = json!({"type": "execute", "request": {"runtime": "cobol", "code": "x"}});
+    let (events, code, _) = ws_exchange(&server, &bad.to_string(), Some("k-ws"));
+    assert_eq!(code, 1008);
+    assert_eq!(events[0]["data"], "Unsupported runtime: cobol");
+    // The upgrade needs the key like every other route.
+    let r = ureq::get(&server.url("/execute/ws")).call();
+    assert_eq!(into_pair(r).0, 401);
+}
