@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::{header, HeaderValue};
 use axum::response::Response;
 use axum::routing::get;
 use axum::{Json, Router};
@@ -156,13 +155,5 @@ async fn watch(State(app): State<Arc<AppState>>) -> Response {
         let line = watch_line(&app);
         Some((Ok::<_, std::io::Error>(line), (app, interval)))
     });
-    let mut resp = Response::new(Body::from_stream(stream));
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    h.insert("X-Accel-Buffering", HeaderValue::from_static("no"));
-    resp
+    crate::sse::event_stream_response(Body::from_stream(stream))
 }

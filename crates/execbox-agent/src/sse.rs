@@ -139,7 +139,12 @@ pub(crate) fn sse_response(rx: mpsc::Receiver<Bytes>) -> Response {
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|b| (Ok::<_, std::io::Error>(b), rx))
     });
-    let mut resp = Response::new(Body::from_stream(stream));
+    event_stream_response(Body::from_stream(stream))
+}
+
+/// A `text/event-stream` response with `body`, never buffered by a proxy on the way.
+pub(crate) fn event_stream_response(body: Body) -> Response {
+    let mut resp = Response::new(body);
     let h = resp.headers_mut();
     h.insert(
         header::CONTENT_TYPE,

@@ -325,6 +325,20 @@ fn size_option(field: &str, raw: Option<&str>, default: u64, max: u64) -> Result
     Ok(bytes)
 }
 
+/// A count option: at least 1, at most `max`; isol8's default (capped by `max`) when absent.
+fn count_option(field: &str, value: Option<u64>, default: u64, max: u64) -> Result<u64> {
+    let n = value.unwrap_or(default.min(max));
+    if n == 0 {
+        return Err(Isol8Error::BadRequest(format!(
+            "{field}: must be at least 1"
+        )));
+    }
+    if n > max {
+        return Err(exceeds(field, max));
+    }
+    Ok(n)
+}
+
 /// Checks `options` against the policy; returns the sandbox profile and the output cap.
 fn check_options(o: &Options, p: &Policy, config: &crate::ServerConfig) -> Result<(Profile, u64)> {
     let memory = size_option(
@@ -344,15 +358,7 @@ fn check_options(o: &Options, p: &Policy, config: &crate::ServerConfig) -> Resul
     if cpus > p.max_cpus {
         return Err(exceeds("options.cpuLimit", p.max_cpus));
     }
-    let pids = o.pids_limit.unwrap_or(DEFAULT_PIDS.min(p.max_pids));
-    if pids == 0 {
-        return Err(Isol8Error::BadRequest(
-            "options.pidsLimit: must be at least 1".into(),
-        ));
-    }
-    if pids > p.max_pids {
-        return Err(exceeds("options.pidsLimit", p.max_pids));
-    }
+    let pids = count_option("options.pidsLimit", o.pids_limit, DEFAULT_PIDS, p.max_pids)?;
     let sandbox = size_option(
         "options.sandboxSize",
         o.sandbox_size.as_deref(),
@@ -365,17 +371,12 @@ fn check_options(o: &Options, p: &Policy, config: &crate::ServerConfig) -> Resul
         DEFAULT_TMP_SIZE.min(p.max_tmp_bytes),
         p.max_tmp_bytes,
     )?;
-    let max_output = o
-        .max_output_size
-        .unwrap_or(DEFAULT_MAX_OUTPUT.min(p.max_output_bytes));
-    if max_output == 0 {
-        return Err(Isol8Error::BadRequest(
-            "options.maxOutputSize: must be at least 1".into(),
-        ));
-    }
-    if max_output > p.max_output_bytes {
-        return Err(exceeds("options.maxOutputSize", p.max_output_bytes));
-    }
+    let max_output = count_option(
+        "options.maxOutputSize",
+        o.max_output_size,
+        DEFAULT_MAX_OUTPUT,
+        p.max_output_bytes,
+    )?;
     if let Some(t) = o.timeout_ms {
         if t > p.max_timeout_ms {
             return Err(exceeds("options.timeoutMs", p.max_timeout_ms));

@@ -36,7 +36,7 @@ use serde_json::{json, Value};
 
 mod support;
 
-use support::{cpu_model, describe, env_usize, Res, Sandbox, Server};
+use support::{describe, env_usize, machine, Res, Sandbox, Server};
 
 // ---------------------------------------------------------------------------------------------
 // Reporting
@@ -621,15 +621,9 @@ fn main() {
     let n_rtt = env_usize("EXECBOX_BENCH_CODE_N", 300);
     let n_ctx = env_usize("EXECBOX_BENCH_CTX_N", 50);
     let n_kernel = env_usize("EXECBOX_BENCH_KERNEL_N", 10);
-    let cpus = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let load: Vec<&str> = load.split_whitespace().take(3).collect();
     println!(
-        "execbox code-context benchmark: {cpus} CPUs ({}), load average {}, release server on loopback",
-        cpu_model(),
-        load.join(" ")
+        "execbox code-context benchmark: {}, release server on loopback",
+        machine()
     );
     println!(
         "targets: warm print(1) round trip p50 <= 1 ms, p99 <= 3 ms (>= 5x faster than ipykernel); \

@@ -32,7 +32,7 @@ use serde_json::{json, Value};
 
 mod support;
 
-use support::{cpu_model, describe, env_usize, Res, Sandbox, Server};
+use support::{describe, env_usize, machine, Res, Sandbox, Server};
 
 const MIB: u64 = 1 << 20;
 
@@ -907,15 +907,9 @@ fn main() {
     let stream_mib = env_usize("EXECBOX_BENCH_STREAM_MIB", 256);
     let file_mib = env_usize("EXECBOX_BENCH_FILE_MIB", 1024) as u64;
     let concurrent = env_usize("EXECBOX_BENCH_CONCURRENT", 100);
-    let cpus = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let load: Vec<&str> = load.split_whitespace().take(3).collect();
     println!(
-        "execbox execd benchmark: {cpus} CPUs ({}), load average {}, release server on loopback",
-        cpu_model(),
-        load.join(" ")
+        "execbox execd benchmark: {}, release server on loopback",
+        machine()
     );
     println!(
         "targets: echo round trip p50 <= 3 ms; streaming >= 200 MB/s; upload/download >= 500 MB/s \

@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 
 mod support;
 
-use support::{cpu_model, describe, env_usize, Res, Server};
+use support::{describe, env_usize, machine, Res, Server};
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
@@ -138,11 +138,7 @@ fn main() {
     let c = env_usize("EXECBOX_BENCH_ISOL8_CONCURRENT", 50);
     let python = python();
     println!("execbox isol8 one-shot benchmark");
-    println!(
-        "  cpu: {}, interpreter: {}\n",
-        cpu_model(),
-        python.display()
-    );
+    println!("  {}, interpreter: {}\n", machine(), python.display());
 
     match bare(&python, n) {
         Ok(ms) => report(

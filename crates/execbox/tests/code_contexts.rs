@@ -20,21 +20,6 @@ use serde_json::{json, Value};
 // Plain requests
 
 impl Reply {
-    /// An execd error envelope with this status and code; returns the message.
-    #[track_caller]
-    fn assert_error(&self, status: u16, code: &str) -> String {
-        assert_eq!(self.status, status, "{}", self.text());
-        let v = self.json();
-        assert_eq!(v["code"], code, "{v}");
-        assert_eq!(self.header("content-type"), Some("application/json"), "{v}");
-        let keys: Vec<&String> = v.as_object().expect("object").keys().collect();
-        assert!(
-            keys.iter().all(|k| *k == "code" || *k == "message"),
-            "envelope has only code and message: {v}"
-        );
-        v["message"].as_str().unwrap_or("").to_string()
-    }
-
     /// A Leap0 400 validation error naming `field`; returns the error text.
     #[track_caller]
     fn assert_invalid(&self, field: &str) -> String {

@@ -24,23 +24,6 @@ fn heavy() -> std::sync::MutexGuard<'static, ()> {
 // ---------------------------------------------------------------------------------------------
 // Plain requests
 
-impl Reply {
-    /// An error envelope with this status and code; returns the message.
-    #[track_caller]
-    fn assert_error(&self, status: u16, code: &str) -> String {
-        assert_eq!(self.status, status, "{}", self.text());
-        let v = self.json();
-        assert_eq!(v["code"], code, "{v}");
-        assert_eq!(self.header("content-type"), Some("application/json"), "{v}");
-        let keys: Vec<&String> = v.as_object().expect("object").keys().collect();
-        assert!(
-            keys.iter().all(|k| *k == "code" || *k == "message"),
-            "envelope has only code and message: {v}"
-        );
-        v["message"].as_str().unwrap_or("").to_string()
-    }
-}
-
 fn get(sb: &Sandbox, path: &str) -> Reply {
     reply(
         sb.execd("GET", path)
@@ -150,14 +133,7 @@ fn open(sb: &Sandbox, path: &str, body: &Value, timeout: Duration) -> Result<Str
     match r {
         Ok(resp) if resp.status() == 200 => {
             let status = resp.status();
-            let headers = resp
-                .headers_names()
-                .into_iter()
-                .map(|n| {
-                    let v = resp.header(&n).unwrap_or("").to_string();
-                    (n, v)
-                })
-                .collect();
+            let headers = headers_of(&resp);
             Ok(Stream {
                 status,
                 headers,

@@ -10,18 +10,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::{json, Value};
 
-impl Reply {
-    /// An error envelope with this status and code.
-    #[track_caller]
-    fn assert_error(&self, status: u16, code: &str) -> String {
-        assert_eq!(self.status, status, "{}", self.text());
-        let v = self.json();
-        assert_eq!(v["code"], code, "{v}");
-        assert_eq!(self.header("content-type"), Some("application/json"));
-        v["message"].as_str().unwrap_or("").to_string()
-    }
-}
-
 fn get(sb: &Sandbox, path: &str) -> Reply {
     reply(sb.execd("GET", path).call())
 }

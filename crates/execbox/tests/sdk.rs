@@ -153,6 +153,23 @@ fn ensure_venv(root: &Path) -> PathBuf {
     python
 }
 
+/// `python -m pytest -q` on `target` (relative to the repository root), writing no caches.
+fn pytest(python: &Path, root: &Path, target: &str) -> Command {
+    let mut cmd = Command::new(python);
+    cmd.args([
+        "-m",
+        "pytest",
+        "-q",
+        "-rfEs",
+        "-p",
+        "no:cacheprovider",
+        target,
+    ])
+    .current_dir(root)
+    .env("PYTHONDONTWRITEBYTECODE", "1");
+    cmd
+}
+
 #[test]
 fn opensandbox_python_sdk_suite() {
     let root = repo_root();
@@ -160,21 +177,10 @@ fn opensandbox_python_sdk_suite() {
 
     let server = common::TestServer::start();
 
-    let mut pytest = Command::new(&python);
+    let mut pytest = pytest(&python, &root, "tests/sdk");
     pytest
-        .args([
-            "-m",
-            "pytest",
-            "-q",
-            "-rfEs",
-            "-p",
-            "no:cacheprovider",
-            "tests/sdk",
-        ])
-        .current_dir(&root)
         .env("OPEN_SANDBOX_DOMAIN", format!("127.0.0.1:{}", server.port))
         .env_remove("OPEN_SANDBOX_API_KEY")
-        .env("PYTHONDONTWRITEBYTECODE", "1")
         .env("PYTHONUNBUFFERED", "1")
         // keep the user's proxy settings away from loopback traffic
         .env("NO_PROXY", "127.0.0.1,localhost")
@@ -197,19 +203,7 @@ fn opensandbox_python_sdk_suite() {
 fn kernel_script_suites() {
     let root = repo_root();
     let python = ensure_venv(&root);
-    let mut pytest = Command::new(&python);
-    pytest
-        .args([
-            "-m",
-            "pytest",
-            "-q",
-            "-rfEs",
-            "-p",
-            "no:cacheprovider",
-            "crates/execbox-agent/kernels",
-        ])
-        .current_dir(&root)
-        .env("PYTHONDONTWRITEBYTECODE", "1");
+    let pytest = pytest(&python, &root, "crates/execbox-agent/kernels");
     let out = run_with_deadline(pytest, "pytest kernels", PYTEST_DEADLINE);
     println!("{}", String::from_utf8_lossy(&out.stdout));
     eprintln!("{}", String::from_utf8_lossy(&out.stderr));

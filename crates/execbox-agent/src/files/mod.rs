@@ -118,6 +118,20 @@ pub(crate) fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError
     })
 }
 
+/// A `{"<path>": Permission}` body (`/files/permissions`, `/directories`): each path resolved
+/// against the sandbox environment, a `null` Permission as the default one.
+pub(crate) fn permission_map(
+    app: &AppState,
+    body: &[u8],
+) -> Result<Vec<(std::path::PathBuf, Permission)>, ApiError> {
+    let req: Option<std::collections::BTreeMap<String, Option<Permission>>> = parse_body(body)?;
+    let env = app.runner.env_with(&[]);
+    req.unwrap_or_default()
+        .into_iter()
+        .map(|(p, perm)| Ok((crate::paths::resolve(&p, &env)?, perm.unwrap_or_default())))
+        .collect()
+}
+
 /// Runs blocking file work on the blocking pool.
 pub(crate) async fn blocking<T, F>(f: F) -> Result<T, ApiError>
 where

@@ -98,13 +98,7 @@ pub async fn permissions(
     State(app): State<Arc<AppState>>,
     body: Bytes,
 ) -> Result<StatusCode, ApiError> {
-    let req: Option<BTreeMap<String, Option<Permission>>> = parse_body(&body)?;
-    let env = app.runner.env_with(&[]);
-    let items = req
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(p, perm)| Ok((paths::resolve(&p, &env)?, perm.unwrap_or_default())))
-        .collect::<Result<Vec<_>, ApiError>>()?;
+    let items = super::permission_map(&app, &body)?;
     blocking(move || {
         let names = Names::load();
         items

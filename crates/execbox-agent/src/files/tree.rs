@@ -1,7 +1,6 @@
 //! Tree walks and directories: `GET /files/search`, `GET /directories/list`,
 //! `POST /directories`, `DELETE /directories`.
 
-use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fs::{self, Metadata};
 use std::io;
@@ -16,7 +15,7 @@ use globset::{GlobBuilder, GlobMatcher};
 
 use super::info::{file_info, FileInfo, Names};
 use super::resolve::{self, Dir, DEFAULT_MODE};
-use super::{blocking, parent_owner, parse_body, Permission, Query};
+use super::{blocking, parent_owner, Query};
 use crate::error::ApiError;
 use crate::paths;
 use crate::AppState;
@@ -203,13 +202,7 @@ pub async fn make_directories(
     State(app): State<Arc<AppState>>,
     body: Bytes,
 ) -> Result<StatusCode, ApiError> {
-    let req: Option<BTreeMap<String, Option<Permission>>> = parse_body(&body)?;
-    let env = app.runner.env_with(&[]);
-    let items = req
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(p, perm)| Ok((paths::resolve(&p, &env)?, perm.unwrap_or_default())))
-        .collect::<Result<Vec<_>, ApiError>>()?;
+    let items = super::permission_map(&app, &body)?;
     let user = app.runner.user();
     blocking(move || {
         let names = Names::load();

@@ -29,6 +29,20 @@ pub fn cpu_model() -> String {
         .unwrap_or_else(|| "unknown CPU".into())
 }
 
+/// `N CPUs (model), load average a b c`: the machine a result was measured on.
+pub fn machine() -> String {
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load: Vec<&str> = load.split_whitespace().take(3).collect();
+    format!(
+        "{cpus} CPUs ({}), load average {}",
+        cpu_model(),
+        load.join(" ")
+    )
+}
+
 /// An HTTP error with the response body, when there is one.
 pub fn describe(e: ureq::Error) -> String {
     match e {

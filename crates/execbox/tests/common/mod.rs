@@ -331,6 +331,22 @@ pub struct Reply {
 }
 
 impl Reply {
+    /// An execd error envelope (`{"code","message"}` and nothing else) with this status and
+    /// code; returns the message.
+    #[track_caller]
+    pub fn assert_error(&self, status: u16, code: &str) -> String {
+        assert_eq!(self.status, status, "{}", self.text());
+        let v = self.json();
+        assert_eq!(v["code"], code, "{v}");
+        assert_eq!(self.header("content-type"), Some("application/json"), "{v}");
+        let keys: Vec<&String> = v.as_object().expect("object").keys().collect();
+        assert!(
+            keys.iter().all(|k| *k == "code" || *k == "message"),
+            "envelope has only code and message: {v}"
+        );
+        v["message"].as_str().unwrap_or("").to_string()
+    }
+
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
@@ -357,6 +373,17 @@ impl Reply {
     }
 }
 
+/// Every header of a response, names as sent.
+pub fn headers_of(resp: &ureq::Response) -> Vec<(String, String)> {
+    resp.headers_names()
+        .into_iter()
+        .map(|n| {
+            let v = resp.header(&n).unwrap_or("").to_string();
+            (n, v)
+        })
+        .collect()
+}
+
 /// Reads a response (an error status is a response too) into a [`Reply`].
 pub fn reply(r: Result<ureq::Response, ureq::Error>) -> Reply {
     let resp = match r {
@@ -365,14 +392,7 @@ pub fn reply(r: Result<ureq::Response, ureq::Error>) -> Reply {
         Err(e) => panic!("request failed: {e}"),
     };
     let status = resp.status();
-    let headers = resp
-        .headers_names()
-        .into_iter()
-        .map(|n| {
-            let v = resp.header(&n).unwrap_or("").to_string();
-            (n, v)
-        })
-        .collect();
+    let headers = headers_of(&resp);
     let mut body = Vec::new();
     std::io::Read::read_to_end(&mut resp.into_reader(), &mut body).expect("read body");
     Reply {
