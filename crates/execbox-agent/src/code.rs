@@ -104,6 +104,9 @@ pub enum RunError {
     /// The interpreter could not be started.
     #[error("{0}")]
     Start(String),
+    /// The sandbox user cannot enter the context's working directory.
+    #[error("{0}")]
+    Cwd(String),
 }
 
 impl Context {
@@ -163,7 +166,10 @@ impl Context {
             if guard.is_none() {
                 let (k, h) = Kernel::start(&app.runner, lang, &self.cwd, self.env.clone())
                     .await
-                    .map_err(|e| RunError::Start(e.to_string()))?;
+                    .map_err(|e| match e {
+                        crate::kernel::KernelError::Cwd(m) => RunError::Cwd(m),
+                        other => RunError::Start(other.to_string()),
+                    })?;
                 *guard = Some(k);
                 store_handle(handle, Some(h));
             }
@@ -437,21 +443,7 @@ pub fn prepare_cwd(app: &AppState, raw: Option<&str>) -> Result<PathBuf, ApiErro
         return Ok(PathBuf::from(execbox_jail::rootfs::SANDBOX_HOME));
     };
     let path = crate::paths::resolve(raw, &app.runner.env_with(&[]))?;
-    let user = app.runner.user();
-    let mut missing = Vec::new();
-    let mut cur = Some(path.as_path());
-    while let Some(p) = cur {
-        if p.exists() {
-            break;
-        }
-        missing.push(p.to_path_buf());
-        cur = p.parent();
-    }
-    std::fs::create_dir_all(&path)
-        .map_err(|e| ApiError::Runtime(format!("error creating code context. {e}")))?;
-    for dir in missing {
-        let _ = std::os::unix::fs::chown(&dir, Some(user.uid), Some(user.gid));
-    }
+    crate::files::make_cwd(&path, app.runner.user())?;
     Ok(path)
 }
 
@@ -686,6 +678,9 @@ async fn stream_kernel(ctx: &Context, mut rx: mpsc::Receiver<KernelOutput>, mut 
 
 impl IntoResponse for RunError {
     fn into_response(self) -> Response {
-        ApiError::Runtime(format!("error running codes {self}")).into_response()
+        match self {
+            RunError::Cwd(m) => ApiError::BadRequest(m).into_response(),
+            other => ApiError::Runtime(format!("error running codes {other}")).into_response(),
+        }
     }
 }

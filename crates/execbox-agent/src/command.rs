@@ -56,7 +56,10 @@ struct Entry {
     started_at: String,
     finished_at: Option<String>,
     finished: Option<Instant>,
-    log_path: Option<PathBuf>,
+    /// Output of a background command: an unnamed file (`O_TMPFILE`) in the agent's data
+    /// directory, reached only through this descriptor, so nothing in the sandbox can swap,
+    /// replace or redirect it.
+    log: Option<Arc<std::fs::File>>,
     leaf: Option<Arc<ExecLeaf>>,
 }
 
@@ -65,6 +68,8 @@ pub struct Commands {
     entries: Mutex<HashMap<String, Entry>>,
     last_sweep: Mutex<Instant>,
     max_log_bytes: u64,
+    /// Where background logs are made (the agent's own tmpfs, inside the sandbox's budget).
+    log_dir: Option<execbox_jail::fsroot::Dir>,
 }
 
 impl Commands {
@@ -73,6 +78,9 @@ impl Commands {
         Self {
             entries: Mutex::new(HashMap::new()),
             last_sweep: Mutex::new(Instant::now()),
+            log_dir: execbox_jail::fsroot::Dir::open_trusted(Path::new(AGENT_DATA_DIR))
+                .map_err(|e| tracing::warn!(error = %e, "no directory for command logs"))
+                .ok(),
             max_log_bytes: if max_log_bytes == 0 {
                 64 << 20
             } else {
@@ -126,12 +134,9 @@ impl Commands {
             .take_while(|(i, (t, _))| *i < over || t.elapsed() > RETENTION)
             .map(|(_, (_, k))| k.clone())
             .collect::<Vec<_>>();
+        // A log's storage is freed when its last descriptor closes.
         for k in expired {
-            if let Some(e) = entries.remove(&k) {
-                if let Some(p) = e.log_path {
-                    let _ = std::fs::remove_file(p);
-                }
-            }
+            entries.remove(&k);
         }
     }
 }
@@ -237,7 +242,7 @@ fn resolve_cwd(cwd: Option<&str>, env: &[(String, String)]) -> Result<PathBuf, A
         .filter(|c| !c.is_empty())
         .unwrap_or(execbox_jail::rootfs::SANDBOX_HOME);
     let path = crate::paths::resolve(raw, env)?;
-    if !path.is_dir() {
+    if !crate::files::is_dir(&path) {
         return Err(ApiError::BadRequest(format!(
             "invalid request, validation error cwd {raw:?} does not exist or is not a directory"
         )));
@@ -304,6 +309,7 @@ pub async fn run(State(app): State<Arc<AppState>>, body: Bytes) -> Result<Respon
 
     let started = match started {
         Ok(s) => s,
+        Err(e @ crate::runner::RunError::Cwd { .. }) => return Err(e.into()),
         Err(e) => {
             // Start failure after init, as upstream.
             let text = e.to_string();
@@ -321,7 +327,16 @@ pub async fn run(State(app): State<Arc<AppState>>, body: Bytes) -> Result<Respon
         }
     };
     let leaf = started.leaf.map(Arc::new);
-    let log_path = background.then(|| PathBuf::from(format!("{AGENT_DATA_DIR}/{id}.log")));
+    let log = match (background, &app.commands.log_dir) {
+        (true, Some(dir)) => match dir.tmpfile(0o600) {
+            Ok(f) => Some(Arc::new(f)),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot create a command log");
+                None
+            }
+        },
+        _ => None,
+    };
     app.commands.lock().insert(
         id.clone(),
         Entry {
@@ -334,7 +349,7 @@ pub async fn run(State(app): State<Arc<AppState>>, body: Bytes) -> Result<Respon
             started_at: rfc3339_now(),
             finished_at: None,
             finished: None,
-            log_path: log_path.clone(),
+            log: log.clone(),
             leaf: leaf.clone(),
         },
     );
@@ -346,14 +361,14 @@ pub async fn run(State(app): State<Arc<AppState>>, body: Bytes) -> Result<Respon
         leaf,
         timeout,
     };
-    if let Some(log_path) = log_path {
+    if background {
         let max = app.commands.max_log_bytes;
         let out = pipe_reader(started.stdout);
         tokio::spawn(async move {
             sink.send(&Event::text("init", id, now_ms())).await;
             sink.send(&Event::complete(0, now_ms())).await;
             drop(sink);
-            exec.run_background(out, log_path, max).await;
+            exec.run_background(out, log, max).await;
         });
     } else {
         let out = pipe_reader(started.stdout);
@@ -469,26 +484,18 @@ impl Execution {
     async fn run_background(
         mut self,
         mut out: Option<tokio::net::unix::pipe::Receiver>,
-        log_path: PathBuf,
+        log: Option<Arc<std::fs::File>>,
         max: u64,
     ) {
         let started = Instant::now();
         let deadline = self.timeout.map(|t| started + t);
-        // Logs are the agent's: other users of the sandbox cannot read them.
-        let mut file = match tokio::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&log_path)
-            .await
-        {
-            Ok(f) => Some(f),
+        let mut file = log.and_then(|f| match f.try_clone() {
+            Ok(f) => Some(tokio::fs::File::from_std(f)),
             Err(e) => {
-                tracing::warn!(error = %e, "cannot create command log");
+                tracing::warn!(error = %e, "cannot write the command log");
                 None
             }
-        };
+        });
         let mut written = 0u64;
         let mut buf = vec![0u8; 64 * 1024];
         let mut exit: Option<(Option<ExitInfo>, bool)> = None;
@@ -554,7 +561,7 @@ pub async fn logs(
     UrlPath(id): UrlPath<String>,
     Query(q): Query<LogsQuery>,
 ) -> Result<Response, ApiError> {
-    let path = {
+    let log = {
         let entries = app.commands.lock();
         let e = entries
             .get(&id)
@@ -564,12 +571,13 @@ pub async fn logs(
                 "command {id} is not running in background"
             )));
         }
-        e.log_path.clone()
+        e.log.clone()
     };
     let cursor: u64 = q.cursor.and_then(|c| c.parse().ok()).unwrap_or(0);
-    let (body, next) = match path {
-        Some(p) => read_log_page(&p, cursor)
+    let (body, next) = match log {
+        Some(f) => tokio::task::spawn_blocking(move || read_log_page(&f, cursor))
             .await
+            .map_err(|e| ApiError::Runtime(format!("error reading command logs. {e}")))?
             .map_err(|e| ApiError::Runtime(format!("error reading command logs. {e}")))?,
         None => (Vec::new(), 0),
     };
@@ -586,22 +594,23 @@ pub async fn logs(
 
 /// Bytes of the log from `cursor` (clamped to its end, as upstream does not), at most
 /// [`MAX_LOG_PAGE`], and the cursor after them.
-async fn read_log_page(path: &Path, cursor: u64) -> std::io::Result<(Vec<u8>, u64)> {
-    use tokio::io::{AsyncReadExt, AsyncSeekExt};
-    let mut file = match tokio::fs::File::open(path).await {
-        Ok(f) => f,
-        // Not created yet: the command has written nothing.
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), 0)),
-        Err(e) => return Err(e),
-    };
-    let size = file.metadata().await?.len();
+fn read_log_page(file: &std::fs::File, cursor: u64) -> std::io::Result<(Vec<u8>, u64)> {
+    use std::os::unix::fs::FileExt;
+    let size = file.metadata()?.len();
     let start = cursor.min(size);
-    let len = (size - start).min(MAX_LOG_PAGE);
-    file.seek(std::io::SeekFrom::Start(start)).await?;
-    let mut body = Vec::with_capacity(len as usize);
-    (&mut file).take(len).read_to_end(&mut body).await?;
-    let next = start + body.len() as u64;
-    Ok((body, next))
+    let len = (size - start).min(MAX_LOG_PAGE) as usize;
+    let mut body = vec![0u8; len];
+    let mut got = 0;
+    while got < len {
+        match file.read_at(&mut body[got..], start + got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    body.truncate(got);
+    Ok((body, start + got as u64))
 }
 
 #[derive(serde::Deserialize)]

@@ -39,6 +39,13 @@ pub enum ApiError {
     /// 416 `{"code":"UNKNOWN"}`: an unparsable `Range` header.
     #[error("unparsable range")]
     BadRange,
+    /// 409 `INVALID_REQUEST_BODY`: the request collides with what exists (a destination that
+    /// exists, a directory that is not empty).
+    #[error("{0}")]
+    Exists(String),
+    /// 413 `INVALID_REQUEST_BODY`: the sandbox's storage cannot take the write.
+    #[error("{0}")]
+    StorageFull(String),
     /// 409 with the given code (PTY `ALREADY_CONNECTED`).
     #[error("{message}")]
     Conflict {
@@ -56,12 +63,38 @@ pub enum ApiError {
 }
 
 impl ApiError {
-    /// Maps a filesystem error: ENOENT is 404 `FILE_NOT_FOUND`, anything else 500.
+    /// Maps a filesystem error. What the request itself caused is a 4xx: ENOENT is 404
+    /// `FILE_NOT_FOUND`, an existing destination or non-empty directory 409, a full storage 413,
+    /// a path that cannot be used as asked (not a directory, a directory, too long, a refused
+    /// link, read-only, not permitted) 400; anything else is the agent's failure, 500.
     pub fn from_io(context: &str, e: &std::io::Error) -> Self {
+        let errno = e.raw_os_error().unwrap_or(0);
         if e.kind() == std::io::ErrorKind::NotFound {
-            ApiError::FileNotFound(format!("file not found. {context}: {e}"))
-        } else {
-            ApiError::Runtime(format!("{context}. {e}"))
+            return ApiError::FileNotFound(format!("file not found. {context}: {e}"));
+        }
+        match errno {
+            libc::EEXIST | libc::ENOTEMPTY => ApiError::Exists(format!("{context}. {e}")),
+            libc::ENOSPC | libc::EDQUOT | libc::EFBIG => {
+                ApiError::StorageFull(format!("{context}. the sandbox's storage is full: {e}"))
+            }
+            libc::ENAMETOOLONG
+            | libc::ENOTDIR
+            | libc::EISDIR
+            | libc::EINVAL
+            | libc::ELOOP
+            | libc::EROFS
+            | libc::EACCES
+            | libc::EPERM
+            | libc::EXDEV
+            | libc::ETXTBSY
+            | libc::EMLINK
+            | libc::EBUSY => {
+                ApiError::BadRequest(format!("invalid request, validation error {context}. {e}"))
+            }
+            _ if e.kind() == std::io::ErrorKind::InvalidInput => {
+                ApiError::BadRequest(format!("invalid request, validation error {context}. {e}"))
+            }
+            _ => ApiError::Runtime(format!("{context}. {e}")),
         }
     }
 }
@@ -83,12 +116,18 @@ impl IntoResponse for ApiError {
             }
             ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, codes::INVALID_FILE),
             ApiError::BadRange => (StatusCode::RANGE_NOT_SATISFIABLE, codes::UNKNOWN),
+            ApiError::Exists(_) => (StatusCode::CONFLICT, codes::INVALID_REQUEST_BODY),
+            ApiError::StorageFull(_) => {
+                (StatusCode::PAYLOAD_TOO_LARGE, codes::INVALID_REQUEST_BODY)
+            }
             ApiError::Conflict { code, .. } => (StatusCode::CONFLICT, *code),
             ApiError::NotSupported(_) => (StatusCode::NOT_IMPLEMENTED, codes::NOT_SUPPORTED),
             ApiError::Runtime(_) => (StatusCode::INTERNAL_SERVER_ERROR, codes::RUNTIME_ERROR),
         };
         if status.is_server_error() {
             tracing::error!(error = %self, "request failed");
+        } else {
+            tracing::debug!(error = %self, status = status.as_u16(), "request refused");
         }
         // The 416 envelope is exactly `{"code":"UNKNOWN"}`: no message.
         let message = match &self {

@@ -268,6 +268,9 @@ pub enum KernelError {
     /// The process could not start or did not become ready.
     #[error("kernel failed to start: {0}")]
     Start(String),
+    /// The sandbox user cannot enter the working directory.
+    #[error("{0}")]
+    Cwd(String),
 }
 
 impl Kernel {
@@ -294,7 +297,10 @@ impl Kernel {
                 controlling_tty: false,
                 inherit_fds: vec![OwnedFd::from(kernel_end)],
             })
-            .map_err(|e| KernelError::Start(e.to_string()))?;
+            .map_err(|e| match e {
+                crate::runner::RunError::Cwd { .. } => KernelError::Cwd(e.to_string()),
+                other => KernelError::Start(other.to_string()),
+            })?;
         let leaf = started.leaf.map(Arc::new);
         let handle = KernelHandle {
             pid: started.pid,

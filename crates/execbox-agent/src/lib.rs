@@ -6,8 +6,11 @@
 //! - hardens itself (non-dumpable, seccomp filter inherited by everything it starts),
 //! - reaps every process of the sandbox (it is PID 1),
 //! - serves the execd API over HTTP on the socket,
-//! - starts the sandbox entrypoint as the sandbox user,
-//! - on SIGTERM kills every process of the sandbox and exits.
+//! - starts the sandbox entrypoint as the sandbox user.
+//!
+//! It installs no handler for any stopping signal: as PID 1 of its pid namespace, the kernel
+//! then drops every such signal sent from inside the sandbox, by any uid (`kill -TERM 1` from a
+//! `uid: 0` command included). Only the server stops it, with SIGKILL from outside.
 
 mod code;
 mod command;
@@ -124,6 +127,9 @@ async fn sweep_idle_contexts(state: Arc<AppState>, ttl_secs: u64) {
     }
 }
 
+/// Threads for blocking file work (uploads, downloads, walks); more requests wait.
+const AGENT_BLOCKING_THREADS: usize = 32;
+
 /// Runs the agent; returns only on a start-up error.
 pub fn run() -> Result<(), AgentError> {
     let config = read_config()?;
@@ -147,6 +153,9 @@ pub fn run() -> Result<(), AgentError> {
     }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        // The agent's threads count against the sandbox's pids beside the workload's own
+        // limit; a bounded pool keeps them within the reserve the server gives the agent.
+        .max_blocking_threads(AGENT_BLOCKING_THREADS)
         .build()?;
     rt.block_on(serve(config, runner, listener_fd))
 }
@@ -170,7 +179,6 @@ async fn serve(
             }
         }
     });
-    let mut sigterm = signal(SignalKind::terminate())?;
 
     if !config.entrypoint.is_empty() {
         if let Err(e) = runner.start_entrypoint(&config.entrypoint) {
@@ -196,10 +204,7 @@ async fn serve(
     ));
     execbox_jail::process::signal_ready()?;
     let app = router(state);
-    tokio::select! {
-        r = axum::serve(listener, app) => r?,
-        _ = sigterm.recv() => {}
-    }
+    axum::serve(listener, app).await?;
     execbox_jail::process::kill_everything();
     Ok(())
 }

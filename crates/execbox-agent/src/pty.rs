@@ -25,7 +25,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use execbox_jail::cgroup::ExecLeaf;
-use execbox_jail::process::{Credentials, ExitInfo};
+use execbox_jail::process::ExitInfo;
 use execbox_jail::rootfs::SANDBOX_HOME;
 use execbox_proto::execd::codes;
 use futures_util::stream::{SplitSink, SplitStream};
@@ -904,19 +904,6 @@ fn parse_create(body: &[u8]) -> Result<CreateRequest, ApiError> {
         })
 }
 
-/// `mkdir -p`; directories it creates belong to the sandbox user, who works in them.
-fn mkdir_owned(path: &Path, user: Credentials) -> std::io::Result<()> {
-    if path.is_dir() {
-        return Ok(());
-    }
-    let missing: Vec<&Path> = path.ancestors().take_while(|p| !p.exists()).collect();
-    std::fs::create_dir_all(path)?;
-    for dir in missing.iter().rev() {
-        std::os::unix::fs::chown(dir, Some(user.uid), Some(user.gid))?;
-    }
-    Ok(())
-}
-
 /// `POST /pty`.
 async fn create(
     State(app): State<Arc<AppState>>,
@@ -932,12 +919,7 @@ async fn create(
         Some(raw) => crate::paths::resolve(raw, &app.runner.env_with(&[]))?,
         None => PathBuf::from(SANDBOX_HOME),
     };
-    mkdir_owned(&cwd, app.runner.user()).map_err(|e| {
-        ApiError::Runtime(format!(
-            "error creating pty session. creating {}: {e}",
-            cwd.display()
-        ))
-    })?;
+    crate::files::make_cwd(&cwd, app.runner.user())?;
     let id = app
         .ptys
         .insert(cwd, req.command.filter(|c| !c.is_empty()))?;

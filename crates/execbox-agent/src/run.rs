@@ -218,7 +218,7 @@ fn prepare(
     if req.create_cwd {
         direct::make_dir(cwd, user)?;
     }
-    if !cwd.is_dir() {
+    if !direct::is_dir(cwd) {
         return Err(Fail::Invalid(format!(
             "cwd: {} does not exist or is not a directory",
             cwd.display()
@@ -265,7 +265,10 @@ async fn start(app: Arc<AppState>, body: Bytes) -> Result<Response, Fail> {
             controlling_tty: false,
             inherit_fds: Vec::new(),
         })
-        .map_err(|e| Fail::Internal(e.to_string()));
+        .map_err(|e| match e {
+            crate::runner::RunError::Cwd { .. } => Fail::Invalid(e.to_string()),
+            other => Fail::Internal(other.to_string()),
+        });
     let started = match started {
         Ok(s) => s,
         Err(e) => {
@@ -307,7 +310,7 @@ async fn send_event(tx: &mpsc::Sender<Bytes>, event: &RunEvent) -> bool {
 
 fn remove_program(program: Option<PathBuf>) {
     if let Some(p) = program {
-        if let Err(e) = std::fs::remove_file(&p) {
+        if let Err(e) = direct::remove(&p) {
             tracing::debug!(path = %p.display(), error = %e, "removing a program file");
         }
     }
@@ -537,8 +540,14 @@ fn collect_files(
     before: &HashMap<PathBuf, direct::FileStamp>,
 ) -> (std::collections::BTreeMap<String, String>, Vec<String>) {
     let mut files = std::collections::BTreeMap::new();
+    // Output files are read beneath the request's roots (the whole sandbox without any).
+    let output_roots = if req.file_roots.is_empty() {
+        vec![PathBuf::from("/")]
+    } else {
+        roots(&req.file_roots)
+    };
     for p in &req.output_paths {
-        match direct::read_small(Path::new(p), MAX_OUTPUT_FILE) {
+        match direct::read_small(Path::new(p), &output_roots, MAX_OUTPUT_FILE) {
             Ok(Some(data)) => {
                 files.insert(
                     p.clone(),

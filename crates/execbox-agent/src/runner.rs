@@ -98,9 +98,38 @@ pub enum RunError {
     /// The execution cgroup could not be created.
     #[error("creating the execution cgroup failed: {0}")]
     Cgroup(#[from] execbox_jail::cgroup::CgroupError),
+    /// The process's user cannot enter the working directory (decided by the kernel, as that
+    /// user): the request's mistake.
+    #[error("invalid request, validation error cwd {}: the sandbox user cannot enter it: {source}", path.display())]
+    Cwd {
+        /// The directory.
+        path: PathBuf,
+        /// The kernel's answer.
+        source: std::io::Error,
+    },
     /// fork/exec failed.
     #[error("starting the process failed: {0}")]
     Spawn(#[from] std::io::Error),
+}
+
+impl From<execbox_jail::process::LaunchError> for RunError {
+    fn from(e: execbox_jail::process::LaunchError) -> Self {
+        match e {
+            execbox_jail::process::LaunchError::Cwd { path, source } => {
+                RunError::Cwd { path, source }
+            }
+            execbox_jail::process::LaunchError::Spawn(e) => RunError::Spawn(e),
+        }
+    }
+}
+
+impl From<RunError> for crate::error::ApiError {
+    fn from(e: RunError) -> Self {
+        match e {
+            RunError::Cwd { .. } => crate::error::ApiError::BadRequest(e.to_string()),
+            other => crate::error::ApiError::Runtime(other.to_string()),
+        }
+    }
 }
 
 impl Runner {

@@ -165,7 +165,7 @@ async fn create(
     let cwd = match req.cwd.as_deref().filter(|c| !c.is_empty()) {
         Some(raw) => {
             let path = crate::paths::resolve(raw, &env)?;
-            create_dir_for_user(&path, app.runner.user())?;
+            crate::files::make_cwd(&path, app.runner.user())?;
             path
         }
         None => PathBuf::from(execbox_jail::rootfs::SANDBOX_HOME),
@@ -193,36 +193,9 @@ async fn create(
     Ok(Json(serde_json::json!({ "session_id": id })))
 }
 
-/// `mkdir -p`, with the directories it creates owned by the sandbox user.
-fn create_dir_for_user(
-    path: &Path,
-    user: execbox_jail::process::Credentials,
-) -> Result<(), ApiError> {
-    let mut missing = Vec::new();
-    let mut cur = Some(path);
-    while let Some(p) = cur {
-        if p.exists() {
-            break;
-        }
-        missing.push(p.to_path_buf());
-        cur = p.parent();
-    }
-    std::fs::create_dir_all(path).map_err(|e| ApiError::from_io("error creating cwd", &e))?;
-    for dir in missing {
-        let _ = std::os::unix::fs::chown(&dir, Some(user.uid), Some(user.gid));
-    }
-    if !path.is_dir() {
-        return Err(ApiError::BadRequest(format!(
-            "invalid request, validation error cwd {} is not a directory",
-            path.display()
-        )));
-    }
-    Ok(())
-}
-
 fn start_shell(app: &AppState, session: &Session) -> Result<Shell, ApiError> {
     let mut cwd = session.cwd();
-    if !cwd.is_dir() {
+    if !crate::files::is_dir(&cwd) {
         cwd = PathBuf::from(execbox_jail::rootfs::SANDBOX_HOME);
     }
     let started = app
@@ -242,7 +215,10 @@ fn start_shell(app: &AppState, session: &Session) -> Result<Shell, ApiError> {
             controlling_tty: false,
             inherit_fds: Vec::new(),
         })
-        .map_err(|e| ApiError::Runtime(format!("error starting session shell. {e}")))?;
+        .map_err(|e| match e {
+            crate::runner::RunError::Cwd { .. } => ApiError::from(e),
+            other => ApiError::Runtime(format!("error starting session shell. {other}")),
+        })?;
     let stdin = started
         .stdin
         .and_then(|fd| pipe::Sender::from_owned_fd(fd).ok())
@@ -342,7 +318,7 @@ async fn run(
     let cwd = match req.cwd.as_deref().filter(|c| !c.is_empty()) {
         Some(raw) => {
             let path = crate::paths::resolve(raw, &app.runner.env_with(&[]))?;
-            if !path.is_dir() {
+            if !crate::files::is_dir(&path) {
                 return Err(ApiError::BadRequest(format!(
                     "invalid request, validation error cwd {raw:?} does not exist or is not a directory"
                 )));

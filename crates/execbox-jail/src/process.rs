@@ -87,15 +87,51 @@ impl Reaper {
         &self,
         launch: Launch,
         on_exit: impl FnOnce(ExitInfo) + Send + 'static,
-    ) -> std::io::Result<std::process::Child> {
+    ) -> Result<std::process::Child, LaunchError> {
         let mut waiters = match self.waiters.lock() {
             Ok(w) => w,
             Err(poisoned) => poisoned.into_inner(),
         };
-        let child = launch.into_command().spawn()?;
+        let (cwd_read, cwd_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| LaunchError::Spawn(e.into()))?;
+        let cwd = launch.cwd.clone();
+        let spawned = launch.into_command(cwd_write.as_raw_fd()).spawn();
+        drop(cwd_write);
+        let child = match spawned {
+            Ok(c) => c,
+            Err(e) => {
+                // The child reports a working directory it could not enter on its own pipe.
+                let mut word = [0u8; 4];
+                return Err(match sys::read(cwd_read.as_raw_fd(), &mut word) {
+                    Ok(4) => LaunchError::Cwd {
+                        path: cwd,
+                        source: std::io::Error::from_raw_os_error(i32::from_ne_bytes(word)),
+                    },
+                    _ => LaunchError::Spawn(e),
+                });
+            }
+        };
         waiters.insert(child.id() as i32, Box::new(on_exit));
         Ok(child)
     }
+}
+
+/// Why a user process did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    /// The working directory could not be entered as the process's own user (missing, not a
+    /// directory, no search permission, or reached through a magic link).
+    #[error("cannot enter the working directory {}: {source}", path.display())]
+    Cwd {
+        /// The directory.
+        path: PathBuf,
+        /// Why (the kernel's answer to the user).
+        #[source]
+        source: std::io::Error,
+    },
+    /// fork or exec failed.
+    #[error("{0}")]
+    Spawn(#[from] std::io::Error),
 }
 
 /// Who a user process runs as.
@@ -153,12 +189,17 @@ fn errno_to_io(e: sys::Errno) -> std::io::Error {
 }
 
 impl Launch {
-    fn into_command(self) -> Command {
+    /// The command, whose child enters the working directory after its identity switch and
+    /// writes the errno to `cwd_err` when it cannot.
+    fn into_command(self, cwd_err: RawFd) -> Command {
         let mut cmd = Command::new(&self.argv[0]);
+        // A path with a NUL cannot exist: the empty path fails in the child (ENOENT) like a
+        // missing directory.
+        let cwd =
+            std::ffi::CString::new(self.cwd.as_os_str().as_encoded_bytes()).unwrap_or_default();
         cmd.args(&self.argv[1..])
             .env_clear()
             .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .current_dir(&self.cwd)
             .stdin(self.stdin)
             .stdout(self.stdout)
             .stderr(self.stderr);
@@ -198,6 +239,12 @@ impl Launch {
                 }
                 sys::setresgid(creds.gid).map_err(errno_to_io)?;
                 sys::setresuid(creds.uid).map_err(errno_to_io)?;
+                // Entered as the user, so the kernel's own permission checks decide; never
+                // through a magic link (a host descriptor of the agent).
+                if let Err(e) = sys::enter_dir(&cwd) {
+                    let _ = sys::write_all(cwd_err, &e.to_ne_bytes());
+                    return Err(errno_to_io(e));
+                }
                 sys::clear_capabilities().map_err(errno_to_io)?;
                 sys::set_no_new_privs().map_err(errno_to_io)?;
                 if let Some(fence) = &fence {

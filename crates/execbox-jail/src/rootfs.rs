@@ -97,6 +97,23 @@ pub struct WritableSizes {
     pub shm: u64,
 }
 
+impl WritableSizes {
+    /// Every writable tmpfs together, the agent's own data area (sized like `/tmp`) included:
+    /// the most RAM the sandbox's files can take.
+    pub fn total(&self) -> u64 {
+        [
+            self.home,
+            self.workspace,
+            self.tmp,
+            self.sandbox,
+            self.shm,
+            self.tmp,
+        ]
+        .iter()
+        .fold(0u64, |a, b| a.saturating_add(*b))
+    }
+}
+
 impl Default for WritableSizes {
     fn default() -> Self {
         const MIB: u64 = 1024 * 1024;

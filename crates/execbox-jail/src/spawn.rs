@@ -103,6 +103,13 @@ pub struct SpawnRequest<'a> {
     pub hostname: &'a str,
     /// Descriptors handed to the agent as fds 4, 5, …
     pub pass_fds: Vec<OwnedFd>,
+    /// Host directories handed to the agent after `pass_fds`, each as a *detached* bind mount
+    /// rooted at the directory (made by the child with `open_tree`, before the pivot): the
+    /// agent holds no descriptor from which `..` or a magic link leads anywhere on the host.
+    pub detached_dirs: Vec<PathBuf>,
+    /// The agent's standard output and error (e.g. a pipe the server logs from); `/dev/null`
+    /// of the sandbox when absent. Its standard input is always the sandbox's `/dev/null`.
+    pub log: Option<OwnedFd>,
     /// `cgroup.procs` files the agent's pid is written to before it runs.
     pub cgroup_procs: Vec<PathBuf>,
     /// How long to wait for the agent's readiness byte.
@@ -141,6 +148,7 @@ const STAGE_HOSTNAME: u32 = 5;
 const STAGE_LOOPBACK: u32 = 6;
 const STAGE_FDS: u32 = 7;
 const STAGE_EXEC: u32 = 8;
+const STAGE_DETACH: u32 = 9;
 
 fn describe_stage(stage: u32, index: u32, ops: &[MountOp]) -> String {
     match stage {
@@ -154,6 +162,7 @@ fn describe_stage(stage: u32, index: u32, ops: &[MountOp]) -> String {
         STAGE_LOOPBACK => "bringing loopback up".into(),
         STAGE_FDS => "arranging descriptors".into(),
         STAGE_EXEC => "executing the agent".into(),
+        STAGE_DETACH => format!("detaching host directory {index} for the agent"),
         _ => format!("stage {stage}"),
     }
 }
@@ -169,6 +178,8 @@ struct ChildPlan<'a> {
     ready_write: RawFd,
     pass_fds: [RawFd; MAX_PASSED_FDS],
     pass_count: usize,
+    detached: &'a [CString],
+    log_fd: RawFd,
     hostname: &'a [u8],
     rootless: bool,
 }
@@ -202,6 +213,21 @@ fn child_main(plan: &ChildPlan<'_>) -> ! {
         Ok(_) => sys::exit_now(0),
         Err(e) => child_fail(err, STAGE_SYNC, 0, e),
     }
+    // Detached copies of the host directories the agent gets (its cgroups), made while the
+    // host paths are still visible; private propagation first, so nothing is shared back.
+    if let Err(e) = sys::mount(None, c"/", None, libc::MS_REC | libc::MS_PRIVATE, None) {
+        child_fail(err, STAGE_DETACH, 0, e);
+    }
+    let mut detached = [-1 as RawFd; MAX_PASSED_FDS];
+    for (i, path) in plan.detached.iter().enumerate() {
+        match sys::open_tree_clone(path).and_then(|fd| sys::dup_above(fd, 64).map(|m| (fd, m))) {
+            Ok((fd, moved)) => {
+                sys::close(fd);
+                detached[i] = moved;
+            }
+            Err(e) => child_fail(err, STAGE_DETACH, i as u32, e),
+        }
+    }
     if let Err(f) = run_ops(plan.ops) {
         child_fail(err, STAGE_MOUNT, f.index as u32, f.errno);
     }
@@ -228,7 +254,18 @@ fn child_main(plan: &ChildPlan<'_>) -> ! {
         Ok(fd) => fd,
         Err(e) => child_fail(err, STAGE_FDS, 0, e),
     };
+    // Above the final layout too, or a dup2 below could overwrite it.
+    let log = if plan.log_fd >= 0 {
+        match sys::dup_above(plan.log_fd, 64) {
+            Ok(fd) => fd,
+            Err(e) => child_fail(err, STAGE_FDS, 4, e),
+        }
+    } else {
+        -1
+    };
     let mut moved = [0 as RawFd; MAX_PASSED_FDS + 1];
+    let detached_count = plan.detached.len();
+    let total = plan.pass_count + detached_count;
     let sources =
         std::iter::once(plan.ready_write).chain(plan.pass_fds[..plan.pass_count].iter().copied());
     for (i, fd) in sources.enumerate() {
@@ -237,12 +274,25 @@ fn child_main(plan: &ChildPlan<'_>) -> ! {
             Err(e) => child_fail(err, STAGE_FDS, 1, e),
         }
     }
-    for (i, fd) in moved[..plan.pass_count + 1].iter().enumerate() {
+    moved[plan.pass_count + 1..total + 1].copy_from_slice(&detached[..detached_count]);
+    for (i, fd) in moved[..total + 1].iter().enumerate() {
         if let Err(e) = sys::dup2(*fd, READY_FD + i as RawFd) {
             child_fail(err, STAGE_FDS, 2, e);
         }
     }
-    if let Err(e) = sys::cloexec_from(READY_FD + plan.pass_count as RawFd + 1) {
+    // Standard descriptors: the sandbox's own /dev/null, and the log (or /dev/null again).
+    // Nothing of the server's (its terminal, its log file) reaches the sandbox.
+    let null = match sys::open_dev_null() {
+        Ok(fd) => fd,
+        Err(e) => child_fail(err, STAGE_FDS, 5, e),
+    };
+    let out = if log >= 0 { log } else { null };
+    for (fd, target) in [(null, 0), (out, 1), (out, 2)] {
+        if let Err(e) = sys::dup2(fd, target) {
+            child_fail(err, STAGE_FDS, 6, e);
+        }
+    }
+    if let Err(e) = sys::cloexec_from(READY_FD + total as RawFd + 1) {
         child_fail(err, STAGE_FDS, 3, e);
     }
     // (A credential change has usually cleared it already; not in a rootless sandbox.)
@@ -260,7 +310,7 @@ fn write_host_file(path: String, contents: &str) -> Result<(), SpawnError> {
 
 /// Starts a sandbox and waits until its agent is ready.
 pub fn spawn_sandbox(req: SpawnRequest<'_>) -> Result<Spawned, SpawnError> {
-    if req.pass_fds.len() > MAX_PASSED_FDS {
+    if req.pass_fds.len() + req.detached_dirs.len() > MAX_PASSED_FDS {
         return Err(SpawnError::Prepare(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
             "too many descriptors for the agent",
@@ -283,6 +333,11 @@ pub fn spawn_sandbox(req: SpawnRequest<'_>) -> Result<Spawned, SpawnError> {
             .chain(std::iter::once(std::ptr::null()))
             .collect::<Vec<_>>()
     };
+    let detached = req
+        .detached_dirs
+        .iter()
+        .map(|p| cstring(p.as_os_str().as_encoded_bytes()))
+        .collect::<Result<Vec<_>, _>>()?;
     let (sync_read, sync_write) = pipe()?;
     let (err_read, err_write) = pipe()?;
     let (ready_read, ready_write) = pipe()?;
@@ -301,6 +356,8 @@ pub fn spawn_sandbox(req: SpawnRequest<'_>) -> Result<Spawned, SpawnError> {
         ready_write: ready_write.as_raw_fd(),
         pass_fds: pass,
         pass_count: req.pass_fds.len(),
+        detached: &detached,
+        log_fd: req.log.as_ref().map_or(-1, |fd| fd.as_raw_fd()),
         hostname: req.hostname.as_bytes(),
         rootless,
     };

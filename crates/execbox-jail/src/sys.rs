@@ -135,6 +135,36 @@ pub fn mount_setattr(path: &CStr, attr_set: u64, recursive: bool) -> Result<(), 
     check(ret).map(drop)
 }
 
+/// `open_tree(AT_FDCWD, path, OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC)`: a *detached* bind mount
+/// whose root is `path`. Nothing is above its root (`..` there stays there), and it is in no
+/// mount namespace, so a descriptor of it leads nowhere else.
+pub fn open_tree_clone(path: &CStr) -> Result<RawFd, Errno> {
+    const OPEN_TREE_CLONE: libc::c_uint = 1;
+    // SAFETY: `path` is a valid NUL-terminated string; the flags are integers.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint,
+        )
+    };
+    check(ret).map(|fd| fd as RawFd)
+}
+
+/// Opens `/dev/null` for reading and writing (close-on-exec).
+pub fn open_dev_null() -> Result<RawFd, Errno> {
+    // SAFETY: the path is a valid NUL-terminated string; the flags are integers.
+    let fd = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+    check(fd as libc::c_long).map(|fd| fd as RawFd)
+}
+
+/// `pidfd_open(pid, 0)`: a descriptor that becomes readable when the process exits.
+pub fn pidfd_open(pid: libc::pid_t) -> Result<RawFd, Errno> {
+    // SAFETY: plain syscall with integer arguments.
+    check(unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) }).map(|fd| fd as RawFd)
+}
+
 /// `pivot_root(2)`.
 pub fn pivot_root(new_root: &CStr, put_old: &CStr) -> Result<(), Errno> {
     // SAFETY: both arguments are valid NUL-terminated strings.
@@ -191,6 +221,38 @@ pub fn close(fd: RawFd) {
 pub fn chdir(path: &CStr) -> Result<(), Errno> {
     // SAFETY: `path` is a valid NUL-terminated string.
     check(unsafe { libc::chdir(path.as_ptr()) } as libc::c_long).map(drop)
+}
+
+/// Enters the directory `path` with `openat2(RESOLVE_NO_MAGICLINKS)` and `fchdir`: the kernel
+/// resolves it with the caller's own credentials (so its permission checks apply), and a path
+/// through a magic link (`/proc/<pid>/fd/N`, `/proc/<pid>/cwd`, …) is refused with `ELOOP`.
+pub fn enter_dir(path: &CStr) -> Result<(), Errno> {
+    #[repr(C)]
+    struct OpenHow {
+        flags: u64,
+        mode: u64,
+        resolve: u64,
+    }
+    const RESOLVE_NO_MAGICLINKS: u64 = 0x02;
+    let how = OpenHow {
+        flags: (libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC) as u64,
+        mode: 0,
+        resolve: RESOLVE_NO_MAGICLINKS,
+    };
+    // SAFETY: `path` is NUL-terminated; `how` is a valid `struct open_how` of the size passed.
+    let fd = check(unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            &how as *const OpenHow,
+            std::mem::size_of::<OpenHow>(),
+        )
+    })? as RawFd;
+    // SAFETY: plain syscall on the descriptor just opened.
+    let ret = check(unsafe { libc::fchdir(fd) } as libc::c_long);
+    close(fd);
+    ret.map(drop)
 }
 
 /// Raw `setresuid(2)`. glibc's wrapper would try to synchronise credentials with threads that

@@ -21,6 +21,11 @@ const UID_RANGE_SIZE: u32 = 65_536;
 pub const MAX_SLOTS: u32 = 40_000;
 /// Hostname inside every sandbox.
 const HOSTNAME: &str = "sandbox";
+/// Memory the sandbox cgroup allows beyond the workload's limit and its storage, for the agent
+/// itself: the workload is limited apart (its own cgroup), so its pressure never reaches this.
+const AGENT_MEMORY_RESERVE: u64 = 64 << 20;
+/// Tasks the sandbox cgroup allows beyond the workload's limit, for the agent's threads.
+const AGENT_PIDS_RESERVE: u64 = 64;
 
 /// Errors of the local backend.
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +89,15 @@ pub struct SandboxParams<'a> {
     pub env: Vec<(String, String)>,
     /// Entrypoint.
     pub entrypoint: Vec<String>,
+}
+
+/// What the server watches of a sandbox it just started (not persisted).
+#[derive(Debug)]
+pub struct Watch {
+    /// A pidfd of the agent: readable once it has exited.
+    pub pidfd: OwnedFd,
+    /// Read end of the agent's standard output and error.
+    pub log: OwnedFd,
 }
 
 /// A running sandbox as the backend tracks it (persisted in the sandbox record).
@@ -251,6 +265,11 @@ impl LocalBackend {
 
     /// Starts a sandbox and waits until its agent answers.
     pub fn create(&self, p: SandboxParams<'_>) -> Result<Placement, BackendError> {
+        self.create_watched(p).map(|(placement, _)| placement)
+    }
+
+    /// [`create`](Self::create), also returning what to watch: the agent's exit and its log.
+    pub fn create_watched(&self, p: SandboxParams<'_>) -> Result<(Placement, Watch), BackendError> {
         let slot = match self.mapping_mode {
             MappingMode::Root => Some(self.take_slot()?),
             MappingMode::Rootless { .. } => None,
@@ -267,7 +286,7 @@ impl LocalBackend {
         &self,
         p: &SandboxParams<'_>,
         slot: Option<u32>,
-    ) -> Result<Placement, BackendError> {
+    ) -> Result<(Placement, Watch), BackendError> {
         let (mapping, user_host_uid) = match (self.mapping_mode, slot) {
             (MappingMode::Root, Some(slot)) => {
                 let host_base = UID_RANGE_BASE + slot * UID_RANGE_SIZE;
@@ -297,24 +316,53 @@ impl LocalBackend {
         let listener = std::os::unix::net::UnixListener::bind(&socket_path)
             .map_err(io_err("binding the agent socket"))?;
 
+        let ops_custom;
+        let l = &p.limits;
+        let (ops, sizes) =
+            if l.disk_bytes.is_some() || l.sandbox_bytes.is_some() || l.tmp_bytes.is_some() {
+                let d = WritableSizes::default();
+                let mut plan = self.plan.clone();
+                plan.sizes = WritableSizes {
+                    home: l.disk_bytes.unwrap_or(d.home),
+                    workspace: l.disk_bytes.unwrap_or(d.workspace),
+                    tmp: l.tmp_bytes.or(l.disk_bytes).unwrap_or(d.tmp),
+                    sandbox: l.sandbox_bytes.or(l.disk_bytes).unwrap_or(d.sandbox),
+                    shm: l.disk_bytes.unwrap_or(d.shm).min(d.shm),
+                };
+                ops_custom = plan.compile();
+                (&ops_custom, plan.sizes)
+            } else {
+                (&self.ops_default, self.plan.sizes)
+            };
+        // The sandbox cgroup bounds everything: the workload, the files written to its tmpfs
+        // (RAM, charged to whoever writes them: user code or the agent for uploads), and the
+        // agent. The workload cgroup below it bounds user code alone, so that user pressure
+        // ends in the OOM killer choosing among user processes, and an upload that does not
+        // fit ends in ENOSPC, never in the agent being killed.
+        let pids = p.limits.pids.unwrap_or(self.config.default_pids);
         let cgroup = self.cgroups.create(
             p.id,
             &Limits {
-                memory_bytes: p.limits.memory_bytes,
+                memory_bytes: p.limits.memory_bytes.map(|m| {
+                    m.saturating_add(sizes.total())
+                        .saturating_add(AGENT_MEMORY_RESERVE)
+                }),
                 cpu_millicores: p.limits.cpu_millicores,
-                pids_max: Some(p.limits.pids.unwrap_or(self.config.default_pids)),
+                pids_max: Some(pids.saturating_add(AGENT_PIDS_RESERVE)),
             },
         )?;
+        cgroup.create_workload(&Limits {
+            memory_bytes: p.limits.memory_bytes,
+            cpu_millicores: None,
+            pids_max: Some(pids),
+        })?;
         let root_host = mapping.host_uid(0).unwrap_or(0);
         cgroup.delegate(root_host, root_host)?;
-        let mut pass_fds: Vec<OwnedFd> = vec![OwnedFd::from(listener)];
-        let mut labels = Vec::new();
-        for (label, path) in cgroup.dirs() {
-            let dir = std::fs::File::open(&path)
-                .map_err(io_err(format!("opening {}", path.display())))?;
-            pass_fds.push(OwnedFd::from(dir));
-            labels.push(label);
-        }
+        let pass_fds: Vec<OwnedFd> = vec![OwnedFd::from(listener)];
+        let (labels, detached_dirs): (Vec<String>, Vec<PathBuf>) =
+            cgroup.work_dirs().into_iter().unzip();
+        let (log_read, log_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| io_err("creating the agent's log pipe")(e.into()))?;
         let rootless = matches!(mapping, UserMapping::Single { .. });
         let agent_config = AgentConfig {
             env: p.env.clone(),
@@ -338,23 +386,6 @@ impl LocalBackend {
             what: "encoding the agent configuration".into(),
             source: std::io::Error::other(e),
         })?;
-        let ops_custom;
-        let l = &p.limits;
-        let ops = if l.disk_bytes.is_some() || l.sandbox_bytes.is_some() || l.tmp_bytes.is_some() {
-            let d = WritableSizes::default();
-            let mut plan = self.plan.clone();
-            plan.sizes = WritableSizes {
-                home: l.disk_bytes.unwrap_or(d.home),
-                workspace: l.disk_bytes.unwrap_or(d.workspace),
-                tmp: l.tmp_bytes.or(l.disk_bytes).unwrap_or(d.tmp),
-                sandbox: l.sandbox_bytes.or(l.disk_bytes).unwrap_or(d.sandbox),
-                shm: l.disk_bytes.unwrap_or(d.shm).min(d.shm),
-            };
-            ops_custom = plan.compile();
-            &ops_custom
-        } else {
-            &self.ops_default
-        };
         let spawned = spawn::spawn_sandbox(SpawnRequest {
             mount_ops: ops,
             agent_exe: &self.config.agent_exe,
@@ -366,16 +397,24 @@ impl LocalBackend {
             mapping,
             hostname: HOSTNAME,
             pass_fds,
-            cgroup_procs: cgroup.procs_files("agent")?,
+            detached_dirs,
+            log: Some(log_write),
+            cgroup_procs: cgroup.procs_files(execbox_jail::cgroup::AGENT_LEAF)?,
             ready_timeout: Duration::from_secs(10),
         })?;
         let start_time = spawn::process_start_time(spawned.pid).unwrap_or(0);
-        Ok(Placement {
-            pid: spawned.pid,
-            start_time,
-            slot,
-            user_host_uid,
-        })
+        Ok((
+            Placement {
+                pid: spawned.pid,
+                start_time,
+                slot,
+                user_host_uid,
+            },
+            Watch {
+                pidfd: spawned.pidfd,
+                log: log_read,
+            },
+        ))
     }
 
     /// Whether the agent recorded in `placement` still runs (same pid, same start time).

@@ -11,7 +11,7 @@ use std::time::SystemTime;
 use execbox_jail::process::Credentials;
 use execbox_proto::run::{ListFilesResponse, ListedFile};
 
-use super::resolve::{self, Dir, Owner, Unresolved, Walk};
+use super::resolve::{self, Dir, Owner, Scope, Unresolved};
 
 /// Errors of direct file work.
 #[derive(Debug, thiserror::Error)]
@@ -29,13 +29,23 @@ pub enum DirectError {
 
 fn unresolved(shown: &Path, e: Unresolved) -> DirectError {
     match e {
-        Unresolved::Proc(_) => {
-            DirectError::Invalid(format!("{}: /proc is not accessible", shown.display()))
+        Unresolved::Refused { area } => {
+            DirectError::Invalid(format!("{}: {area} is not accessible", shown.display()))
         }
-        Unresolved::Io(e) if e.kind() == io::ErrorKind::NotFound => {
+        Unresolved::Io(e) => io_error(shown, e),
+    }
+}
+
+fn io_error(shown: &Path, e: io::Error) -> DirectError {
+    match e.raw_os_error() {
+        _ if e.kind() == io::ErrorKind::NotFound => {
             DirectError::NotFound(format!("{}: no such file or directory", shown.display()))
         }
-        Unresolved::Io(e) => DirectError::Io(format!("{}: {e}", shown.display())),
+        // The path leaves its root, or goes through a magic link: the request's mistake.
+        Some(libc::EXDEV | libc::ELOOP | libc::ENOTDIR | libc::EISDIR | libc::ENAMETOOLONG) => {
+            DirectError::Invalid(format!("{}: {e}", shown.display()))
+        }
+        _ => DirectError::Io(format!("{}: {e}", shown.display())),
     }
 }
 
@@ -44,8 +54,12 @@ pub fn normalize(path: &Path) -> Option<PathBuf> {
     execbox_proto::paths::normalize_absolute(path.to_str()?).map(PathBuf::from)
 }
 
-fn under_roots(path: &Path, roots: &[PathBuf]) -> bool {
-    roots.iter().any(|r| path.starts_with(r) && path != r)
+/// The root among `roots` that `path` (normalized) lies strictly under, and the rest of it.
+fn locate<'a>(path: &'a Path, roots: &'a [PathBuf]) -> Option<(&'a Path, &'a Path)> {
+    roots.iter().find_map(|r| {
+        let rest = path.strip_prefix(r).ok()?;
+        (!rest.as_os_str().is_empty()).then_some((r.as_path(), rest))
+    })
 }
 
 /// A file ready to be renamed into place.
@@ -58,8 +72,9 @@ struct Staged {
 }
 
 /// Writes every file through a temporary file beside it, then renames them all: either every
-/// file is in place or (on an error before the renames) none is. Each path must resolve, after
-/// symlinks, under one of `roots`. New files and directories belong to `user`.
+/// file is in place or (on an error before the renames) none is. Each path must lie beneath one
+/// of `roots`, and is resolved beneath it by the kernel (symlinks that would leave it are
+/// refused). New files and directories belong to `user`.
 pub fn write_all(
     files: &[(PathBuf, Vec<u8>)],
     roots: &[PathBuf],
@@ -80,17 +95,11 @@ pub fn write_all(
             let lexical = normalize(path).ok_or_else(|| {
                 DirectError::Invalid(format!("{}: not an absolute path", path.display()))
             })?;
-            if !under_roots(&lexical, roots) {
-                return Err(outside(path, roots));
-            }
-            let (dir, name) =
-                resolve::for_create(&lexical, dir_owner).map_err(|e| unresolved(path, e))?;
-            if !under_roots(&dir.path().join(&name), roots) {
-                return Err(outside(path, roots));
-            }
-            let (mut file, temp) = dir
-                .temp_file()
-                .map_err(|e| DirectError::Io(format!("{}: {e}", path.display())))?;
+            let (root, rest) = locate(&lexical, roots).ok_or_else(|| outside(path, roots))?;
+            let base = Dir::resolve(root).map_err(|e| unresolved(path, e))?;
+            let (dir, name) = resolve::for_create_in(Scope::Beneath(&base), rest, dir_owner)
+                .map_err(|e| unresolved(path, e))?;
+            let (mut file, temp) = dir.temp_file().map_err(|e| io_error(path, e))?;
             let write = file.write_all(data);
             staged.push(Staged {
                 dir,
@@ -99,7 +108,7 @@ pub fn write_all(
                 file,
                 shown: lexical,
             });
-            write.map_err(|e| DirectError::Io(format!("{}: {e}", path.display())))?;
+            write.map_err(|e| io_error(path, e))?;
         }
         Ok(())
     })();
@@ -114,7 +123,7 @@ pub fn write_all(
         let shown = s.shown.display().to_string();
         s.dir
             .commit(s.file, &s.temp, &s.name, file_owner)
-            .map_err(|e| DirectError::Io(format!("{shown}: {e}")))?;
+            .map_err(|e| io_error(&s.shown, e))?;
         written.push(shown);
     }
     Ok(written)
@@ -141,21 +150,56 @@ pub fn make_dir(path: &Path, user: Credentials) -> Result<(), DirectError> {
         .map_err(|e| unresolved(path, e))
 }
 
-/// Reads a file of at most `max` bytes; `Ok(None)` when it does not exist or is not a regular
-/// file.
-pub fn read_small(path: &Path, max: u64) -> Result<Option<Vec<u8>>, DirectError> {
+/// Whether `path` is a directory the kernel resolves inside the sandbox.
+pub fn is_dir(path: &Path) -> bool {
+    Dir::resolve(path).is_ok()
+}
+
+/// Removes the file `path` itself (a symlink is removed, not followed); missing is fine.
+pub fn remove(path: &Path) -> Result<(), DirectError> {
+    match resolve::existing(path, false) {
+        Ok(entry) => match entry.dir.fs().unlink(&entry.name) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_error(path, e)),
+            _ => Ok(()),
+        },
+        Err(e) if e.is_not_found() => Ok(()),
+        Err(e) => Err(unresolved(path, e)),
+    }
+}
+
+/// Reads a regular file of at most `max` bytes lying beneath one of `roots`, resolved beneath
+/// it by the kernel (a symlink that leaves it, or a magic link, is refused) and judged on the
+/// opened descriptor. `Ok(None)` when it does not exist or is not a regular file.
+pub fn read_small(
+    path: &Path,
+    roots: &[PathBuf],
+    max: u64,
+) -> Result<Option<Vec<u8>>, DirectError> {
     let Some(lexical) = normalize(path) else {
         return Ok(None);
     };
-    let entry = match resolve::existing(&lexical, true) {
-        Ok(e) => e,
-        Err(Unresolved::Io(e)) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+    let (root, rest) = locate(&lexical, roots).ok_or_else(|| outside(path, roots))?;
+    let base = match Dir::resolve(root) {
+        Ok(d) => d,
+        Err(e) if e.is_not_found() => return Ok(None),
         Err(e) => return Err(unresolved(path, e)),
     };
-    let md = match entry.lstat() {
-        Ok(md) if md.is_file() => md,
-        _ => return Ok(None),
+    use execbox_jail::fsroot::OpenFlags as F;
+    let fd = match base
+        .fs()
+        .resolve_beneath(rest, F::O_RDONLY | F::O_NONBLOCK | F::O_NOCTTY, true)
+    {
+        Ok(fd) => fd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_error(path, e)),
     };
+    let file = fs::File::from(fd);
+    let md = file.metadata().map_err(|e| io_error(path, e))?;
+    if !md.is_file() {
+        return Ok(None);
+    }
+    resolve::admit_dev(std::os::unix::fs::MetadataExt::dev(&md))
+        .map_err(|e| unresolved(path, e))?;
     if md.len() > max {
         return Err(DirectError::Invalid(format!(
             "{}: {} bytes is more than the {max} bytes an output file may have",
@@ -164,9 +208,9 @@ pub fn read_small(path: &Path, max: u64) -> Result<Option<Vec<u8>>, DirectError>
         )));
     }
     let mut data = Vec::with_capacity(md.len() as usize);
-    fs::File::open(entry.at())
-        .and_then(|f| f.take(max + 1).read_to_end(&mut data))
-        .map_err(|e| DirectError::Io(format!("{}: {e}", path.display())))?;
+    file.take(max + 1)
+        .read_to_end(&mut data)
+        .map_err(|e| io_error(path, e))?;
     Ok(Some(data))
 }
 
@@ -196,19 +240,14 @@ fn listed(path: &Path, md: &fs::Metadata) -> ListedFile {
 pub fn list(path: &Path, recursive: bool, max: usize) -> Result<ListFilesResponse, DirectError> {
     let lexical = normalize(path)
         .ok_or_else(|| DirectError::Invalid(format!("{}: not an absolute path", path.display())))?;
-    let canonical = match resolve::walk(&lexical, false).map_err(|e| unresolved(path, e))? {
-        Walk::Found(p) => p,
-        Walk::Missing { .. } => {
-            return Err(DirectError::NotFound(format!(
-                "{}: no such file or directory",
-                path.display()
-            )))
-        }
-    };
-    let md = fs::symlink_metadata(&canonical).map_err(|e| unresolved(path, e.into()))?;
+    let entry = resolve::existing(&lexical, false).map_err(|e| unresolved(path, e))?;
+    let md = entry.lstat().map_err(|e| io_error(path, e))?;
     let mut files = Vec::new();
     if md.is_dir() {
-        let dir = Dir::open(&canonical).map_err(|e| unresolved(path, e))?;
+        let dir = entry
+            .dir
+            .subdir(&entry.name)
+            .map_err(|e| io_error(path, e))?;
         walk_dir(&dir, &lexical, recursive, max, &mut files)
             .map_err(|e| DirectError::Io(format!("{}: {e}", path.display())))?;
     } else {
@@ -232,7 +271,7 @@ fn walk_dir(
         if out.len() >= max {
             return Ok(());
         }
-        let Ok(md) = fs::symlink_metadata(dir.child(&name)) else {
+        let Ok(md) = dir.lstat(&name) else {
             continue;
         };
         let path = shown.join(&name);
@@ -251,7 +290,7 @@ pub type FileStamp = (u64, u64, i64, i64, i64, i64);
 
 /// Regular files under `root` (at most `max`), never following symlinks.
 fn regular_files(root: &Path, max: usize, mut each: impl FnMut(PathBuf, &fs::Metadata)) {
-    let Ok(dir) = Dir::open(root) else { return };
+    let Ok(dir) = Dir::resolve(root) else { return };
     let mut seen = 0usize;
     let mut stack = vec![(dir, root.to_path_buf())];
     while let Some((dir, shown)) = stack.pop() {
@@ -261,7 +300,7 @@ fn regular_files(root: &Path, max: usize, mut each: impl FnMut(PathBuf, &fs::Met
             if seen > max {
                 return;
             }
-            let Ok(md) = fs::symlink_metadata(dir.child(&name)) else {
+            let Ok(md) = dir.lstat(&name) else {
                 continue;
             };
             let path = shown.join(&name);
@@ -330,8 +369,11 @@ mod tests {
     #[test]
     fn roots_exclude_the_root_itself_and_siblings() {
         let roots = [PathBuf::from("/tmp")];
-        assert!(under_roots(Path::new("/tmp/x"), &roots));
-        assert!(!under_roots(Path::new("/tmp"), &roots));
-        assert!(!under_roots(Path::new("/tmpx/y"), &roots));
+        assert_eq!(
+            locate(Path::new("/tmp/x/y"), &roots),
+            Some((Path::new("/tmp"), Path::new("x/y")))
+        );
+        assert!(locate(Path::new("/tmp"), &roots).is_none());
+        assert!(locate(Path::new("/tmpx/y"), &roots).is_none());
     }
 }

@@ -1,8 +1,8 @@
 //! `GET /files/download`: streamed whole-file, byte-range and line-range reads.
 
-use std::fs::{File, Metadata, OpenOptions};
+use std::fs::{File, Metadata};
 use std::io::{self, BufRead, BufReader};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -190,12 +190,7 @@ fn if_range_allows(value: &str, mtime: SystemTime) -> bool {
 fn open(lexical: &Path) -> Result<(File, Metadata), ApiError> {
     let entry = resolve::existing(lexical, true).map_err(|e| e.into_api(lexical))?;
     let err = |e: io::Error| ApiError::from_io(&format!("error opening {}", lexical.display()), &e);
-    // O_NONBLOCK: opening a FIFO planted by user code must not hang; no effect on files.
-    let file = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(entry.at())
-        .map_err(err)?;
+    let file = entry.open_read().map_err(err)?;
     let md = file.metadata().map_err(err)?;
     if md.is_dir() {
         return Err(ApiError::BadRequest(format!(

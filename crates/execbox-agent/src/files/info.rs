@@ -50,9 +50,13 @@ pub fn mode_to_decimal(mode: u32) -> u32 {
 }
 
 /// The request's "octal written as decimal" mode (`755` → 0o755). A non-octal digit or a value
-/// beyond 0o7777 is a 500, as upstream.
+/// beyond 0o7777 is a 400 naming `mode` (upstream answers 500).
 pub fn mode_from_decimal(mode: i64) -> Result<u32, ApiError> {
-    let bad = || ApiError::Runtime(format!("error parsing mode {mode}. not an octal mode"));
+    let bad = || {
+        ApiError::BadRequest(format!(
+            "invalid request, validation error mode: {mode} is not an octal mode"
+        ))
+    };
     if mode < 0 {
         return Err(bad());
     }
@@ -146,11 +150,17 @@ mod tests {
         assert_eq!(mode_from_decimal(755).unwrap(), 0o755);
         assert_eq!(mode_from_decimal(600).unwrap(), 0o600);
         assert_eq!(mode_from_decimal(4755).unwrap(), 0o4755);
-        assert!(matches!(mode_from_decimal(789), Err(ApiError::Runtime(_))));
-        assert!(matches!(mode_from_decimal(-1), Err(ApiError::Runtime(_))));
+        assert!(matches!(
+            mode_from_decimal(789),
+            Err(ApiError::BadRequest(_))
+        ));
+        assert!(matches!(
+            mode_from_decimal(-1),
+            Err(ApiError::BadRequest(_))
+        ));
         assert!(matches!(
             mode_from_decimal(17777),
-            Err(ApiError::Runtime(_))
+            Err(ApiError::BadRequest(_))
         ));
     }
 

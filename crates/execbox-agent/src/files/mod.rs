@@ -163,17 +163,21 @@ pub(crate) struct Wanted {
 }
 
 impl Permission {
-    /// Resolves names and the mode; an unknown name or a non-octal mode is a 500.
+    /// Resolves names and the mode; an unknown name or a non-octal mode is a 400.
     pub fn resolve(&self, names: &Names) -> Result<Wanted, ApiError> {
         let uid = match self.owner.as_deref().filter(|o| !o.is_empty()) {
             Some(o) => Some(names.uid(o).ok_or_else(|| {
-                ApiError::Runtime(format!("error looking up user {o}. unknown user"))
+                ApiError::BadRequest(format!(
+                    "invalid request, validation error owner: unknown user {o}"
+                ))
             })?),
             None => None,
         };
         let gid = match self.group.as_deref().filter(|g| !g.is_empty()) {
             Some(g) => Some(names.gid(g).ok_or_else(|| {
-                ApiError::Runtime(format!("error looking up group {g}. unknown group"))
+                ApiError::BadRequest(format!(
+                    "invalid request, validation error group: unknown group {g}"
+                ))
             })?),
             None => None,
         };
@@ -195,6 +199,28 @@ impl Wanted {
             mode: self.mode.unwrap_or(default_mode),
         }
     }
+}
+
+/// `mkdir -p` of a working directory (`cwd` of a session, context or terminal), the
+/// directories it creates owned by `user`. Resolved by the kernel inside the sandbox; a path
+/// that cannot be a directory is a 400 naming `cwd`. Whether the user may enter it is decided
+/// by the kernel when the process enters it as that user.
+pub(crate) fn make_cwd(path: &std::path::Path, user: Credentials) -> Result<(), ApiError> {
+    let owner = parent_owner(user);
+    resolve::make_dirs(path, owner, owner)
+        .map(drop)
+        .map_err(|e| match e.into_api(path) {
+            ApiError::Runtime(m) => ApiError::Runtime(m),
+            other => ApiError::BadRequest(format!(
+                "invalid request, validation error cwd {}: {other}",
+                path.display()
+            )),
+        })
+}
+
+/// Whether `path` is a directory, resolved by the kernel inside the sandbox (no magic links).
+pub(crate) fn is_dir(path: &std::path::Path) -> bool {
+    resolve::Dir::resolve(path).is_ok()
 }
 
 /// Owner and mode of directories created on the way to a destination.

@@ -2,9 +2,9 @@
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
-use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Read};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::fd::AsFd;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -21,6 +21,7 @@ use super::{blocking, parent_owner, parse_body, Permission, Query};
 use crate::error::ApiError;
 use crate::paths;
 use crate::AppState;
+use execbox_jail::fsroot;
 
 /// Deepest directory tree copied by a cross-device move.
 const MAX_COPY_DEPTH: usize = 1024;
@@ -31,7 +32,7 @@ fn io_err<'a>(what: &str, path: &'a Path) -> impl Fn(io::Error) -> ApiError + 'a
 }
 
 /// `DELETE /files?path=…`: removes regular files (and symlinks themselves); missing ones are
-/// fine; a directory is a 500.
+/// fine; a directory is a 400 (`DELETE /directories` removes those).
 pub async fn delete_files(
     State(app): State<Arc<AppState>>,
     RawQuery(raw): RawQuery,
@@ -41,7 +42,7 @@ pub async fn delete_files(
         for lexical in targets {
             let entry = match resolve::existing(&lexical, false) {
                 Ok(e) => e,
-                Err(resolve::Unresolved::Io(e)) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) if e.is_not_found() => continue,
                 Err(e) => return Err(e.into_api(&lexical)),
             };
             let md = match entry.lstat() {
@@ -50,12 +51,13 @@ pub async fn delete_files(
                 Err(e) => return Err(io_err("error removing file", &lexical)(e)),
             };
             if md.is_dir() {
-                return Err(ApiError::Runtime(format!(
-                    "error removing file {}. path is a directory",
+                return Err(ApiError::BadRequest(format!(
+                    "invalid request, validation error {} is a directory; remove it with \
+                     DELETE /directories",
                     lexical.display()
                 )));
             }
-            match fs::remove_file(entry.at()) {
+            match entry.dir.fs().unlink(&entry.name) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(io_err("error removing file", &lexical)(e)),
@@ -78,17 +80,16 @@ fn apply_permission(lexical: &Path, perm: &Permission, names: &Names) -> Result<
     // Pinning the inode makes chown/chmod act on exactly what was resolved.
     let pinned = entry.pin().map_err(&err)?;
     if pinned.metadata().map_err(&err)?.file_type().is_symlink() {
-        return Err(ApiError::Runtime(format!(
+        return Err(ApiError::Exists(format!(
             "error changing permissions of {}. path changed while in use",
             lexical.display()
         )));
     }
-    let at = resolve::fd_path(&pinned);
     if wanted.uid.is_some() || wanted.gid.is_some() {
-        std::os::unix::fs::chown(&at, wanted.uid, wanted.gid).map_err(&err)?;
+        fsroot::chown_fd(pinned.as_fd(), wanted.uid, wanted.gid).map_err(&err)?;
     }
     if let Some(mode) = wanted.mode {
-        fs::set_permissions(&at, fs::Permissions::from_mode(mode)).map_err(&err)?;
+        fsroot::chmod_fd(pinned.as_fd(), mode).map_err(&err)?;
     }
     Ok(())
 }
@@ -118,7 +119,7 @@ struct MoveItem {
 }
 
 /// Copies `sdir/sname` to `ddir/dname` without following symlinks, keeping modes and owners
-/// (a rename across filesystems).
+/// (a rename across filesystems). Every decision is made on an opened descriptor.
 fn copy_entry(
     sdir: &Dir,
     sname: &OsStr,
@@ -129,48 +130,40 @@ fn copy_entry(
     if depth > MAX_COPY_DEPTH {
         return Err(io::Error::other("directory tree too deep to copy"));
     }
-    let md = fs::symlink_metadata(sdir.child(sname))?;
+    let md = sdir.lstat(sname)?;
     let ft = md.file_type();
-    let mode = fs::Permissions::from_mode(md.mode() & 0o7777);
     if ft.is_symlink() {
-        std::os::unix::fs::symlink(fs::read_link(sdir.child(sname))?, ddir.child(dname))?;
-        std::os::unix::fs::lchown(ddir.child(dname), Some(md.uid()), Some(md.gid()))
+        ddir.fs().symlink(&sdir.fs().readlink(sname)?, dname)?;
+        ddir.fs().chown(dname, Some(md.uid()), Some(md.gid()))
     } else if ft.is_dir() {
-        DirBuilder::new().mode(0o700).create(ddir.child(dname))?;
+        ddir.fs().mkdir(dname, 0o700)?;
         let (s, d) = (sdir.subdir(sname)?, ddir.subdir(dname)?);
         for name in s.names()? {
             copy_entry(&s, &name, &d, &name, depth + 1)?;
         }
-        std::os::unix::fs::chown(d.here(), Some(md.uid()), Some(md.gid()))?;
-        fs::set_permissions(d.here(), mode)
+        let smd = s.fs().metadata()?;
+        fsroot::chown_fd(d.fs().fd(), Some(smd.uid()), Some(smd.gid()))?;
+        fsroot::chmod_fd(d.fs().fd(), smd.mode() & 0o7777)
     } else if ft.is_file() {
-        // O_NONBLOCK: a FIFO swapped in since the lstat must not hang the copy.
-        let mut from = OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-            .open(sdir.child(sname))?;
-        let mut to = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(ddir.child(dname))?;
+        let mut from = sdir.fs().open(
+            sname,
+            fsroot::OpenFlags::O_RDONLY | fsroot::OpenFlags::O_NONBLOCK,
+            0,
+        )?;
+        // Decided on the opened file: a FIFO or directory swapped in since the lstat is refused.
+        let fmd = from.metadata()?;
+        if !fmd.is_file() {
+            return Err(io::Error::other("path changed while being moved"));
+        }
+        let mut to = ddir.fs().create_new(dname, 0o600)?;
         io::copy(&mut from, &mut to)?;
-        std::os::unix::fs::fchown(&to, Some(md.uid()), Some(md.gid()))?;
-        to.set_permissions(mode)?;
+        std::os::unix::fs::fchown(&to, Some(fmd.uid()), Some(fmd.gid()))?;
+        to.set_permissions(std::fs::Permissions::from_mode(fmd.mode() & 0o7777))?;
         to.sync_all()
     } else {
         Err(io::Error::other(
             "special files can not be moved across filesystems",
         ))
-    }
-}
-
-fn remove_any(at: &Path) -> io::Result<()> {
-    if fs::symlink_metadata(at)?.is_dir() {
-        fs::remove_dir_all(at)
-    } else {
-        fs::remove_file(at)
     }
 }
 
@@ -185,23 +178,21 @@ fn move_one(
     from.lstat().map_err(err)?;
     let (ddir, dname) =
         resolve::for_create(dest, parent_owner(user)).map_err(|e| e.into_api(dest))?;
-    let to = ddir.child(&dname);
-    if fs::symlink_metadata(&to).is_ok() {
-        return Err(ApiError::Runtime(format!(
-            "{what}. destination already exists"
-        )));
-    }
-    match fs::rename(from.at(), &to) {
+    // RENAME_NOREPLACE: the kernel refuses an existing destination, whatever appeared there.
+    match from.dir.fs().rename(&from.name, ddir.fs(), &dname, true) {
         Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Err(ApiError::Exists(format!(
+            "{what}. destination already exists"
+        ))),
         Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
             if let Err(e) = copy_entry(&from.dir, &from.name, &ddir, &dname, 0) {
-                if let Err(cleanup) = remove_any(&to) {
+                if let Err(cleanup) = ddir.fs().remove_tree(&dname) {
                     tracing::warn!(error = %cleanup, "could not remove a partial copy");
                 }
                 return Err(err(e));
             }
             ddir.sync().map_err(err)?;
-            remove_any(&from.at()).map_err(err)
+            from.dir.fs().remove_tree(&from.name).map_err(err)
         }
         Err(e) => Err(err(e)),
     }
@@ -289,22 +280,11 @@ pub fn replace_bytes(data: &[u8], old: &[u8], new: &[u8]) -> (Vec<u8>, usize) {
 fn replace_one(lexical: &Path, old: &str, new: &str) -> Result<usize, ApiError> {
     let err = io_err("error replacing in", lexical);
     let entry = resolve::existing(lexical, true).map_err(|e| e.into_api(lexical))?;
-    // O_NONBLOCK: a FIFO planted by user code must not hang the request.
-    let mut file: File = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(entry.at())
-        .map_err(&err)?;
+    let mut file = entry.open_read().map_err(&err)?;
     let md = file.metadata().map_err(&err)?;
-    if md.is_dir() {
-        return Err(ApiError::Runtime(format!(
-            "error replacing in {}. path is a directory",
-            lexical.display()
-        )));
-    }
     if !md.is_file() {
-        return Err(ApiError::Runtime(format!(
-            "error replacing in {}. not a regular file",
+        return Err(ApiError::BadRequest(format!(
+            "invalid request, validation error {} is not a regular file",
             lexical.display()
         )));
     }

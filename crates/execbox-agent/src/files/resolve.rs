@@ -1,39 +1,40 @@
-//! Path resolution for the file API, hardened against symlinks planted by user code.
+//! Path resolution for every agent route that takes a path, on top of the kernel-enforced
+//! primitives of [`execbox_jail::fsroot`].
 //!
-//! Why: the agent is PID 1, so `/proc/1/fd/N` (reachable through a link such as
-//! `/home/user/fds -> /proc/1/fd`) are magic links to the agent's own host-side descriptors
-//! (cgroup directories, the socket). The file API therefore:
-//! 1. resolves a path component by component, following symlinks inside the sandbox but refusing
-//!    any step that lands in `/proc` ([`walk`]);
-//! 2. opens the resulting directory with `O_PATH | O_NOFOLLOW` and checks that the kernel put it
-//!    at the checked path ([`Dir::open`]), so a link swapped in after step 1 is caught;
-//! 3. reaches names inside it as `/proc/self/fd/<fd>/<name>`: the agent's own descriptor plus a
-//!    single component, the std-only equivalent of `openat`, which no later swap can redirect.
+//! Why: the agent is root of its sandbox and acts for clients on paths whose components the
+//! sandbox's own code can swap at any moment. So:
+//! 1. a path is resolved by the kernel (`openat2` with `RESOLVE_IN_ROOT |
+//!    RESOLVE_NO_MAGICLINKS`): symlinks are followed but stay in the sandbox, and
+//!    `/proc/<pid>/fd/N`-style magic links are refused outright;
+//! 2. the result is a directory *descriptor* plus one final name; everything after that acts on
+//!    the descriptor (`*at` calls with one plain name, `O_NOFOLLOW`), never on the path again;
+//! 3. decisions are made on what was opened: the file system of a resolved directory or entry
+//!    is checked against the refused ones (`/proc`, and the agent's own data under
+//!    `/run/execbox`) by device number.
 
 use std::ffi::{OsStr, OsString};
-use std::fs::{self, DirBuilder, File, Metadata, OpenOptions};
+use std::fs::File;
 use std::io::{self, Write};
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
+use std::sync::OnceLock;
+
+use execbox_jail::fsroot;
+use execbox_jail::rootfs::AGENT_DATA_DIR;
 
 use crate::error::ApiError;
 
-/// Symlinks followed while resolving one path (the kernel's own limit).
-const MAX_SYMLINKS: usize = 40;
 /// Mode of files and directories the API creates when the request names none: `0777 & ~022`.
 pub const DEFAULT_MODE: u32 = 0o755;
-
-/// `/proc` or anything under it.
-pub fn is_proc(path: &Path) -> bool {
-    path.starts_with("/proc")
-}
 
 /// Why a path could not be resolved.
 #[derive(Debug)]
 pub enum Unresolved {
-    /// The path leads into `/proc` (the canonical prefix that did).
-    Proc(PathBuf),
+    /// The path leads into an area the file API does not serve (`/proc`, the agent's data).
+    Refused {
+        /// The area, as the client would name it.
+        area: &'static str,
+    },
     /// A filesystem error.
     Io(io::Error),
 }
@@ -48,197 +49,165 @@ impl Unresolved {
     /// The envelope for a request about `shown`.
     pub fn into_api(self, shown: &Path) -> ApiError {
         match self {
-            Unresolved::Proc(at) => proc_refusal(shown, &at),
+            Unresolved::Refused { area } => refusal(shown, area),
             Unresolved::Io(e) => {
                 ApiError::from_io(&format!("error accessing {}", shown.display()), &e)
             }
         }
     }
+
+    /// Whether the path (or a component of it) does not exist.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, Unresolved::Io(e) if e.kind() == io::ErrorKind::NotFound)
+    }
 }
 
-/// The 400 for a path that resolves into `/proc`.
-pub fn proc_refusal(shown: &Path, at: &Path) -> ApiError {
+/// The 400 for a path that resolves into an area the file API does not serve.
+pub fn refusal(shown: &Path, area: &str) -> ApiError {
     ApiError::BadRequest(format!(
-        "invalid request, validation error path {} resolves to {}: /proc is not served by the \
-         file API",
-        shown.display(),
-        at.display()
+        "invalid request, validation error path {} resolves into {area}, which the file API \
+         does not serve",
+        shown.display()
     ))
 }
 
-/// Where a walk ended.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Walk {
-    /// Every component exists; the canonical path (no symlinks, not in `/proc`).
-    Found(PathBuf),
-    /// `existing` (canonical) exists; `rest` (plain names) does not.
-    Missing {
-        /// Deepest existing directory.
-        existing: PathBuf,
-        /// Names still to create below it.
-        rest: Vec<OsString>,
-    },
+/// The sandbox root and the file systems the file API refuses, found once.
+struct Resolver {
+    root: fsroot::Dir,
+    /// `(device, area)` of each refused file system.
+    refused: Vec<(u64, &'static str)>,
 }
 
-fn push_components(stack: &mut Vec<OsString>, path: &Path) {
-    // A stack popped from the end: push in reverse so the first component comes out first.
-    for c in path.components().rev() {
-        match c {
-            Component::Normal(n) => stack.push(n.to_os_string()),
-            Component::ParentDir => stack.push(OsString::from("..")),
-            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
-        }
+fn resolver() -> io::Result<&'static Resolver> {
+    static RESOLVER: OnceLock<Result<Resolver, String>> = OnceLock::new();
+    RESOLVER
+        .get_or_init(|| {
+            let root = fsroot::Dir::open_trusted(Path::new("/")).map_err(|e| e.to_string())?;
+            let mut refused = Vec::new();
+            for (path, area) in [("/proc", "/proc"), (AGENT_DATA_DIR, "the agent's own data")] {
+                if let Ok(md) = std::fs::symlink_metadata(path) {
+                    // The agent's data dir is only a file system of its own inside a sandbox.
+                    let own_fs = std::fs::symlink_metadata("/").map(|r| r.dev() != md.dev());
+                    if own_fs.unwrap_or(false) {
+                        refused.push((md.dev(), area));
+                    }
+                }
+            }
+            Ok(Resolver { root, refused })
+        })
+        .as_ref()
+        .map_err(|e| io::Error::other(format!("opening the sandbox root: {e}")))
+}
+
+/// Refuses a device number of a file system the file API does not serve.
+pub fn admit_dev(dev: u64) -> Result<(), Unresolved> {
+    match resolver()?.refused.iter().find(|(d, _)| *d == dev) {
+        Some((_, area)) => Err(Unresolved::Refused { area }),
+        None => Ok(()),
     }
 }
 
-/// Resolves an absolute path like `realpath`, but refuses as soon as a step lands in `/proc`.
-/// With `allow_missing`, a missing component ends the walk with [`Walk::Missing`].
-pub fn walk(path: &Path, allow_missing: bool) -> Result<Walk, Unresolved> {
-    let mut out = PathBuf::from("/");
-    let mut pending = Vec::new();
-    push_components(&mut pending, path);
-    let mut links = 0;
-    while let Some(c) = pending.pop() {
-        if c == ".." {
-            out.pop();
-            continue;
-        }
-        out.push(&c);
-        if is_proc(&out) {
-            return Err(Unresolved::Proc(out));
-        }
-        match fs::symlink_metadata(&out) {
-            Ok(md) if md.file_type().is_symlink() => {
-                links += 1;
-                if links > MAX_SYMLINKS {
-                    return Err(io::Error::from_raw_os_error(libc::ELOOP).into());
-                }
-                let target = fs::read_link(&out)?;
-                out.pop();
-                if target.is_absolute() {
-                    out = PathBuf::from("/");
-                }
-                push_components(&mut pending, &target);
-            }
-            Ok(md) => {
-                if !pending.is_empty() && !md.is_dir() {
-                    return Err(io::Error::from_raw_os_error(libc::ENOTDIR).into());
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound && allow_missing => {
-                out.pop();
-                let mut rest = vec![c];
-                rest.extend(pending.into_iter().rev());
-                // Creating below a dangling link whose target climbs with `..` is not supported:
-                // the names to create must be plain.
-                if rest.iter().any(|r| r == "..") {
-                    return Err(e.into());
-                }
-                return Ok(Walk::Missing {
-                    existing: out,
-                    rest,
-                });
-            }
-            Err(e) => return Err(e.into()),
-        }
+/// The final component and its parent; `/` is the root directory itself (`.`).
+fn split(path: &Path) -> (PathBuf, OsString) {
+    match (path.parent(), path.file_name()) {
+        (Some(p), Some(n)) => (p.to_path_buf(), n.to_os_string()),
+        _ => (PathBuf::from("/"), OsString::from(".")),
     }
-    Ok(Walk::Found(out))
 }
 
-/// `/proc/self/fd/<fd>`: the agent's own descriptor as a path.
-pub fn fd_path(fd: &impl AsRawFd) -> PathBuf {
-    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
-}
-
-/// A directory pinned by an `O_PATH` descriptor at a checked location.
+/// A directory pinned by a descriptor, with the path it was asked for (for messages).
 #[derive(Debug)]
 pub struct Dir {
-    fd: File,
+    fs: fsroot::Dir,
     path: PathBuf,
 }
 
-fn open_path_dir(at: &Path) -> io::Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW)
-        .open(at)
+/// Where a path is resolved from.
+#[derive(Debug, Clone, Copy)]
+pub enum Scope<'a> {
+    /// The sandbox's root: symlinks are followed and kept inside the sandbox.
+    Sandbox,
+    /// Beneath a directory (the path is relative to it): symlinks are followed only while they
+    /// stay beneath it.
+    Beneath(&'a Dir),
 }
 
 impl Dir {
-    /// Opens a canonical directory path (from [`walk`]) and checks that the kernel resolved it to
-    /// that same place, which fails if a component was swapped for a symlink in between.
-    pub fn open(canonical: &Path) -> Result<Dir, Unresolved> {
-        if is_proc(canonical) {
-            return Err(Unresolved::Proc(canonical.to_path_buf()));
+    /// Resolves the directory at `path` (symlinks followed inside the sandbox) and checks what
+    /// was opened.
+    pub fn resolve(path: &Path) -> Result<Dir, Unresolved> {
+        Self::resolve_in(Scope::Sandbox, path)
+    }
+
+    /// Resolves the directory at `path` from `scope` and checks what was opened.
+    pub fn resolve_in(scope: Scope<'_>, path: &Path) -> Result<Dir, Unresolved> {
+        let flags = fsroot::OpenFlags::O_PATH | fsroot::OpenFlags::O_DIRECTORY;
+        let (fs, shown) = match scope {
+            Scope::Sandbox => (resolver()?.root.resolve_dir(path)?, path.to_path_buf()),
+            Scope::Beneath(base) => (
+                fsroot::Dir::from_fd(base.fs.resolve_beneath(path, flags, true)?),
+                base.path.join(path),
+            ),
+        };
+        Self::admit(fs, shown)
+    }
+
+    fn admit(fs: fsroot::Dir, path: PathBuf) -> Result<Dir, Unresolved> {
+        if fs.is_on_proc()? {
+            return Err(Unresolved::Refused { area: "/proc" });
         }
-        let fd = open_path_dir(canonical)?;
-        let actual = fs::read_link(fd_path(&fd))?;
-        if actual != canonical {
-            tracing::warn!(expected = %canonical.display(), actual = %actual.display(),
-                "directory moved while being resolved");
-            return Err(io::Error::other(format!(
-                "{} changed while it was being resolved",
-                canonical.display()
-            ))
-            .into());
-        }
-        Ok(Dir {
-            fd,
-            path: canonical.to_path_buf(),
-        })
+        admit_dev(fs.metadata()?.dev())?;
+        Ok(Dir { fs, path })
     }
 
-    /// Canonical path of the directory.
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// The descriptor-level operations ([`fsroot::Dir`]).
+    pub fn fs(&self) -> &fsroot::Dir {
+        &self.fs
     }
 
-    /// The directory itself as a path through the agent's descriptor.
-    pub fn here(&self) -> PathBuf {
-        fd_path(&self.fd)
-    }
-
-    /// A name inside the directory, reached through the descriptor (never follows a swapped
-    /// parent; whether the name itself is followed is up to the operation).
-    pub fn child(&self, name: &OsStr) -> PathBuf {
-        self.here().join(name)
-    }
-
-    /// Opens a subdirectory without following a symlink at `name`.
+    /// The subdirectory `name`, never through a symlink, and not on a refused file system.
     pub fn subdir(&self, name: &OsStr) -> io::Result<Dir> {
-        let fd = open_path_dir(&self.child(name))?;
+        let fs = self.fs.subdir(name)?;
+        let refused = fs
+            .metadata()
+            .map(|md| admit_dev(md.dev()).is_err())
+            .unwrap_or(true);
+        if refused {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "not served by the file API",
+            ));
+        }
         let path = if name == "." {
             self.path.clone()
         } else {
             self.path.join(name)
         };
-        Ok(Dir { fd, path })
+        Ok(Dir { fs, path })
+    }
+
+    /// `lstat` of the entry `name`.
+    pub fn lstat(&self, name: &OsStr) -> io::Result<std::fs::Metadata> {
+        self.fs.lstat(name)
     }
 
     /// Entry names, sorted bytewise (the order upstream lists in).
     pub fn names(&self) -> io::Result<Vec<OsString>> {
-        let mut names = fs::read_dir(self.here())?
-            .map(|e| e.map(|e| e.file_name()))
-            .collect::<io::Result<Vec<_>>>()?;
+        let mut names = self.fs.names()?;
         names.sort();
         Ok(names)
     }
 
     /// fsync of the directory, so a rename into it survives a crash.
     pub fn sync(&self) -> io::Result<()> {
-        File::open(self.here())?.sync_all()
+        self.fs.sync()
     }
 
     /// Creates a hidden, uniquely named temporary file (mode 0600) for a later
     /// [`Dir::commit`].
     pub fn temp_file(&self) -> io::Result<(File, OsString)> {
         let name = OsString::from(format!(".execbox-upload-{}", uuid::Uuid::new_v4().simple()));
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(self.child(&name))?;
+        let file = self.fs.create_new(&name, 0o600)?;
         Ok((file, name))
     }
 
@@ -249,10 +218,10 @@ impl Dir {
         let result = (|| {
             // chown first: it clears set-id bits that the chmod may then set.
             std::os::unix::fs::fchown(&file, Some(owner.uid), Some(owner.gid))?;
-            file.set_permissions(fs::Permissions::from_mode(owner.mode))?;
+            file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(owner.mode))?;
             file.sync_all()?;
             drop(file);
-            fs::rename(self.child(temp), self.child(name))?;
+            self.fs.rename(temp, &self.fs, name, false)?;
             self.sync()
         })();
         if result.is_err() {
@@ -263,7 +232,7 @@ impl Dir {
 
     /// Removes a temporary file, logging (not failing) when that is impossible.
     pub fn remove_temp(&self, temp: &OsStr) {
-        if let Err(e) = fs::remove_file(self.child(temp)) {
+        if let Err(e) = self.fs.unlink(temp) {
             if e.kind() != io::ErrorKind::NotFound {
                 tracing::warn!(dir = %self.path.display(), error = %e,
                     "could not remove a temporary upload file");
@@ -281,6 +250,24 @@ impl Dir {
         }
         self.commit(file, &temp, name, owner)
     }
+
+    /// Creates the directory `name` with `owner`, or opens it if it exists (a symlink there is
+    /// refused). Returns it and whether it was created.
+    pub fn make_subdir(&self, name: &OsStr, owner: Owner) -> io::Result<(Dir, bool)> {
+        match self.fs.mkdir(name, DEFAULT_MODE) {
+            Ok(()) => {
+                let sub = self.subdir(name)?;
+                fsroot::chown_fd(sub.fs.fd(), Some(owner.uid), Some(owner.gid))?;
+                if owner.mode != 0 {
+                    fsroot::chmod_fd(sub.fs.fd(), owner.mode)?;
+                }
+                Ok((sub, true))
+            }
+            // Made concurrently, or there already; `subdir` refuses a symlink.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok((self.subdir(name)?, false)),
+            Err(e) => Err(e),
+        }
+    }
 }
 
 /// Owner and mode given to a created file or directory.
@@ -294,7 +281,7 @@ pub struct Owner {
     pub mode: u32,
 }
 
-/// An existing name inside a pinned directory (`.` for `/`).
+/// A name inside a pinned directory (`.` for `/`); it may not exist (yet).
 #[derive(Debug)]
 pub struct Entry {
     /// The pinned parent.
@@ -304,86 +291,126 @@ pub struct Entry {
 }
 
 impl Entry {
-    /// The entry as a path through the parent's descriptor.
-    pub fn at(&self) -> PathBuf {
-        self.dir.child(&self.name)
-    }
-
     /// `lstat` of the entry.
-    pub fn lstat(&self) -> io::Result<Metadata> {
-        fs::symlink_metadata(self.at())
+    pub fn lstat(&self) -> io::Result<std::fs::Metadata> {
+        self.dir.lstat(&self.name)
     }
 
-    /// Pins the entry itself with `O_PATH | O_NOFOLLOW`; chmod/chown then go through
-    /// [`fd_path`] of the result and reach exactly this inode.
+    /// Pins the entry itself (a symlink as the link) with `O_PATH`; chmod/chown then act on
+    /// exactly this inode.
     pub fn pin(&self) -> io::Result<File> {
-        OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_PATH | libc::O_NOFOLLOW)
-            .open(self.at())
+        self.dir.fs.pin(&self.name)
+    }
+
+    /// Opens the entry for reading, never following a symlink; `O_NONBLOCK` so that a FIFO
+    /// planted by user code cannot hang the request (no effect on regular files). Callers
+    /// decide on the descriptor's own metadata.
+    pub fn open_read(&self) -> io::Result<File> {
+        use fsroot::OpenFlags as F;
+        self.dir
+            .fs
+            .open(&self.name, F::O_RDONLY | F::O_NONBLOCK | F::O_NOCTTY, 0)
     }
 }
 
-fn entry_in(parent: &Path, name: &OsStr) -> Result<Entry, Unresolved> {
-    let full = parent.join(name);
-    if is_proc(&full) {
-        return Err(Unresolved::Proc(full));
-    }
-    Ok(Entry {
-        dir: Dir::open(parent)?,
-        name: name.to_os_string(),
-    })
-}
-
-/// An existing path. With `follow`, a symlink at the end is followed (reading, chmod); without,
-/// the entry is the link itself (lstat, delete, rename).
+/// The entry at `lexical`. With `follow`, a symlink at the end is followed (reading, chmod) and
+/// the entry is its target, found as a parent and a name; without, the entry is the link
+/// itself (lstat, delete, rename). Symlinks in the parent components are always followed,
+/// inside the sandbox.
 pub fn existing(lexical: &Path, follow: bool) -> Result<Entry, Unresolved> {
-    let (parent, name) = match (lexical.parent(), lexical.file_name()) {
-        (Some(p), Some(n)) if !follow => match walk(p, false)? {
-            Walk::Found(p) => (p, n.to_os_string()),
-            Walk::Missing { .. } => return Err(io::Error::from(io::ErrorKind::NotFound).into()),
-        },
-        _ => match walk(lexical, false)? {
-            Walk::Found(full) => match (full.parent(), full.file_name()) {
-                (Some(p), Some(n)) => (p.to_path_buf(), n.to_os_string()),
-                _ => (full, OsString::from(".")),
-            },
-            Walk::Missing { .. } => return Err(io::Error::from(io::ErrorKind::NotFound).into()),
-        },
+    let (parent, name) = if follow {
+        let target = resolver()?
+            .root
+            .resolve(lexical, fsroot::OpenFlags::O_PATH, true)?;
+        let target = File::from(target);
+        let want = target.metadata()?;
+        admit_dev(want.dev())?;
+        // The kernel's name for what it opened; looked up again below and checked to be the
+        // same inode, so a swap in between is caught rather than acted on.
+        let canonical = fsroot::path_of(std::os::fd::AsFd::as_fd(&target))?;
+        let (parent, name) = split(&canonical);
+        let entry = Entry {
+            dir: Dir::resolve(&parent)?,
+            name,
+        };
+        let got = entry.lstat()?;
+        if (got.dev(), got.ino()) != (want.dev(), want.ino()) {
+            return Err(io::Error::other(format!(
+                "{} changed while it was being resolved",
+                lexical.display()
+            ))
+            .into());
+        }
+        return Ok(entry);
+    } else {
+        split(lexical)
     };
-    entry_in(&parent, &name)
+    let entry = Entry {
+        dir: Dir::resolve(&parent)?,
+        name,
+    };
+    // A mount point of a refused file system (`/proc` itself) is refused as an entry too.
+    match entry.lstat() {
+        Ok(md) => admit_dev(md.dev())?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e.into()),
+    }
+    Ok(entry)
 }
 
 /// `mkdir -p`: the directory at `lexical`, created with its missing parents. Created parents get
 /// `parents`' owner and mode; a created final directory gets `last`. Existing directories are
 /// left as they are. Returns the pinned directory and whether the final one was created.
 pub fn make_dirs(lexical: &Path, parents: Owner, last: Owner) -> Result<(Dir, bool), Unresolved> {
-    let (existing, rest) = match walk(lexical, true)? {
-        Walk::Found(p) => return Ok((Dir::open(&p)?, false)),
-        Walk::Missing { existing, rest } => (existing, rest),
+    make_dirs_in(Scope::Sandbox, lexical, parents, last)
+}
+
+/// [`make_dirs`] from `scope` (for [`Scope::Beneath`], `lexical` is relative to its directory).
+pub fn make_dirs_in(
+    scope: Scope<'_>,
+    lexical: &Path,
+    parents: Owner,
+    last: Owner,
+) -> Result<(Dir, bool), Unresolved> {
+    match Dir::resolve_in(scope, lexical) {
+        Ok(d) => return Ok((d, false)),
+        Err(e) if e.is_not_found() => {}
+        Err(e) => return Err(e),
+    }
+    let names: Vec<&OsStr> = lexical
+        .components()
+        .filter_map(|c| match c {
+            Component::Normal(n) => Some(n),
+            _ => None,
+        })
+        .collect();
+    // The deepest ancestor that exists (symlinks in it followed, inside the scope).
+    let mut existing = names.len();
+    let mut dir = loop {
+        if existing == 0 {
+            // Beneath a directory that itself is gone.
+            return Err(io::Error::from(io::ErrorKind::NotFound).into());
+        }
+        existing -= 1;
+        let top = match scope {
+            Scope::Sandbox => OsStr::new("/"),
+            Scope::Beneath(_) => OsStr::new("."),
+        };
+        let prefix: PathBuf = std::iter::once(top)
+            .chain(names[..existing].iter().copied())
+            .collect();
+        match Dir::resolve_in(scope, &prefix) {
+            Ok(d) => break d,
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(e),
+        }
     };
-    let mut dir = Dir::open(&existing)?;
     let mut created_last = false;
-    for (i, name) in rest.iter().enumerate() {
-        if is_proc(&dir.path().join(name)) {
-            return Err(Unresolved::Proc(dir.path().join(name)));
-        }
-        let is_last = i + 1 == rest.len();
-        let owner = if is_last { last } else { parents };
-        match DirBuilder::new().mode(DEFAULT_MODE).create(dir.child(name)) {
-            Ok(()) => {
-                let sub = dir.subdir(name)?;
-                std::os::unix::fs::chown(sub.here(), Some(owner.uid), Some(owner.gid))?;
-                if owner.mode != 0 {
-                    fs::set_permissions(sub.here(), fs::Permissions::from_mode(owner.mode))?;
-                }
-                created_last = is_last;
-                dir = sub;
-            }
-            // Created concurrently; `subdir` refuses it if it is a symlink.
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => dir = dir.subdir(name)?,
-            Err(e) => return Err(e.into()),
-        }
+    for (i, name) in names[existing..].iter().enumerate() {
+        let is_last = existing + i + 1 == names.len();
+        let (sub, created) = dir.make_subdir(name, if is_last { last } else { parents })?;
+        created_last = created && is_last;
+        dir = sub;
     }
     Ok((dir, created_last))
 }
@@ -391,19 +418,26 @@ pub fn make_dirs(lexical: &Path, parents: Owner, last: Owner) -> Result<(Dir, bo
 /// The parent directory of `lexical` (created as needed, owned by `parents`) and the final name,
 /// for operations that create `lexical`.
 pub fn for_create(lexical: &Path, parents: Owner) -> Result<(Dir, OsString), Unresolved> {
+    for_create_in(Scope::Sandbox, lexical, parents)
+}
+
+/// [`for_create`] from `scope`.
+pub fn for_create_in(
+    scope: Scope<'_>,
+    lexical: &Path,
+    parents: Owner,
+) -> Result<(Dir, OsString), Unresolved> {
     let (Some(parent), Some(name)) = (lexical.parent(), lexical.file_name()) else {
         return Err(io::Error::from_raw_os_error(libc::EISDIR).into());
     };
-    let (dir, _) = make_dirs(parent, parents, parents)?;
-    if is_proc(&dir.path().join(name)) {
-        return Err(Unresolved::Proc(dir.path().join(name)));
-    }
+    let (dir, _) = make_dirs_in(scope, parent, parents, parents)?;
     Ok((dir, name.to_os_string()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     fn scratch(tag: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!(
@@ -416,79 +450,79 @@ mod tests {
         fs::canonicalize(&d).unwrap()
     }
 
+    fn me(d: &Path) -> Owner {
+        let md = fs::metadata(d).unwrap();
+        Owner {
+            uid: md.uid(),
+            gid: md.gid(),
+            mode: 0o700,
+        }
+    }
+
     #[test]
-    fn walk_follows_links_and_refuses_proc() {
-        let d = scratch("walk");
-        fs::create_dir(d.join("real")).unwrap();
-        std::os::unix::fs::symlink(d.join("real"), d.join("abs")).unwrap();
-        std::os::unix::fs::symlink("real", d.join("rel")).unwrap();
+    fn magic_links_and_proc_are_refused() {
+        let d = scratch("magic");
+        let held = fs::File::open(&d).unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&held);
+        std::os::unix::fs::symlink(format!("/proc/self/fd/{fd}/.."), d.join("up")).unwrap();
         std::os::unix::fs::symlink("/proc/self", d.join("p")).unwrap();
-        std::os::unix::fs::symlink("../../../../../../../../proc", d.join("up")).unwrap();
-        assert_eq!(
-            walk(&d.join("abs"), false).unwrap(),
-            Walk::Found(d.join("real"))
-        );
-        assert_eq!(
-            walk(&d.join("rel"), false).unwrap(),
-            Walk::Found(d.join("real"))
+        let e = existing(&d.join("up/x"), false).unwrap_err();
+        assert!(
+            matches!(&e, Unresolved::Io(e) if e.raw_os_error() == Some(libc::ELOOP)),
+            "{e:?}"
         );
         assert!(matches!(
-            walk(&d.join("p/fd"), false),
-            Err(Unresolved::Proc(_))
+            existing(&d.join("p/status"), false),
+            Err(Unresolved::Refused { area: "/proc" })
         ));
         assert!(matches!(
-            walk(&d.join("up"), false),
-            Err(Unresolved::Proc(_))
+            existing(Path::new("/proc"), false),
+            Err(Unresolved::Refused { area: "/proc" })
         ));
-        assert!(matches!(
-            walk(Path::new("/proc"), false),
-            Err(Unresolved::Proc(_))
-        ));
-        assert_eq!(
-            walk(&d.join("rel/a/b"), true).unwrap(),
-            Walk::Missing {
-                existing: d.join("real"),
-                rest: vec!["a".into(), "b".into()]
-            }
-        );
-        assert!(matches!(
-            walk(&d.join("rel/a"), false),
-            Err(Unresolved::Io(_))
-        ));
+        assert!(Dir::resolve(Path::new("/proc/self")).is_err());
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn entries_follow_links_only_when_asked() {
+        let d = scratch("follow");
+        fs::create_dir(d.join("real")).unwrap();
+        fs::write(d.join("real/f"), b"x").unwrap();
+        std::os::unix::fs::symlink(d.join("real/f"), d.join("lf")).unwrap();
+        std::os::unix::fs::symlink("real", d.join("ld")).unwrap();
+        let e = existing(&d.join("lf"), false).unwrap();
+        assert!(e.lstat().unwrap().file_type().is_symlink());
+        let e = existing(&d.join("lf"), true).unwrap();
+        assert!(e.lstat().unwrap().is_file());
+        assert_eq!(e.name, OsString::from("f"));
+        // A link in a parent component is followed either way.
+        let e = existing(&d.join("ld/f"), false).unwrap();
+        assert!(e.lstat().unwrap().is_file());
         fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]
     fn pinned_dirs_create_and_replace() {
         let d = scratch("pin");
-        let me = Owner {
-            uid: fs::metadata(&d)
-                .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
-                .unwrap(),
-            gid: fs::metadata(&d)
-                .map(|m| std::os::unix::fs::MetadataExt::gid(&m))
-                .unwrap(),
-            mode: 0o700,
-        };
+        let me = me(&d);
         let (dir, created) = make_dirs(&d.join("x/y"), me, me).unwrap();
         assert!(created);
-        assert_eq!(dir.path(), d.join("x/y"));
+        assert_eq!(dir.path, d.join("x/y"));
         dir.replace_contents(OsStr::new("f"), b"hello", Owner { mode: 0o640, ..me })
             .unwrap();
         assert_eq!(fs::read(d.join("x/y/f")).unwrap(), b"hello");
         let md = fs::metadata(d.join("x/y/f")).unwrap();
-        assert_eq!(md.permissions().mode() & 0o7777, 0o640);
+        assert_eq!(md.mode() & 0o7777, 0o640);
         assert_eq!(dir.names().unwrap(), vec![OsString::from("f")]);
         let e = existing(&d.join("x/y/f"), false).unwrap();
-        assert_eq!(
-            (e.dir.path(), e.name.as_os_str()),
-            (d.join("x/y").as_path(), OsStr::new("f"))
-        );
-        // A symlinked directory can not be pinned as a directory.
+        assert_eq!(e.name.as_os_str(), OsStr::new("f"));
+        // mkdir -p through a symlinked directory; a symlink as a component to create is refused.
         std::os::unix::fs::symlink(d.join("x"), d.join("l")).unwrap();
-        let top = Dir::open(&d).unwrap();
-        assert!(top.subdir(OsStr::new("l")).is_err());
-        assert!(Dir::open(&d.join("l")).is_err());
+        let (_, created) = make_dirs(&d.join("l/z"), me, me).unwrap();
+        assert!(created && d.join("x/z").is_dir());
+        std::os::unix::fs::symlink("/nonexistent", d.join("dangling")).unwrap();
+        assert!(make_dirs(&d.join("dangling/a"), me, me).is_err());
+        assert!(!Path::new("/nonexistent").exists());
         fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -2,7 +2,7 @@
 //! `POST /directories`, `DELETE /directories`.
 
 use std::ffi::OsString;
-use std::fs::{self, Metadata};
+use std::fs::Metadata;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -52,25 +52,31 @@ fn walk_tree(
             stack.pop();
             continue;
         };
-        let md = match fs::symlink_metadata(top.dir.child(&name)) {
+        let md = match top.dir.lstat(&name) {
             Ok(md) => md,
             // Removed while walking.
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
             Err(e) => return Err(e),
         };
         let path = top.shown.join(&name);
-        // The only way into /proc without a symlink is a walk from `/`; it is never entered.
-        let into_proc = resolve::is_proc(&top.dir.path().join(&name));
-        if visit(&path, &md, level) && md.is_dir() && !into_proc {
+        if visit(&path, &md, level) && md.is_dir() {
             if level >= MAX_WALK_DEPTH {
                 return Err(io::Error::other(format!(
                     "directory tree deeper than {MAX_WALK_DEPTH} levels"
                 )));
             }
-            // `subdir` does not follow a symlink swapped in since the lstat.
+            // `subdir` does not follow a symlink swapped in since the lstat, and refuses the
+            // file systems the API does not serve (`/proc` when walking from `/`): skipped.
             let sub = match top.dir.subdir(&name) {
                 Ok(d) => d,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::NotFound | io::ErrorKind::PermissionDenied
+                    ) || e.raw_os_error() == Some(libc::ENOTDIR) =>
+                {
+                    continue
+                }
                 Err(e) => return Err(e),
             };
             let names = match sub.names() {
@@ -101,7 +107,9 @@ fn base_name_glob(pattern: &str) -> Result<GlobMatcher, ApiError> {
         .backslash_escape(true)
         .build()
         .map(|g| g.compile_matcher())
-        .map_err(|e| ApiError::Runtime(format!("error searching files. invalid pattern: {e}")))
+        .map_err(|e| {
+            ApiError::BadRequest(format!("invalid request, validation error pattern: {e}"))
+        })
 }
 
 /// `GET /files/search?path=<root>&pattern=<glob>`.
@@ -227,8 +235,10 @@ pub async fn remove_directories(
     blocking(move || {
         for lexical in targets {
             if lexical == Path::new("/") {
-                return Err(ApiError::Runtime(
-                    "error removing directory /. refusing to remove the root".into(),
+                return Err(ApiError::BadRequest(
+                    "invalid request, validation error path: refusing to remove the root \
+                     directory /"
+                        .into(),
                 ));
             }
             let err = |e: io::Error| {
@@ -239,16 +249,11 @@ pub async fn remove_directories(
             };
             let entry = match resolve::existing(&lexical, false) {
                 Ok(e) => e,
-                Err(resolve::Unresolved::Io(e)) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) if e.is_not_found() => continue,
                 Err(e) => return Err(e.into_api(&lexical)),
             };
-            let result = match entry.lstat() {
-                // std's remove_dir_all does not follow symlinks inside the tree.
-                Ok(md) if md.is_dir() => fs::remove_dir_all(entry.at()),
-                Ok(_) => fs::remove_file(entry.at()),
-                Err(e) => Err(e),
-            };
-            match result {
+            // Through descriptors only: symlinks inside the tree are removed, never followed.
+            match entry.dir.fs().remove_tree(&entry.name) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(err(e)),
@@ -295,6 +300,7 @@ mod tests {
 
     #[test]
     fn listing_is_depth_first_in_name_order() {
+        use std::fs;
         let d = std::env::temp_dir().join(format!(
             "execbox-tree-{}-{}",
             std::process::id(),
@@ -312,7 +318,7 @@ mod tests {
         std::os::unix::fs::symlink(d.join("c"), d.join("b/link")).unwrap();
         let collect = |depth: usize| {
             let mut out = Vec::new();
-            walk_tree(Dir::open(&d).unwrap(), Path::new("/r"), |p, _, level| {
+            walk_tree(Dir::resolve(&d).unwrap(), Path::new("/r"), |p, _, level| {
                 out.push(p.to_string_lossy().into_owned());
                 level < depth
             })

@@ -101,10 +101,10 @@ fn prepare(shown: PathBuf, perm: &Permission, user: Credentials) -> Result<Targe
     let err = |e: io::Error| ApiError::from_io(&format!("error writing {}", shown.display()), &e);
     // Without a requested mode, a file being overwritten keeps its mode, as with truncate.
     let mut default_mode = DEFAULT_MODE;
-    match std::fs::symlink_metadata(dir.child(&name)) {
+    match dir.lstat(&name) {
         Ok(md) if md.is_dir() => {
-            return Err(ApiError::Runtime(format!(
-                "error writing {}. path is a directory",
+            return Err(ApiError::BadRequest(format!(
+                "invalid request, validation error {} is a directory",
                 shown.display()
             )))
         }
@@ -158,7 +158,17 @@ fn write_target(target: Target, mut rx: mpsc::Receiver<Msg>) -> Result<(), ApiEr
         }
         Ok::<_, io::Error>(false)
     })();
-    let err = |e: io::Error| ApiError::from_io(&format!("error writing {}", shown.display()), &e);
+    let err =
+        |e: io::Error| match ApiError::from_io(&format!("error writing {}", shown.display()), &e) {
+            // Name the limit that was hit: the size of the file system it was written to.
+            ApiError::StorageFull(_) => ApiError::StorageFull(format!(
+                "error writing {}. it does not fit in the sandbox's storage: the file system \
+             holding it is limited to {} bytes",
+                shown.display(),
+                dir.fs().capacity().unwrap_or(0)
+            )),
+            other => other,
+        };
     match written {
         Ok(true) => dir.commit(file, &temp, &name, owner).map_err(err),
         Ok(false) => {

@@ -50,6 +50,11 @@ pub const DEFAULT_BASE: &str = "execbox";
 /// PID 1 (the agent).
 pub const AGENT_LEAF: &str = "agent";
 
+/// Name of the cgroup, below the sandbox cgroup, that holds the workload: every execution
+/// leaf lives in it and it carries the workload's own limits, so that pressure from user code
+/// (and the files it writes to tmpfs) is contained there and never reaches the agent's leaf.
+pub const WORK_LEAF: &str = "work";
+
 /// Label used for the cgroup v2 hierarchy in [`SandboxCgroup::dirs`] and
 /// [`ExecCgroups::from_dir_fds`]. v1 hierarchies are labelled with their
 /// comma-separated controller list, e.g. `memory` or `cpu,cpuacct`.

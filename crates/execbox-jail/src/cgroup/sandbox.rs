@@ -6,7 +6,7 @@ use super::driver::Hierarchy;
 use super::node::{rmdir_tree, CgSet, Node, PathNode};
 use super::{
     validate_name, CgroupError, CgroupStats, CgroupVersion, Limits, AGENT_LEAF, CPU_PERIOD_US,
-    FREEZE_TIMEOUT, KILL_TIMEOUT,
+    FREEZE_TIMEOUT, KILL_TIMEOUT, WORK_LEAF,
 };
 
 /// Host-side handle on the sandbox cgroup `<base>/<name>` in every hierarchy
@@ -44,6 +44,14 @@ impl SandboxCgroup {
         self.hierarchies
             .iter()
             .map(|h| (h.label.clone(), h.base.join(&self.name)))
+            .collect()
+    }
+
+    /// `(label, <base>/<name>/`[`WORK_LEAF`]`)` per hierarchy: the directories the agent gets.
+    pub fn work_dirs(&self) -> Vec<(String, PathBuf)> {
+        self.dirs()
+            .into_iter()
+            .map(|(l, d)| (l, d.join(WORK_LEAF)))
             .collect()
     }
 
@@ -102,6 +110,22 @@ impl SandboxCgroup {
         Ok(())
     }
 
+    /// Creates the workload cgroup `<name>/`[`WORK_LEAF`] with its own `limits` (below the
+    /// sandbox's), in which the agent makes every execution leaf. Its limit files stay owned by
+    /// root ([`delegate`](Self::delegate) hands over only the directory and `cgroup.procs`),
+    /// so the sandbox cannot raise them.
+    pub fn create_workload(&self, limits: &Limits) -> Result<(), CgroupError> {
+        self.create_leaf(WORK_LEAF)?;
+        for h in &self.hierarchies {
+            let node = PathNode(h.base.join(&self.name).join(WORK_LEAF));
+            match self.version {
+                CgroupVersion::V1 => write_limits_v1(h, &node, limits)?,
+                CgroupVersion::V2 => write_limits_v2(h, &node, limits)?,
+            }
+        }
+        Ok(())
+    }
+
     /// Writes `pid` into `<name>/<leaf>/cgroup.procs` in every hierarchy.
     pub fn add_process(&self, leaf: &str, pid: i32) -> Result<(), CgroupError> {
         if pid <= 0 {
@@ -143,7 +167,12 @@ impl SandboxCgroup {
             CgroupVersion::V2 => &["", "cgroup.procs", "cgroup.threads"],
         };
         for (_, dir) in self.dirs() {
-            for (d, list) in [(dir.clone(), files), (dir.join(AGENT_LEAF), leaf_files)] {
+            let work = dir.join(WORK_LEAF);
+            let mut nodes = vec![(dir.clone(), files), (dir.join(AGENT_LEAF), leaf_files)];
+            if work.is_dir() {
+                nodes.push((work, files));
+            }
+            for (d, list) in nodes {
                 for f in list {
                     let p = if f.is_empty() { d.clone() } else { d.join(f) };
                     match std::os::unix::fs::chown(&p, Some(uid), Some(gid)) {
