@@ -127,6 +127,39 @@ async fn sweep_idle_contexts(state: Arc<AppState>, ttl_secs: u64) {
     }
 }
 
+/// The sandbox's own versions of the host-wide `/proc` files that would reveal the host: its
+/// memory limit instead of the host's memory, no host load, uptime, boot id or kernel command
+/// line.
+fn virtual_proc_files(runner: &Runner) -> Vec<(&'static str, String)> {
+    let stats = runner.sandbox_stats().unwrap_or_default();
+    let kib = |b: u64| b / 1024;
+    let total = stats.memory_limit.unwrap_or(u64::MAX / 2);
+    let free = total.saturating_sub(stats.memory_current);
+    let meminfo = format!(
+        "MemTotal:       {:>8} kB\nMemFree:        {:>8} kB\nMemAvailable:   {:>8} kB\n\
+         Buffers:               0 kB\nCached:                0 kB\nSwapCached:            0 kB\n\
+         SwapTotal:             0 kB\nSwapFree:              0 kB\nShmem:                 0 kB\n\
+         SReclaimable:          0 kB\n",
+        kib(total),
+        kib(free),
+        kib(free)
+    );
+    let files = vec![
+        ("cmdline", "BOOT_IMAGE=execbox\n".to_string()),
+        ("loadavg", "0.00 0.00 0.00 1/1 1\n".to_string()),
+        ("uptime", "0.00 0.00\n".to_string()),
+        (
+            "sys/kernel/random/boot_id",
+            format!("{}\n", uuid::Uuid::new_v4().hyphenated()),
+        ),
+    ];
+    if stats.memory_limit.is_some() {
+        files.into_iter().chain([("meminfo", meminfo)]).collect()
+    } else {
+        files
+    }
+}
+
 /// Threads for blocking file work (uploads, downloads, walks); more requests wait.
 const AGENT_BLOCKING_THREADS: usize = 32;
 
@@ -144,6 +177,13 @@ pub fn run() -> Result<(), AgentError> {
         execbox_jail::spawn::FIRST_PASSED_FD + 1 + cgroup_fds.len() as i32,
     )?;
     let runner = Arc::new(Runner::new(&config, cgroup_fds)?);
+    // Before the seccomp filter, which forbids mounting.
+    if let Err(e) = execbox_jail::rootfs::virtualize_proc(
+        &std::path::Path::new(execbox_jail::rootfs::AGENT_DATA_DIR).join("proc"),
+        &virtual_proc_files(&runner),
+    ) {
+        tracing::warn!(error = %e, "host /proc files are not masked");
+    }
     if config.seccomp {
         // Installed before any other thread exists, so every thread and child inherits it.
         let program = execbox_jail::seccomp::sandbox_program()

@@ -489,6 +489,109 @@ impl RootfsPlan {
     }
 }
 
+/// Host-wide `/proc` files that would tell a sandbox about the host (its identity, its load,
+/// its memory), each replaced by the sandbox's own version ([`virtualize_proc`]).
+pub const PROC_VIRTUALIZED: &[&str] = &[
+    "cmdline",
+    "meminfo",
+    "loadavg",
+    "uptime",
+    "sys/kernel/random/boot_id",
+];
+
+/// Binds a read-only file with `content` over each `/proc/<name>` of `files`, the files kept in
+/// `store` (a directory of the agent's own tmpfs). Run by the agent before its seccomp filter
+/// (which forbids `mount`); it is root of the sandbox's user namespace, which owns its `/proc`.
+pub fn virtualize_proc(store: &Path, files: &[(&str, String)]) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(store)?;
+    for (name, content) in files {
+        let src = store.join(name.replace('/', "_"));
+        std::fs::write(&src, content)?;
+        std::fs::set_permissions(&src, std::fs::Permissions::from_mode(0o444))?;
+        let target = Path::new("/proc").join(name);
+        let (src_c, target_c) = (cpath(&src), cpath(&target));
+        sys::mount(Some(&src_c), &target_c, None, libc::MS_BIND, None)
+            .and_then(|()| sys::mount_setattr(&target_c, RO | sys::MOUNT_ATTR_NOEXEC, false))
+            .map_err(|e| {
+                std::io::Error::new(
+                    std::io::Error::from_raw_os_error(e).kind(),
+                    format!(
+                        "binding over {}: {}",
+                        target.display(),
+                        std::io::Error::from_raw_os_error(e)
+                    ),
+                )
+            })?;
+    }
+    Ok(())
+}
+
+/// Whether this kernel makes detached mounts (`open_tree(OPEN_TREE_CLONE)`, Linux 5.2), which
+/// is how the agent gets its cgroup directories without a way back to the host; the reason when
+/// it does not. Tried in a child in a user and mount namespace of its own, like a sandbox.
+pub fn probe_detached_mounts() -> Result<(), String> {
+    // SAFETY: the child only makes raw syscalls and exits with `_exit`.
+    match unsafe { nix::unistd::fork() } {
+        Ok(nix::unistd::ForkResult::Child) => {
+            let code = match sys::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNS)
+                .and_then(|()| sys::open_tree_clone(c"/"))
+            {
+                Ok(_) => 0,
+                Err(e) => e.clamp(1, 255),
+            };
+            sys::exit_now(code)
+        }
+        Ok(nix::unistd::ForkResult::Parent { child }) => match nix::sys::wait::waitpid(child, None)
+        {
+            Ok(nix::sys::wait::WaitStatus::Exited(_, 0)) => Ok(()),
+            Ok(nix::sys::wait::WaitStatus::Exited(_, errno)) => Err(format!(
+                "open_tree(OPEN_TREE_CLONE): {}",
+                std::io::Error::from_raw_os_error(errno)
+            )),
+            other => Err(format!("probe ended with {other:?}")),
+        },
+        Err(e) => Err(format!("fork: {e}")),
+    }
+}
+
+/// Set once this process runs in a mount namespace of its own ([`enter_private_mount_namespace`]).
+static PRIVATE_MOUNTS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Moves this process into a mount namespace of its own, to which the host's mounts still
+/// propagate (slave) but from which nothing propagates back: what the server mounts for its
+/// sandboxes (the store of root skeletons) is invisible to the host and vanishes with the
+/// server's last sandbox. Must be called while the process has a single thread (the new
+/// namespace belongs to the calling thread only). Needs `CAP_SYS_ADMIN`; a rootless server
+/// goes without it.
+pub fn enter_private_mount_namespace() -> std::io::Result<()> {
+    sys::unshare(libc::CLONE_NEWNS).map_err(std::io::Error::from_raw_os_error)?;
+    sys::mount(None, c"/", None, libc::MS_REC | libc::MS_SLAVE, None)
+        .map_err(std::io::Error::from_raw_os_error)?;
+    PRIVATE_MOUNTS.store(true, std::sync::atomic::Ordering::SeqCst);
+    Ok(())
+}
+
+/// Mounts a small tmpfs (source name `execbox`) at `dir` to hold root skeletons, when this
+/// process has a mount namespace of its own. Skeletons on it show up inside a sandbox's
+/// `/proc/self/mountinfo` as `/<name>` on `execbox`, where a skeleton in a host directory would
+/// show that directory's host path. Returns whether it mounted.
+pub fn mount_skeleton_store(dir: &Path) -> std::io::Result<bool> {
+    if !PRIVATE_MOUNTS.load(std::sync::atomic::Ordering::SeqCst) {
+        return Ok(false);
+    }
+    std::fs::create_dir_all(dir)?;
+    sys::mount(
+        Some(c"execbox"),
+        &cpath(dir),
+        Some(c"tmpfs"),
+        libc::MS_NOSUID | libc::MS_NODEV,
+        Some(c"size=64m,mode=0755"),
+    )
+    .map_err(std::io::Error::from_raw_os_error)?;
+    Ok(true)
+}
+
 /// Runs a mount program. Async-signal-safe: only syscalls on data built beforehand.
 pub fn run_ops(ops: &[MountOp]) -> Result<(), OpFailure> {
     for (index, op) in ops.iter().enumerate() {

@@ -498,6 +498,43 @@ pub fn kill_and_reap(spawned: &Spawned) {
     let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(spawned.pid), None);
 }
 
+/// A pidfd of the running process `pid` whose start time is `start_time` (so that a reused pid
+/// is never mistaken for it); `None` when that process is gone.
+pub fn pidfd_of(pid: i32, start_time: u64) -> Option<OwnedFd> {
+    let fd = sys::pidfd_open(pid).ok()?;
+    // SAFETY: `pidfd_open` returned a new descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // Checked after opening: the pidfd pins this very process from now on.
+    (process_start_time(pid) == Some(start_time)).then_some(fd)
+}
+
+/// Resolves once the process behind `pidfd` has exited (a pidfd becomes readable then), on the
+/// current tokio runtime without a thread of its own; gives the pidfd back.
+pub async fn exited(pidfd: OwnedFd) -> std::io::Result<OwnedFd> {
+    use tokio::io::unix::AsyncFd;
+    // SAFETY: the AsyncFd takes ownership of `pidfd` and deregisters it before the descriptor
+    // can be closed (on drop or `into_inner`), so the registered number is this pidfd for the
+    // registration's whole life, which is what tokio's I/O-safety contract asks.
+    let fd = unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)?;
+    fd.readable().await?.retain_ready();
+    Ok(fd.into_inner())
+}
+
+/// How the process behind `pidfd` ended, reaping it when it is a child of this process;
+/// `None` when it still runs or is not ours to reap.
+pub fn exit_of(pidfd: &OwnedFd) -> Option<String> {
+    use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
+    match waitid(
+        Id::PIDFd(std::os::fd::AsFd::as_fd(pidfd)),
+        WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG,
+    ) {
+        Ok(WaitStatus::Exited(_, code)) => Some(format!("exit code {code}")),
+        Ok(WaitStatus::Signaled(_, sig, _)) => Some(format!("killed by {sig}")),
+        _ => None,
+    }
+}
+
 /// Start time of a process in clock ticks since boot (field 22 of `/proc/<pid>/stat`); with the
 /// pid it identifies a process across pid reuse.
 pub fn process_start_time(pid: i32) -> Option<u64> {

@@ -33,6 +33,10 @@ pub struct ServerConfig {
     pub require_seccomp: bool,
     /// Refuse sandboxes without Landlock (it is used whenever available).
     pub require_landlock: bool,
+    /// Use Landlock where the kernel has it (default). `false` turns it off: Landlock is
+    /// defence in depth, and the adversarial tests run without it to show that no guarantee
+    /// rests on it.
+    pub landlock: bool,
     /// Prefix of the cgroups of this server.
     pub cgroup_base: String,
     /// The executable started as each sandbox's agent (this binary).
@@ -221,6 +225,7 @@ impl Default for ServerConfig {
             python: None,
             require_seccomp: true,
             require_landlock: false,
+            landlock: true,
             cgroup_base: "execbox".to_string(),
             agent_exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe")),
             max_upload_bytes: 0,

@@ -106,6 +106,29 @@ pub fn check(seccomp: bool, landlock: bool, cgroup_base: &str) -> Vec<Layer> {
             layers.push(layer("landlock", false, landlock, reason))
         }
     }
+    // Every path from a request, or whose components sandbox code can change, is resolved by
+    // the kernel beneath the sandbox's root with magic links refused: without `openat2` the
+    // agent could be steered onto its own host-side descriptors.
+    match execbox_jail::fsroot::probe() {
+        Ok(()) => layers.push(layer(
+            "path resolution",
+            true,
+            true,
+            "openat2 with RESOLVE_IN_ROOT, RESOLVE_BENEATH and RESOLVE_NO_MAGICLINKS",
+        )),
+        Err(e) => layers.push(layer("path resolution", false, true, e)),
+    }
+    // The agent's cgroup handles are detached mounts (`open_tree`), from which `..` leads
+    // nowhere on the host.
+    layers.push(match execbox_jail::rootfs::probe_detached_mounts() {
+        Ok(()) => layer(
+            "agent host handles",
+            true,
+            true,
+            "cgroup directories handed over as detached mounts (open_tree)",
+        ),
+        Err(e) => layer("agent host handles", false, true, e),
+    });
     layers.push(layer(
         "network:none",
         Path::new("/proc/self/ns/net").exists(),

@@ -19,6 +19,7 @@ pub mod proxy;
 pub mod registry;
 pub mod session_exec;
 pub mod sessions;
+pub mod watch;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -52,6 +53,10 @@ pub struct Server {
     pub runs: concurrency::RunGate,
     /// Deletions in progress.
     destroying: std::sync::atomic::AtomicUsize,
+    /// Sandboxes whose removal from the host failed, retried by the reaper until done.
+    pending_cleanups: std::sync::Mutex<Vec<(String, local::Placement)>>,
+    /// This server, for the tasks it starts (agent watchers).
+    me: std::sync::Weak<Server>,
     backend: Result<Arc<LocalBackend>, String>,
 }
 
@@ -64,7 +69,7 @@ impl Server {
             agent_exe: config.agent_exe.clone(),
             python: config.python.clone(),
             seccomp: config.require_seccomp,
-            landlock: config.require_landlock || doctor::landlock_available(),
+            landlock: config.require_landlock || (config.landlock && doctor::landlock_available()),
             default_pids: config.default_pids,
             cgroup_base: config.cgroup_base.clone(),
             max_upload_bytes: config.max_upload_bytes,
@@ -80,17 +85,117 @@ impl Server {
             config.policy.warm_pool_size,
             config.policy.max_pool_profiles,
         );
-        let server = Arc::new(Self {
+        let server = Arc::new_cyclic(|me| Self {
             config,
             registry,
             pool,
             sessions: sessions::Sessions::default(),
             runs: concurrency::RunGate::default(),
             destroying: std::sync::atomic::AtomicUsize::new(0),
+            pending_cleanups: std::sync::Mutex::new(Vec::new()),
+            me: me.clone(),
             backend,
         });
         server.reattach();
         server
+    }
+
+    /// Starts watching the agent of `id` (its exit; its log when given). Needs a tokio runtime;
+    /// without one (a server built outside it) nothing is watched.
+    fn watch(&self, id: &str, pidfd: std::os::fd::OwnedFd, log: Option<std::os::fd::OwnedFd>) {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        if let Some(me) = self.me.upgrade() {
+            watch::exit(&me, id.to_string(), pidfd);
+        }
+        if let Some(log) = log {
+            watch::log(id.to_string(), log);
+        }
+    }
+
+    /// The agent of `id` exited without being asked to: the sandbox is `Failed` (with how it
+    /// ended), its processes are gone with it, and what it held on the host is released. The
+    /// record stays, so clients see why, until it is deleted or expires.
+    pub async fn agent_exited(&self, id: &str, how: Option<String>) {
+        let Some(rec) = self.registry.get(id) else {
+            return;
+        };
+        if rec.state == SandboxState::Stopping || rec.state == SandboxState::Failed {
+            return;
+        }
+        let message = format!(
+            "the sandbox's agent (its PID 1) exited unexpectedly ({}); every process of the \
+             sandbox ended with it",
+            how.as_deref().unwrap_or("exit status unknown")
+        );
+        tracing::warn!(sandbox = %id, %message, "sandbox failed");
+        let Ok(backend) = self.backend() else { return };
+        let id2 = id.to_string();
+        let placement = rec.placement.clone();
+        let released = tokio::task::spawn_blocking(move || match &placement {
+            Some(p) => backend.destroy(&id2, p),
+            None => Ok(()),
+        })
+        .await;
+        if !matches!(released, Ok(Ok(()))) {
+            if let Some(p) = &rec.placement {
+                self.defer_cleanup(id, p.clone());
+            }
+        }
+        let now = time::OffsetDateTime::now_utc();
+        if let Some(Err(e)) = self.registry.update(id, |r| {
+            r.state = SandboxState::Failed;
+            r.reason = Some("AGENT_EXITED".into());
+            r.message = Some(message);
+            r.last_transition_at = now;
+            r.placement = None;
+        }) {
+            tracing::warn!(sandbox = %id, error = %e, "recording a failed sandbox");
+        }
+    }
+
+    fn defer_cleanup(&self, id: &str, placement: local::Placement) {
+        tracing::warn!(sandbox = %id, "removal from the host failed; retrying until done");
+        self.pending_cleanups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((id.to_string(), placement));
+    }
+
+    /// Retries every removal that failed before; those that fail again stay queued.
+    pub async fn retry_cleanups(&self) {
+        let pending = std::mem::take(
+            &mut *self
+                .pending_cleanups
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        if pending.is_empty() {
+            return;
+        }
+        let Ok(backend) = self.backend() else { return };
+        let failed = tokio::task::spawn_blocking(move || {
+            pending
+                .into_iter()
+                .filter(|(id, p)| match backend.destroy(id, p) {
+                    Ok(()) => {
+                        tracing::info!(sandbox = %id, "deferred removal done");
+                        false
+                    }
+                    Err(e) => {
+                        tracing::warn!(sandbox = %id, error = %e, "deferred removal failed again");
+                        true
+                    }
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        self.pending_cleanups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(failed);
     }
 
     /// The backend, or the reason sandboxes are refused.
@@ -127,6 +232,9 @@ impl Server {
                 self.registry.remove(&rec.id);
             } else if alive {
                 backend.claim_slot(rec.placement.as_ref().and_then(|p| p.slot));
+                if let Some(pidfd) = rec.placement.as_ref().and_then(|p| backend.pidfd(p)) {
+                    self.watch(&rec.id, pidfd, None);
+                }
                 let state = if backend.is_paused(&rec.id) {
                     SandboxState::Paused
                 } else {
@@ -136,6 +244,8 @@ impl Server {
                     let _ = self.registry.update(&rec.id, |r| r.state = state);
                 }
                 tracing::info!(sandbox = %rec.id, "re-attached");
+            } else if rec.state == SandboxState::Failed && rec.owner.is_none() {
+                // Kept until deleted or expired, so that clients see why it failed.
             } else {
                 tracing::warn!(sandbox = %rec.id, "sandbox is gone; cleaning up");
                 if let Some(p) = &rec.placement {
@@ -186,6 +296,7 @@ impl Server {
             expires_at: spec.expires_at,
             state: SandboxState::Running,
             reason: None,
+            message: None,
             last_transition_at: now,
             limits: spec.limits,
             placement: None,
@@ -194,8 +305,8 @@ impl Server {
         let limits = spec.limits;
         let env = spec.env;
         let entrypoint = spec.entrypoint;
-        let placement = tokio::task::spawn_blocking(move || {
-            backend.create(local::SandboxParams {
+        let (placement, watched) = tokio::task::spawn_blocking(move || {
+            backend.create_watched(local::SandboxParams {
                 id: &id,
                 limits,
                 env: env.into_iter().collect(),
@@ -215,6 +326,7 @@ impl Server {
                 "saving the sandbox record: {e}"
             )));
         }
+        self.watch(&record.id, watched.pidfd, Some(watched.log));
         Ok(record)
     }
 
@@ -231,13 +343,25 @@ impl Server {
         // Counted until done: a stopping server waits for it (see `stop_owned`), or the
         // sandbox, already out of the registry, would be left running.
         let _destroying = Destroying::start(&self.destroying);
-        tokio::task::spawn_blocking(move || match &rec.placement {
+        let placement = rec.placement.clone();
+        let result = tokio::task::spawn_blocking(move || match &placement {
             Some(p) => backend.destroy(&id2, p),
-            None => Ok(()),
+            None => backend.destroy_leftovers(&id2),
         })
-        .await
-        .map_err(|e| LifecycleError::Internal(e.to_string()))?
-        .map_err(|e| LifecycleError::Internal(e.to_string()))
+        .await;
+        match result {
+            Ok(Ok(())) => Ok(()),
+            // The sandbox is out of the registry either way; what is left on the host is
+            // removed by the reaper, however long that takes.
+            Ok(Err(e)) => {
+                tracing::warn!(sandbox = %id, error = %e, "removing the sandbox");
+                if let Some(p) = rec.placement {
+                    self.defer_cleanup(id, p);
+                }
+                Ok(())
+            }
+            Err(e) => Err(LifecycleError::Internal(e.to_string())),
+        }
     }
 
     /// The tenant of a presented server key, compared in constant time against every
@@ -505,6 +629,7 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServeError> {
         loop {
             tick.tick().await;
             reaper.reap_expired().await;
+            reaper.retry_cleanups().await;
             let ttl = Duration::from_secs(reaper.config.policy.session_idle_ttl_secs);
             sessions::Sessions::prune(&reaper, ttl).await;
         }

@@ -201,10 +201,10 @@ impl LocalBackend {
             format!("{:?}{}", plan.runtimes, rootless).hash(&mut h);
             h.finish()
         };
-        plan.skeleton = config
-            .state_dir
-            .join("rootfs")
-            .join(format!("{fingerprint:016x}"));
+        let store = config.state_dir.join("rootfs");
+        execbox_jail::rootfs::mount_skeleton_store(&store)
+            .map_err(io_err("mounting the store of root skeletons"))?;
+        plan.skeleton = store.join(format!("{fingerprint:016x}"));
         plan.build_skeleton()
             .map_err(io_err("building the sandbox root skeleton"))?;
         let ops_default = plan.compile();
@@ -265,16 +265,30 @@ impl LocalBackend {
 
     /// Starts a sandbox and waits until its agent answers.
     pub fn create(&self, p: SandboxParams<'_>) -> Result<Placement, BackendError> {
-        self.create_watched(p).map(|(placement, _)| placement)
+        self.create_with(p, false).map(|(placement, _)| placement)
     }
 
     /// [`create`](Self::create), also returning what to watch: the agent's exit and its log.
     pub fn create_watched(&self, p: SandboxParams<'_>) -> Result<(Placement, Watch), BackendError> {
+        match self.create_with(p, true)? {
+            (placement, Some(watch)) => Ok((placement, watch)),
+            (_, None) => Err(BackendError::Io {
+                what: "watching the sandbox".into(),
+                source: std::io::Error::other("no log pipe was made"),
+            }),
+        }
+    }
+
+    fn create_with(
+        &self,
+        p: SandboxParams<'_>,
+        with_log: bool,
+    ) -> Result<(Placement, Option<Watch>), BackendError> {
         let slot = match self.mapping_mode {
             MappingMode::Root => Some(self.take_slot()?),
             MappingMode::Rootless { .. } => None,
         };
-        let result = self.create_in_slot(&p, slot);
+        let result = self.create_in_slot(&p, slot, with_log);
         if result.is_err() {
             self.free_slot(slot);
             let _ = self.cleanup(p.id);
@@ -286,7 +300,8 @@ impl LocalBackend {
         &self,
         p: &SandboxParams<'_>,
         slot: Option<u32>,
-    ) -> Result<(Placement, Watch), BackendError> {
+        with_log: bool,
+    ) -> Result<(Placement, Option<Watch>), BackendError> {
         let (mapping, user_host_uid) = match (self.mapping_mode, slot) {
             (MappingMode::Root, Some(slot)) => {
                 let host_base = UID_RANGE_BASE + slot * UID_RANGE_SIZE;
@@ -361,8 +376,13 @@ impl LocalBackend {
         let pass_fds: Vec<OwnedFd> = vec![OwnedFd::from(listener)];
         let (labels, detached_dirs): (Vec<String>, Vec<PathBuf>) =
             cgroup.work_dirs().into_iter().unzip();
-        let (log_read, log_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-            .map_err(|e| io_err("creating the agent's log pipe")(e.into()))?;
+        let (log_read, log_write) = if with_log {
+            let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+                .map_err(|e| io_err("creating the agent's log pipe")(e.into()))?;
+            (Some(r), Some(w))
+        } else {
+            (None, None)
+        };
         let rootless = matches!(mapping, UserMapping::Single { .. });
         let agent_config = AgentConfig {
             env: p.env.clone(),
@@ -398,7 +418,7 @@ impl LocalBackend {
             hostname: HOSTNAME,
             pass_fds,
             detached_dirs,
-            log: Some(log_write),
+            log: log_write,
             cgroup_procs: cgroup.procs_files(execbox_jail::cgroup::AGENT_LEAF)?,
             ready_timeout: Duration::from_secs(10),
         })?;
@@ -410,11 +430,17 @@ impl LocalBackend {
                 slot,
                 user_host_uid,
             },
-            Watch {
+            log_read.map(|log| Watch {
                 pidfd: spawned.pidfd,
-                log: log_read,
-            },
+                log,
+            }),
         ))
+    }
+
+    /// A pidfd of the agent recorded in `placement` (re-attach after a restart); `None` when it
+    /// is gone.
+    pub fn pidfd(&self, placement: &Placement) -> Option<OwnedFd> {
+        spawn::pidfd_of(placement.pid, placement.start_time)
     }
 
     /// Whether the agent recorded in `placement` still runs (same pid, same start time).
@@ -491,6 +517,12 @@ impl LocalBackend {
             }
             _ => Ok(()),
         }
+    }
+
+    /// Removes what is left on the host of a sandbox with no agent (a failed one whose
+    /// resources were released already: its state directory).
+    pub fn destroy_leftovers(&self, id: &str) -> Result<(), BackendError> {
+        self.cleanup(id)
     }
 
     /// Removes leftovers of a sandbox whose agent is gone.

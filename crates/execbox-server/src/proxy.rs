@@ -62,6 +62,15 @@ async fn forward(server: Arc<Server>, req: Request) -> Result<Response, Lifecycl
         code: execbox_proto::lifecycle::ErrorCode::InvalidPort,
         message: format!("port: {port:?} is not a port number"),
     })?;
+    if rec.state == SandboxState::Failed {
+        return Err(LifecycleError::Conflict {
+            code: execbox_proto::lifecycle::ErrorCode::SandboxNotRunning,
+            message: format!(
+                "sandbox {id} has failed: {}",
+                rec.message.as_deref().unwrap_or("its agent is gone")
+            ),
+        });
+    }
     if rec.state == SandboxState::Paused {
         return Err(LifecycleError::Conflict {
             code: execbox_proto::lifecycle::ErrorCode::SandboxNotRunning,

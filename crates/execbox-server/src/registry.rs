@@ -37,6 +37,9 @@ pub struct SandboxRecord {
     pub state: SandboxState,
     /// Reason code of the last transition.
     pub reason: Option<String>,
+    /// Human-readable detail of the last transition (why a sandbox failed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
     /// Time of the last transition.
     #[serde(with = "time::serde::rfc3339")]
     pub last_transition_at: OffsetDateTime,
@@ -64,7 +67,7 @@ impl SandboxRecord {
             status: SandboxStatus {
                 state: self.state,
                 reason: self.reason.clone(),
-                message: None,
+                message: self.message.clone(),
                 last_transition_at: Some(self.last_transition_at),
             },
             metadata: Some(self.metadata.clone()),

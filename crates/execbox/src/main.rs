@@ -72,11 +72,27 @@ fn init_tracing() {
         .init();
 }
 
+/// The agent logs to a pipe the server reads and forwards: no colours, and a write that fails
+/// (a server restarted since, whose end of the pipe is gone) is dropped, never reported on that
+/// same stderr (tracing's own report would panic there).
+fn init_agent_tracing() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_ansi(false)
+        .without_time()
+        .log_internal_errors(false)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Agent => {
-            init_tracing();
+            init_agent_tracing();
             match execbox_agent::run() {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -107,6 +123,10 @@ fn main() -> ExitCode {
             cfg.state_dir = state_dir;
             if let Some(k) = api_key.filter(|k| !k.is_empty()) {
                 cfg.api_keys.push(k);
+            }
+            // Before any thread exists: the namespace belongs to the calling thread.
+            if let Err(e) = execbox_jail::rootfs::enter_private_mount_namespace() {
+                tracing::warn!(error = %e, "no private mount namespace: sandboxes see the state directory's path in their mount table");
             }
             let rt = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt,

@@ -245,7 +245,7 @@ fn upload_errors() {
             file_part(b"x"),
         ],
     )
-    .assert_error(500, "RUNTIME_ERROR");
+    .assert_error(400, "INVALID_REQUEST_BODY");
     // Not multipart at all.
     reply(sb.execd("POST", "/files/upload").send_string("plain")).assert_error(400, "INVALID_FILE");
     // Onto a directory; into the read-only root.
@@ -253,12 +253,12 @@ fn upload_errors() {
         &sb,
         &[meta_field(json!({"path": "/home/user"})), file_part(b"x")],
     )
-    .assert_error(500, "RUNTIME_ERROR");
+    .assert_error(400, "INVALID_REQUEST_BODY");
     upload(
         &sb,
         &[meta_field(json!({"path": "/etc/evil"})), file_part(b"x")],
     )
-    .assert_error(500, "RUNTIME_ERROR");
+    .assert_error(400, "INVALID_REQUEST_BODY");
     assert_eq!(sh(&sb, "ls -A /home/user | grep -c upload || true"), "0");
 }
 
@@ -431,8 +431,8 @@ fn info_delete_permissions_move_replace_and_search() {
     )
     .assert_empty_ok();
     assert_eq!(sh(&sb, "ls /home/user/t | grep -c del || true"), "0");
-    let msg = delete(&sb, "/files?path=/home/user/t/sub").assert_error(500, "RUNTIME_ERROR");
-    assert!(msg.contains("path is a directory"), "{msg}");
+    let msg = delete(&sb, "/files?path=/home/user/t/sub").assert_error(400, "INVALID_REQUEST_BODY");
+    assert!(msg.contains("is a directory"), "{msg}");
     delete(&sb, "/files?path=/nonexistent/dir/file").assert_empty_ok();
 
     // permissions
@@ -463,13 +463,13 @@ fn info_delete_permissions_move_replace_and_search() {
         "/files/permissions",
         json!({"/home/user/t/p1": {"owner": "mallory"}}),
     )
-    .assert_error(500, "RUNTIME_ERROR");
+    .assert_error(400, "INVALID_REQUEST_BODY");
     post_json(
         &sb,
         "/files/permissions",
         json!({"/home/user/t/p1": {"mode": 789}}),
     )
-    .assert_error(500, "RUNTIME_ERROR");
+    .assert_error(400, "INVALID_REQUEST_BODY");
     post_json(
         &sb,
         "/files/permissions",
@@ -495,7 +495,7 @@ fn info_delete_permissions_move_replace_and_search() {
         "/files/mv",
         json!([{"src": "/home/user/t/m2", "dest": "/home/user/t/new/deep/m1"}]),
     )
-    .assert_error(500, "RUNTIME_ERROR");
+    .assert_error(409, "INVALID_REQUEST_BODY");
     post_json(
         &sb,
         "/files/mv",
@@ -586,7 +586,8 @@ fn info_delete_permissions_move_replace_and_search() {
     assert_eq!(all.as_array().map(Vec::len), Some(6), "{all}");
     get(&sb, "/files/search?pattern=*").assert_error(400, "MISSING_QUERY");
     get(&sb, "/files/search?path=/home/user/none").assert_error(404, "FILE_NOT_FOUND");
-    get(&sb, "/files/search?path=/home/user/s&pattern=%5B").assert_error(500, "RUNTIME_ERROR");
+    get(&sb, "/files/search?path=/home/user/s&pattern=%5B")
+        .assert_error(400, "INVALID_REQUEST_BODY");
 }
 
 #[test]
@@ -616,7 +617,7 @@ fn directories_create_list_and_remove() {
     .assert_empty_ok();
     assert_eq!(sh(&sb, "stat -c '%a %u' /home/user/d1"), "711 1000");
     post_json(&sb, "/directories", json!({"/etc/nope": {"mode": 755}}))
-        .assert_error(500, "RUNTIME_ERROR");
+        .assert_error(400, "INVALID_REQUEST_BODY");
 
     // list
     sh(

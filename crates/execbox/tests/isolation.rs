@@ -162,10 +162,13 @@ fn fork_bomb_stops_at_the_pids_limit_and_the_server_stays_responsive() {
             let (status, _) = into_pair(ureq::get(&format!("{base}/v1/sandboxes/{id}")).call());
             assert_eq!(status, 200);
             worst = worst.max(t.elapsed());
-            let cur: usize = std::fs::read_to_string(cgroup_dir("pids", &id).join("pids.current"))
-                .ok()
-                .and_then(|s| s.trim().parse().ok())
-                .unwrap_or(0);
+            // The workload's own cgroup holds the limit asked for; the agent's threads count
+            // beside it, within the sandbox's.
+            let cur: usize =
+                std::fs::read_to_string(cgroup_dir("pids", &id).join("work/pids.current"))
+                    .ok()
+                    .and_then(|s| s.trim().parse().ok())
+                    .unwrap_or(0);
             max_pids = max_pids.max(cur);
             std::thread::sleep(Duration::from_millis(100));
         }

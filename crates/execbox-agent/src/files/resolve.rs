@@ -50,6 +50,14 @@ impl Unresolved {
     pub fn into_api(self, shown: &Path) -> ApiError {
         match self {
             Unresolved::Refused { area } => refusal(shown, area),
+            // From a kernel-scoped lookup: a magic link, or a symlink loop.
+            Unresolved::Io(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                ApiError::BadRequest(format!(
+                    "invalid request, validation error path {} goes through a /proc magic link \
+                     or a symlink loop, which the file API does not follow",
+                    shown.display()
+                ))
+            }
             Unresolved::Io(e) => {
                 ApiError::from_io(&format!("error accessing {}", shown.display()), &e)
             }
