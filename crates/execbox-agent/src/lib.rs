@@ -133,7 +133,8 @@ async fn sweep_idle_contexts(state: Arc<AppState>, ttl_secs: u64) {
 fn virtual_proc_files(runner: &Runner) -> Vec<(&'static str, String)> {
     let stats = runner.sandbox_stats().unwrap_or_default();
     let kib = |b: u64| b / 1024;
-    let total = stats.memory_limit.unwrap_or(u64::MAX / 2);
+    let limit = runner.memory_limit();
+    let total = limit.unwrap_or(u64::MAX / 2);
     let free = total.saturating_sub(stats.memory_current);
     let meminfo = format!(
         "MemTotal:       {:>8} kB\nMemFree:        {:>8} kB\nMemAvailable:   {:>8} kB\n\
@@ -153,7 +154,7 @@ fn virtual_proc_files(runner: &Runner) -> Vec<(&'static str, String)> {
             format!("{}\n", uuid::Uuid::new_v4().hyphenated()),
         ),
     ];
-    if stats.memory_limit.is_some() {
+    if limit.is_some() {
         files.into_iter().chain([("meminfo", meminfo)]).collect()
     } else {
         files

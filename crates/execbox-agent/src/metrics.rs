@@ -99,7 +99,7 @@ impl Sampler {
                 pct,
             });
         }
-        let mem_total = match stats.memory_limit {
+        let mem_total = match self.runner.memory_limit() {
             Some(limit) => limit as f64,
             None => host_memory_bytes().unwrap_or(0) as f64,
         };

@@ -87,6 +87,8 @@ pub struct Runner {
     fence: Option<Arc<PreparedFence>>,
     last_cap: u32,
     next_leaf: AtomicU64,
+    /// Memory limit of each execution leaf.
+    execution_memory: Option<u64>,
     /// An execution cgroup made ahead of need: creating one (a directory in every hierarchy)
     /// is then off the path of the next start.
     spare_leaf: std::sync::Mutex<Option<ExecLeaf>>,
@@ -193,6 +195,7 @@ impl Runner {
             fence,
             last_cap: execbox_jail::process::last_capability(),
             next_leaf: AtomicU64::new(1),
+            execution_memory: config.execution_memory_bytes,
             spare_leaf: std::sync::Mutex::new(None),
         })
     }
@@ -205,6 +208,12 @@ impl Runner {
     /// Accounting of the whole sandbox (its cgroup, agent included), if cgroups are available.
     pub fn sandbox_stats(&self) -> Option<CgroupStats> {
         self.cgroups.as_ref().and_then(|c| c.stats().ok())
+    }
+
+    /// The memory limit the sandbox was given (each execution's), if any.
+    pub fn memory_limit(&self) -> Option<u64> {
+        self.execution_memory
+            .or_else(|| self.sandbox_stats().and_then(|s| s.memory_limit))
     }
 
     /// The sandbox user.
@@ -292,7 +301,14 @@ impl Runner {
             return Ok(None);
         };
         let n = self.next_leaf.fetch_add(1, Ordering::Relaxed);
-        Ok(Some(cg.create_leaf(&format!("x{n}"))?))
+        let leaf = cg.create_leaf(&format!("x{n}"))?;
+        if let Some(bytes) = self.execution_memory {
+            if let Err(e) = leaf.limit_memory(bytes) {
+                let _ = leaf.remove();
+                return Err(e.into());
+            }
+        }
+        Ok(Some(leaf))
     }
 
     fn take_spare_leaf(&self) -> Option<ExecLeaf> {

@@ -535,7 +535,8 @@ pub fn probe_detached_mounts() -> Result<(), String> {
     match unsafe { nix::unistd::fork() } {
         Ok(nix::unistd::ForkResult::Child) => {
             let code = match sys::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNS)
-                .and_then(|()| sys::open_tree_clone(c"/"))
+                // A mount point with nothing mounted below it, as a cgroup directory is.
+                .and_then(|()| sys::open_tree_clone(c"/dev/null"))
             {
                 Ok(_) => 0,
                 Err(e) => e.clamp(1, 255),

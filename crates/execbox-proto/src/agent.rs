@@ -38,4 +38,10 @@ pub struct AgentConfig {
     /// after this many idle seconds (0 = the default, one hour).
     #[serde(default)]
     pub context_idle_ttl_secs: u64,
+    /// Memory limit of each execution (its processes and the files they write while they
+    /// run), in bytes: the sandbox's memory limit. The workload cgroup above the executions
+    /// also has room for the sandbox's storage, so files left by finished executions never
+    /// leave the next one without memory.
+    #[serde(default)]
+    pub execution_memory_bytes: Option<u64>,
 }

@@ -366,8 +366,14 @@ impl LocalBackend {
                 pids_max: Some(pids.saturating_add(AGENT_PIDS_RESERVE)),
             },
         )?;
+        // Each execution is limited to the memory asked for (the agent sets it on every
+        // execution's cgroup); the workload as a whole also has room for what the executions
+        // leave in the sandbox's tmpfs, so a full storage never starves the next execution.
         cgroup.create_workload(&Limits {
-            memory_bytes: p.limits.memory_bytes,
+            memory_bytes: p
+                .limits
+                .memory_bytes
+                .map(|m| m.saturating_add(sizes.total())),
             cpu_millicores: None,
             pids_max: Some(pids),
         })?;
@@ -401,6 +407,7 @@ impl LocalBackend {
             cpu_millicores: p.limits.cpu_millicores,
             max_upload_bytes: self.config.max_upload_bytes,
             context_idle_ttl_secs: self.config.context_idle_ttl_secs,
+            execution_memory_bytes: p.limits.memory_bytes,
         };
         let config_json = serde_json::to_string(&agent_config).map_err(|e| BackendError::Io {
             what: "encoding the agent configuration".into(),

@@ -143,6 +143,29 @@ impl ExecLeaf {
         &self.name
     }
 
+    /// Limits the leaf's memory (its processes and what they write to tmpfs) to `bytes`, with
+    /// no swap. The agent made the leaf, so it owns its files.
+    pub fn limit_memory(&self, bytes: u64) -> Result<(), CgroupError> {
+        for (label, node) in &self.parts {
+            match self.version {
+                CgroupVersion::V1 if label.split(',').any(|c| c == "memory") => {
+                    node.write("memory.limit_in_bytes", &bytes.to_string())?;
+                    if node.has("memory.memsw.limit_in_bytes") {
+                        node.write("memory.memsw.limit_in_bytes", &bytes.to_string())?;
+                    }
+                }
+                CgroupVersion::V2 if node.has("memory.max") => {
+                    node.write("memory.max", &bytes.to_string())?;
+                    if node.has("memory.swap.max") {
+                        node.write("memory.swap.max", "0")?;
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
     /// Opens the leaf's `cgroup.procs` in every hierarchy for writing
     /// (`O_WRONLY | O_CLOEXEC`). Give the raw fds to [`join_self`] in the
     /// forked child before `exec`; they close on `exec`.
