@@ -130,6 +130,16 @@ impl Server {
             how.as_deref().unwrap_or("exit status unknown")
         );
         tracing::warn!(sandbox = %id, %message, "sandbox failed");
+        // The state first: clients see the truth at once, whatever the clean-up takes.
+        let now = time::OffsetDateTime::now_utc();
+        if let Some(Err(e)) = self.registry.update(id, |r| {
+            r.state = SandboxState::Failed;
+            r.reason = Some("AGENT_EXITED".into());
+            r.message = Some(message);
+            r.last_transition_at = now;
+        }) {
+            tracing::warn!(sandbox = %id, error = %e, "recording a failed sandbox");
+        }
         let Ok(backend) = self.backend() else { return };
         let id2 = id.to_string();
         let placement = rec.placement.clone();
@@ -143,14 +153,8 @@ impl Server {
                 self.defer_cleanup(id, p.clone());
             }
         }
-        let now = time::OffsetDateTime::now_utc();
-        if let Some(Err(e)) = self.registry.update(id, |r| {
-            r.state = SandboxState::Failed;
-            r.reason = Some("AGENT_EXITED".into());
-            r.message = Some(message);
-            r.last_transition_at = now;
-            r.placement = None;
-        }) {
+        // Released (or queued): the record no longer holds a place on the host.
+        if let Some(Err(e)) = self.registry.update(id, |r| r.placement = None) {
             tracing::warn!(sandbox = %id, error = %e, "recording a failed sandbox");
         }
     }

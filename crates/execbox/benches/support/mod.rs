@@ -115,6 +115,11 @@ impl Server {
         self.child.id()
     }
 
+    /// The server's state directory.
+    pub fn state_dir(&self) -> &std::path::Path {
+        &self.state_dir
+    }
+
     /// Deletes every sandbox, stops the server, removes its state.
     pub fn stop(mut self) {
         let timeout = Duration::from_secs(30);
