@@ -1,5 +1,6 @@
 //! execbox-jail: Linux isolation for execbox sandboxes.
 pub mod cgroup;
+pub mod host;
 pub mod landlock_fence;
 pub mod process;
 pub mod pty;
