@@ -1,6 +1,7 @@
 //! execbox-jail: Linux isolation for execbox sandboxes.
 pub mod cgroup;
 pub mod fsroot;
+pub mod host;
 pub mod landlock_fence;
 pub mod process;
 pub mod pty;

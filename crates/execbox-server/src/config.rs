@@ -49,6 +49,18 @@ pub struct ServerConfig {
     pub context_idle_ttl_secs: u64,
     /// What clients of the isol8 and session-execute surfaces may ask for (`[policy]`).
     pub policy: Policy,
+    /// Client connections open at once, WebSocket sessions included (at least 1). At the cap
+    /// the server stops accepting and new connections wait in the kernel's listen backlog
+    /// until one closes. Lowered at start to half the process's limit on open files, which
+    /// the server raises as far as it may.
+    pub max_connections: usize,
+    /// Seconds a client has to send a complete request head, counted from the accept or, on a
+    /// kept-alive connection, from the first byte of the next request; 0: no limit. Request
+    /// bodies and responses (event streams, WebSocket sessions) are not timed.
+    pub header_read_timeout_secs: u64,
+    /// Seconds a kept-alive connection may wait for its next request after a response; 0: no
+    /// limit.
+    pub idle_timeout_secs: u64,
 }
 
 /// The server's maxima over request options: a request asking for more is refused with a 400
@@ -231,6 +243,9 @@ impl Default for ServerConfig {
             max_upload_bytes: 0,
             context_idle_ttl_secs: 3600,
             policy: Policy::default(),
+            max_connections: 10_000,
+            header_read_timeout_secs: 10,
+            idle_timeout_secs: 60,
         }
     }
 }

@@ -12,6 +12,7 @@ pub mod config;
 pub mod doctor;
 pub mod isol8;
 pub mod lifecycle;
+pub mod listener;
 pub mod local;
 pub mod oneshot;
 pub mod pool;
@@ -608,6 +609,9 @@ pub enum ServeError {
     /// Binding or serving failed.
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    /// The listener's limits are invalid.
+    #[error("{0}")]
+    Listener(#[from] listener::ListenerError),
 }
 
 /// Runs the server until the process is stopped.
@@ -622,7 +626,19 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServeError> {
         }
         tracing::warn!("no API key configured: serving on loopback without authentication");
     }
-    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    // Every client connection is a descriptor: take all the process may have.
+    match execbox_jail::host::raise_nofile_limit() {
+        Ok((before, after)) => tracing::info!(
+            soft = after.soft,
+            hard = after.hard,
+            was_soft = before.soft,
+            was_hard = before.hard,
+            "limit on open files"
+        ),
+        Err(e) => tracing::warn!(error = %e, "could not raise the limit on open files"),
+    }
+    let tcp = listener::bind(config.listen)?;
+    let listener = listener::Listener::new(tcp, &config)?;
     let server = tokio::task::spawn_blocking(move || Server::new(config))
         .await
         .map_err(|e| ServeError::Config(e.to_string()))?;
@@ -638,14 +654,11 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServeError> {
             sessions::Sessions::prune(&reaper, ttl).await;
         }
     });
-    tracing::info!(addr = %listener.local_addr()?, "execbox listening");
-    // Small request/response exchanges (a command round trip is a few hundred bytes) must not
-    // wait for Nagle's algorithm against the client's delayed ACKs.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "TCP_NODELAY");
-        }
-    });
+    tracing::info!(
+        addr = %listener.local_addr()?,
+        max_connections = listener.max_connections(),
+        "execbox listening"
+    );
     let on_stop = server.clone();
     tokio::spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
@@ -657,6 +670,6 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServeError> {
         tracing::info!("stopped");
         std::process::exit(0);
     });
-    axum::serve(listener, router(server)).await?;
+    listener.serve(router(server)).await;
     Ok(())
 }

@@ -401,3 +401,70 @@ pub fn reply(r: Result<ureq::Response, ureq::Error>) -> Reply {
         body,
     }
 }
+
+impl TestServer {
+    /// Like [`TestServer::start_with_config`], with the server's stderr (its log, at `warn`)
+    /// written to the returned file instead of the test's.
+    pub fn start_logged(config_toml: &str) -> (Self, PathBuf) {
+        let state_dir = std::env::temp_dir().join(unique("execbox-test-state"));
+        let config = std::env::temp_dir().join(unique("execbox-test-config"));
+        let log = std::env::temp_dir().join(unique("execbox-test-log"));
+        std::fs::write(&config, config_toml).expect("write config");
+        let port = free_port();
+        let child = Command::new(env!("CARGO_BIN_EXE_execbox"))
+            .arg("serve")
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--state-dir")
+            .arg(&state_dir)
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "warn")
+            .env_remove("EXECBOX_API_KEY")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("start execbox serve");
+        let server = TestServer {
+            base: format!("http://127.0.0.1:{port}"),
+            state_dir,
+            port,
+            child: Some(child),
+            keep_state: false,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while ureq::get(&server.url("/health")).call().is_err() {
+            assert!(Instant::now() < deadline, "server did not come up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = std::fs::remove_file(&config);
+        (server, log)
+    }
+}
+
+/// Resident memory of a process (`VmRSS` of `/proc/<pid>/status`), in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Raises this process's own soft limit on open files to at least `want` (up to its hard
+/// limit); returns the soft limit now in force.
+pub fn raise_fd_limit(want: u64) -> u64 {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return 0;
+    };
+    if soft >= want {
+        return soft;
+    }
+    let target = want.min(hard);
+    match setrlimit(Resource::RLIMIT_NOFILE, target, hard) {
+        Ok(()) => target,
+        Err(_) => soft,
+    }
+}
