@@ -14,6 +14,7 @@ pub mod isol8;
 pub mod lifecycle;
 pub mod local;
 pub mod oneshot;
+pub mod policy;
 pub mod pool;
 pub mod proxy;
 pub mod registry;
