@@ -316,3 +316,98 @@ fn isol8_and_session_execute_answer_client_mistakes_with_4xx() {
     );
     assert_eq!((s, v["stdout"].as_str()), (200, Some("fine\n")), "{v}");
 }
+
+/// Every record of the state directory with an owner (pool, isol8, session-execute).
+fn owned_sandboxes(server: &TestServer) -> Vec<(String, String, String)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(server.state_dir.join("sandboxes")).expect("state") {
+        let path = entry.expect("entry").path().join("record.json");
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        let rec: Value = serde_json::from_str(&text).expect("record");
+        if let Some(owner) = rec["owner"].as_str() {
+            out.push((
+                rec["id"].as_str().expect("id").to_string(),
+                rec["token"].as_str().expect("token").to_string(),
+                owner.to_string(),
+            ));
+        }
+    }
+    out
+}
+
+#[test]
+fn sandboxes_of_other_surfaces_are_not_on_the_data_plane() {
+    let server = TestServer::start_with_config(CONFIG).cleaning_up_for(&["key-default"]);
+    // An isol8 session, a session-execute session and the warm pool.
+    let (s, v) = post(
+        &server,
+        "/execute",
+        Some("key-default"),
+        &json!({"request": {"runtime": "bash", "cmd": "echo hi"}, "sessionId": "mine"}),
+    );
+    assert_eq!(s, 200, "{v}");
+    let container = v["containerId"].as_str().expect("containerId").to_string();
+    let (s, v) = post(
+        &server,
+        "/api/execute",
+        Some("key-default"),
+        &json!({"sessionId": "mine", "command": "echo hi"}),
+    );
+    assert_eq!(s, 200, "{v}");
+    let owned = owned_sandboxes(&server);
+    let owners: Vec<&str> = owned.iter().map(|(_, _, o)| o.as_str()).collect();
+    assert!(
+        owners.contains(&"isol8") && owners.contains(&"session-exec"),
+        "{owners:?}"
+    );
+    assert!(owned.iter().any(|(id, _, _)| *id == container));
+    let ping = |id: &str, header: (&str, &str)| {
+        into_pair(
+            ureq::get(&server.url(&format!("/v1/sandboxes/{id}/proxy/44772/ping")))
+                .set(header.0, header.1)
+                .call(),
+        )
+    };
+    let (s, unknown) = ping("no-such-sandbox", ("OPEN-SANDBOX-API-KEY", "key-default"));
+    assert_eq!(s, 404);
+    for (id, token, owner) in &owned {
+        for header in [
+            ("OPEN-SANDBOX-API-KEY", "key-default"),
+            ("Authorization", "Bearer key-default"),
+            ("X-EXECD-ACCESS-TOKEN", token.as_str()),
+        ] {
+            let (s, v) = ping(id, header);
+            assert_eq!(s, 404, "{owner} sandbox {id} with {}: {v}", header.0);
+            assert_eq!(v["code"], unknown["code"], "{v}");
+            assert_eq!(
+                v["message"].as_str().map(|m| m.replace(id.as_str(), "ID")),
+                unknown["message"]
+                    .as_str()
+                    .map(|m| m.replace("no-such-sandbox", "ID")),
+                "exactly like an unknown sandbox"
+            );
+        }
+    }
+    // A lifecycle sandbox of the same tenant still opens with the key.
+    let (s, v) = lifecycle(
+        &server,
+        "POST",
+        "/v1/sandboxes",
+        "key-default",
+        &create_body(json!({"memory": "128Mi"})),
+    );
+    assert_eq!(s, 202, "{v}");
+    let id = v["id"].as_str().expect("id");
+    let (s, _) = ping(id, ("OPEN-SANDBOX-API-KEY", "key-default"));
+    assert_eq!(s, 200);
+    let (s, _) = lifecycle(
+        &server,
+        "DELETE",
+        &format!("/v1/sandboxes/{id}"),
+        "key-default",
+        &json!({}),
+    );
+    assert_eq!(s, 204);
+}
