@@ -411,3 +411,54 @@ fn sandboxes_of_other_surfaces_are_not_on_the_data_plane() {
     );
     assert_eq!(s, 204);
 }
+
+#[test]
+fn execbox_run_has_default_limits_shown_in_help() {
+    let exe = env!("CARGO_BIN_EXE_execbox");
+    let help = std::process::Command::new(exe)
+        .args(["run", "--help"])
+        .output()
+        .expect("help");
+    let help = String::from_utf8_lossy(&help.stdout);
+    for default in [
+        "--memory <MEMORY>",
+        "[default: 512Mi]",
+        "--cpus <CPUS>",
+        "[default: 1]",
+        "--pids <PIDS>",
+        "[default: 256]",
+        "--timeout <TIMEOUT>",
+        "[default: 60]",
+    ] {
+        assert!(help.contains(default), "{default} not in:\n{help}");
+    }
+    // Without --memory the run is bounded: 768 MiB does not fit the default 512Mi.
+    let out = std::process::Command::new(exe)
+        .args([
+            "run",
+            "--lang",
+            "python",
+            "x = bytearray(768 << 20); print(len(x))",
+        ])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(137), "{out:?}");
+    assert!(out.stdout.is_empty(), "{out:?}");
+    // A value no sandbox can live with is refused before anything starts.
+    let out = std::process::Command::new(exe)
+        .args(["run", "--memory", "1", "--lang", "bash", "true"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--memory: must be at least"),
+        "{out:?}"
+    );
+    let out = std::process::Command::new(exe)
+        .args([
+            "run", "--cpus", "250m", "--pids", "64", "--lang", "bash", "echo ok",
+        ])
+        .output()
+        .expect("run");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ok\n");
+}
