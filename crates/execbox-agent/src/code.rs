@@ -448,7 +448,7 @@ pub fn prepare_cwd(app: &AppState, raw: Option<&str>) -> Result<PathBuf, ApiErro
         cur = p.parent();
     }
     std::fs::create_dir_all(&path)
-        .map_err(|e| ApiError::Runtime(format!("error creating code context. {e}")))?;
+        .map_err(|e| ApiError::from_request_io("error creating code context", &e))?;
     for dir in missing {
         let _ = std::os::unix::fs::chown(&dir, Some(user.uid), Some(user.gid));
     }

@@ -64,6 +64,47 @@ impl ApiError {
             ApiError::Runtime(format!("{context}. {e}"))
         }
     }
+
+    /// Maps an error on a path the request named (a session's or a context's `cwd`): errors the
+    /// request caused (see [`is_client_fault`]) are 400 `INVALID_REQUEST_BODY`, the rest as
+    /// [`ApiError::from_io`]. (TODO(files-rewrite): the file routes still answer 500 for these,
+    /// as `from_io` does.)
+    pub fn from_request_io(context: &str, e: &std::io::Error) -> Self {
+        if is_client_fault(e) {
+            ApiError::BadRequest(format!("{context}. {e}"))
+        } else {
+            Self::from_io(context, e)
+        }
+    }
+}
+
+/// Whether an I/O error was caused by what the request asked for rather than by the sandbox
+/// or the agent failing: the class every API surface answers with a 4xx.
+pub fn is_client_fault(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::InvalidInput | ErrorKind::PermissionDenied
+    ) {
+        return true;
+    }
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::ENAMETOOLONG
+                | libc::E2BIG
+                | libc::EINVAL
+                | libc::EEXIST
+                | libc::ENOTDIR
+                | libc::EISDIR
+                | libc::ENOTEMPTY
+                | libc::ELOOP
+                | libc::EROFS
+                | libc::EACCES
+                | libc::EPERM
+                | libc::ENOEXEC
+        )
+    )
 }
 
 impl IntoResponse for ApiError {
@@ -106,4 +147,30 @@ impl IntoResponse for ApiError {
 /// Unknown route or method: 404 with a plain-text body, as upstream.
 pub async fn not_found() -> impl IntoResponse {
     (StatusCode::NOT_FOUND, "404 page not found")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_the_request_caused_are_the_clients() {
+        for errno in [
+            libc::ENAMETOOLONG,
+            libc::EROFS,
+            libc::EISDIR,
+            libc::EEXIST,
+            libc::E2BIG,
+        ] {
+            assert!(is_client_fault(&std::io::Error::from_raw_os_error(errno)));
+        }
+        for errno in [libc::EIO, libc::ENOSPC, libc::EMFILE, libc::ENOMEM] {
+            assert!(!is_client_fault(&std::io::Error::from_raw_os_error(errno)));
+        }
+        let e = std::io::Error::from_raw_os_error(libc::EROFS);
+        assert!(matches!(
+            ApiError::from_request_io("x", &e),
+            ApiError::BadRequest(_)
+        ));
+    }
 }

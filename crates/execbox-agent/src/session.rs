@@ -207,7 +207,8 @@ fn create_dir_for_user(
         missing.push(p.to_path_buf());
         cur = p.parent();
     }
-    std::fs::create_dir_all(path).map_err(|e| ApiError::from_io("error creating cwd", &e))?;
+    std::fs::create_dir_all(path)
+        .map_err(|e| ApiError::from_request_io("error creating cwd", &e))?;
     for dir in missing {
         let _ = std::os::unix::fs::chown(&dir, Some(user.uid), Some(user.gid));
     }

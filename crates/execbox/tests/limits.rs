@@ -462,3 +462,81 @@ fn execbox_run_has_default_limits_shown_in_help() {
         .expect("run");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "ok\n");
 }
+
+#[test]
+fn execd_and_leap0_answer_client_mistakes_with_4xx() {
+    let server = TestServer::start();
+    let sbx = server.create(json!({}));
+    let send = |method: &str, path: &str, body: &str| {
+        reply(
+            sbx.execd(method, path)
+                .set("Content-Type", "application/json")
+                .send_string(body),
+        )
+    };
+    // A session's cwd that cannot be made: read-only, too long, not a name.
+    for cwd in [
+        "/usr/execbox-nope".to_string(),
+        format!("/workspace/{}", "a".repeat(300)),
+    ] {
+        let r = send("POST", "/session", &json!({ "cwd": cwd }).to_string());
+        r.assert_error(400, "INVALID_REQUEST_BODY");
+    }
+    let r = send(
+        "POST",
+        "/code/context",
+        &json!({"language": "python", "cwd": "/workspace/a\u{0}b"}).to_string(),
+    );
+    r.assert_error(400, "INVALID_REQUEST_BODY");
+    // Leap0: an environment no process can have.
+    let r = send(
+        "POST",
+        "/execute",
+        &json!({"code": "1", "env_vars": {"A": "x\u{0}"}}).to_string(),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    // A body sent to a route that takes none is answered by that route, not a proxy failure.
+    let big = "x".repeat(1 << 20);
+    let r = send("PUT", "/metrics", &big);
+    assert_eq!(r.status, 404, "{}", r.text());
+    let r = send("GET", "/ping", &big);
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    // Session-execute through the run API: a PATH that hides bash, a file where a directory is.
+    let (s, v) = post(
+        &server,
+        "/api/execute",
+        None,
+        &json!({"sessionId": "m", "command": "true", "env": {"PATH": "/nonexistent"}}),
+    );
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (400, Some("INVALID_REQUEST")),
+        "{v}"
+    );
+    let (s, v) = post(
+        &server,
+        "/api/files",
+        None,
+        &json!({"sessionId": "m", "files": [{"path": "d/x", "content": "1"}]}),
+    );
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = post(
+        &server,
+        "/api/files",
+        None,
+        &json!({"sessionId": "m", "files": [{"path": "d", "content": "1"}]}),
+    );
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (400, Some("INVALID_REQUEST")),
+        "{v}"
+    );
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("files[0].path"),
+        "{v}"
+    );
+}
