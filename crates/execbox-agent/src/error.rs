@@ -68,35 +68,53 @@ impl ApiError {
     /// a path that cannot be used as asked (not a directory, a directory, too long, a refused
     /// link, read-only, not permitted) 400; anything else is the agent's failure, 500.
     pub fn from_io(context: &str, e: &std::io::Error) -> Self {
-        let errno = e.raw_os_error().unwrap_or(0);
         if e.kind() == std::io::ErrorKind::NotFound {
             return ApiError::FileNotFound(format!("file not found. {context}: {e}"));
         }
-        match errno {
-            libc::EEXIST | libc::ENOTEMPTY => ApiError::Exists(format!("{context}. {e}")),
-            libc::ENOSPC | libc::EDQUOT | libc::EFBIG => {
+        match e.raw_os_error() {
+            Some(libc::EEXIST | libc::ENOTEMPTY) => ApiError::Exists(format!("{context}. {e}")),
+            Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG) => {
                 ApiError::StorageFull(format!("{context}. the sandbox's storage is full: {e}"))
             }
-            libc::ENAMETOOLONG
-            | libc::ENOTDIR
-            | libc::EISDIR
-            | libc::EINVAL
-            | libc::ELOOP
-            | libc::EROFS
-            | libc::EACCES
-            | libc::EPERM
-            | libc::EXDEV
-            | libc::ETXTBSY
-            | libc::EMLINK
-            | libc::EBUSY => {
-                ApiError::BadRequest(format!("invalid request, validation error {context}. {e}"))
-            }
-            _ if e.kind() == std::io::ErrorKind::InvalidInput => {
+            _ if is_client_fault(e) => {
                 ApiError::BadRequest(format!("invalid request, validation error {context}. {e}"))
             }
             _ => ApiError::Runtime(format!("{context}. {e}")),
         }
     }
+}
+
+/// Whether an I/O error was caused by what the request asked for rather than by the sandbox
+/// or the agent failing: the class every API surface answers with a 4xx.
+pub fn is_client_fault(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::InvalidInput | ErrorKind::PermissionDenied
+    ) {
+        return true;
+    }
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::ENAMETOOLONG
+                | libc::E2BIG
+                | libc::EINVAL
+                | libc::EEXIST
+                | libc::ENOTDIR
+                | libc::EISDIR
+                | libc::ENOTEMPTY
+                | libc::ELOOP
+                | libc::EROFS
+                | libc::EACCES
+                | libc::EPERM
+                | libc::ENOEXEC
+                | libc::EXDEV
+                | libc::ETXTBSY
+                | libc::EMLINK
+                | libc::EBUSY
+        )
+    )
 }
 
 impl IntoResponse for ApiError {
@@ -145,4 +163,46 @@ impl IntoResponse for ApiError {
 /// Unknown route or method: 404 with a plain-text body, as upstream.
 pub async fn not_found() -> impl IntoResponse {
     (StatusCode::NOT_FOUND, "404 page not found")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_the_request_caused_are_the_clients() {
+        for errno in [
+            libc::ENAMETOOLONG,
+            libc::EROFS,
+            libc::EISDIR,
+            libc::EEXIST,
+            libc::E2BIG,
+        ] {
+            assert!(is_client_fault(&std::io::Error::from_raw_os_error(errno)));
+        }
+        for errno in [libc::EIO, libc::ENOSPC, libc::EMFILE, libc::ENOMEM] {
+            assert!(!is_client_fault(&std::io::Error::from_raw_os_error(errno)));
+        }
+        let io = std::io::Error::from_raw_os_error;
+        assert!(matches!(
+            ApiError::from_io("x", &io(libc::EROFS)),
+            ApiError::BadRequest(_)
+        ));
+        assert!(matches!(
+            ApiError::from_io("x", &io(libc::ENOENT)),
+            ApiError::FileNotFound(_)
+        ));
+        assert!(matches!(
+            ApiError::from_io("x", &io(libc::EEXIST)),
+            ApiError::Exists(_)
+        ));
+        assert!(matches!(
+            ApiError::from_io("x", &io(libc::ENOSPC)),
+            ApiError::StorageFull(_)
+        ));
+        assert!(matches!(
+            ApiError::from_io("x", &io(libc::EIO)),
+            ApiError::Runtime(_)
+        ));
+    }
 }

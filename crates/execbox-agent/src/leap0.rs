@@ -16,6 +16,7 @@ use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
 
 use crate::code::{Context, Language, RunError};
+use crate::error::ApiError;
 use crate::kernel::{KernelLanguage, KernelOutput};
 use crate::runner::{Input, Output, RunSpec};
 use crate::sse::{pipe_reader, read_some, sleep_until_opt, LineSplitter};
@@ -178,16 +179,35 @@ fn context_json(ctx: &Context) -> Value {
 fn env_vars(m: &Map<String, Value>) -> Result<Vec<(String, String)>, Leap0Error> {
     match m.get("env_vars") {
         None | Some(Value::Null) => Ok(Vec::new()),
-        Some(Value::Object(o)) => o
-            .iter()
-            .map(|(k, v)| match v {
-                Value::String(s) => Ok((k.clone(), s.clone())),
-                _ => Err(invalid(
-                    "env_vars",
-                    format!("env_vars.{k} must be a string"),
-                )),
-            })
-            .collect(),
+        Some(Value::Object(o)) => {
+            let env = o
+                .iter()
+                .map(|(k, v)| match v {
+                    Value::String(s)
+                        if k.is_empty() || k.contains(['=', '\0']) || s.contains('\0') =>
+                    {
+                        Err(invalid(
+                            "env_vars",
+                            format!(
+                                "env_vars.{k}: names must be non-empty without '=' or NUL, \
+                                 values without NUL"
+                            ),
+                        ))
+                    }
+                    Value::String(s) => Ok((k.clone(), s.clone())),
+                    _ => Err(invalid(
+                        "env_vars",
+                        format!("env_vars.{k} must be a string"),
+                    )),
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            // They become the kernel's environment: more than one exec takes is E2BIG.
+            let pairs: Vec<(&String, &String)> = env.iter().map(|(k, v)| (k, v)).collect();
+            if let Some((k, why)) = execbox_proto::limits::env_too_large(pairs) {
+                return Err(invalid("env_vars", format!("env_vars.{k}: {why}")));
+            }
+            Ok(env)
+        }
         Some(_) => Err(invalid("env_vars", "env_vars must be an object")),
     }
 }
@@ -202,7 +222,10 @@ async fn create(
     app.contexts
         .create(app, language, cwd, env)
         .await
-        .map_err(|e| Leap0Error::Internal(e.to_string()))
+        .map_err(|e| match e {
+            ApiError::BadRequest(m) => invalid("language", m),
+            e => Leap0Error::Internal(e.to_string()),
+        })
 }
 
 /// `POST /contexts`.

@@ -14,6 +14,7 @@
 
 mod code;
 mod command;
+mod drain;
 mod error;
 mod files;
 mod kernel;
@@ -80,11 +81,17 @@ fn router(state: Arc<AppState>) -> Router {
         .merge(leap0::routes())
         .merge(files::routes())
         .merge(metrics::routes())
-        .merge(pty::routes())
-        .merge(port_proxy::routes())
         .merge(run::routes())
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::not_found)
+        // Every answer waits for its request body (see `drain`), except on the routes whose
+        // bodies are a connection of their own (WebSocket, the port proxy's streams).
+        .layer(axum::middleware::from_fn(drain::read_body_to_end))
+        .merge(
+            pty::routes()
+                .merge(port_proxy::routes())
+                .method_not_allowed_fallback(error::not_found),
+        )
         .with_state(state)
 }
 

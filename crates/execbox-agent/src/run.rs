@@ -26,8 +26,9 @@ use execbox_proto::run::{
 };
 use tokio::sync::mpsc;
 
+use crate::error::is_client_fault;
 use crate::files::direct::{self, DirectError};
-use crate::runner::{Input, Output, RunSpec, Started};
+use crate::runner::{Input, Output, RunError as StartError, RunSpec, Started};
 use crate::sse::{pipe_reader, read_some, sleep_until_opt};
 use crate::AppState;
 
@@ -70,7 +71,33 @@ impl From<DirectError> for Fail {
         match e {
             DirectError::Invalid(m) => Fail::Invalid(m),
             DirectError::NotFound(m) => Fail::NotFound(m),
+            // TODO(files-rewrite): `DirectError::Io` carries only the message; once it carries
+            // the `io::Error`, classify that instead of its "(os error N)" text.
+            DirectError::Io(m) if os_error(&m).is_some_and(|e| is_client_fault(&e)) => {
+                Fail::Invalid(m)
+            }
             DirectError::Io(m) => Fail::Internal(m),
+        }
+    }
+}
+
+/// The errno at the end of an `io::Error`'s text (`… (os error 21)`).
+fn os_error(message: &str) -> Option<std::io::Error> {
+    let n = message.strip_suffix(')')?.rsplit_once("(os error ")?.1;
+    n.parse().ok().map(std::io::Error::from_raw_os_error)
+}
+
+impl From<StartError> for Fail {
+    /// A program that cannot start because of what the request gave (its `PATH` in `env`, a
+    /// program file that is not executable, arguments over one exec) is the client's mistake.
+    fn from(e: StartError) -> Self {
+        match &e {
+            StartError::Spawn(io)
+                if is_client_fault(io) || io.kind() == std::io::ErrorKind::NotFound =>
+            {
+                Fail::Invalid(format!("argv: {e}"))
+            }
+            _ => Fail::Internal(e.to_string()),
         }
     }
 }
@@ -265,10 +292,7 @@ async fn start(app: Arc<AppState>, body: Bytes) -> Result<Response, Fail> {
             controlling_tty: false,
             inherit_fds: Vec::new(),
         })
-        .map_err(|e| match e {
-            crate::runner::RunError::Cwd { .. } => Fail::Invalid(e.to_string()),
-            other => Fail::Internal(other.to_string()),
-        });
+        .map_err(Fail::from);
     let started = match started {
         Ok(s) => s,
         Err(e) => {
@@ -578,6 +602,15 @@ async fn feed_stdin(fd: std::os::fd::OwnedFd, input: String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn file_errors_the_request_caused_are_refusals() {
+        let refused = |m: &str| matches!(Fail::from(DirectError::Io(m.into())), Fail::Invalid(_));
+        assert!(refused("/tmp/x: Is a directory (os error 21)"));
+        assert!(refused("/workspace/a: File name too long (os error 36)"));
+        assert!(!refused("/workspace/a: Input/output error (os error 5)"));
+        assert!(!refused("no errno here"));
+    }
 
     #[test]
     fn capture_keeps_the_cap_and_counts_the_rest() {

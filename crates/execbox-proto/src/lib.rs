@@ -4,6 +4,7 @@ pub mod execd;
 pub mod isol8;
 pub mod labels;
 pub mod lifecycle;
+pub mod limits;
 pub mod paths;
 pub mod proxy_headers;
 pub mod quantity;

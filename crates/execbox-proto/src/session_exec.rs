@@ -179,6 +179,14 @@ impl ExecuteRequest {
                 if cmd.contains('\0') {
                     return Err(invalid("command: must not contain NUL characters"));
                 }
+                // It becomes one argument of `bash -c`.
+                if cmd.len() > crate::limits::MAX_ARG_BYTES {
+                    return Err(invalid(format!(
+                        "command: {} bytes, over the limit of {} for one command",
+                        cmd.len(),
+                        crate::limits::MAX_ARG_BYTES
+                    )));
+                }
                 Program::Command(cmd.to_string())
             }
         };
@@ -269,7 +277,11 @@ impl ListFilesQuery {
                 if p.contains('\0') {
                     return Err(invalid("path: must not contain NUL characters"));
                 }
-                normalize(p, WORKSPACE)
+                let abs = normalize(p, WORKSPACE);
+                if let Some(why) = crate::limits::path_too_long(&abs) {
+                    return Err(invalid(format!("path: {why}")));
+                }
+                abs
             }
         };
         let recursive = match params.get("recursive").map(String::as_str) {
@@ -587,6 +599,9 @@ pub fn resolve_file_path(path: &str, base: &str) -> Result<String, String> {
         return Err("must not contain NUL characters".into());
     }
     let abs = normalize(path, base);
+    if let Some(why) = crate::limits::path_too_long(&abs) {
+        return Err(why);
+    }
     if ROOTS.iter().any(|r| under(&abs, r)) {
         Ok(abs)
     } else {
@@ -606,6 +621,9 @@ pub fn resolve_cwd(cwd: &str) -> Result<String, String> {
         return Err("must not contain NUL characters".into());
     }
     let abs = normalize(cwd, WORKSPACE);
+    if let Some(why) = crate::limits::path_too_long(&abs) {
+        return Err(why);
+    }
     if ROOTS.iter().any(|r| abs == *r || under(&abs, r)) {
         Ok(abs)
     } else {
@@ -798,6 +816,9 @@ fn env(f: &Fields<'_>, limits: &Limits) -> Result<BTreeMap<String, String>, Inva
             )));
         }
         env.insert(name.clone(), value.to_string());
+    }
+    if let Some((name, why)) = crate::limits::env_too_large(env.iter()) {
+        return Err(invalid(format!("env.{name}: {why}")));
     }
     Ok(env)
 }

@@ -82,6 +82,14 @@ pub struct Policy {
     pub max_sandbox_bytes: u64,
     /// Largest `/tmp` size, in bytes.
     pub max_tmp_bytes: u64,
+    /// Largest size of each writable area of a lifecycle sandbox (`resourceLimits.disk`), in
+    /// bytes.
+    pub max_disk_bytes: u64,
+    /// Longest life of a lifecycle sandbox, in seconds: `timeout` above it is refused, a
+    /// sandbox without `timeout` expires after it, and `renew-expiration` cannot take it past
+    /// its creation plus this. Unset: `timeout` is bounded by `max_timeout_secs` only and may be
+    /// null (no automatic expiry).
+    pub max_lifetime_secs: Option<u64>,
     /// Network modes a request may ask for. Only `none` exists on this server.
     pub network_modes: Vec<String>,
     /// Sessions per tenant and surface; at the cap the least recently used idle one is removed.
@@ -126,6 +134,10 @@ pub struct PolicyOverride {
     pub max_sandbox_bytes: Option<u64>,
     /// See [`Policy::max_tmp_bytes`].
     pub max_tmp_bytes: Option<u64>,
+    /// See [`Policy::max_disk_bytes`].
+    pub max_disk_bytes: Option<u64>,
+    /// See [`Policy::max_lifetime_secs`].
+    pub max_lifetime_secs: Option<u64>,
     /// See [`Policy::network_modes`].
     pub network_modes: Option<Vec<String>>,
     /// See [`Policy::max_sessions`].
@@ -150,6 +162,8 @@ impl Default for Policy {
             max_output_bytes: 16 << 20,
             max_sandbox_bytes: 2 << 30,
             max_tmp_bytes: 2 << 30,
+            max_disk_bytes: 2 << 30,
+            max_lifetime_secs: None,
             network_modes: vec!["none".to_string()],
             max_sessions: 64,
             max_concurrent_runs: 64,
@@ -184,6 +198,7 @@ impl Policy {
             max_output_bytes,
             max_sandbox_bytes,
             max_tmp_bytes,
+            max_disk_bytes,
             network_modes,
             max_sessions,
             max_concurrent_runs,
@@ -191,6 +206,9 @@ impl Policy {
             max_files,
             max_env
         );
+        if let Some(secs) = o.max_lifetime_secs {
+            p.max_lifetime_secs = Some(secs);
+        }
         p
     }
 
@@ -210,7 +228,7 @@ impl Policy {
         if self.max_sessions == 0 {
             return Err("policy.max_sessions: must be at least 1".into());
         }
-        Ok(())
+        crate::policy::check_maxima(self)
     }
 }
 

@@ -19,8 +19,8 @@ use axum::routing::{delete, get, post};
 use axum::{Extension, Json, Router};
 use base64::Engine;
 use execbox_proto::isol8::{
-    format_size, parse_size, ErrorBody, ExecuteBody, ExecutionRequest, ExecutionResult, Options,
-    PutFileBody, StreamEvent,
+    parse_size, ErrorBody, ExecuteBody, ExecutionRequest, ExecutionResult, Options, PutFileBody,
+    StreamEvent,
 };
 use execbox_proto::run::{FileContent, RunEvent, RunRequest, RunResult};
 use tokio::sync::mpsc;
@@ -110,6 +110,12 @@ impl From<AgentCallError> for Isol8Error {
             AgentCallError::Refused(_, err) => Self::BadRequest(err.message),
             AgentCallError::Failed(m) => Self::Internal(m),
         }
+    }
+}
+
+impl From<crate::policy::LimitError> for Isol8Error {
+    fn from(e: crate::policy::LimitError) -> Self {
+        Self::BadRequest(e.to_string())
     }
 }
 
@@ -314,73 +320,56 @@ fn weaker(field: &str, what: &str) -> Isol8Error {
     ))
 }
 
-fn size_option(field: &str, raw: Option<&str>, default: u64, max: u64) -> Result<u64> {
-    let Some(raw) = raw else { return Ok(default) };
-    let bytes = parse_size(raw)
-        .filter(|b| *b > 0)
-        .ok_or_else(|| Isol8Error::BadRequest(format!("{field}: invalid size {raw:?}")))?;
-    if bytes > max {
-        return Err(exceeds(field, format_size(max)));
-    }
-    Ok(bytes)
-}
-
-/// A count option: at least 1, at most `max`; isol8's default (capped by `max`) when absent.
-fn count_option(field: &str, value: Option<u64>, default: u64, max: u64) -> Result<u64> {
-    let n = value.unwrap_or(default.min(max));
-    if n == 0 {
-        return Err(Isol8Error::BadRequest(format!(
-            "{field}: must be at least 1"
-        )));
-    }
-    if n > max {
-        return Err(exceeds(field, max));
-    }
-    Ok(n)
+/// A size option in isol8's syntax (`512m`), parsed; `None` when absent.
+fn size_option(field: &str, raw: Option<&str>) -> Result<Option<u64>> {
+    raw.map(|raw| {
+        parse_size(raw)
+            .filter(|b| *b > 0)
+            .ok_or_else(|| Isol8Error::BadRequest(format!("{field}: invalid size {raw:?}")))
+    })
+    .transpose()
 }
 
 /// Checks `options` against the policy; returns the sandbox profile and the output cap.
 fn check_options(o: &Options, p: &Policy, config: &crate::ServerConfig) -> Result<(Profile, u64)> {
-    let memory = size_option(
+    let memory = p.memory(
         "options.memoryLimit",
-        o.memory_limit.as_deref(),
-        DEFAULT_MEMORY.min(p.max_memory_bytes),
-        p.max_memory_bytes,
+        size_option("options.memoryLimit", o.memory_limit.as_deref())?,
+        DEFAULT_MEMORY,
     )?;
-    let cpus = o
-        .cpu_limit
-        .unwrap_or(DEFAULT_CPU_MILLICORES as f64 / 1000.0);
-    if !cpus.is_finite() || cpus <= 0.0 {
+    let cpus = o.cpu_limit;
+    if cpus.is_some_and(|c| !c.is_finite() || c <= 0.0) {
         return Err(Isol8Error::BadRequest(format!(
-            "options.cpuLimit: {cpus} is not a positive number of CPUs"
+            "options.cpuLimit: {} is not a positive number of CPUs",
+            cpus.unwrap_or_default()
         )));
     }
-    if cpus > p.max_cpus {
+    if cpus.is_some_and(|c| c > p.max_cpus) {
         return Err(exceeds("options.cpuLimit", p.max_cpus));
     }
-    let pids = count_option("options.pidsLimit", o.pids_limit, DEFAULT_PIDS, p.max_pids)?;
-    let sandbox = size_option(
+    let cpu_millicores = p.cpu_millicores(
+        "options.cpuLimit",
+        cpus.map(|c| (c * 1000.0).round() as u64),
+        DEFAULT_CPU_MILLICORES,
+    )?;
+    let pids = p.pids("options.pidsLimit", o.pids_limit, DEFAULT_PIDS)?;
+    let sandbox = p.sandbox_size(
         "options.sandboxSize",
-        o.sandbox_size.as_deref(),
-        DEFAULT_SANDBOX_SIZE.min(p.max_sandbox_bytes),
-        p.max_sandbox_bytes,
+        size_option("options.sandboxSize", o.sandbox_size.as_deref())?,
+        DEFAULT_SANDBOX_SIZE,
     )?;
-    let tmp = size_option(
+    let tmp = p.tmp_size(
         "options.tmpSize",
-        o.tmp_size.as_deref(),
-        DEFAULT_TMP_SIZE.min(p.max_tmp_bytes),
-        p.max_tmp_bytes,
+        size_option("options.tmpSize", o.tmp_size.as_deref())?,
+        DEFAULT_TMP_SIZE,
     )?;
-    let max_output = count_option(
+    let max_output = p.output_bytes(
         "options.maxOutputSize",
         o.max_output_size,
         DEFAULT_MAX_OUTPUT,
-        p.max_output_bytes,
     )?;
     if let Some(t) = o.timeout_ms {
-        if t > p.max_timeout_ms {
-            return Err(exceeds("options.timeoutMs", p.max_timeout_ms));
-        }
+        p.timeout_ms("options.timeoutMs", Some(t), DEFAULT_TIMEOUT_MS)?;
     }
     let network = o.network.as_deref().unwrap_or("none");
     if !p.network_modes.iter().any(|m| m == network) {
@@ -441,7 +430,7 @@ fn check_options(o: &Options, p: &Policy, config: &crate::ServerConfig) -> Resul
     let profile = Profile {
         template: TEMPLATE.to_string(),
         limits: SandboxLimits {
-            cpu_millicores: Some((cpus * 1000.0).round() as u64),
+            cpu_millicores: Some(cpu_millicores),
             memory_bytes: Some(memory),
             pids: Some(pids),
             disk_bytes: None,
@@ -462,6 +451,14 @@ fn inside(path: &Path, roots: &[&str]) -> bool {
     roots
         .iter()
         .any(|r| execbox_proto::paths::is_strictly_under(&path, r))
+}
+
+/// A 400 naming `field` when `path` is longer than the kernel resolves.
+fn too_long(field: &str, path: &str) -> Result<()> {
+    match execbox_proto::limits::path_too_long(path) {
+        Some(why) => Err(Isol8Error::BadRequest(format!("{field}: {why}"))),
+        None => Ok(()),
+    }
 }
 
 fn b64(data: &[u8]) -> String {
@@ -516,18 +513,11 @@ fn plan(server: &Server, tenant: &Tenant, body: &ExecuteBody) -> Result<Plan> {
             runtime.program()
         )));
     }
-    let timeout_ms = match (r.timeout_ms, body.options.timeout_ms) {
-        (Some(t), _) if t > p.max_timeout_ms => {
-            return Err(exceeds("request.timeoutMs", p.max_timeout_ms))
-        }
-        (Some(t), _) | (None, Some(t)) => t,
-        (None, None) => DEFAULT_TIMEOUT_MS.min(p.max_timeout_ms),
-    };
-    if timeout_ms == 0 {
-        return Err(Isol8Error::BadRequest(
-            "request.timeoutMs: must be at least 1".into(),
-        ));
-    }
+    let timeout_ms = p.timeout_ms(
+        "request.timeoutMs",
+        r.timeout_ms.or(body.options.timeout_ms),
+        DEFAULT_TIMEOUT_MS,
+    )?;
     let mut env: BTreeMap<String, String> = BTreeMap::new();
     let secrets = body.options.secrets.clone().unwrap_or_default();
     let user_env = r.env.clone().unwrap_or_default();
@@ -541,6 +531,9 @@ fn plan(server: &Server, tenant: &Tenant, body: &ExecuteBody) -> Result<Plan> {
             )));
         }
         env.insert(k.clone(), v.clone());
+    }
+    if let Some((name, why)) = execbox_proto::limits::env_too_large(env.iter()) {
+        return Err(Isol8Error::BadRequest(format!("request.env.{name}: {why}")));
     }
     let workdir = match r.workdir.as_deref() {
         None | Some("") => PathBuf::from(SANDBOX_DIR),
@@ -559,8 +552,10 @@ fn plan(server: &Server, tenant: &Tenant, body: &ExecuteBody) -> Result<Plan> {
                 })?
         }
     };
+    too_long("request.workdir", &workdir.display().to_string())?;
     let mut files = Vec::new();
     for (path, content) in r.files.iter().flatten() {
+        too_long(&format!("request.files: {path:?}"), path)?;
         let lexical = normalize(path)
             .filter(|p| inside(p, &FILE_ROOTS))
             .ok_or_else(|| {
@@ -583,6 +578,9 @@ fn plan(server: &Server, tenant: &Tenant, body: &ExecuteBody) -> Result<Plan> {
         return Err(exceeds("request.files", format!("{} files", p.max_files)));
     }
     let output_paths = r.output_paths.clone().unwrap_or_default();
+    for path in &output_paths {
+        too_long(&format!("request.outputPaths: {path:?}"), path)?;
+    }
     if let Some(bad) = output_paths.iter().find(|o| normalize(o).is_none()) {
         return Err(Isol8Error::BadRequest(format!(
             "request.outputPaths: {bad:?} is not an absolute path"
@@ -615,28 +613,37 @@ fn plan(server: &Server, tenant: &Tenant, body: &ExecuteBody) -> Result<Plan> {
     }
     let inline_ok = r.stdin.is_none() && files.is_empty() && output_paths.is_empty();
     let mut program = None;
-    let argv = if let Some(cmd) = &r.cmd {
-        vec!["bash".into(), "-c".into(), cmd.clone()]
-    } else {
-        let code = r.code.clone().unwrap_or_default();
-        match runtime.inline(&code).filter(|_| inline_ok) {
-            Some(argv) => argv,
-            None => {
-                let ext = r
-                    .file_extension
-                    .clone()
-                    .unwrap_or_else(|| runtime.extension().to_string());
-                // Unique: runs of one session may start in the same millisecond.
-                let path = format!(
-                    "{SANDBOX_DIR}/exec_{}_{}{ext}",
-                    now_ms(),
-                    uuid::Uuid::new_v4().simple()
-                );
-                program = Some(FileContent {
-                    path: path.clone(),
-                    content: b64(code.as_bytes()),
-                });
-                runtime.file(&path)
+    // A program longer than one exec argument may be goes to a file instead (E2BIG otherwise).
+    let fits = |text: &str| text.len() <= execbox_proto::limits::MAX_ARG_BYTES;
+    let argv = match (&r.cmd, r.code.as_deref().unwrap_or_default()) {
+        (Some(cmd), _) if fits(cmd) => vec!["bash".into(), "-c".into(), cmd.clone()],
+        (cmd, code) => {
+            let (runtime, code) = match cmd {
+                Some(cmd) => (Runtime::Bash, cmd.clone()),
+                None => (runtime, code.to_string()),
+            };
+            match runtime.inline(&code).filter(|_| inline_ok && fits(&code)) {
+                Some(argv) => argv,
+                None => {
+                    let ext = match cmd {
+                        Some(_) => runtime.extension().to_string(),
+                        None => r
+                            .file_extension
+                            .clone()
+                            .unwrap_or_else(|| runtime.extension().to_string()),
+                    };
+                    // Unique: runs of one session may start in the same millisecond.
+                    let path = format!(
+                        "{SANDBOX_DIR}/exec_{}_{}{ext}",
+                        now_ms(),
+                        uuid::Uuid::new_v4().simple()
+                    );
+                    program = Some(FileContent {
+                        path: path.clone(),
+                        content: b64(code.as_bytes()),
+                    });
+                    runtime.file(&path)
+                }
             }
         }
     };
@@ -1120,6 +1127,7 @@ async fn put_file(
     let data = base64::engine::general_purpose::STANDARD
         .decode(body.content.as_bytes())
         .map_err(|e| Isol8Error::BadRequest(format!("content: invalid base64: {e}")))?;
+    too_long("path", &body.path)?;
     let path = normalize(&body.path)
         .filter(|p| inside(p, &PUT_FILE_ROOTS))
         .ok_or_else(|| {
@@ -1165,6 +1173,7 @@ async fn get_file(
     ) else {
         return Err(missing());
     };
+    too_long("path", &path)?;
     let lease = session_lease(&server, &tenant, &id).await?;
     let socket = server.socket_path(&lease.sandbox)?;
     match agent_run::read_file(&socket, &path).await? {

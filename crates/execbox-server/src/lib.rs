@@ -15,6 +15,7 @@ pub mod lifecycle;
 pub mod listener;
 pub mod local;
 pub mod oneshot;
+pub mod policy;
 pub mod pool;
 pub mod proxy;
 pub mod registry;
@@ -227,6 +228,11 @@ impl Server {
         let Ok(backend) = &self.backend else { return };
         for rec in self.registry.all() {
             let alive = rec.placement.as_ref().is_some_and(|p| backend.is_alive(p));
+            if alive {
+                // Its uid range is taken again before anything else happens to it, so no other
+                // execbox process on the host hands it out while the sandbox still runs.
+                backend.claim_slot(rec.placement.as_ref().and_then(|p| p.slot));
+            }
             if alive && rec.owner.is_some() {
                 // Pool and session sandboxes are tracked in memory only: nobody can reach them
                 // after a restart.
@@ -236,7 +242,6 @@ impl Server {
                 }
                 self.registry.remove(&rec.id);
             } else if alive {
-                backend.claim_slot(rec.placement.as_ref().and_then(|p| p.slot));
                 if let Some(pidfd) = rec.placement.as_ref().and_then(|p| backend.pidfd(p)) {
                     self.watch(&rec.id, pidfd, None);
                 }

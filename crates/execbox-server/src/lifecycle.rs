@@ -66,6 +66,12 @@ impl From<wire::ValidationError> for LifecycleError {
     }
 }
 
+impl From<crate::policy::LimitError> for LifecycleError {
+    fn from(e: crate::policy::LimitError) -> Self {
+        Self::invalid(e.to_string())
+    }
+}
+
 impl IntoResponse for LifecycleError {
     fn into_response(self) -> Response {
         let (status, code) = match &self {
@@ -123,13 +129,29 @@ pub async fn create(
             "networkPolicy: only network mode none (no egress) is available on this server",
         ));
     }
+    // The policy of the caller's tenant bounds every limit; an absent one gets the maximum (a
+    // sandbox is never unbounded).
+    let policy = server.config.policy.for_tenant(&tenant.0);
+    let disk_field = match req.resource_limits.as_ref() {
+        Some(l) if l.contains_key("ephemeral-storage") => "resourceLimits.ephemeral-storage",
+        _ => "resourceLimits.disk",
+    };
     let limits = SandboxLimits {
-        cpu_millicores: v.cpu_millicores,
-        memory_bytes: v.memory_bytes,
-        pids: v.pids,
-        disk_bytes: v.disk_bytes,
+        cpu_millicores: Some(policy.cpu_millicores(
+            "resourceLimits.cpu",
+            v.cpu_millicores,
+            policy.max_cpu_millicores(),
+        )?),
+        memory_bytes: Some(policy.memory(
+            "resourceLimits.memory",
+            v.memory_bytes,
+            policy.max_memory_bytes,
+        )?),
+        pids: Some(policy.pids("resourceLimits.pids", v.pids, server.config.default_pids)?),
+        disk_bytes: policy.disk(disk_field, v.disk_bytes)?,
         ..Default::default()
     };
+    let lifetime = policy.lifetime_secs("timeout", v.timeout_secs)?;
     let now = OffsetDateTime::now_utc()
         .replace_nanosecond(0)
         .unwrap_or(OffsetDateTime::now_utc());
@@ -142,9 +164,7 @@ pub async fn create(
             env: req.env.clone().unwrap_or_default(),
             metadata: req.metadata.clone().unwrap_or_default(),
             limits,
-            expires_at: v
-                .timeout_secs
-                .map(|s| now + time::Duration::seconds(s as i64)),
+            expires_at: lifetime.map(|s| now + time::Duration::seconds(s as i64)),
         })
         .await?;
     let body = CreateSandboxResponse::from(record.to_api());
@@ -306,6 +326,19 @@ pub async fn renew(
                 server.config.max_timeout_secs
             ),
         });
+    }
+    // The tenant's lifetime bound counts from creation: renewing cannot extend it.
+    if let Some(life) = server.config.policy.for_tenant(&tenant.0).max_lifetime_secs {
+        let end = rec.created_at + time::Duration::seconds(life as i64);
+        if req.expires_at > end {
+            return Err(LifecycleError::Invalid {
+                code: ErrorCode::InvalidExpiration,
+                message: format!(
+                    "expiresAt: exceeds server maximum lifetime of {life} seconds from the \
+                     sandbox's creation"
+                ),
+            });
+        }
     }
     server
         .registry

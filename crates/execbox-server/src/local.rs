@@ -1,7 +1,8 @@
 //! The `local` backend: sandboxes as jailed process trees on this host.
 
+use std::collections::HashMap;
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -10,6 +11,7 @@ use execbox_jail::cgroup::{CgroupDriver, CgroupVersion, Limits, SandboxCgroup};
 use execbox_jail::rootfs::{MountOp, RootfsPlan, WritableSizes, SANDBOX_GID, SANDBOX_UID};
 use execbox_jail::spawn::{self, SpawnRequest, UserMapping};
 use execbox_proto::agent::{AgentConfig, AGENT_CONFIG_ENV};
+use nix::fcntl::{Flock, FlockArg};
 
 use crate::doctor::{self, Layer};
 
@@ -19,6 +21,11 @@ const UID_RANGE_BASE: u32 = 1_000_000_000;
 const UID_RANGE_SIZE: u32 = 65_536;
 /// Number of uid ranges (keeps every id below 2^32 - 1).
 pub const MAX_SLOTS: u32 = 40_000;
+/// Host-wide directory of the uid range locks: one file per slot, locked (`flock`) by the
+/// execbox process whose sandbox holds that range, so that every instance on the host (servers
+/// with other state directories, `execbox run`) hands out distinct ranges. Deliberately not
+/// configurable: instances that disagreed on it would share ranges again.
+pub const UID_SLOT_DIR: &str = "/run/execbox/uid-slots";
 /// Hostname inside every sandbox.
 const HOSTNAME: &str = "sandbox";
 /// Memory the sandbox cgroup allows beyond the workload's limit and its storage, for the agent
@@ -146,7 +153,8 @@ pub struct LocalBackend {
     plan: RootfsPlan,
     ops_default: Vec<MountOp>,
     mapping_mode: MappingMode,
-    slots: Mutex<Vec<bool>>,
+    /// The uid range slots this process holds, each with its host-wide lock (released on drop).
+    slots: Mutex<HashMap<u32, Flock<std::fs::File>>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -209,7 +217,7 @@ impl LocalBackend {
             .map_err(io_err("building the sandbox root skeleton"))?;
         let ops_default = plan.compile();
         Ok(Self {
-            slots: Mutex::new(vec![false; MAX_SLOTS as usize]),
+            slots: Mutex::new(HashMap::new()),
             config,
             cgroups,
             plan,
@@ -234,32 +242,69 @@ impl LocalBackend {
         self.sandbox_dir(id).join("agent.sock")
     }
 
-    fn take_slot(&self) -> Result<u32, BackendError> {
-        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        let i = slots
-            .iter()
-            .position(|used| !used)
-            .ok_or(BackendError::NoSlot)?;
-        slots[i] = true;
-        Ok(i as u32)
-    }
-
-    fn free_slot(&self, slot: Option<u32>) {
-        if let Some(s) = slot {
-            let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(v) = slots.get_mut(s as usize) {
-                *v = false;
-            }
+    /// Takes the host-wide lock of uid range `slot`; `None` when another process holds it.
+    fn lock_slot(slot: u32) -> Result<Option<Flock<std::fs::File>>, BackendError> {
+        let dir = std::path::Path::new(UID_SLOT_DIR);
+        std::fs::create_dir_all(dir).map_err(io_err(format!("creating {UID_SLOT_DIR}")))?;
+        let path = dir.join(slot.to_string());
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io_err(format!("opening {}", path.display())))?;
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => Ok(Some(lock)),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+            Err((_, e)) => Err(io_err(format!("locking {}", path.display()))(
+                std::io::Error::from(e),
+            )),
         }
     }
 
-    /// Marks a slot used (re-attach after a restart).
-    pub fn claim_slot(&self, slot: Option<u32>) {
-        if let Some(s) = slot {
-            let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(v) = slots.get_mut(s as usize) {
-                *v = true;
+    /// A uid range slot no process on this host holds, locked until [`Self::free_slot`].
+    fn take_slot(&self) -> Result<u32, BackendError> {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        for slot in 0..MAX_SLOTS {
+            if slots.contains_key(&slot) {
+                continue;
             }
+            if let Some(lock) = Self::lock_slot(slot)? {
+                slots.insert(slot, lock);
+                return Ok(slot);
+            }
+        }
+        Err(BackendError::NoSlot)
+    }
+
+    /// Releases a slot's lock (its sandbox is gone).
+    fn free_slot(&self, slot: Option<u32>) {
+        if let Some(s) = slot {
+            self.slots
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&s);
+        }
+    }
+
+    /// Takes the lock of a re-attached sandbox's slot (after a restart).
+    pub fn claim_slot(&self, slot: Option<u32>) {
+        let Some(s) = slot else { return };
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        if slots.contains_key(&s) {
+            return;
+        }
+        match Self::lock_slot(s) {
+            Ok(Some(lock)) => {
+                slots.insert(s, lock);
+            }
+            Ok(None) => tracing::error!(
+                slot = s,
+                "uid range of a re-attached sandbox is held by another execbox process"
+            ),
+            Err(e) => tracing::error!(slot = s, error = %e, "locking a re-attached uid range"),
         }
     }
 

@@ -24,12 +24,68 @@ fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
+/// Default `--memory` of `execbox run`.
+pub const DEFAULT_MEMORY: &str = "512Mi";
+/// Default `--cpus` of `execbox run`.
+pub const DEFAULT_CPUS: &str = "1";
+/// Default `--pids` of `execbox run`.
+pub const DEFAULT_PIDS: u64 = 256;
+/// Default `--timeout` of `execbox run`, in seconds.
+pub const DEFAULT_TIMEOUT_SECS: u64 = 60;
+
+/// The limits of one `execbox run`: every one has a default, so a run is never unbounded.
+#[derive(Debug, Clone)]
+pub struct RunLimits {
+    /// Memory (Kubernetes quantity, `512Mi`).
+    pub memory: String,
+    /// CPUs (Kubernetes quantity, `1`, `500m`).
+    pub cpus: String,
+    /// Most processes and threads at once.
+    pub pids: u64,
+    /// Timeout in seconds.
+    pub timeout_secs: u64,
+}
+
+impl Default for RunLimits {
+    fn default() -> Self {
+        Self {
+            memory: DEFAULT_MEMORY.into(),
+            cpus: DEFAULT_CPUS.into(),
+            pids: DEFAULT_PIDS,
+            timeout_secs: DEFAULT_TIMEOUT_SECS,
+        }
+    }
+}
+
+impl RunLimits {
+    /// The sandbox limits, checked against the smallest sandbox (the operator running
+    /// `execbox run` has no policy maximum above them).
+    fn sandbox_limits(&self) -> anyhow::Result<SandboxLimits> {
+        use execbox_proto::quantity::{parse_cpu, parse_memory};
+        let unbounded = crate::config::Policy {
+            max_memory_bytes: u64::MAX,
+            max_cpus: execbox_proto::quantity::MAX_CPU_MILLICORES as f64 / 1000.0,
+            max_pids: execbox_proto::lifecycle::MAX_PIDS,
+            ..Default::default()
+        };
+        let memory = parse_memory(&self.memory).map_err(|e| anyhow::anyhow!("--memory: {e}"))?;
+        let cpus = parse_cpu(&self.cpus).map_err(|e| anyhow::anyhow!("--cpus: {e}"))?;
+        if self.timeout_secs == 0 {
+            anyhow::bail!("--timeout: must be at least 1 second");
+        }
+        Ok(SandboxLimits {
+            memory_bytes: Some(unbounded.memory("--memory", Some(memory), 0)?),
+            cpu_millicores: Some(unbounded.cpu_millicores("--cpus", Some(cpus), 0)?),
+            pids: Some(unbounded.pids("--pids", Some(self.pids), 0)?),
+            ..Default::default()
+        })
+    }
+}
+
 /// Runs `code` and returns its exit code (128 + signal for a killed program).
-pub fn run(lang: Lang, code: &str, memory: Option<&str>, timeout_secs: u64) -> anyhow::Result<i32> {
-    let memory_bytes = memory
-        .map(execbox_proto::quantity::parse_memory)
-        .transpose()
-        .map_err(|e| anyhow::anyhow!("--memory: {e}"))?;
+pub fn run(lang: Lang, code: &str, limits: &RunLimits) -> anyhow::Result<i32> {
+    let sandbox_limits = limits.sandbox_limits()?;
+    let timeout_secs = limits.timeout_secs;
     let state_dir = std::env::temp_dir().join(format!("execbox-run-{}", nix::unistd::geteuid()));
     let backend = LocalBackend::new(LocalConfig {
         state_dir,
@@ -49,10 +105,7 @@ pub fn run(lang: Lang, code: &str, memory: Option<&str>, timeout_secs: u64) -> a
     );
     let placement = backend.create(SandboxParams {
         id: &id,
-        limits: SandboxLimits {
-            memory_bytes,
-            ..Default::default()
-        },
+        limits: sandbox_limits,
         env: Vec::new(),
         entrypoint: Vec::new(),
     })?;

@@ -45,9 +45,12 @@ async fn forward(server: Arc<Server>, req: Request) -> Result<Response, Lifecycl
     let path = req.uri().path().to_string();
     let (id, port, tail) =
         parse_path(&path).ok_or_else(|| LifecycleError::NotFound(path.clone()))?;
+    // Pool, isol8 and session-execute sandboxes (those with an owner) are reached only through
+    // their own surface and its policy: here they are as unknown as on the lifecycle API.
     let rec = server
         .registry
         .get(id)
+        .filter(|r| r.owner.is_none())
         .ok_or_else(|| LifecycleError::NotFound(id.to_string()))?;
     if !server.proxy_authorized(req.headers(), &rec) {
         return Ok((

@@ -130,6 +130,12 @@ impl From<Invalid> for ApiError {
     }
 }
 
+impl From<crate::policy::LimitError> for ApiError {
+    fn from(e: crate::policy::LimitError) -> Self {
+        Self::Invalid(e.to_string())
+    }
+}
+
 impl From<SessionError> for ApiError {
     fn from(e: SessionError) -> Self {
         match e {
@@ -267,6 +273,14 @@ fn file_refusal(paths: &[String]) -> impl FnOnce(AgentCallError) -> ApiError + '
 /// Opens (creating on first use) the session `id` of the caller.
 async fn open(server: &Arc<Server>, caller: &Caller, id: &str) -> Result<Lease, ApiError> {
     let key = caller.session(id);
+    // The session's sandbox gets the defaults, bounded by the tenant's policy like every other.
+    let policy = caller.policy(server);
+    let limits = SandboxLimits {
+        memory_bytes: Some(policy.memory("memory", None, SESSION_MEMORY_BYTES)?),
+        cpu_millicores: Some(policy.cpu_millicores("cpu", None, policy.max_cpu_millicores())?),
+        pids: Some(policy.pids("pids", None, server.config.default_pids)?),
+        ..Default::default()
+    };
     Ok(Sessions::open(server, &key, || LaunchSpec {
         tenant: key.tenant.clone(),
         owner: None,
@@ -274,10 +288,7 @@ async fn open(server: &Arc<Server>, caller: &Caller, id: &str) -> Result<Lease, 
         entrypoint: Vec::new(),
         env: BTreeMap::new(),
         metadata: BTreeMap::new(),
-        limits: SandboxLimits {
-            memory_bytes: Some(SESSION_MEMORY_BYTES.min(caller.policy(server).max_memory_bytes)),
-            ..Default::default()
-        },
+        limits,
         expires_at: None,
     })
     .await?)

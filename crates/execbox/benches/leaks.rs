@@ -53,7 +53,12 @@ fn counts(server: &Server) -> BTreeMap<&'static str, usize> {
     let mut sandbox_procs = 0;
     let mut ranges = std::collections::BTreeSet::new();
     for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        if !e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+        if !e
+            .file_name()
+            .to_string_lossy()
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+        {
             continue;
         }
         procs += 1;
@@ -83,8 +88,14 @@ fn counts(server: &Server) -> BTreeMap<&'static str, usize> {
         ("host mounts", lines("/proc/self/mountinfo")),
         ("server mounts", lines(&format!("/proc/{pid}/mountinfo"))),
         ("execbox cgroups", cgroups),
-        ("server fds", count_files(Path::new(&format!("/proc/{pid}/fd")))),
-        ("state files", count_files(&server.state_dir().join("sandboxes"))),
+        (
+            "server fds",
+            count_files(Path::new(&format!("/proc/{pid}/fd"))),
+        ),
+        (
+            "state files",
+            count_files(&server.state_dir().join("sandboxes")),
+        ),
     ])
 }
 
@@ -111,7 +122,10 @@ fn cycle(server: &Server) -> Res<()> {
 
 fn main() -> std::process::ExitCode {
     let n = env_usize("EXECBOX_LEAK_CYCLES", 10_000);
-    println!("leak check: {n} create → exec → delete cycles on {}", machine());
+    println!(
+        "leak check: {n} create → exec → delete cycles on {}",
+        machine()
+    );
     let server = match Server::start("leaks") {
         Ok(s) => s,
         Err(e) => {

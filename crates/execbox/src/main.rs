@@ -41,11 +41,17 @@ enum Command {
         lang: Lang,
         /// The code.
         code: String,
-        /// Memory limit (Kubernetes quantity, e.g. 512Mi).
-        #[arg(long)]
-        memory: Option<String>,
+        /// Memory limit (Kubernetes quantity, e.g. 512Mi, 2Gi).
+        #[arg(long, default_value = execbox_server::oneshot::DEFAULT_MEMORY)]
+        memory: String,
+        /// CPU limit (Kubernetes quantity, e.g. 1, 500m).
+        #[arg(long, default_value = execbox_server::oneshot::DEFAULT_CPUS)]
+        cpus: String,
+        /// Most processes and threads at once.
+        #[arg(long, default_value_t = execbox_server::oneshot::DEFAULT_PIDS)]
+        pids: u64,
         /// Timeout in seconds.
-        #[arg(long, default_value_t = 60)]
+        #[arg(long, default_value_t = execbox_server::oneshot::DEFAULT_TIMEOUT_SECS)]
         timeout: u64,
     },
     /// Show every isolation layer: active, missing or degraded.
@@ -147,6 +153,8 @@ fn main() -> ExitCode {
             lang,
             code,
             memory,
+            cpus,
+            pids,
             timeout,
         } => {
             let lang = match lang {
@@ -154,7 +162,13 @@ fn main() -> ExitCode {
                 Lang::Javascript => execbox_server::oneshot::Lang::JavaScript,
                 Lang::Bash => execbox_server::oneshot::Lang::Bash,
             };
-            match execbox_server::oneshot::run(lang, &code, memory.as_deref(), timeout) {
+            let limits = execbox_server::oneshot::RunLimits {
+                memory,
+                cpus,
+                pids,
+                timeout_secs: timeout,
+            };
+            match execbox_server::oneshot::run(lang, &code, &limits) {
                 Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
                 Err(e) => {
                     eprintln!("execbox run: {e}");

@@ -254,3 +254,76 @@ fn delete_leaves_no_process_cgroup_or_state_behind() {
     assert!(!mounts.contains(&id), "mount left behind");
     assert_eq!(server.get(&format!("/v1/sandboxes/{id}")).0, 404);
 }
+
+/// Host uid of the agent (uid 0 of the sandbox: the first id of its range) of every live
+/// sandbox recorded in `state_dir`, checked against the record's `user_host_uid`.
+fn range_bases(state_dir: &std::path::Path) -> Vec<(String, u32)> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(state_dir.join("sandboxes")) else {
+        return out;
+    };
+    for entry in entries.flatten() {
+        let Ok(text) = std::fs::read_to_string(entry.path().join("record.json")) else {
+            continue;
+        };
+        let rec: serde_json::Value = serde_json::from_str(&text).expect("record");
+        let pid = rec["placement"]["pid"].as_i64().expect("pid") as i32;
+        let Some(base) = host_uid_of(pid) else {
+            continue; // gone meanwhile
+        };
+        let user = rec["placement"]["user_host_uid"]
+            .as_u64()
+            .expect("user uid");
+        assert_eq!(user, u64::from(base) + 1000, "{rec}");
+        out.push((rec["id"].as_str().expect("id").to_string(), base));
+    }
+    out
+}
+
+#[track_caller]
+fn assert_distinct_ranges(dirs: &[&std::path::Path]) -> usize {
+    let mut all: Vec<(String, u32)> = dirs.iter().flat_map(|d| range_bases(d)).collect();
+    all.sort_by_key(|(_, base)| *base);
+    for pair in all.windows(2) {
+        assert!(
+            pair[1].1 - pair[0].1 >= 65_536,
+            "sandboxes {} and {} share a uid range: {all:?}",
+            pair[0].0,
+            pair[1].0
+        );
+    }
+    all.len()
+}
+
+#[test]
+fn servers_on_one_host_never_share_a_uid_range() {
+    let a = TestServer::start();
+    let b = TestServer::start();
+    let mut b_ids = Vec::new();
+    let a_id = {
+        let first = a.create(json!({})).id;
+        b_ids.push(b.create(json!({})).id);
+        let second = a.create(json!({})).id;
+        b_ids.push(b.create(json!({})).id);
+        assert_eq!(a.delete(&format!("/v1/sandboxes/{first}")), 204);
+        // b may now take the range a released, and only that one.
+        b_ids.push(b.create(json!({})).id);
+        second
+    };
+    let live = assert_distinct_ranges(&[&a.state_dir, &b.state_dir]);
+    assert!(live >= 4, "{live} sandboxes (and the warm pools')");
+    // A restarted server takes the ranges of the sandboxes it re-attaches back before anyone
+    // else can: b's new sandboxes get other ones.
+    let b_dir = b.state_dir.clone();
+    let a_dir = a.crash();
+    let a = TestServer::start_on(a_dir.clone(), free_port(), None);
+    let (s, _) = a.get(&format!("/v1/sandboxes/{a_id}"));
+    assert_eq!(s, 200, "re-attached");
+    for _ in 0..2 {
+        b_ids.push(b.create(json!({})).id);
+    }
+    assert!(assert_distinct_ranges(&[&a_dir, &b_dir]) >= 6);
+    for id in b_ids {
+        assert_eq!(b.delete(&format!("/v1/sandboxes/{id}")), 204);
+    }
+}

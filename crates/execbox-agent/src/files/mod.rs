@@ -37,11 +37,10 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/files/mv", post(ops::move_files))
         .route("/files/replace", post(ops::replace))
         .route("/files/search", get(tree::search))
+        // The whole body is read before the answer by the router's `drain` layer.
         .route(
             "/files/upload",
-            post(upload::upload)
-                .layer(DefaultBodyLimit::disable())
-                .layer(axum::middleware::from_fn(upload::read_body_to_end)),
+            post(upload::upload).layer(DefaultBodyLimit::disable()),
         )
         .route("/files/download", get(download::download))
         .route("/directories/list", get(tree::list))

@@ -36,10 +36,6 @@ const BATCH: usize = 1024 * 1024;
 const IN_FLIGHT: usize = 4;
 /// Largest accepted metadata part.
 const MAX_METADATA: usize = 64 * 1024;
-/// Request bytes still read (and dropped) after the handler is done with the form.
-const MAX_DRAIN: usize = 16 << 20;
-/// How long the answer may wait for the rest of the request body.
-const DRAIN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[derive(Debug, Deserialize)]
 struct UploadMetadata {
@@ -252,48 +248,6 @@ async fn receive(
 }
 
 /// `POST /files/upload`.
-/// Reads the request body to its end before the answer goes out, within bounds.
-///
-/// The multipart parser stops at the closing boundary, and an error can end the handler
-/// earlier still; answering then with request bytes unread makes the HTTP server close the
-/// connection while the proxy in front is still sending them (the final chunk of a chunked
-/// body, at least), and the proxy reports its failed write instead of this answer.
-pub async fn read_body_to_end(
-    req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> axum::response::Response {
-    use futures_util::StreamExt;
-    let (parts, body) = req.into_parts();
-    let (tx, rx) = mpsc::channel::<Result<Bytes, axum::Error>>(IN_FLIGHT);
-    let pump = tokio::spawn(async move {
-        let mut stream = body.into_data_stream();
-        let mut forwarding = true;
-        let mut drained = 0usize;
-        while let Some(frame) = stream.next().await {
-            if forwarding {
-                if let Err(mpsc::error::SendError(frame)) = tx.send(frame).await {
-                    forwarding = false;
-                    drained += frame.map(|b| b.len()).unwrap_or(0);
-                }
-            } else {
-                drained += frame.map(|b| b.len()).unwrap_or(0);
-            }
-            if drained > MAX_DRAIN {
-                break;
-            }
-        }
-    });
-    let forwarded = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|frame| (frame, rx))
-    });
-    let req = axum::extract::Request::from_parts(parts, axum::body::Body::from_stream(forwarded));
-    let resp = next.run(req).await;
-    if tokio::time::timeout(DRAIN_DEADLINE, pump).await.is_err() {
-        tracing::debug!("upload body not read to its end before the answer");
-    }
-    resp
-}
-
 pub async fn upload(
     State(app): State<Arc<AppState>>,
     form: Result<Multipart, MultipartRejection>,

@@ -9,6 +9,7 @@ use super::types::{
     EXT_POOL_REF, EXT_RENEW_EXTEND_SECONDS,
 };
 use crate::labels::{self, is_dns_label};
+use crate::limits::MAX_LAUNCH_BYTES;
 use crate::quantity::{parse_cpu, parse_memory};
 
 /// Smallest accepted `timeout`, in seconds.
@@ -247,6 +248,27 @@ impl CreateSandboxRequest {
             }
         }
 
+        // Entrypoint and environment travel to the agent in one environment string, which the
+        // kernel bounds: a larger pair fails at exec (E2BIG) instead of being refused here.
+        let (ep_len, env_len) = (
+            json_len(&out.entrypoint),
+            self.env.as_ref().map_or(0, json_len),
+        );
+        if ep_len + env_len > MAX_LAUNCH_BYTES {
+            let field = if ep_len >= env_len {
+                "entrypoint"
+            } else {
+                "env"
+            };
+            return Err(ValidationError::new(
+                field,
+                format!(
+                    "too large: entrypoint and env take {} bytes as JSON, at most {MAX_LAUNCH_BYTES} together",
+                    ep_len + env_len
+                ),
+            ));
+        }
+
         // Platform.
         if let Some(p) = &self.platform {
             if let Some(os) = &p.os {
@@ -314,6 +336,11 @@ impl CreateSandboxRequest {
 
         Ok(out)
     }
+}
+
+/// Length of the JSON encoding of `v`.
+fn json_len<T: serde::Serialize>(v: &T) -> usize {
+    serde_json::to_string(v).map_or(usize::MAX, |s| s.len())
 }
 
 /// Parses the known `resourceLimits` keys into `out`.

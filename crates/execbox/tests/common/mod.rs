@@ -16,9 +16,11 @@ pub struct TestServer {
     pub port: u16,
     child: Option<Child>,
     keep_state: bool,
+    /// Keys whose sandboxes are deleted when the server is dropped (besides the keyless ones).
+    cleanup_keys: Vec<String>,
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -89,6 +91,7 @@ impl TestServer {
             port,
             child: Some(child),
             keep_state: false,
+            cleanup_keys: key.map(str::to_string).into_iter().collect(),
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
@@ -98,6 +101,12 @@ impl TestServer {
             std::thread::sleep(Duration::from_millis(20));
         }
         panic!("server did not come up");
+    }
+
+    /// Also deletes the sandboxes of these keys' tenants when dropped.
+    pub fn cleaning_up_for(mut self, keys: &[&str]) -> Self {
+        self.cleanup_keys.extend(keys.iter().map(|k| k.to_string()));
+        self
     }
 
     /// Kills the server process (SIGKILL), leaving its sandboxes and state behind.
@@ -181,10 +190,20 @@ impl Drop for TestServer {
             return;
         }
         // Delete every sandbox through the API, then stop the server.
-        if let (200, v) = self.get("/v1/sandboxes?pageSize=200") {
-            for item in v["items"].as_array().cloned().unwrap_or_default() {
-                if let Some(id) = item["id"].as_str() {
-                    let _ = ureq::delete(&self.url(&format!("/v1/sandboxes/{id}"))).call();
+        let keys = self.cleanup_keys.iter().map(|k| Some(k.as_str()));
+        for key in std::iter::once(None).chain(keys) {
+            let with_key = |r: ureq::Request| match key {
+                Some(k) => r.set("OPEN-SANDBOX-API-KEY", k),
+                None => r,
+            };
+            let list = with_key(ureq::get(&self.url("/v1/sandboxes?pageSize=200"))).call();
+            if let Ok(r) = list {
+                let v: Value = r.into_json().unwrap_or_default();
+                for item in v["items"].as_array().cloned().unwrap_or_default() {
+                    if let Some(id) = item["id"].as_str() {
+                        let url = self.url(&format!("/v1/sandboxes/{id}"));
+                        let _ = with_key(ureq::delete(&url)).call();
+                    }
                 }
             }
         }
@@ -431,6 +450,7 @@ impl TestServer {
             port,
             child: Some(child),
             keep_state: false,
+            cleanup_keys: Vec::new(),
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         while ureq::get(&server.url("/health")).call().is_err() {
