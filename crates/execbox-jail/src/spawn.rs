@@ -24,6 +24,8 @@ pub const READY_FD: RawFd = 3;
 /// Descriptor number, in the agent, of the first descriptor of [`SpawnRequest::pass_fds`].
 pub const FIRST_PASSED_FD: RawFd = 4;
 const MAX_PASSED_FDS: usize = 24;
+/// Open-descriptor limit (soft and hard) of every process of a sandbox.
+pub const SANDBOX_NOFILE: u64 = 65_536;
 
 /// How host uids map into the sandbox's user namespace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -298,6 +300,10 @@ fn child_main(plan: &ChildPlan<'_>) -> ! {
     // (A credential change has usually cleared it already; not in a rootless sandbox.)
     if let Err(e) = sys::set_parent_death_signal(0) {
         child_fail(err, STAGE_FDS, 4, e);
+    }
+    // The sandbox's own descriptor limit, not the server's (raised for its many connections).
+    if let Err(e) = sys::set_nofile_limit(SANDBOX_NOFILE, SANDBOX_NOFILE) {
+        child_fail(err, STAGE_FDS, 7, e);
     }
     sys::reset_signals();
     let e = sys::execveat_fd(exe, &plan.argv, &plan.envp);

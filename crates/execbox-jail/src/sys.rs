@@ -159,6 +159,16 @@ pub fn open_dev_null() -> Result<RawFd, Errno> {
     check(fd as libc::c_long).map(|fd| fd as RawFd)
 }
 
+/// `setrlimit(RLIMIT_NOFILE)`: the soft and hard limits on open descriptors.
+pub fn set_nofile_limit(soft: u64, hard: u64) -> Result<(), Errno> {
+    let lim = libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: hard,
+    };
+    // SAFETY: `lim` is a valid `struct rlimit`.
+    check(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } as libc::c_long).map(drop)
+}
+
 /// `pidfd_open(pid, 0)`: a descriptor that becomes readable when the process exits.
 pub fn pidfd_open(pid: libc::pid_t) -> Result<RawFd, Errno> {
     // SAFETY: plain syscall with integer arguments.

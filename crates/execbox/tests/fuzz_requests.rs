@@ -8,9 +8,8 @@
 //! capped so that no generated request legitimately runs long.
 //!
 //! Failures are collected rather than shrunk (a shrink would replay hundreds of requests against
-//! the same server), and printed with the request that caused them. The 5xx of the agent's file
-//! routes (being rewritten: `TODO(files-rewrite)`) are reported, not failed on: in the test's
-//! output and in `target/tmp/fuzz_requests-report.txt`, with the case counts and statuses.
+//! the same server), and printed with the request that caused them; the case counts and
+//! statuses go to the test's output and to `target/tmp/fuzz_requests-report.txt`.
 //!
 //! `cargo test -p execbox --test fuzz_requests -- --nocapture` (as root, like every test that
 //! starts sandboxes); `EXECBOX_FUZZ_SCALE=10` for a longer run with the same seed.
@@ -832,8 +831,6 @@ fn data_plane(base: String, token: String, ids: Vec<String>) -> BoxedStrategy<Re
         field("src", one_of(PATHS)),
         field("dest", one_of(PATHS)),
     ]);
-    // TODO(files-rewrite): the agent's file routes are being rewritten; their 500s are reported
-    // (see `files_route`) rather than failing the test.
     let files = (
         prop::sample::select(vec![
             ("GET", "/files/info"),
@@ -895,7 +892,7 @@ fn data_plane(base: String, token: String, ids: Vec<String>) -> BoxedStrategy<Re
                 ));
             }
             body.push_str(&format!("--{boundary}--\r\n"));
-            let mut r = req("execd POST /files/upload (TODO(files-rewrite))", "POST", bb("/files/upload"));
+            let mut r = req("execd POST /files/upload", "POST", bb("/files/upload"));
             r.body = Some(body.into_bytes());
             r.content_type = Some(format!("multipart/form-data; boundary={boundary}"));
             r
@@ -960,22 +957,16 @@ fn data_plane(base: String, token: String, ids: Vec<String>) -> BoxedStrategy<Re
 
 fn files_route_name(path: &str) -> &'static str {
     match path {
-        "/files/info" => "execd /files/info (TODO(files-rewrite))",
-        "/files" => "execd DELETE /files (TODO(files-rewrite))",
-        "/files/permissions" => "execd /files/permissions (TODO(files-rewrite))",
-        "/files/mv" => "execd /files/mv (TODO(files-rewrite))",
-        "/files/replace" => "execd /files/replace (TODO(files-rewrite))",
-        "/files/search" => "execd /files/search (TODO(files-rewrite))",
-        "/files/download" => "execd /files/download (TODO(files-rewrite))",
-        "/directories/list" => "execd /directories/list (TODO(files-rewrite))",
-        _ => "execd /directories (TODO(files-rewrite))",
+        "/files/info" => "execd /files/info",
+        "/files" => "execd DELETE /files",
+        "/files/permissions" => "execd /files/permissions",
+        "/files/mv" => "execd /files/mv",
+        "/files/replace" => "execd /files/replace",
+        "/files/search" => "execd /files/search",
+        "/files/download" => "execd /files/download",
+        "/directories/list" => "execd /directories/list",
+        _ => "execd /directories",
     }
-}
-
-/// Whether a route belongs to the agent's file layer, which is being rewritten elsewhere: its
-/// 5xx are listed, not failed on.
-fn files_route(route: &str) -> bool {
-    route.contains("TODO(files-rewrite)")
 }
 
 /// The 5xx the execd compatibility spec pins on purpose (`../shared/compat/opensandbox-execd.md`),
@@ -1018,7 +1009,6 @@ struct Outcome {
     cases: u32,
     statuses: BTreeMap<u16, u32>,
     failures: Vec<String>,
-    file_route_5xx: Vec<String>,
 }
 
 fn send(agent: &ureq::Agent, base: &str, r: &Req) -> Result<(u16, String), String> {
@@ -1079,7 +1069,6 @@ fn run_surface(
         cases: 0,
         statuses: BTreeMap::new(),
         failures: Vec::new(),
-        file_route_5xx: Vec::new(),
     };
     for _ in 0..cases {
         let r = strategy
@@ -1105,11 +1094,7 @@ fn run_surface(
                         body.chars().take(300).collect::<String>(),
                         r.describe()
                     );
-                    if files_route(r.route) {
-                        out.file_route_5xx.push(line);
-                    } else {
-                        out.failures.push(line);
-                    }
+                    out.failures.push(line);
                 }
                 // A lifecycle sandbox the fuzzer managed to create is removed at once.
                 if status == 202 && r.path == "/v1/sandboxes" {
@@ -1184,7 +1169,6 @@ fn no_request_of_any_surface_gets_a_5xx_or_kills_the_server() {
         ),
     ];
     let mut failures = Vec::new();
-    let mut file_route_5xx = Vec::new();
     let mut summary = Vec::new();
     for (i, (name, cases, strategy)) in surfaces.into_iter().enumerate() {
         let t = Instant::now();
@@ -1196,21 +1180,12 @@ fn no_request_of_any_surface_gets_a_5xx_or_kills_the_server() {
             out.statuses
         ));
         failures.extend(out.failures);
-        file_route_5xx.extend(out.file_route_5xx);
     }
-    let mut report = format!(
+    let report = format!(
         "fuzz_requests: {}\nfuzz_requests: total {:.1} s\n",
         summary.join("\n  "),
         started.elapsed().as_secs_f64()
     );
-    if !file_route_5xx.is_empty() {
-        report.push_str(&format!(
-            "fuzz_requests: {} 5xx on the agent's file routes (TODO(files-rewrite), reported, not \
-             failed):\n{}\n",
-            file_route_5xx.len(),
-            file_route_5xx.join("\n")
-        ));
-    }
     eprint!("{report}");
     let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("fuzz_requests-report.txt");
     if std::fs::write(&path, &report).is_ok() {
