@@ -182,6 +182,7 @@ struct ChildPlan<'a> {
     pass_count: usize,
     detached: &'a [CString],
     log_fd: RawFd,
+    nofile: u64,
     hostname: &'a [u8],
     rootless: bool,
 }
@@ -302,7 +303,7 @@ fn child_main(plan: &ChildPlan<'_>) -> ! {
         child_fail(err, STAGE_FDS, 4, e);
     }
     // The sandbox's own descriptor limit, not the server's (raised for its many connections).
-    if let Err(e) = sys::set_nofile_limit(SANDBOX_NOFILE, SANDBOX_NOFILE) {
+    if let Err(e) = sys::set_nofile_limit(plan.nofile, plan.nofile) {
         child_fail(err, STAGE_FDS, 7, e);
     }
     sys::reset_signals();
@@ -363,6 +364,10 @@ pub fn spawn_sandbox(req: SpawnRequest<'_>) -> Result<Spawned, SpawnError> {
         pass_fds: pass,
         pass_count: req.pass_fds.len(),
         detached: &detached,
+        // Lowering is always allowed; raising above the hard limit would need privileges the
+        // child no longer has in its user namespace.
+        nofile: nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .map_or(1024, |(_, hard)| hard.min(SANDBOX_NOFILE)),
         log_fd: req.log.as_ref().map_or(-1, |fd| fd.as_raw_fd()),
         hostname: req.hostname.as_bytes(),
         rootless,
