@@ -237,10 +237,23 @@ fn parse_body(body: &Bytes) -> Result<RunCommandRequest, ApiError> {
     })
 }
 
-fn resolve_cwd(cwd: Option<&str>, env: &[(String, String)]) -> Result<PathBuf, ApiError> {
-    let raw = cwd
-        .filter(|c| !c.is_empty())
-        .unwrap_or(execbox_jail::rootfs::SANDBOX_HOME);
+/// The working directory of a command: the one asked for, else the home of the user it runs as
+/// (the sandbox user's by default; `/` for a user whose home does not exist), which that user
+/// can enter.
+fn resolve_cwd(
+    cwd: Option<&str>,
+    uid: Option<u32>,
+    names: &crate::users::Names,
+    env: &[(String, String)],
+) -> Result<PathBuf, ApiError> {
+    let default = match uid {
+        Some(uid) => names
+            .home_of(uid)
+            .filter(|h| crate::files::is_dir(std::path::Path::new(h)))
+            .unwrap_or("/"),
+        None => execbox_jail::rootfs::SANDBOX_HOME,
+    };
+    let raw = cwd.filter(|c| !c.is_empty()).unwrap_or(default);
     let path = crate::paths::resolve(raw, env)?;
     if !crate::files::is_dir(&path) {
         return Err(ApiError::BadRequest(format!(
@@ -267,11 +280,16 @@ pub async fn run(State(app): State<Arc<AppState>>, body: Bytes) -> Result<Respon
             "uid is required when gid is provided".into(),
         ));
     }
-    let cwd = resolve_cwd(req.cwd.as_deref(), &app.runner.env_with(&[]))?;
     let background = req.background.unwrap_or(false);
     // As upstream: `uid` also brings that user's primary group (unless `gid` is given) and
     // supplementary groups, from the sandbox's own user database.
     let names = crate::users::Names::load();
+    let cwd = resolve_cwd(
+        req.cwd.as_deref(),
+        req.uid,
+        &names,
+        &app.runner.env_with(&[]),
+    )?;
     let creds = req.uid.map(|uid| Credentials {
         uid,
         gid: req.gid.or_else(|| names.primary_gid(uid)).unwrap_or(uid),

@@ -353,12 +353,11 @@ impl Kernel {
         let mut text = Vec::new();
         if let Some(err) = &self.err {
             let mut buf = [0u8; 4096];
-            while let Ok(n) = err.try_read(&mut buf) {
-                if n == 0 || text.len() > 16 * 1024 {
-                    break;
+            crate::runner::read_ready(err, &mut buf, |chunk| {
+                if text.len() <= 16 * 1024 {
+                    text.extend_from_slice(chunk);
                 }
-                text.extend_from_slice(&buf[..n]);
-            }
+            });
         }
         String::from_utf8_lossy(&text).into_owned()
     }
@@ -461,16 +460,15 @@ impl Kernel {
     ) {
         for (pipe, chunks, is_err) in [(&self.out, stdout, false), (&self.err, stderr, true)] {
             let Some(pipe) = pipe else { continue };
-            while let Ok(n) = pipe.try_read(buf) {
-                if n == 0 {
-                    break;
-                }
+            let mut ready = Vec::new();
+            crate::runner::read_ready(pipe, buf, |chunk| ready.extend_from_slice(chunk));
+            if !ready.is_empty() {
                 let kind = if is_err {
                     KernelOutput::Stderr
                 } else {
                     KernelOutput::Stdout
                 };
-                send_text(out, chunks, &buf[..n], kind).await;
+                send_text(out, chunks, &ready, kind).await;
             }
         }
     }

@@ -356,6 +356,37 @@ impl Runner {
     }
 }
 
+/// Reads whatever `pipe` holds now, without waiting (the descriptor is non-blocking).
+/// Used where output must be taken in order with a signal that came on another channel (a
+/// run's end marker, a kernel's message): tokio's `try_read` answers from its cached readiness,
+/// which may not have caught up with data already in the pipe.
+pub fn read_ready(
+    pipe: &tokio::net::unix::pipe::Receiver,
+    buf: &mut [u8],
+    mut each: impl FnMut(&[u8]),
+) {
+    use std::io::Read;
+    let Ok(fd) = std::os::fd::AsFd::as_fd(pipe).try_clone_to_owned() else {
+        return;
+    };
+    let mut file = std::fs::File::from(fd);
+    // Bounded: a writer that never stops must not keep this loop going.
+    let mut left = READ_READY_MAX;
+    while let Ok(n) = file.read(buf) {
+        if n == 0 {
+            break;
+        }
+        each(&buf[..n]);
+        left = left.saturating_sub(n);
+        if left == 0 {
+            break;
+        }
+    }
+}
+
+/// Most bytes [`read_ready`] takes in one call.
+const READ_READY_MAX: usize = 4 << 20;
+
 /// Reads the leaf's statistics, if any.
 pub fn leaf_stats(leaf: Option<&ExecLeaf>) -> Option<CgroupStats> {
     leaf.and_then(|l| l.stats().ok())

@@ -558,14 +558,14 @@ async fn stream_until_marker(
                         }
                     }
                     if let Some(end) = end {
-                        // What the command wrote to stderr is in its pipe by now.
+                        // What the command wrote to stderr is in its pipe by now (its writes
+                        // ended before the marker's). Read with the syscall itself: tokio's
+                        // `try_read` answers from its cached readiness, which may not have
+                        // caught up yet.
                         if let Some(err) = &shell.errput {
-                            while let Ok(n) = err.try_read(&mut ebuf) {
-                                if n == 0 {
-                                    break;
-                                }
-                                err_splitter.feed(&ebuf[..n], &mut err_lines);
-                            }
+                            crate::runner::read_ready(err, &mut ebuf, |chunk| {
+                                err_splitter.feed(chunk, &mut err_lines)
+                            });
                         }
                         err_splitter.finish(&mut err_lines);
                         send_stderr(sink, &mut err_lines, style).await;

@@ -7,6 +7,7 @@ struct User {
     name: String,
     uid: u32,
     gid: u32,
+    home: String,
 }
 
 #[derive(Debug)]
@@ -45,6 +46,7 @@ impl Names {
                     name: f.first().filter(|n| !n.is_empty())?.clone(),
                     uid: f.get(2)?.parse().ok()?,
                     gid: f.get(3)?.parse().ok()?,
+                    home: f.get(5).cloned().unwrap_or_default(),
                 })
             })
             .collect();
@@ -67,6 +69,15 @@ impl Names {
             })
             .collect();
         Names { users, groups }
+    }
+
+    /// Home directory of `uid`, if it has one.
+    pub fn home_of(&self, uid: u32) -> Option<&str> {
+        self.users
+            .iter()
+            .find(|u| u.uid == uid)
+            .map(|u| u.home.as_str())
+            .filter(|h| h.starts_with('/'))
     }
 
     /// Name of `uid`, or the number.

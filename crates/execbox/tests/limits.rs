@@ -107,9 +107,20 @@ fn the_policy_and_the_tenants_overrides_bound_the_lifecycle_api() {
     let (s, v) = create("key-default", json!({}));
     assert_eq!(s, 202, "{v}");
     let id = v["id"].as_str().expect("id");
-    assert_eq!(
-        cgroup_value("memory", id, "memory.limit_in_bytes"),
-        Some(1 << 30)
+    // The memory asked for bounds the workload (each execution, as `/metrics` reports it); the
+    // sandbox's cgroup also has room for its storage and its agent.
+    let (s, m) = lifecycle(
+        &server,
+        "GET",
+        &format!("/v1/sandboxes/{id}/proxy/44772/metrics"),
+        "key-default",
+        &Value::Null,
+    );
+    assert_eq!(s, 200, "{m}");
+    assert_eq!(m["mem_total_mib"], json!(1024.0), "{m}");
+    assert!(
+        cgroup_value("memory", id, "memory.limit_in_bytes").is_some_and(|v| v > 1 << 30),
+        "the sandbox cgroup is bounded"
     );
     assert_eq!(cgroup_value("cpu", id, "cpu.cfs_quota_us"), Some(100_000));
     // acme's lifetime: `timeout` above it is refused, none means it, renewing cannot pass it.
