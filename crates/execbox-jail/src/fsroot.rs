@@ -123,14 +123,7 @@ impl Dir {
     /// component is followed unless `follow_last` is false, in which case a symlink there is
     /// opened itself (with `O_PATH`) or refused (`ELOOP`, other flags).
     pub fn resolve(&self, path: &Path, flags: OFlag, follow_last: bool) -> io::Result<OwnedFd> {
-        let mut flags = flags | OFlag::O_CLOEXEC;
-        if !follow_last {
-            flags |= OFlag::O_NOFOLLOW;
-        }
-        let how = OpenHow::new()
-            .flags(flags)
-            .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
-        openat2_retry(self.fd(), relative(path), how)
+        self.scoped(path, flags, follow_last, ResolveFlag::RESOLVE_IN_ROOT)
     }
 
     /// Resolves `path` beneath this directory (`RESOLVE_BENEATH`): symlinks are followed only
@@ -142,13 +135,23 @@ impl Dir {
         flags: OFlag,
         follow_last: bool,
     ) -> io::Result<OwnedFd> {
+        self.scoped(path, flags, follow_last, ResolveFlag::RESOLVE_BENEATH)
+    }
+
+    fn scoped(
+        &self,
+        path: &Path,
+        flags: OFlag,
+        follow_last: bool,
+        scope: ResolveFlag,
+    ) -> io::Result<OwnedFd> {
         let mut flags = flags | OFlag::O_CLOEXEC;
         if !follow_last {
             flags |= OFlag::O_NOFOLLOW;
         }
         let how = OpenHow::new()
             .flags(flags)
-            .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+            .resolve(scope | ResolveFlag::RESOLVE_NO_MAGICLINKS);
         openat2_retry(self.fd(), relative(path), how)
     }
 

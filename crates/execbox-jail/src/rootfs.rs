@@ -489,16 +489,6 @@ impl RootfsPlan {
     }
 }
 
-/// Host-wide `/proc` files that would tell a sandbox about the host (its identity, its load,
-/// its memory), each replaced by the sandbox's own version ([`virtualize_proc`]).
-pub const PROC_VIRTUALIZED: &[&str] = &[
-    "cmdline",
-    "meminfo",
-    "loadavg",
-    "uptime",
-    "sys/kernel/random/boot_id",
-];
-
 /// Binds a read-only file with `content` over each `/proc/<name>` of `files`, the files kept in
 /// `store` (a directory of the agent's own tmpfs). Run by the agent before its seccomp filter
 /// (which forbids `mount`); it is root of the sandbox's user namespace, which owns its `/proc`.

@@ -5,6 +5,11 @@
 //! The attacker controls the code in a sandbox (and so every symlink, directory and swap in
 //! it) and holds that sandbox's token. The prize is a file on the host, outside any sandbox,
 //! reached through the agent's own descriptors (`/proc/1/fd/N/../..`).
+//!
+//! The findings about the server's own surface have their tests beside the code they cover:
+//! 4 (idle connections) in `connections.rs`; 6 (caps), 7 (owned sandboxes on the data plane)
+//! and 10 (client mistakes) in `limits.rs` and `fuzz_requests.rs`; 9 (uid ranges) in
+//! `isolation.rs::servers_on_one_host_never_share_a_uid_range`.
 
 mod common;
 
@@ -301,6 +306,68 @@ fn finding_1_agent_descriptors_are_reachable_by_no_route() {
     assert!(s < 500, "{v}");
     secret.assert_intact();
     assert_eq!(sh(&sb, "echo alive"), "alive");
+}
+
+/// Finding 1 on the other surfaces that take paths: isol8's `/file` and session-execute's
+/// `/api/files`, through links to the agent's descriptors.
+#[test]
+fn finding_1_isol8_and_session_execute_paths_reach_nothing() {
+    let secret = HostSecret::new();
+    let server = server();
+    let session = json!(unique("isol8"));
+    let (s, v) = isol8_execute(
+        &server,
+        json!({"sessionId": session, "request": {"runtime": "bash", "cmd": format!(
+            "ln -s '{}' /sandbox/evil && ln -s /proc/1/fd /sandbox/fds && echo ok", secret.via_fd(7))}}),
+    );
+    assert_eq!(s, 200, "{v}");
+    let sid = session.as_str().expect("id");
+    for path in [
+        "/sandbox/evil/secret",
+        "/sandbox/fds/7",
+        "/sandbox/fds/5/cgroup.procs",
+    ] {
+        let (s, v) = server.get(&format!("/file?sessionId={sid}&path={path}"));
+        secret.assert_not_in("isol8 GET /file", &v.to_string());
+        assert!((400..500).contains(&s), "GET /file {path}: {s} {v}");
+    }
+    for path in ["/sandbox/evil/planted", "/sandbox/fds/7/planted"] {
+        let (s, v) = into_pair(
+            ureq::post(&server.url("/file"))
+                .set("Content-Type", "application/json")
+                .send_string(
+                    &json!({"sessionId": sid, "path": path, "content": "cGxhbnRlZA=="}).to_string(),
+                ),
+        );
+        assert!((400..500).contains(&s), "POST /file {path}: {s} {v}");
+    }
+    // Session-execute: its files are written beneath its roots, and read back listed.
+    let api = |method: &str, path: &str, body: Option<Value>| {
+        let req = ureq::request(method, &server.url(path)).set("Content-Type", "application/json");
+        into_pair(match body {
+            Some(b) => req.send_string(&b.to_string()),
+            None => req.call(),
+        })
+    };
+    let (s, v) = api(
+        "POST",
+        "/api/execute",
+        Some(json!({"sessionId": "se", "command": format!(
+            "ln -s '{}' /workspace/evil && echo ok", secret.via_fd(7))})),
+    );
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = api(
+        "POST",
+        "/api/files",
+        Some(
+            json!({"sessionId": "se", "files": [{"path": "/workspace/evil/planted", "content": "x"}]}),
+        ),
+    );
+    assert!((400..500).contains(&s), "POST /api/files: {s} {v}");
+    let (s, v) = api("GET", "/api/files?sessionId=se&path=/workspace/evil", None);
+    secret.assert_not_in("GET /api/files", &v.to_string());
+    assert!(s < 500, "{s} {v}");
+    secret.assert_intact();
 }
 
 fn isol8_execute(server: &TestServer, body: Value) -> (u16, Value) {
