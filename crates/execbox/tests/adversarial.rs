@@ -634,7 +634,12 @@ fn finding_5_full_storage_leaves_the_agent_alive_and_a_dead_agent_is_reported() 
         "{}",
         r.text()
     );
-    // Its processes and cgroups are gone; deleting it still works.
+    // Its processes and cgroups are released (just after the state changes); deleting it still
+    // works.
+    let released = Instant::now();
+    while cgroup_dir("pids", &sb.id).exists() && released.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert!(!cgroup_dir("pids", &sb.id).exists(), "cgroup left behind");
     assert_eq!(server.delete(&format!("/v1/sandboxes/{}", sb.id)), 204);
 }
