@@ -47,32 +47,47 @@ fn lines(path: &str) -> usize {
         .unwrap_or(0)
 }
 
+/// `(pid, parent pid, uid)` of every process of the host.
+fn processes() -> Vec<(u32, u32, u32)> {
+    let field = |status: &str, name: &str| -> Option<u32> {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+    };
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let status = std::fs::read_to_string(e.path().join("status")).ok()?;
+            Some((pid, field(&status, "PPid:")?, field(&status, "Uid:")?))
+        })
+        .collect()
+}
+
 /// What the host holds now.
 fn counts(server: &Server) -> BTreeMap<&'static str, usize> {
-    let mut procs = 0;
+    let procs = processes();
+    // The server and everything it started (every sandbox's processes descend from it).
+    let mut tree = std::collections::BTreeSet::from([server.pid()]);
+    loop {
+        let before = tree.len();
+        for (pid, ppid, _) in &procs {
+            if tree.contains(ppid) {
+                tree.insert(*pid);
+            }
+        }
+        if tree.len() == before {
+            break;
+        }
+    }
     let mut sandbox_procs = 0;
     let mut ranges = std::collections::BTreeSet::new();
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        if !e
-            .file_name()
-            .to_string_lossy()
-            .bytes()
-            .all(|b| b.is_ascii_digit())
-        {
-            continue;
-        }
-        procs += 1;
-        let uid = std::fs::read_to_string(e.path().join("status"))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("Uid:"))
-                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<u32>().ok())
-            });
-        if let Some(uid) = uid.filter(|u| *u >= UID_BASE) {
-            sandbox_procs += 1;
-            ranges.insert((uid - UID_BASE) / UID_RANGE);
-        }
+    for (_, _, uid) in procs.iter().filter(|(_, _, uid)| *uid >= UID_BASE) {
+        sandbox_procs += 1;
+        ranges.insert((uid - UID_BASE) / UID_RANGE);
     }
     let cgroups: usize = std::fs::read_dir("/sys/fs/cgroup")
         .into_iter()
@@ -82,7 +97,7 @@ fn counts(server: &Server) -> BTreeMap<&'static str, usize> {
         .sum();
     let pid = server.pid();
     BTreeMap::from([
-        ("host processes", procs),
+        ("server and its sandboxes' processes", tree.len()),
         ("sandbox processes (uid >= 1e9)", sandbox_procs),
         ("uid ranges in use", ranges.len()),
         ("host mounts", lines("/proc/self/mountinfo")),
