@@ -34,6 +34,10 @@ exec sleep infinity\n";
 pub const SANDBOX_WORKDIR: &str = "/sandbox";
 /// Directory inside the sandbox for the agent's private data (command logs and the like).
 pub const AGENT_DATA_DIR: &str = "/run/execbox";
+/// A sandbox's address on its network device, when it has one.
+pub const SANDBOX_ADDRESS: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 0, 2, 100);
+/// The sandbox's name server: the server, reached through the network device.
+pub const SANDBOX_DNS: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 0, 2, 3);
 /// `PATH` of processes started inside the sandbox.
 pub const SANDBOX_PATH: &str =
     "/opt/execbox/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -198,7 +202,7 @@ fn cstr(s: &str) -> CString {
 const RO: u64 = sys::MOUNT_ATTR_RDONLY | sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV;
 
 /// The user database and host files written into the skeleton.
-const ETC_FILES: &[&str] = &["passwd", "group", "hostname", "hosts"];
+const ETC_FILES: &[&str] = &["passwd", "group", "hostname", "hosts", "resolv.conf"];
 
 fn inside(root: &Path, p: &Path) -> PathBuf {
     root.join(p.strip_prefix("/").unwrap_or(p))
@@ -242,6 +246,7 @@ impl RootfsPlan {
             ),
             "group" => format!("root:x:0:\ntty:x:5:\nuser:x:{gid}:\nnogroup:x:65534:\n"),
             "hostname" => format!("{}\n", self.hostname),
+            "resolv.conf" => format!("nameserver {SANDBOX_DNS}\noptions ndots:0 attempts:1\n"),
             _ => format!(
                 "127.0.0.1\tlocalhost {h}\n::1\tlocalhost ip6-localhost ip6-loopback {h}\n",
                 h = self.hostname

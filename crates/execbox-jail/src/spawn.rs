@@ -116,7 +116,24 @@ pub struct SpawnRequest<'a> {
     pub cgroup_procs: Vec<PathBuf>,
     /// How long to wait for the agent's readiness byte.
     pub ready_timeout: Duration,
+    /// A network device for the sandbox, whose other end the server serves; none leaves the
+    /// sandbox with loopback only.
+    pub network: Option<TunSetup>,
 }
+
+/// The TUN device a sandbox with network gets, made in its network namespace by its first
+/// process; the device's descriptor comes back to the host ([`Spawned::tun`]).
+#[derive(Debug, Clone, Copy)]
+pub struct TunSetup {
+    /// The sandbox's address.
+    pub address: std::net::Ipv4Addr,
+    /// MTU of the device.
+    pub mtu: u32,
+}
+
+/// Name of the sandbox's network device.
+pub const TUN_NAME: &[u8] = b"eth0";
+const TUN_NAME_C: &std::ffi::CStr = c"eth0";
 
 /// A started sandbox: its PID 1, as seen from the host.
 #[derive(Debug)]
@@ -125,6 +142,8 @@ pub struct Spawned {
     pub pid: i32,
     /// A pidfd of the agent (readable once it has exited).
     pub pidfd: OwnedFd,
+    /// The host end of the sandbox's network device, when it has one.
+    pub tun: Option<OwnedFd>,
 }
 
 fn io(errno: Errno) -> std::io::Error {
@@ -151,6 +170,7 @@ const STAGE_LOOPBACK: u32 = 6;
 const STAGE_FDS: u32 = 7;
 const STAGE_EXEC: u32 = 8;
 const STAGE_DETACH: u32 = 9;
+const STAGE_NETWORK: u32 = 10;
 
 fn describe_stage(stage: u32, index: u32, ops: &[MountOp]) -> String {
     match stage {
@@ -165,6 +185,7 @@ fn describe_stage(stage: u32, index: u32, ops: &[MountOp]) -> String {
         STAGE_FDS => "arranging descriptors".into(),
         STAGE_EXEC => "executing the agent".into(),
         STAGE_DETACH => format!("detaching host directory {index} for the agent"),
+        STAGE_NETWORK => "making the network device (/dev/net/tun)".into(),
         _ => format!("stage {stage}"),
     }
 }
@@ -183,6 +204,8 @@ struct ChildPlan<'a> {
     detached: &'a [CString],
     log_fd: RawFd,
     nofile: u64,
+    /// `(socket to send the device on, address, MTU)` of the network device to make.
+    tun: Option<(RawFd, [u8; 4], i32)>,
     hostname: &'a [u8],
     rootless: bool,
 }
@@ -229,6 +252,20 @@ fn child_main(plan: &ChildPlan<'_>) -> ! {
                 detached[i] = moved;
             }
             Err(e) => child_fail(err, STAGE_DETACH, i as u32, e),
+        }
+    }
+    // The network device, made in this (new) network namespace while the host's /dev is still
+    // visible; its descriptor goes to the host, none stays here.
+    if let Some((sock, addr, mtu)) = plan.tun {
+        let made =
+            sys::tun_create(TUN_NAME, TUN_NAME_C, addr, [255, 255, 255, 0], mtu).and_then(|tun| {
+                let sent = sys::send_fd(sock, tun);
+                sys::close(tun);
+                sent
+            });
+        sys::close(sock);
+        if let Err(e) = made {
+            child_fail(err, STAGE_NETWORK, 0, e);
         }
     }
     if let Err(f) = run_ops(plan.ops) {
@@ -347,6 +384,18 @@ pub fn spawn_sandbox(req: SpawnRequest<'_>) -> Result<Spawned, SpawnError> {
         .collect::<Result<Vec<_>, _>>()?;
     let (sync_read, sync_write) = pipe()?;
     let (err_read, err_write) = pipe()?;
+    let tun_pair = match req.network {
+        Some(_) => Some(
+            nix::sys::socket::socketpair(
+                nix::sys::socket::AddressFamily::Unix,
+                nix::sys::socket::SockType::Stream,
+                None,
+                nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+            )
+            .map_err(|e| SpawnError::Prepare(e.into()))?,
+        ),
+        None => None,
+    };
     let (ready_read, ready_write) = pipe()?;
     let mut pass = [-1; MAX_PASSED_FDS];
     for (slot, fd) in pass.iter_mut().zip(&req.pass_fds) {
@@ -366,6 +415,14 @@ pub fn spawn_sandbox(req: SpawnRequest<'_>) -> Result<Spawned, SpawnError> {
         detached: &detached,
         // Lowering is always allowed; raising above the hard limit would need privileges the
         // child no longer has in its user namespace.
+        tun: match (&tun_pair, req.network) {
+            (Some((_, child_end)), Some(n)) => Some((
+                child_end.as_raw_fd(),
+                n.address.octets(),
+                n.mtu.min(i32::MAX as u32) as i32,
+            )),
+            _ => None,
+        },
         nofile: nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
             .map_or(1024, |(_, hard)| hard.min(SANDBOX_NOFILE)),
         log_fd: req.log.as_ref().map_or(-1, |fd| fd.as_raw_fd()),
@@ -396,7 +453,15 @@ pub fn spawn_sandbox(req: SpawnRequest<'_>) -> Result<Spawned, SpawnError> {
     // SAFETY: with CLONE_PIDFD the kernel stored a new descriptor that nothing else owns.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
     drop((sync_read, err_write, ready_write));
-    let spawned = Spawned { pid, pidfd };
+    let tun_host_end = tun_pair.map(|(host_end, child_end)| {
+        drop(child_end);
+        host_end
+    });
+    let mut spawned = Spawned {
+        pid,
+        pidfd,
+        tun: None,
+    };
 
     let result = (|| {
         let proc_dir = format!("/proc/{pid}");
@@ -454,6 +519,12 @@ pub fn spawn_sandbox(req: SpawnRequest<'_>) -> Result<Spawned, SpawnError> {
                 source: io(errno),
             });
         }
+        if let Some(sock) = &tun_host_end {
+            spawned.tun = Some(recv_fd(sock).map_err(|source| SpawnError::Setup {
+                what: "receiving the network device".into(),
+                source,
+            })?);
+        }
         wait_ready(&ready_read, req.ready_timeout)
     })();
     match result {
@@ -463,6 +534,33 @@ pub fn spawn_sandbox(req: SpawnRequest<'_>) -> Result<Spawned, SpawnError> {
             Err(e)
         }
     }
+}
+
+/// Receives one descriptor sent with `SCM_RIGHTS` on `sock` (blocking).
+fn recv_fd(sock: &OwnedFd) -> std::io::Result<OwnedFd> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    let mut byte = [0u8; 1];
+    let mut iov = [std::io::IoSliceMut::new(&mut byte)];
+    let mut space = nix::cmsg_space!(RawFd);
+    let msg = recvmsg::<()>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(std::io::Error::from)?;
+    for cmsg in msg.cmsgs().map_err(std::io::Error::from)? {
+        if let ControlMessageOwned::ScmRights(fds) = cmsg {
+            if let Some(&fd) = fds.first() {
+                // SAFETY: the kernel installed this descriptor in this process for us; nothing
+                // else refers to it.
+                return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+        }
+    }
+    Err(std::io::Error::other(
+        "the sandbox sent no network device (it failed before)",
+    ))
 }
 
 fn wait_ready(ready: &OwnedFd, timeout: Duration) -> Result<(), SpawnError> {
@@ -554,4 +652,76 @@ pub fn process_start_time(pid: i32) -> Option<u64> {
     let end = stat.iter().rposition(|&b| b == b')')?;
     let rest = std::str::from_utf8(&stat[end + 1..]).ok()?;
     rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// The host end of a sandbox's network device, read and written as packets on the current
+/// tokio runtime.
+#[derive(Debug)]
+pub struct TunDevice {
+    fd: tokio::io::unix::AsyncFd<OwnedFd>,
+}
+
+impl TunDevice {
+    /// Takes the descriptor from [`Spawned::tun`]; it is made non-blocking.
+    pub fn new(fd: OwnedFd) -> std::io::Result<TunDevice> {
+        use nix::fcntl::{fcntl, FcntlArg, OFlag};
+        let flags = fcntl(&fd, FcntlArg::F_GETFL).map_err(std::io::Error::from)?;
+        fcntl(
+            &fd,
+            FcntlArg::F_SETFL(OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK),
+        )
+        .map_err(std::io::Error::from)?;
+        // SAFETY: the AsyncFd owns the descriptor and deregisters it before it is closed, so the
+        // registered number stays this device for the registration's whole life.
+        let fd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(
+                fd,
+                tokio::io::Interest::READABLE | tokio::io::Interest::WRITABLE,
+            )
+        }
+        .map_err(|e| e.into_parts().1)?;
+        Ok(TunDevice { fd })
+    }
+
+    /// Reads one packet.
+    pub async fn recv(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            let mut guard = self.fd.readable().await?;
+            match guard
+                .try_io(|fd| nix::unistd::read(fd.get_ref(), buf).map_err(std::io::Error::from))
+            {
+                Ok(r) => return r,
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    /// Writes one packet.
+    pub async fn send(&self, packet: &[u8]) -> std::io::Result<()> {
+        loop {
+            let mut guard = self.fd.writable().await?;
+            match guard
+                .try_io(|fd| nix::unistd::write(fd.get_ref(), packet).map_err(std::io::Error::from))
+            {
+                Ok(r) => return r.map(drop),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+}
+
+/// Every address of the host's interfaces (in the caller's network namespace).
+pub fn interface_addresses() -> std::io::Result<Vec<std::net::IpAddr>> {
+    let addrs = nix::ifaddrs::getifaddrs().map_err(std::io::Error::from)?;
+    Ok(addrs
+        .filter_map(|a| {
+            let addr = a.address?;
+            if let Some(v4) = addr.as_sockaddr_in() {
+                Some(std::net::IpAddr::V4(v4.ip()))
+            } else {
+                addr.as_sockaddr_in6()
+                    .map(|v6| std::net::IpAddr::V6(v6.ip()))
+            }
+        })
+        .collect())
 }

@@ -313,6 +313,169 @@ pub fn loopback_up() -> Result<(), Errno> {
     check(ret as libc::c_long).map(drop)
 }
 
+/// `struct ifreq` with a name and one of its union members, as the interface ioctls take it.
+#[repr(C)]
+struct IfReq<T: Copy> {
+    name: [libc::c_char; libc::IFNAMSIZ],
+    value: T,
+    _pad: [u8; 16],
+}
+
+fn ifreq<T: Copy>(name: &[u8], value: T) -> IfReq<T> {
+    let mut req = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        value,
+        _pad: [0; 16],
+    };
+    for (dst, src) in req
+        .name
+        .iter_mut()
+        .zip(name.iter().take(libc::IFNAMSIZ - 1))
+    {
+        *dst = *src as libc::c_char;
+    }
+    req
+}
+
+fn sockaddr_in(addr: [u8; 4]) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(addr),
+        },
+        sin_zero: [0; 8],
+    }
+}
+
+/// The kernel's `struct rtentry` (SIOCADDRT), which the `libc` crate lacks for glibc.
+#[repr(C)]
+struct RtEntry {
+    rt_pad1: libc::c_ulong,
+    rt_dst: libc::sockaddr_in,
+    rt_gateway: libc::sockaddr_in,
+    rt_genmask: libc::sockaddr_in,
+    rt_flags: libc::c_ushort,
+    rt_pad2: libc::c_short,
+    rt_pad3: libc::c_ulong,
+    rt_pad4: *mut libc::c_void,
+    rt_metric: libc::c_short,
+    rt_dev: *const libc::c_char,
+    rt_mtu: libc::c_ulong,
+    rt_window: libc::c_ulong,
+    rt_irtt: libc::c_ushort,
+}
+
+/// Creates the TUN device `name` (layer 3, no packet information) in the caller's network
+/// namespace, gives it `addr` with the netmask `mask` and the MTU `mtu`, brings it up, makes it
+/// the default route (on-link: a TUN has no neighbours to resolve), and returns its descriptor.
+/// `name_c` is `name` NUL-terminated.
+pub fn tun_create(
+    name: &[u8],
+    name_c: &CStr,
+    addr: [u8; 4],
+    mask: [u8; 4],
+    mtu: i32,
+) -> Result<RawFd, Errno> {
+    // SAFETY: the path is a valid NUL-terminated string; the flags are integers.
+    let tun = check(
+        unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) }
+            as libc::c_long,
+    )? as RawFd;
+    let result = (|| {
+        let req = ifreq(name, (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short);
+        // SAFETY: `req` is a valid `ifreq` for TUNSETIFF on the open tun descriptor.
+        check(unsafe { libc::ioctl(tun, libc::TUNSETIFF, &req) } as libc::c_long)?;
+        // SAFETY: plain socket creation.
+        let sock =
+            check(
+                unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) }
+                    as libc::c_long,
+            )? as RawFd;
+        let configured = (|| {
+            let set = |request: libc::c_ulong, value: [u8; 4]| -> Result<(), Errno> {
+                let req = ifreq(name, sockaddr_in(value));
+                // SAFETY: `req` is a valid `ifreq` holding a `sockaddr_in` for an address
+                // ioctl on an open socket.
+                check(unsafe { libc::ioctl(sock, request, &req) } as libc::c_long).map(drop)
+            };
+            set(libc::SIOCSIFADDR, addr)?;
+            set(libc::SIOCSIFNETMASK, mask)?;
+            let req = ifreq(name, mtu);
+            // SAFETY: `req` is a valid `ifreq` holding an int for SIOCSIFMTU.
+            check(unsafe { libc::ioctl(sock, libc::SIOCSIFMTU, &req) } as libc::c_long)?;
+            let req = ifreq(name, (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short);
+            // SAFETY: `req` is a valid `ifreq` holding the flags for SIOCSIFFLAGS.
+            check(unsafe { libc::ioctl(sock, libc::SIOCSIFFLAGS, &req) } as libc::c_long)?;
+            let any = sockaddr_in([0, 0, 0, 0]);
+            let route = RtEntry {
+                rt_pad1: 0,
+                rt_dst: any,
+                rt_gateway: any,
+                rt_genmask: any,
+                rt_flags: libc::RTF_UP,
+                rt_pad2: 0,
+                rt_pad3: 0,
+                rt_pad4: std::ptr::null_mut(),
+                rt_metric: 0,
+                rt_dev: name_c.as_ptr(),
+                rt_mtu: 0,
+                rt_window: 0,
+                rt_irtt: 0,
+            };
+            // SAFETY: `route` is a valid `struct rtentry` whose device name outlives the call.
+            check(unsafe { libc::ioctl(sock, libc::SIOCADDRT, &route) } as libc::c_long).map(drop)
+        })();
+        close(sock);
+        configured
+    })();
+    match result {
+        Ok(()) => Ok(tun),
+        Err(e) => {
+            close(tun);
+            Err(e)
+        }
+    }
+}
+
+/// Sends the descriptor `fd` over the unix socket `sock` (`SCM_RIGHTS`, one byte of data).
+pub fn send_fd(sock: RawFd, fd: RawFd) -> Result<(), Errno> {
+    // Room for one control message holding one descriptor, aligned as `cmsghdr` needs.
+    let mut control = [0u64; 4];
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    // SAFETY: an all-zero `msghdr` is valid; every pointer set below points into live locals.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE only computes a size.
+    msg.msg_controllen = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as _;
+    // SAFETY: `msg` has a control buffer large enough for one header and one descriptor, so the
+    // first header and its data area lie inside `control`.
+    unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd);
+    }
+    loop {
+        // SAFETY: `msg` is fully initialised and its buffers outlive the call.
+        let ret = unsafe { libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL) };
+        if ret >= 0 {
+            return Ok(());
+        }
+        let e = errno();
+        if e != libc::EINTR {
+            return Err(e);
+        }
+    }
+}
+
 /// Resets every catchable signal to its default disposition and unblocks all signals, so the
 /// next program starts with a clean slate even when this process inherited ignored signals (a
 /// server started from a non-interactive shell ignores SIGINT and SIGQUIT).

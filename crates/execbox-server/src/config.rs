@@ -49,6 +49,8 @@ pub struct ServerConfig {
     pub context_idle_ttl_secs: u64,
     /// What clients of the isol8 and session-execute surfaces may ask for (`[policy]`).
     pub policy: Policy,
+    /// Outbound networking (`[network]`).
+    pub network: NetworkConfig,
     /// Client connections open at once, WebSocket sessions included (at least 1). At the cap
     /// the server stops accepting and new connections wait in the kernel's listen backlog
     /// until one closes. Lowered at start to half the process's limit on open files, which
@@ -90,7 +92,9 @@ pub struct Policy {
     /// its creation plus this. Unset: `timeout` is bounded by `max_timeout_secs` only and may be
     /// null (no automatic expiry).
     pub max_lifetime_secs: Option<u64>,
-    /// Network modes a request may ask for. Only `none` exists on this server.
+    /// Network modes a request may ask for: `none` (loopback only), `allowlist` (only what
+    /// its rules admit) and `public` (the public internet, never private, local or host
+    /// addresses).
     pub network_modes: Vec<String>,
     /// Sessions per tenant and surface; at the cap the least recently used idle one is removed.
     pub max_sessions: usize,
@@ -164,7 +168,7 @@ impl Default for Policy {
             max_tmp_bytes: 2 << 30,
             max_disk_bytes: 2 << 30,
             max_lifetime_secs: None,
-            network_modes: vec!["none".to_string()],
+            network_modes: vec!["none".to_string(), "allowlist".to_string()],
             max_sessions: 64,
             max_concurrent_runs: 64,
             session_idle_ttl_secs: 3600,
@@ -219,16 +223,54 @@ impl Policy {
                 .validate()
                 .map_err(|e| format!("[policy.tenants.{tenant}]: {e}"))?;
         }
-        if let Some(m) = self.network_modes.iter().find(|m| m.as_str() != "none") {
+        if let Some(m) = self
+            .network_modes
+            .iter()
+            .find(|m| !NETWORK_MODES.contains(&m.as_str()))
+        {
             return Err(format!(
-                "policy.network_modes: {m:?} is not available: sandboxes of this server have no \
-                 network (only \"none\")"
+                "policy.network_modes: {m:?} is not a network mode (one of {})",
+                NETWORK_MODES.join(", ")
             ));
         }
         if self.max_sessions == 0 {
             return Err("policy.max_sessions: must be at least 1".into());
         }
         crate::policy::check_maxima(self)
+    }
+}
+
+/// The network modes a sandbox can have.
+pub const NETWORK_MODES: &[&str] = &["none", "allowlist", "public"];
+
+/// The operator's network settings (`[network]`).
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// Names the sandboxes' resolver answers from this table before any lookup
+    /// (`"mirror.internal" = ["10.0.0.5"]`): private mirrors, and the tests' own servers.
+    pub hosts: BTreeMap<String, Vec<std::net::IpAddr>>,
+    /// Private, local or host addresses sandboxes may reach all the same (`"10.0.0.5:443"`,
+    /// `"10.0.0.0/8"`).
+    pub allow_addresses: Vec<String>,
+    /// Named lists of hosts a policy can refer to (`registries.pypi = ["pypi.org",
+    /// "files.pythonhosted.org"]`): the hosts package installs may reach.
+    pub registries: BTreeMap<String, Vec<String>>,
+    /// TTL of the answers sandboxes get, which is also how long their addresses are admitted.
+    pub dns_ttl_secs: u32,
+    /// Connections one sandbox may have open at once.
+    pub max_connections: u64,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        Self {
+            hosts: BTreeMap::new(),
+            allow_addresses: Vec::new(),
+            registries: BTreeMap::new(),
+            dns_ttl_secs: 60,
+            max_connections: 256,
+        }
     }
 }
 
@@ -261,6 +303,7 @@ impl Default for ServerConfig {
             max_upload_bytes: 0,
             context_idle_ttl_secs: 3600,
             policy: Policy::default(),
+            network: NetworkConfig::default(),
             max_connections: 10_000,
             header_read_timeout_secs: 10,
             idle_timeout_secs: 60,
@@ -278,6 +321,8 @@ impl ServerConfig {
             .policy
             .validate()
             .map_err(|e| format!("{}: {e}", path.display()))?;
+        execbox_net::Exceptions::parse(&config.network.allow_addresses)
+            .map_err(|e| format!("{}: network.allow_addresses: {e}", path.display()))?;
         Ok(config)
     }
 
@@ -327,7 +372,7 @@ mod tests {
         assert_eq!(c.policy.for_tenant("acme").max_env, 5);
         assert_eq!(c.policy.for_tenant("other").max_pids, 100);
         let bad: ServerConfig =
-            toml::from_str("[policy.tenants.x]\nnetwork_modes = [\"host\"]\n").expect("config");
+            toml::from_str("[policy.tenants.x]\nnetwork_modes = [\"bridge\"]\n").expect("config");
         assert!(bad.policy.validate().is_err());
     }
 

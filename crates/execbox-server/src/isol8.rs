@@ -795,6 +795,7 @@ async fn acquire(
                 metadata: BTreeMap::new(),
                 limits: profile.limits,
                 expires_at: None,
+                network: None,
             })
             .await?;
             if let Err(bound) = lease.bind_runtime(plan.runtime.name()) {

@@ -10,6 +10,7 @@ pub mod agent_run;
 pub mod concurrency;
 pub mod config;
 pub mod doctor;
+pub mod egress;
 pub mod isol8;
 pub mod lifecycle;
 pub mod listener;
@@ -59,6 +60,12 @@ pub struct Server {
     pending_cleanups: std::sync::Mutex<Vec<(String, local::Placement)>>,
     /// This server, for the tasks it starts (agent watchers).
     me: std::sync::Weak<Server>,
+    /// Every sandbox's network settings, from `[network]`.
+    net_config: Arc<execbox_net::NetConfig>,
+    /// The networks of the sandboxes that have one.
+    nets: std::sync::Mutex<std::collections::HashMap<String, Arc<execbox_net::SandboxNet>>>,
+    /// Whether sandboxes can have a network device here; why not.
+    network: Result<(), String>,
     backend: Result<Arc<LocalBackend>, String>,
 }
 
@@ -87,6 +94,8 @@ impl Server {
             config.policy.warm_pool_size,
             config.policy.max_pool_profiles,
         );
+        let net_config = Arc::new(net_config(&config));
+        let network = LocalBackend::network_available();
         let server = Arc::new_cyclic(|me| Self {
             config,
             registry,
@@ -96,6 +105,9 @@ impl Server {
             destroying: std::sync::atomic::AtomicUsize::new(0),
             pending_cleanups: std::sync::Mutex::new(Vec::new()),
             me: me.clone(),
+            net_config,
+            nets: std::sync::Mutex::new(std::collections::HashMap::new()),
+            network,
             backend,
         });
         server.reattach();
@@ -202,6 +214,22 @@ impl Server {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .extend(failed);
+    }
+
+    /// Whether sandboxes can have outbound network on this host; why not.
+    pub fn network_available(&self) -> Result<(), String> {
+        self.network
+            .clone()
+            .map_err(|why| format!("outbound network is not available on this host ({why})"))
+    }
+
+    /// The network of sandbox `id`, when it has one.
+    pub fn net_of(&self, id: &str) -> Option<Arc<execbox_net::SandboxNet>> {
+        self.nets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
     }
 
     /// The backend, or the reason sandboxes are refused.
@@ -311,16 +339,20 @@ impl Server {
             limits: spec.limits,
             placement: None,
             owner: spec.owner,
+            network: spec.network.as_ref().map(execbox_net::Policy::to_wire),
         };
         let limits = spec.limits;
         let env = spec.env;
         let entrypoint = spec.entrypoint;
+        let network = spec.network;
+        let with_network = network.is_some();
         let (placement, watched) = tokio::task::spawn_blocking(move || {
             backend.create_watched(local::SandboxParams {
                 id: &id,
                 limits,
                 env: env.into_iter().collect(),
                 entrypoint,
+                network: with_network,
             })
         })
         .await
@@ -337,6 +369,19 @@ impl Server {
             )));
         }
         self.watch(&record.id, watched.pidfd, Some(watched.log));
+        if let (Some(policy), Some(tun)) = (network, watched.tun) {
+            let net = execbox_net::SandboxNet::new(self.net_config.clone(), policy);
+            if let Err(e) = execbox_net::start(tun, net.clone()) {
+                let _ = self.destroy(&record.id, "network_failed").await;
+                return Err(LifecycleError::Internal(format!(
+                    "starting the sandbox's network: {e}"
+                )));
+            }
+            self.nets
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(record.id.clone(), net);
+        }
         Ok(record)
     }
 
@@ -348,6 +393,10 @@ impl Server {
             .ok_or_else(|| LifecycleError::NotFound(id.to_string()))?;
         let _ = self.set_state(id, SandboxState::Stopping, Some(reason));
         self.registry.remove(id);
+        self.nets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
         let backend = self.backend()?;
         let id2 = id.to_string();
         // Counted until done: a stopping server waits for it (see `stop_owned`), or the
@@ -502,6 +551,30 @@ pub struct LaunchSpec {
     pub limits: local::SandboxLimits,
     /// Automatic expiry.
     pub expires_at: Option<time::OffsetDateTime>,
+    /// Outbound network under this policy; none for loopback only.
+    pub network: Option<execbox_net::Policy>,
+}
+
+/// The network layer's settings from the server's configuration (checked at start).
+fn net_config(config: &ServerConfig) -> execbox_net::NetConfig {
+    let exceptions = execbox_net::Exceptions::parse(&config.network.allow_addresses)
+        .unwrap_or_else(|e| {
+            tracing::error!(error = %e, "network.allow_addresses");
+            execbox_net::Exceptions::default()
+        });
+    execbox_net::NetConfig {
+        hosts: config
+            .network
+            .hosts
+            .iter()
+            .map(|(name, ips)| (name.trim_end_matches('.').to_ascii_lowercase(), ips.clone()))
+            .collect(),
+        exceptions,
+        host_addresses: execbox_net::host_addresses(),
+        dns_ttl_secs: config.network.dns_ttl_secs,
+        max_connections: config.network.max_connections,
+        ..Default::default()
+    }
 }
 
 fn random_token() -> String {

@@ -57,6 +57,38 @@ impl LifecycleError {
     }
 }
 
+/// The network a create asks for: its `networkPolicy` as a policy, within the network modes
+/// the tenant may have (`allowlist` for a deny-by-default policy, `public` for an
+/// allow-by-default one); none (loopback only) when absent.
+fn network_of(
+    server: &Server,
+    tenant: &str,
+    asked: Option<&wire::NetworkPolicy>,
+) -> std::result::Result<Option<execbox_net::Policy>, LifecycleError> {
+    let Some(asked) = asked else {
+        return Ok(None);
+    };
+    let policy = execbox_net::Policy::from_wire(asked, "networkPolicy")
+        .map_err(|e| LifecycleError::invalid(e.to_string()))?;
+    let mode = match policy.default {
+        execbox_net::Action::Deny => "allowlist",
+        execbox_net::Action::Allow => "public",
+    };
+    let allowed = &server.config.policy.for_tenant(tenant).network_modes;
+    if !allowed.iter().any(|m| m == mode) {
+        return Err(LifecycleError::invalid(format!(
+            "networkPolicy: network mode {mode:?} (defaultAction {}) is not allowed by this \
+             server's policy (allowed: {})",
+            if mode == "public" { "allow" } else { "deny" },
+            allowed.join(", ")
+        )));
+    }
+    server
+        .network_available()
+        .map_err(|why| LifecycleError::invalid(format!("networkPolicy: {why}")))?;
+    Ok(Some(policy))
+}
+
 impl From<wire::ValidationError> for LifecycleError {
     fn from(e: wire::ValidationError) -> Self {
         Self::Invalid {
@@ -121,14 +153,7 @@ pub async fn create(
             "volumes: host and volume mounts are not allowed by this server's configuration",
         ));
     }
-    if req.network_policy.as_ref().is_some_and(|p| {
-        p.egress.as_ref().is_some_and(|e| !e.is_empty())
-            || matches!(p.default_action, Some(wire::NetworkAction::Allow))
-    }) {
-        return Err(LifecycleError::invalid(
-            "networkPolicy: only network mode none (no egress) is available on this server",
-        ));
-    }
+    let network = network_of(&server, &tenant.0, req.network_policy.as_ref())?;
     // The policy of the caller's tenant bounds every limit; an absent one gets the maximum (a
     // sandbox is never unbounded).
     let policy = server.config.policy.for_tenant(&tenant.0);
@@ -165,6 +190,7 @@ pub async fn create(
             metadata: req.metadata.clone().unwrap_or_default(),
             limits,
             expires_at: lifetime.map(|s| now + time::Duration::seconds(s as i64)),
+            network,
         })
         .await?;
     let body = CreateSandboxResponse::from(record.to_api());

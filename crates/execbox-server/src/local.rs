@@ -96,6 +96,9 @@ pub struct SandboxParams<'a> {
     pub env: Vec<(String, String)>,
     /// Entrypoint.
     pub entrypoint: Vec<String>,
+    /// Give the sandbox a network device (served by the server under a policy); without one
+    /// it has loopback only.
+    pub network: bool,
 }
 
 /// What the server watches of a sandbox it just started (not persisted).
@@ -105,6 +108,8 @@ pub struct Watch {
     pub pidfd: OwnedFd,
     /// Read end of the agent's standard output and error.
     pub log: OwnedFd,
+    /// The host end of the sandbox's network device, when it has one.
+    pub tun: Option<OwnedFd>,
 }
 
 /// A running sandbox as the backend tracks it (persisted in the sandbox record).
@@ -224,6 +229,17 @@ impl LocalBackend {
             ops_default,
             mapping_mode,
         })
+    }
+
+    /// Whether sandboxes can have a network device here (the server can open `/dev/net/tun`);
+    /// the reason when not.
+    pub fn network_available() -> Result<(), String> {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")
+            .map(drop)
+            .map_err(|e| format!("/dev/net/tun: {e}"))
     }
 
     /// Whether the sandboxes have the runtime `name` (`python3`, `node`, `bun`, …) on their
@@ -471,6 +487,10 @@ impl LocalBackend {
             pass_fds,
             detached_dirs,
             log: log_write,
+            network: p.network.then_some(spawn::TunSetup {
+                address: execbox_jail::rootfs::SANDBOX_ADDRESS,
+                mtu: execbox_net::DEVICE_MTU,
+            }),
             cgroup_procs: cgroup.procs_files(execbox_jail::cgroup::AGENT_LEAF)?,
             ready_timeout: Duration::from_secs(10),
         })?;
@@ -485,6 +505,7 @@ impl LocalBackend {
             log_read.map(|log| Watch {
                 pidfd: spawned.pidfd,
                 log,
+                tun: spawned.tun,
             }),
         ))
     }

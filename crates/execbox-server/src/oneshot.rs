@@ -108,6 +108,7 @@ pub fn run(lang: Lang, code: &str, limits: &RunLimits) -> anyhow::Result<i32> {
         limits: sandbox_limits,
         env: Vec::new(),
         entrypoint: Vec::new(),
+        network: false,
     })?;
     let command = match lang {
         Lang::Python => format!("exec python3 -c {}", shell_quote(code)),

@@ -112,6 +112,7 @@ impl WarmPool {
             metadata: Default::default(),
             limits: profile.limits,
             expires_at: None,
+            network: None,
         }
     }
 

@@ -81,6 +81,18 @@ async fn forward(server: Arc<Server>, req: Request) -> Result<Response, Lifecycl
         });
     }
     let tail = if tail.is_empty() { "/" } else { tail };
+    if port == EGRESS_PORT {
+        let (parts, body) = req.into_parts();
+        return Ok(crate::egress::handle(
+            &server,
+            &rec,
+            parts.method,
+            tail,
+            parts.uri.query(),
+            body,
+        )
+        .await);
+    }
     let agent_path = if port == AGENT_PORT {
         tail.to_string()
     } else {

@@ -290,6 +290,7 @@ async fn open(server: &Arc<Server>, caller: &Caller, id: &str) -> Result<Lease, 
         metadata: BTreeMap::new(),
         limits,
         expires_at: None,
+        network: None,
     })
     .await?)
 }

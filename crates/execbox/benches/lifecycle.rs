@@ -86,6 +86,7 @@ fn main() {
         },
         env: Vec::new(),
         entrypoint: Vec::new(),
+        network: false,
     };
 
     println!("execbox lifecycle benchmark ({n} sandboxes per series)\n");

@@ -1,0 +1,201 @@
+//! The OpenSandbox egress API (`/v1/sandboxes/{id}/proxy/18080/…`), answered by the server
+//! itself: the policy lives here, out of the sandbox's reach, and a change applies to the next
+//! name and connection at once (`?closeExisting=true` also closes open connections).
+//!
+//! Routes: `GET /policy`, `POST`/`PUT /policy` (a whole policy; `{}` or `null` is deny-all),
+//! `PATCH /policy` (rules merged in front), `DELETE /policy` (targets removed), `GET /healthz`.
+//! Errors are `{"status":"error","reason":…}` with 400 for a bad body naming the field.
+
+use axum::body::Bytes;
+use axum::http::{Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use execbox_proto::lifecycle::{EgressRule, NetworkPolicy};
+use serde_json::json;
+
+use crate::registry::SandboxRecord;
+use crate::Server;
+
+/// Largest request body of the egress API.
+const MAX_BODY: usize = 1 << 20;
+
+/// An egress API error: `{"status":"error","reason":…}` with its status.
+#[derive(Debug, thiserror::Error)]
+#[error("{reason}")]
+pub struct EgressError {
+    status: StatusCode,
+    reason: String,
+}
+
+impl IntoResponse for EgressError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            tracing::error!(reason = %self.reason, "egress API");
+        }
+        (
+            self.status,
+            Json(json!({"status": "error", "reason": self.reason})),
+        )
+            .into_response()
+    }
+}
+
+fn error(status: StatusCode, reason: impl Into<String>) -> EgressError {
+    EgressError {
+        status,
+        reason: reason.into(),
+    }
+}
+
+fn status(policy: &execbox_net::Policy) -> Response {
+    Json(json!({
+        "status": "ok",
+        "mode": policy.mode(),
+        // Every connection is held to the names this sandbox resolved (DNS pinning).
+        "enforcementMode": "dns+nft",
+        "policy": policy.to_wire(),
+    }))
+    .into_response()
+}
+
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8], field: &str) -> Result<T, EgressError> {
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let at = e.path().to_string();
+        let at = if at == "." {
+            field.to_string()
+        } else {
+            format!("{field}{}", at.trim_start_matches('.'))
+        };
+        error(StatusCode::BAD_REQUEST, format!("{at}: {}", e.inner()))
+    })
+}
+
+/// Answers one egress API request for the sandbox `rec`.
+pub async fn handle(
+    server: &Server,
+    rec: &SandboxRecord,
+    method: Method,
+    path: &str,
+    query: Option<&str>,
+    body: axum::body::Body,
+) -> Response {
+    answer(server, rec, method, path, query, body)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn answer(
+    server: &Server,
+    rec: &SandboxRecord,
+    method: Method,
+    path: &str,
+    query: Option<&str>,
+    body: axum::body::Body,
+) -> Result<Response, EgressError> {
+    let body: Bytes = axum::body::to_bytes(body, MAX_BODY).await.map_err(|_| {
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("body: larger than {MAX_BODY} bytes"),
+        )
+    })?;
+    let close_existing = query.is_some_and(|q| {
+        q.split('&')
+            .any(|kv| matches!(kv, "closeExisting=true" | "closeExisting=1"))
+    });
+    match (method, path.trim_end_matches('/')) {
+        (Method::GET, "/healthz") => Ok(StatusCode::OK.into_response()),
+        (method, "/policy") => {
+            let Some(net) = server.net_of(&rec.id) else {
+                // A sandbox made without network has none to change.
+                return match method {
+                    Method::GET => Ok(Json(json!({
+                        "status": "ok",
+                        "mode": "deny_all",
+                        "enforcementMode": "dns+nft",
+                        "reason": "this sandbox has no network (it was created without \
+                                   networkPolicy): nothing leaves it",
+                        "policy": execbox_net::Policy::deny_all().to_wire(),
+                    }))
+                    .into_response()),
+                    _ => Err(error(
+                        StatusCode::CONFLICT,
+                        "this sandbox has no network (it was created without networkPolicy); \
+                         create it with a networkPolicy to change its egress",
+                    )),
+                };
+            };
+            let change = match method {
+                Method::GET => return Ok(status(&net.policy())),
+                Method::POST | Method::PUT => {
+                    let wire: Option<NetworkPolicy> = parse(&body, "policy")?;
+                    let policy = match wire {
+                        None => execbox_net::Policy::deny_all(),
+                        Some(w) => execbox_net::Policy::from_wire(&w, "policy")
+                            .map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string()))?,
+                    };
+                    mode_allowed(server, rec, &policy)?;
+                    Change::Replace(policy)
+                }
+                Method::PATCH => {
+                    let rules: Vec<EgressRule> = parse(&body, "rules")?;
+                    Change::Patch(
+                        execbox_net::policy::parse_rules(&rules, "rules")
+                            .map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string()))?,
+                    )
+                }
+                Method::DELETE => Change::Remove(parse::<Vec<String>>(&body, "targets")?),
+                _ => return Err(error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")),
+            };
+            net.update(
+                |p| match change {
+                    Change::Replace(new) => *p = new,
+                    Change::Patch(rules) => p.patch(rules),
+                    Change::Remove(targets) => p.remove(&targets),
+                },
+                close_existing,
+            );
+            let now = net.policy();
+            if let Some(Err(e)) = server
+                .registry
+                .update(&rec.id, |r| r.network = Some(now.to_wire()))
+            {
+                tracing::warn!(sandbox = %rec.id, error = %e, "recording the egress policy");
+            }
+            tracing::info!(sandbox = %rec.id, mode = now.mode(), rules = now.rules.len(), "egress policy changed");
+            Ok(status(&now))
+        }
+        _ => Err(error(StatusCode::NOT_FOUND, format!("no route {path}"))),
+    }
+}
+
+enum Change {
+    Replace(execbox_net::Policy),
+    Patch(Vec<execbox_net::Rule>),
+    Remove(Vec<String>),
+}
+
+/// A whole new policy may not turn a sandbox into a mode its tenant may not have.
+fn mode_allowed(
+    server: &Server,
+    rec: &SandboxRecord,
+    policy: &execbox_net::Policy,
+) -> Result<(), EgressError> {
+    let mode = match policy.default {
+        execbox_net::Action::Deny => "allowlist",
+        execbox_net::Action::Allow => "public",
+    };
+    let allowed = &server.config.policy.for_tenant(&rec.tenant).network_modes;
+    if allowed.iter().any(|m| m == mode) {
+        Ok(())
+    } else {
+        Err(error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "policy.defaultAction: network mode {mode:?} is not allowed by this server's \
+                 policy (allowed: {})",
+                allowed.join(", ")
+            ),
+        ))
+    }
+}
