@@ -260,6 +260,9 @@ pub struct NetworkConfig {
     pub dns_ttl_secs: u32,
     /// Connections one sandbox may have open at once.
     pub max_connections: u64,
+    /// What session-execute sessions may reach (targets as in `networkPolicy`; `@name` is a
+    /// registry list, e.g. `["@npm"]` for Bun's installs); empty (the default): loopback only.
+    pub session_execute: Vec<String>,
 }
 
 impl Default for NetworkConfig {
@@ -270,6 +273,7 @@ impl Default for NetworkConfig {
             registries: BTreeMap::new(),
             dns_ttl_secs: 60,
             max_connections: 256,
+            session_execute: Vec::new(),
         }
     }
 }

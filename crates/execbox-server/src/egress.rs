@@ -131,14 +131,28 @@ async fn answer(
                     let wire: Option<NetworkPolicy> = parse(&body, "policy")?;
                     let policy = match wire {
                         None => execbox_net::Policy::deny_all(),
-                        Some(w) => execbox_net::Policy::from_wire(&w, "policy")
-                            .map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string()))?,
+                        Some(mut w) => {
+                            if let Some(rules) = &w.egress {
+                                w.egress = Some(
+                                    expand_presets(
+                                        rules,
+                                        &server.config.network.registries,
+                                        "policy.egress",
+                                    )
+                                    .map_err(|e| error(StatusCode::BAD_REQUEST, e))?,
+                                );
+                            }
+                            execbox_net::Policy::from_wire(&w, "policy")
+                                .map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string()))?
+                        }
                     };
                     mode_allowed(server, rec, &policy)?;
                     Change::Replace(policy)
                 }
                 Method::PATCH => {
                     let rules: Vec<EgressRule> = parse(&body, "rules")?;
+                    let rules = expand_presets(&rules, &server.config.network.registries, "rules")
+                        .map_err(|e| error(StatusCode::BAD_REQUEST, e))?;
                     Change::Patch(
                         execbox_net::policy::parse_rules(&rules, "rules")
                             .map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string()))?,
@@ -167,6 +181,35 @@ async fn answer(
         }
         _ => Err(error(StatusCode::NOT_FOUND, format!("no route {path}"))),
     }
+}
+
+/// Replaces every rule whose target is `@name` by one rule per host of the registry list
+/// `name` (`[network.registries]`), with the same action; `field` names the rules in errors.
+pub fn expand_presets(
+    rules: &[EgressRule],
+    registries: &std::collections::BTreeMap<String, Vec<String>>,
+    field: &str,
+) -> std::result::Result<Vec<EgressRule>, String> {
+    let mut out = Vec::with_capacity(rules.len());
+    for (i, rule) in rules.iter().enumerate() {
+        match rule.target.strip_prefix('@') {
+            Some(name) => {
+                let hosts = registries.get(name).ok_or_else(|| {
+                    format!(
+                        "{field}[{i}].target: {:?} names no registry list of this server \
+                         ([network.registries])",
+                        rule.target
+                    )
+                })?;
+                out.extend(hosts.iter().map(|h| EgressRule {
+                    action: rule.action,
+                    target: h.clone(),
+                }));
+            }
+            None => out.push(rule.clone()),
+        }
+    }
+    Ok(out)
 }
 
 enum Change {

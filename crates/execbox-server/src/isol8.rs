@@ -191,6 +191,7 @@ fn default_profile() -> Profile {
             sandbox_bytes: Some(DEFAULT_SANDBOX_SIZE),
             tmp_bytes: Some(DEFAULT_TMP_SIZE),
         },
+        network: false,
     }
 }
 
@@ -306,6 +307,10 @@ struct Plan {
     profile: Profile,
     run: RunRequest,
     setup: Option<RunRequest>,
+    /// The package install (`installPackages`) and the only egress it has: the registries.
+    install: Option<(RunRequest, execbox_net::Policy)>,
+    /// The egress of the setup script and the code (none: nothing leaves).
+    network: Option<execbox_net::Policy>,
     secrets: Vec<String>,
     max_output: u64,
 }
@@ -328,6 +333,88 @@ fn size_option(field: &str, raw: Option<&str>) -> Result<Option<u64>> {
             .ok_or_else(|| Isol8Error::BadRequest(format!("{field}: invalid size {raw:?}")))
     })
     .transpose()
+}
+
+/// The egress policy of isol8's `networkFilter` (`{"whitelist":[regex],"blacklist":[regex]}`):
+/// the blacklist wins, an empty whitelist allows everything else.
+fn filter_policy(filter: Option<&serde_json::Value>) -> Result<execbox_net::Policy> {
+    let list = |key: &str| -> Result<Vec<String>> {
+        match filter.and_then(|f| f.get(key)) {
+            None | Some(serde_json::Value::Null) => Ok(Vec::new()),
+            Some(serde_json::Value::Array(items)) => items
+                .iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    v.as_str().map(str::to_string).ok_or_else(|| {
+                        Isol8Error::BadRequest(format!(
+                            "options.networkFilter.{key}[{i}]: must be a string"
+                        ))
+                    })
+                })
+                .collect(),
+            Some(_) => Err(Isol8Error::BadRequest(format!(
+                "options.networkFilter.{key}: must be an array of regular expressions"
+            ))),
+        }
+    };
+    let (white, black) = (list("whitelist")?, list("blacklist")?);
+    let mut rules = Vec::new();
+    for (key, items, action) in [
+        ("blacklist", &black, execbox_net::Action::Deny),
+        ("whitelist", &white, execbox_net::Action::Allow),
+    ] {
+        for (i, pattern) in items.iter().enumerate() {
+            rules.push(execbox_net::Rule::pattern(action, pattern).map_err(|e| {
+                Isol8Error::BadRequest(format!("options.networkFilter.{key}[{i}]: {e}"))
+            })?);
+        }
+    }
+    Ok(execbox_net::Policy {
+        default: if white.is_empty() {
+            execbox_net::Action::Allow
+        } else {
+            execbox_net::Action::Deny
+        },
+        rules,
+    })
+}
+
+/// The user code's egress for isol8's `network` (`none`, `filtered`, `host`), within the
+/// tenant's network modes: `filtered` is execbox's allowlist mode (public when its whitelist is
+/// empty), `host` the public mode (never the host's own network).
+fn user_network(o: &Options, p: &Policy) -> Result<Option<execbox_net::Policy>> {
+    let network = o.network.as_deref().unwrap_or("none");
+    let (mode, policy) = match network {
+        "none" => ("none", None),
+        "host" => (
+            "public",
+            Some(execbox_net::Policy {
+                default: execbox_net::Action::Allow,
+                rules: Vec::new(),
+            }),
+        ),
+        "filtered" => {
+            let policy = filter_policy(o.network_filter.as_ref())?;
+            let mode = match policy.default {
+                execbox_net::Action::Allow => "public",
+                execbox_net::Action::Deny => "allowlist",
+            };
+            (mode, Some(policy))
+        }
+        other => {
+            return Err(Isol8Error::BadRequest(format!(
+                "options.network: {other:?} is not one of none, filtered, host"
+            )))
+        }
+    };
+    if !p.network_modes.iter().any(|m| m == mode) {
+        return Err(Isol8Error::BadRequest(format!(
+            "options.network: {network:?} (network mode {mode}) is not allowed by this server's \
+             policy (allowed: {})",
+            p.network_modes.join(", ")
+        )));
+    }
+    Ok(policy)
 }
 
 /// Checks `options` against the policy; returns the sandbox profile and the output cap.
@@ -372,12 +459,6 @@ fn check_options(o: &Options, p: &Policy, config: &crate::ServerConfig) -> Resul
         p.timeout_ms("options.timeoutMs", Some(t), DEFAULT_TIMEOUT_MS)?;
     }
     let network = o.network.as_deref().unwrap_or("none");
-    if !p.network_modes.iter().any(|m| m == network) {
-        return Err(Isol8Error::BadRequest(format!(
-            "options.network: {network:?} is not allowed by this server's policy (allowed: {})",
-            p.network_modes.join(", ")
-        )));
-    }
     // Isolation switches: the secure default is accepted (and is what runs anyway), anything
     // weaker is refused.
     if let Some(image) = o.image.as_deref().filter(|i| !i.is_empty()) {
@@ -437,6 +518,7 @@ fn check_options(o: &Options, p: &Policy, config: &crate::ServerConfig) -> Resul
             sandbox_bytes: Some(sandbox),
             tmp_bytes: Some(tmp),
         },
+        network: false,
     };
     Ok((profile, max_output))
 }
@@ -466,10 +548,123 @@ fn b64(data: &[u8]) -> String {
 }
 
 fn valid_package(name: &str) -> bool {
+    // Never an option of the installer (`-r/etc/x`, `--index-url=…`).
     !name.is_empty()
+        && !name.starts_with('-')
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"@_./-=".contains(&b))
+}
+
+/// The install command of `installPackages` for `runtime`, and the egress it gets: the hosts of
+/// the registry the operator names for it (`[network.registries]`), nothing else. Adds to `env`
+/// what the code needs to find the packages (as isol8 installs them under `/sandbox`).
+fn install_phase(
+    server: &Server,
+    runtime: Runtime,
+    packages: &[String],
+    env: &mut BTreeMap<String, String>,
+) -> Result<(Vec<String>, execbox_net::Policy)> {
+    let (registry, mut argv): (&str, Vec<String>) = match runtime {
+        Runtime::Python => {
+            env.insert("PYTHONUSERBASE".into(), format!("{SANDBOX_DIR}/.local"));
+            (
+                "pypi",
+                [
+                    "python3",
+                    "-m",
+                    "pip",
+                    "install",
+                    "--user",
+                    "--no-cache-dir",
+                    "--break-system-packages",
+                    "--disable-pip-version-check",
+                    "--retries",
+                    "0",
+                    "--timeout",
+                    "15",
+                    "--",
+                ]
+                .map(str::to_string)
+                .to_vec(),
+            )
+        }
+        Runtime::Node => {
+            env.insert("NODE_PATH".into(), format!("{SANDBOX_DIR}/node_modules"));
+            (
+                "npm",
+                [
+                    "npm",
+                    "install",
+                    "--prefix",
+                    SANDBOX_DIR,
+                    "--cache",
+                    "/sandbox/.npm-cache",
+                    "--no-audit",
+                    "--no-fund",
+                    "--fetch-retries",
+                    "0",
+                    "--",
+                ]
+                .map(str::to_string)
+                .to_vec(),
+            )
+        }
+        Runtime::Bun => {
+            env.insert(
+                "BUN_INSTALL_GLOBAL_DIR".into(),
+                format!("{SANDBOX_DIR}/.bun-global"),
+            );
+            (
+                "npm",
+                ["bun", "install", "-g", "--global-dir=/sandbox/.bun-global"]
+                    .map(str::to_string)
+                    .to_vec(),
+            )
+        }
+        other => {
+            return Err(Isol8Error::BadRequest(format!(
+                "request.installPackages: not supported for runtime {}",
+                other.name()
+            )))
+        }
+    };
+    let hosts = server
+        .config
+        .network
+        .registries
+        .get(registry)
+        .filter(|h| !h.is_empty())
+        .ok_or_else(|| {
+            Isol8Error::BadRequest(format!(
+                "request.installPackages: this server names no {registry} registry for installs \
+                 to reach ([network.registries] {registry} = [hosts]); use a runtime that has \
+                 the packages already"
+            ))
+        })?;
+    let rules = hosts
+        .iter()
+        .map(|h| execbox_net::Rule::parse(execbox_net::Action::Allow, h))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| Isol8Error::Internal(format!("[network.registries] {registry}: {e}")))?;
+    argv.extend(packages.iter().cloned());
+    Ok((
+        argv,
+        execbox_net::Policy {
+            default: execbox_net::Action::Deny,
+            rules,
+        },
+    ))
+}
+
+/// Sets the egress of the sandbox `id` for the next phase (deny-all for none).
+fn set_network(server: &Server, id: &str, policy: Option<&execbox_net::Policy>) {
+    if let Some(net) = server.net_of(id) {
+        let policy = policy
+            .cloned()
+            .unwrap_or_else(execbox_net::Policy::deny_all);
+        net.update(|p| *p = policy, true);
+    }
 }
 
 fn now_ms() -> u128 {
@@ -483,7 +678,8 @@ fn now_ms() -> u128 {
 fn plan(server: &Server, tenant: &Tenant, body: &ExecuteBody) -> Result<Plan> {
     let r: &ExecutionRequest = &body.request;
     let p = &server.config.policy.for_tenant(&tenant.0);
-    let (profile, max_output) = check_options(&body.options, p, &server.config)?;
+    let (mut profile, max_output) = check_options(&body.options, p, &server.config)?;
+    let network = user_network(&body.options, p)?;
     let sources = [r.code.is_some(), r.code_url.is_some(), r.cmd.is_some()];
     match sources.iter().filter(|s| **s).count() {
         0 => {
@@ -592,13 +788,16 @@ fn plan(server: &Server, tenant: &Tenant, body: &ExecuteBody) -> Result<Plan> {
             "request.installPackages: {bad:?} is not a valid package name"
         )));
     }
-    if !packages.is_empty() {
-        return Err(Isol8Error::BadRequest(format!(
-            "request.installPackages: installing packages needs network access to a package \
-             registry, and this server's sandboxes have none (network {:?}); use a runtime \
-             that has the packages already",
-            body.options.network.as_deref().unwrap_or("none")
-        )));
+    let install = if packages.is_empty() {
+        None
+    } else {
+        Some(install_phase(server, runtime, &packages, &mut env)?)
+    };
+    if network.is_some() || install.is_some() {
+        server
+            .network_available()
+            .map_err(|why| Isol8Error::BadRequest(format!("options.network: {why}")))?;
+        profile.network = true;
     }
     if let Some(ext) = &r.file_extension {
         let ok = ext.len() <= 12
@@ -673,11 +872,27 @@ fn plan(server: &Server, tenant: &Tenant, body: &ExecuteBody) -> Result<Plan> {
         keep_background: persistent,
         ..Default::default()
     });
+    let install = install.map(|(argv, policy)| {
+        (
+            RunRequest {
+                argv,
+                cwd: SANDBOX_DIR.into(),
+                env: env.clone(),
+                timeout_ms,
+                max_output_bytes: max_output,
+                keep_background: false,
+                ..Default::default()
+            },
+            policy,
+        )
+    });
     Ok(Plan {
         runtime,
         profile,
         run,
         setup,
+        install,
+        network,
         secrets: secrets.into_values().filter(|v| !v.is_empty()).collect(),
         max_output,
     })
@@ -795,7 +1010,7 @@ async fn acquire(
                 metadata: BTreeMap::new(),
                 limits: profile.limits,
                 expires_at: None,
-                network: None,
+                network: profile.network.then(execbox_net::Policy::deny_all),
             })
             .await?;
             if let Err(bound) = lease.bind_runtime(plan.runtime.name()) {
@@ -867,6 +1082,17 @@ async fn execute(
     let _permit = admit(&server, &tenant)?;
     let slot = acquire(&server, &tenant, &plan, body.session_id.as_deref()).await?;
     let socket = server.socket_path(slot.sandbox())?;
+    if let Some((install, registries)) = &plan.install {
+        set_network(&server, slot.sandbox(), Some(registries));
+        let r = agent_run::run(&socket, install).await?;
+        if r.exit_code != 0 {
+            set_network(&server, slot.sandbox(), None);
+            let mut result = to_result(&plan, r, slot.sandbox());
+            result.stderr.push_str("\n--- PACKAGE INSTALL FAILED ---");
+            return Ok(Json(result));
+        }
+    }
+    set_network(&server, slot.sandbox(), plan.network.as_ref());
     if let Some(setup) = &plan.setup {
         let r = agent_run::run(&socket, setup).await?;
         if r.exit_code != 0 {
@@ -979,6 +1205,21 @@ async fn stream_run(
 ) -> Result<()> {
     let slot = acquire(server, tenant, plan, None).await?;
     let socket = server.socket_path(slot.sandbox())?;
+    if let Some((install, registries)) = &plan.install {
+        set_network(server, slot.sandbox(), Some(registries));
+        let r = stream_phase(&socket, install, "install", &plan.secrets, out).await?;
+        if r.exit_code != 0 {
+            set_network(server, slot.sandbox(), None);
+            out.send(
+                "error",
+                format!("package install failed with exit code {}", r.exit_code),
+                Some("install"),
+            )
+            .await;
+            return Ok(());
+        }
+    }
+    set_network(server, slot.sandbox(), plan.network.as_ref());
     if let Some(setup) = &plan.setup {
         let r = stream_phase(&socket, setup, "setup", &plan.secrets, out).await?;
         if r.exit_code != 0 {

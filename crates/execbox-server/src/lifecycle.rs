@@ -68,7 +68,18 @@ fn network_of(
     let Some(asked) = asked else {
         return Ok(None);
     };
-    let policy = execbox_net::Policy::from_wire(asked, "networkPolicy")
+    let mut asked = asked.clone();
+    if let Some(rules) = &asked.egress {
+        asked.egress = Some(
+            crate::egress::expand_presets(
+                rules,
+                &server.config.network.registries,
+                "networkPolicy.egress",
+            )
+            .map_err(LifecycleError::invalid)?,
+        );
+    }
+    let policy = execbox_net::Policy::from_wire(&asked, "networkPolicy")
         .map_err(|e| LifecycleError::invalid(e.to_string()))?;
     let mode = match policy.default {
         execbox_net::Action::Deny => "allowlist",

@@ -23,6 +23,8 @@ pub struct Profile {
     pub template: String,
     /// Limits.
     pub limits: SandboxLimits,
+    /// With a network device (deny-all until a run sets its policy).
+    pub network: bool,
 }
 
 #[derive(Default)]
@@ -112,7 +114,7 @@ impl WarmPool {
             metadata: Default::default(),
             limits: profile.limits,
             expires_at: None,
-            network: None,
+            network: profile.network.then(execbox_net::Policy::deny_all),
         }
     }
 

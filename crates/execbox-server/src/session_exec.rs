@@ -290,7 +290,7 @@ async fn open(server: &Arc<Server>, caller: &Caller, id: &str) -> Result<Lease, 
         metadata: BTreeMap::new(),
         limits,
         expires_at: None,
-        network: None,
+        network: session_network(server),
     })
     .await?)
 }
@@ -305,6 +305,36 @@ fn socket(server: &Server, lease: &Lease) -> Result<PathBuf, ApiError> {
     server
         .socket_path(&lease.sandbox)
         .map_err(|e| ApiError::Internal(e.to_string()))
+}
+
+/// The egress of session-execute sessions: `[network] session_execute` (none: loopback only,
+/// or when this host cannot give sandboxes a network).
+fn session_network(server: &Server) -> Option<execbox_net::Policy> {
+    let targets = &server.config.network.session_execute;
+    if targets.is_empty() || server.network_available().is_err() {
+        return None;
+    }
+    let rules: Vec<execbox_proto::lifecycle::EgressRule> = targets
+        .iter()
+        .map(|t| execbox_proto::lifecycle::EgressRule {
+            action: execbox_proto::lifecycle::NetworkAction::Allow,
+            target: t.clone(),
+        })
+        .collect();
+    let expanded = crate::egress::expand_presets(
+        &rules,
+        &server.config.network.registries,
+        "network.session_execute",
+    )
+    .map_err(|e| tracing::error!(error = %e, "session-execute network"))
+    .ok()?;
+    let rules = execbox_net::policy::parse_rules(&expanded, "network.session_execute")
+        .map_err(|e| tracing::error!(error = %e, "session-execute network"))
+        .ok()?;
+    Some(execbox_net::Policy {
+        default: execbox_net::Action::Deny,
+        rules,
+    })
 }
 
 /// The argv of a program, and its standard input. `code` goes to `bun run -` on standard

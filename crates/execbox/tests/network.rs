@@ -352,3 +352,129 @@ fn egress_is_exactly_what_the_policy_names() {
         "{v}"
     );
 }
+
+/// The hosts of the package index the host's own pip uses (its configuration, else pip's
+/// default index and file host), read here so that no registry's name is written in the repo.
+fn pip_registry_hosts() -> Vec<String> {
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import os, subprocess, urllib.parse\n\
+             from pip._internal.models.index import PyPI\n\
+             cfg = subprocess.run(['python3', '-m', 'pip', 'config', 'list'], capture_output=True, text=True).stdout\n\
+             url = os.environ.get('PIP_INDEX_URL') or next((l.split('=', 1)[1].strip(\"'\") for l in cfg.splitlines() if l.split('=')[0].endswith('index-url')), None)\n\
+             hosts = [urllib.parse.urlparse(url).hostname] if url else [urllib.parse.urlparse(PyPI.simple_url).hostname, PyPI.file_storage_domain]\n\
+             print(' '.join(h for h in hosts if h))",
+        ])
+        .output()
+        .expect("the host's python3");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
+}
+
+/// The host name of the registry the host's own npm uses.
+fn npm_registry_host() -> String {
+    let out = std::process::Command::new("npm")
+        .args(["config", "get", "registry"])
+        .output()
+        .expect("the host's npm");
+    let url = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    url.split("://")
+        .nth(1)
+        .and_then(|rest| rest.split(['/', ':']).next())
+        .filter(|h| !h.is_empty())
+        .map(str::to_string)
+        .unwrap_or_else(|| panic!("no registry in the host's npm configuration: {url:?}"))
+}
+
+/// A real install from the package index the host's pip uses: `pip install` of one small
+/// package in a sandbox whose policy names that registry, and in one whose does not; the same
+/// through isol8's `installPackages`, whose user code then has no network.
+#[test]
+fn package_installs_reach_the_registry_and_nothing_else() {
+    let hosts = pip_registry_hosts();
+    assert!(
+        !hosts.is_empty(),
+        "no package index found in the host's pip"
+    );
+    let list = hosts
+        .iter()
+        .map(|h| format!("\"{h}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let npm = npm_registry_host();
+    let server = TestServer::start_with_config(&format!(
+        "[network.registries]\npypi = [{list}]\nnpm = [\"{npm}\"]\n"
+    ));
+    // The host's own CA settings (a proxying network may need them), passed on as they are.
+    let ca: serde_json::Map<String, Value> = [
+        "PIP_CERT",
+        "SSL_CERT_FILE",
+        "REQUESTS_CA_BUNDLE",
+        "NODE_EXTRA_CA_CERTS",
+    ]
+    .iter()
+    .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), json!(v))))
+    .collect();
+    let install = "python3 -m pip install --no-cache-dir --disable-pip-version-check \
+                   --retries 0 --timeout 20 --target /tmp/pkgs six >/tmp/pip.log 2>&1; \
+                   echo exit=$?; PYTHONPATH=/tmp/pkgs python3 -c 'import six; print(six.__name__)' 2>&1 | tail -1";
+    let allowed = server.create(json!({"networkPolicy": {"defaultAction": "deny",
+        "egress": [{"action": "allow", "target": "@pypi"}, {"action": "allow", "target": "@npm"}]}}));
+    let r = allowed.run_with(json!({"command": install, "envs": ca, "timeout": 120000}));
+    assert_eq!(r.out(), "exit=0\nsix", "{r:?}");
+    let denied = server.create(json!({"networkPolicy": {"defaultAction": "deny", "egress": []}}));
+    let r = denied.run_with(json!({"command": install, "envs": ca, "timeout": 120000}));
+    assert!(r.out().starts_with("exit=1"), "{r:?}");
+    let log = denied.run("cat /tmp/pip.log").out();
+    assert!(
+        log.contains("Name or service not known")
+            || log.contains("Failed to establish a new connection")
+            || log.contains("No matching distribution"),
+        "a clear message: {log}"
+    );
+
+    // npm, from the registry the host's npm uses.
+    let r = allowed.run_with(json!({"command":
+        "npm install --prefix /tmp/n --cache /tmp/npm-cache --no-audit --no-fund is-number \
+         >/tmp/npm.log 2>&1; echo exit=$?; \
+         node -e \"console.log(require('/tmp/n/node_modules/is-number')(5))\"",
+        "envs": ca, "timeout": 120000}));
+    assert_eq!(
+        r.out(),
+        "exit=0\ntrue",
+        "{r:?} {}",
+        allowed.run("tail -5 /tmp/npm.log").out()
+    );
+
+    // isol8: the install reaches the registry; the code after it has no network.
+    let body = json!({"request": {"runtime": "python", "installPackages": ["six"],
+        "env": ca,
+        "code": format!(
+            "import six, socket\nprint(six.__name__)\n\
+             try:\n    socket.create_connection(('{}', 443), timeout=5); print('reached')\n\
+             except Exception as e:\n    print('blocked')", hosts[0])}});
+    let (s, v) = into_pair(
+        ureq::post(&server.url("/execute"))
+            .set("Content-Type", "application/json")
+            .send_string(&body.to_string()),
+    );
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["stdout"], "six\nblocked", "{v}");
+    // A server that names no registry refuses installs, naming the field.
+    let bare = TestServer::start();
+    let (s, v) = into_pair(
+        ureq::post(&bare.url("/execute"))
+            .set("Content-Type", "application/json")
+            .send_string(&body.to_string()),
+    );
+    assert_eq!(s, 400, "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("request.installPackages")),
+        "{v}"
+    );
+}
