@@ -14,10 +14,15 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::sniff::{self, Sniffed};
 use crate::{SandboxNet, DEVICE_MTU, DNS_ADDRESS};
 
-/// Receive and send window of each connection inside the stack.
+/// Receive and send window of each connection inside the stack (each connection holds four
+/// buffers of this size until it is closed).
 const TCP_BUFFER: u32 = 256 * 1024;
 /// Most bytes read from a connection before its name (SNI, Host) must be known.
 const MAX_SNIFF: usize = 16 * 1024;
+/// How long the stack keeps a connection it closed first (TIME-WAIT, with its buffers): its
+/// place among the sandbox's open connections is held as long, which bounds what the stack can
+/// hold for one sandbox.
+const LINGER: Duration = Duration::from_secs(11);
 /// How long a connection on 443/80 may take to say which name it is for.
 const SNIFF_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -259,9 +264,24 @@ async fn relay(net: Arc<SandboxNet>, mut inner: netstack_smoltcp::TcpStream, dst
     let (mut or, mut ow) = outer.split();
     let out = copy_counted(&mut ir, &mut ow, &c.bytes_out);
     let back = copy_counted(&mut or, &mut iw, &c.bytes_in);
-    tokio::select! {
-        _ = async { tokio::join!(out, back) } => {}
-        _ = generation.changed() => {}
+    tokio::pin!(out, back);
+    let closed_first = tokio::select! {
+        _ = &mut out => {
+            tokio::select! { _ = &mut back => {}, _ = generation.changed() => {} }
+            false
+        }
+        _ = &mut back => {
+            tokio::select! { _ = &mut out => {}, _ = generation.changed() => {} }
+            true
+        }
+        _ = generation.changed() => false,
+    };
+    if closed_first {
+        // The stack closed first: it keeps the connection in TIME-WAIT; so is its place kept.
+        tokio::spawn(async move {
+            tokio::time::sleep(LINGER).await;
+            drop(_open);
+        });
     }
 }
 
@@ -326,5 +346,7 @@ where
         }
         counter.fetch_add(n as u64, Ordering::Relaxed);
     }
-    let _ = to.shutdown().await;
+    // Starts the close (a FIN after what is buffered) without waiting for it: the stack's side
+    // reports a shutdown done only once the connection has left TIME-WAIT, seconds later.
+    let _ = tokio::time::timeout(Duration::ZERO, to.shutdown()).await;
 }

@@ -157,7 +157,52 @@ async fn forward(server: Arc<Server>, req: Request) -> Result<Response, Lifecycl
     strip_hop_by_hop(&mut parts.headers, &[]);
     // The client's connection is ours: HTTP/1.1 whatever the upstream spoke.
     parts.version = http::Version::HTTP_11;
+    if port == AGENT_PORT && tail == "/metrics" && parts.status == StatusCode::OK {
+        if let Some(net) = server.net_of(id) {
+            return Ok(with_network_usage(parts, body, net.usage()).await);
+        }
+    }
     Ok(Response::from_parts(parts, Body::new(body)))
+}
+
+/// The agent's `/metrics` with what the sandbox's network did, which only the server knows:
+/// `net_bytes_out`, `net_bytes_in`, `net_connections`, `net_connections_open`, `net_refused`,
+/// `net_dns_queries`.
+async fn with_network_usage(
+    mut parts: http::response::Parts,
+    body: hyper::body::Incoming,
+    usage: execbox_net::Usage,
+) -> Response {
+    use http_body_util::BodyExt;
+    let bytes = match http_body_util::Limited::new(body, 64 * 1024)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            tracing::debug!(error = %e, "reading the agent's metrics");
+            return StatusCode::BAD_GATEWAY.into_response();
+        }
+    };
+    let mut v: serde_json::Value = match serde_json::from_slice(&bytes) {
+        Ok(v) => v,
+        Err(_) => return Response::from_parts(parts, Body::from(bytes)),
+    };
+    if let Some(m) = v.as_object_mut() {
+        for (k, n) in [
+            ("net_bytes_out", usage.bytes_out),
+            ("net_bytes_in", usage.bytes_in),
+            ("net_connections", usage.connections),
+            ("net_connections_open", usage.connections_open),
+            ("net_refused", usage.refused),
+            ("net_dns_queries", usage.dns_queries),
+        ] {
+            m.insert(k.into(), n.into());
+        }
+    }
+    let body = serde_json::to_vec(&v).unwrap_or_default();
+    parts.headers.remove(http::header::CONTENT_LENGTH);
+    Response::from_parts(parts, Body::from(body))
 }
 
 /// Answers the client's upgrade with the agent's 101 and copies bytes both ways between the

@@ -275,6 +275,18 @@ fn egress_is_exactly_what_the_policy_names() {
         );
     }
 
+    // What the network did, in the execd metrics.
+    let m = common::reply(sb.execd("GET", "/metrics").call()).json();
+    for key in [
+        "net_connections",
+        "net_bytes_in",
+        "net_bytes_out",
+        "net_refused",
+        "net_dns_queries",
+    ] {
+        assert!(m[key].as_u64().is_some_and(|n| n > 0), "{key} in {m}");
+    }
+
     // The egress API: what it shows, and changes that apply to the next connection.
     let (s, v) = egress(&server, &sb, "GET", None);
     assert_eq!(s, 200, "{v}");
