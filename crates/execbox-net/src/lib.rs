@@ -51,6 +51,13 @@ pub struct NetConfig {
     pub max_connections: u64,
     /// How long an outgoing connect may take.
     pub connect_timeout: Duration,
+    /// Receive and send window of each connection inside the stack. Each connection holds four
+    /// buffers of this size until it is closed (TIME-WAIT included), so memory per sandbox is
+    /// bounded by `max_connections` × 4 × this; larger windows move bulk data faster.
+    pub tcp_window_bytes: u32,
+    /// Bytes per second one sandbox may move in each direction, all its connections together
+    /// (none: as fast as the stack goes).
+    pub bandwidth_bytes_per_sec: Option<u64>,
 }
 
 impl Default for NetConfig {
@@ -62,6 +69,43 @@ impl Default for NetConfig {
             dns_ttl_secs: 60,
             max_connections: 256,
             connect_timeout: Duration::from_secs(10),
+            tcp_window_bytes: 256 * 1024,
+            bandwidth_bytes_per_sec: None,
+        }
+    }
+}
+
+/// A token bucket: `rate` bytes per second, bursts of one second's worth.
+#[derive(Debug)]
+pub(crate) struct Limiter {
+    rate: f64,
+    state: Mutex<(f64, Instant)>,
+}
+
+impl Limiter {
+    fn new(rate: u64) -> Limiter {
+        Limiter {
+            rate: rate.max(1) as f64,
+            state: Mutex::new((rate as f64, Instant::now())),
+        }
+    }
+
+    /// Waits until `n` bytes may pass.
+    pub(crate) async fn take(&self, n: usize) {
+        let wait = {
+            let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            s.0 = (s.0 + now.duration_since(s.1).as_secs_f64() * self.rate).min(self.rate);
+            s.1 = now;
+            s.0 -= n as f64;
+            if s.0 >= 0.0 {
+                None
+            } else {
+                Some(Duration::from_secs_f64(-s.0 / self.rate))
+            }
+        };
+        if let Some(w) = wait {
+            tokio::time::sleep(w).await;
         }
     }
 }
@@ -123,12 +167,18 @@ pub struct SandboxNet {
     counters: Counters,
     /// Bumped to close every open connection (a policy change that asks for it).
     generation: tokio::sync::watch::Sender<u64>,
+    /// The bandwidth cap of each direction, when the operator sets one.
+    pub(crate) limits: Option<(Limiter, Limiter)>,
 }
 
 impl SandboxNet {
     /// A network with `policy`.
     pub fn new(config: Arc<NetConfig>, policy: Policy) -> Arc<SandboxNet> {
+        let limits = config
+            .bandwidth_bytes_per_sec
+            .map(|r| (Limiter::new(r), Limiter::new(r)));
         Arc::new(SandboxNet {
+            limits,
             config,
             policy: RwLock::new(policy),
             pins: Mutex::new(HashMap::new()),

@@ -14,9 +14,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::sniff::{self, Sniffed};
 use crate::{SandboxNet, DEVICE_MTU, DNS_ADDRESS};
 
-/// Receive and send window of each connection inside the stack (each connection holds four
-/// buffers of this size until it is closed).
-const TCP_BUFFER: u32 = 256 * 1024;
 /// Most bytes read from a connection before its name (SNI, Host) must be known.
 const MAX_SNIFF: usize = 16 * 1024;
 /// How long the stack keeps a connection it closed first (TIME-WAIT, with its buffers): its
@@ -34,8 +31,8 @@ pub fn start(tun: OwnedFd, net: Arc<SandboxNet>) -> std::io::Result<()> {
         .enable_udp(false)
         .enable_icmp(false)
         .mtu(DEVICE_MTU as usize)
-        .tcp_recv_buffer_size(TCP_BUFFER)
-        .tcp_send_buffer_size(TCP_BUFFER)
+        .tcp_recv_buffer_size(net.config.tcp_window_bytes)
+        .tcp_send_buffer_size(net.config.tcp_window_bytes)
         .build()?;
     let Some(mut listener) = listener else {
         return Err(std::io::Error::other("the stack has no TCP"));
@@ -262,8 +259,12 @@ async fn relay(net: Arc<SandboxNet>, mut inner: netstack_smoltcp::TcpStream, dst
     let mut generation = net.generation.subscribe();
     let (mut ir, mut iw) = tokio::io::split(inner);
     let (mut or, mut ow) = outer.split();
-    let out = copy_counted(&mut ir, &mut ow, &c.bytes_out);
-    let back = copy_counted(&mut or, &mut iw, &c.bytes_in);
+    let (up, down) = match &net.limits {
+        Some((up, down)) => (Some(up), Some(down)),
+        None => (None, None),
+    };
+    let out = copy_counted(&mut ir, &mut ow, &c.bytes_out, up);
+    let back = copy_counted(&mut or, &mut iw, &c.bytes_in, down);
     tokio::pin!(out, back);
     let closed_first = tokio::select! {
         _ = &mut out => {
@@ -330,8 +331,12 @@ async fn sniff_name(
         .flatten()
 }
 
-async fn copy_counted<R, W>(from: &mut R, to: &mut W, counter: &std::sync::atomic::AtomicU64)
-where
+async fn copy_counted<R, W>(
+    from: &mut R,
+    to: &mut W,
+    counter: &std::sync::atomic::AtomicU64,
+    limit: Option<&crate::Limiter>,
+) where
     R: tokio::io::AsyncRead + Unpin,
     W: tokio::io::AsyncWrite + Unpin,
 {
@@ -341,6 +346,9 @@ where
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
+        if let Some(limit) = limit {
+            limit.take(n).await;
+        }
         if to.write_all(&buf[..n]).await.is_err() {
             break;
         }

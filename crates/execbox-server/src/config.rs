@@ -260,6 +260,12 @@ pub struct NetworkConfig {
     pub dns_ttl_secs: u32,
     /// Connections one sandbox may have open at once.
     pub max_connections: u64,
+    /// Receive and send window of each sandbox connection in the server's stack, in bytes
+    /// (default 256 KiB): larger moves bulk data faster; each open connection holds four
+    /// buffers of this size.
+    pub tcp_window_bytes: u32,
+    /// Bytes per second one sandbox may move in each direction (0, the default: no cap).
+    pub bandwidth_bytes_per_sec: u64,
     /// What session-execute sessions may reach (targets as in `networkPolicy`; `@name` is a
     /// registry list, e.g. `["@npm"]` for Bun's installs); empty (the default): loopback only.
     pub session_execute: Vec<String>,
@@ -273,6 +279,8 @@ impl Default for NetworkConfig {
             registries: BTreeMap::new(),
             dns_ttl_secs: 60,
             max_connections: 256,
+            tcp_window_bytes: 256 * 1024,
+            bandwidth_bytes_per_sec: 0,
             session_execute: Vec::new(),
         }
     }

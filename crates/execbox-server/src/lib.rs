@@ -573,6 +573,9 @@ fn net_config(config: &ServerConfig) -> execbox_net::NetConfig {
         host_addresses: execbox_net::host_addresses(),
         dns_ttl_secs: config.network.dns_ttl_secs,
         max_connections: config.network.max_connections,
+        tcp_window_bytes: config.network.tcp_window_bytes.clamp(16 * 1024, 16 << 20),
+        bandwidth_bytes_per_sec: (config.network.bandwidth_bytes_per_sec > 0)
+            .then_some(config.network.bandwidth_bytes_per_sec),
         ..Default::default()
     }
 }

@@ -187,8 +187,12 @@ fn main() -> Res<()> {
     let listener = TcpListener::bind((host, 0)).map_err(|e| e.to_string())?;
     let port = listener.local_addr().map_err(|e| e.to_string())?.port();
     serve(listener);
+    // `EXECBOX_BENCH_WINDOW` sets `[network] tcp_window_bytes` (default: the server's).
+    let window = std::env::var("EXECBOX_BENCH_WINDOW")
+        .map(|w| format!("tcp_window_bytes = {w}\n"))
+        .unwrap_or_default();
     let config = format!(
-        "[network]\nallow_addresses = [\"{host}:{port}\"]\n[network.hosts]\n\"bench.test\" = [\"{host}\"]\n"
+        "[network]\n{window}allow_addresses = [\"{host}:{port}\"]\n[network.hosts]\n\"bench.test\" = [\"{host}\"]\n"
     );
     let server = Server::start_with_config("network", Some(&config))?;
     println!("execbox network benchmark on {}\n", machine());

@@ -490,3 +490,44 @@ fn package_installs_reach_the_registry_and_nothing_else() {
         "{v}"
     );
 }
+
+/// The operator's bandwidth cap holds: 2 MiB at 512 KiB/s cannot arrive in under about three
+/// seconds (a lower bound: load only makes it slower), and the bytes are counted.
+#[test]
+fn the_bandwidth_cap_holds() {
+    let host = host_address();
+    let listener = TcpListener::bind((host, 0)).expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let mut conn = conn;
+            let _ = conn.write_all(&vec![b'x'; 2 << 20]);
+        }
+    });
+    let server = TestServer::start_with_config(&format!(
+        "[network]\nallow_addresses = [\"{host}\"]\nbandwidth_bytes_per_sec = 524288\n\
+         [network.hosts]\n\"bulk.test\" = [\"{host}\"]\n"
+    ));
+    let sb = server.create(json!({"networkPolicy": {"defaultAction": "deny",
+        "egress": [{"action": "allow", "target": "bulk.test"}]}}));
+    let out = py(
+        &sb,
+        &format!(
+            "import socket, time\ns = socket.create_connection(('bulk.test', {port}))\n\
+             t = time.time(); n = 0\nwhile True:\n    b = s.recv(65536)\n    if not b: break\n    n += len(b)\n\
+             print(n, round(time.time() - t, 2))"
+        ),
+    );
+    let mut f = out.split_whitespace();
+    let (n, secs): (u64, f64) = (
+        f.next().and_then(|v| v.parse().ok()).expect("bytes"),
+        f.next().and_then(|v| v.parse().ok()).expect("seconds"),
+    );
+    assert_eq!(n, 2 << 20, "{out}");
+    assert!(secs >= 2.0, "2 MiB at 512 KiB/s took only {secs} s");
+    let m = common::reply(sb.execd("GET", "/metrics").call()).json();
+    assert!(
+        m["net_bytes_in"].as_u64().is_some_and(|b| b >= 2 << 20),
+        "{m}"
+    );
+}
