@@ -67,9 +67,9 @@ impl Default for NetConfig {
             exceptions: Exceptions::default(),
             host_addresses: HashSet::new(),
             dns_ttl_secs: 60,
-            max_connections: 256,
+            max_connections: 128,
             connect_timeout: Duration::from_secs(10),
-            tcp_window_bytes: 256 * 1024,
+            tcp_window_bytes: 512 * 1024,
             bandwidth_bytes_per_sec: None,
         }
     }

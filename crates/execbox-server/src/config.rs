@@ -261,7 +261,7 @@ pub struct NetworkConfig {
     /// Connections one sandbox may have open at once.
     pub max_connections: u64,
     /// Receive and send window of each sandbox connection in the server's stack, in bytes
-    /// (default 256 KiB): larger moves bulk data faster; each open connection holds four
+    /// (default 512 KiB): larger moves bulk data faster; each open connection holds four
     /// buffers of this size.
     pub tcp_window_bytes: u32,
     /// Bytes per second one sandbox may move in each direction (0, the default: no cap).
@@ -278,8 +278,8 @@ impl Default for NetworkConfig {
             allow_addresses: Vec::new(),
             registries: BTreeMap::new(),
             dns_ttl_secs: 60,
-            max_connections: 256,
-            tcp_window_bytes: 256 * 1024,
+            max_connections: 128,
+            tcp_window_bytes: 512 * 1024,
             bandwidth_bytes_per_sec: 0,
             session_execute: Vec::new(),
         }
