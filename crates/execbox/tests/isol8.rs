@@ -821,7 +821,10 @@ fn idle_sessions_are_removed_after_the_ttl() {
     }
     // Its sandbox goes too (removal finishes just after the session leaves the list).
     while server.state_dir.join("sandboxes").join(&sandbox).exists() {
-        assert!(Instant::now() < deadline, "the session's sandbox is still there");
+        assert!(
+            Instant::now() < deadline,
+            "the session's sandbox is still there"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let (s, v) = server.get("/file?sessionId=idle&path=/sandbox/x");
