@@ -531,3 +531,52 @@ fn the_bandwidth_cap_holds() {
         "{m}"
     );
 }
+
+/// Another sandbox is out of reach, even for a policy that admits every private address: each
+/// sandbox's device leads only to the server's stack, which connects out from the host and
+/// never to a sandbox address, the gateway or the host's loopback (where sandboxes' ports are
+/// proxied).
+#[test]
+fn another_sandbox_is_unreachable() {
+    let server = TestServer::start();
+    let policy = json!({"networkPolicy": {"defaultAction": "deny", "egress": [
+        {"action": "allow", "target": "10.0.0.0/8"},
+        {"action": "allow", "target": "127.0.0.0/8"},
+    ]}});
+    let target = server.create(policy.clone());
+    let listening = target.run_with(json!({
+        "command": "python3 -m http.server 8000 --bind 0.0.0.0",
+        "background": true
+    }));
+    assert!(listening.error.is_none(), "{listening:?}");
+    // The listener is up: it answers inside its own sandbox.
+    let mut up = String::new();
+    for _ in 0..50 {
+        up = py(
+            &target,
+            &format!("{GET}\nprint(connect('10.0.2.100', 8000))"),
+        );
+        if up == "connected" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(up, "connected", "the target's own listener");
+
+    let other = server.create(policy);
+    let port = server.port;
+    let out = py(
+        &other,
+        &format!(
+            "{GET}\nfor ip in ['10.0.2.100', '10.0.2.2', '10.0.2.3', '127.0.0.1']:\n    \
+             print(ip, connect(ip, 8000))\nprint('server', connect('10.0.2.2', {port}), connect('127.0.0.1', {port}))"
+        ),
+    );
+    assert_eq!(
+        out,
+        "10.0.2.100 ERR ConnectionRefusedError\n10.0.2.2 ERR ConnectionRefusedError\n\
+         10.0.2.3 ERR ConnectionRefusedError\n127.0.0.1 ERR ConnectionRefusedError\n\
+         server ERR ConnectionRefusedError ERR ConnectionRefusedError",
+        "another sandbox, the gateway, the name server and loopback"
+    );
+}
