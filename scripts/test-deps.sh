@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs what the test suite needs on a fresh Debian machine (as root). Idempotent: what is
+# already there is left alone. Called by scripts/test.sh and by .ci/run.
+set -euo pipefail
+
+need_apt=()
+command -v python3 >/dev/null || need_apt+=(python3)
+command -v node >/dev/null || need_apt+=(nodejs)
+command -v npm >/dev/null || need_apt+=(npm)
+python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
+if ((${#need_apt[@]})); then
+  apt-get update -qq && apt-get install -y -qq "${need_apt[@]}"
+fi
+
+pip_install() {
+  python3 -m pip install --quiet --disable-pip-version-check "$@" \
+    || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages "$@"
+}
+# Code contexts: matplotlib and pandas in the Python the sandboxes use (plots and DataFrames
+# give PNG and HTML results).
+python3 -c 'import matplotlib, pandas' 2>/dev/null || pip_install matplotlib pandas
+# isol8's and session-execute's bun runtime.
+command -v bun >/dev/null || npm install -g --silent bun
