@@ -344,12 +344,7 @@ impl Contexts {
             return Ok(ctx);
         }
         let ctx = self
-            .create(
-                app,
-                language,
-                PathBuf::from(execbox_jail::rootfs::SANDBOX_HOME),
-                Vec::new(),
-            )
+            .create(app, language, crate::paths::default_cwd(), Vec::new())
             .await?;
         self.lock_defaults().insert(language, ctx.id.clone());
         Ok(ctx)
@@ -440,7 +435,7 @@ fn bad_language(e: String) -> ApiError {
 /// `mkdir -p` of a context's working directory, owned by the sandbox user.
 pub fn prepare_cwd(app: &AppState, raw: Option<&str>) -> Result<PathBuf, ApiError> {
     let Some(raw) = raw.filter(|c| !c.is_empty()) else {
-        return Ok(PathBuf::from(execbox_jail::rootfs::SANDBOX_HOME));
+        return Ok(crate::paths::default_cwd());
     };
     let path = crate::paths::resolve(raw, &app.runner.env_with(&[]))?;
     crate::files::make_cwd(&path, app.runner.user())?;

@@ -238,7 +238,7 @@ fn parse_body(body: &Bytes) -> Result<RunCommandRequest, ApiError> {
 }
 
 /// The working directory of a command: the one asked for, else the home of the user it runs as
-/// (the sandbox user's by default; `/` for a user whose home does not exist), which that user
+/// (the sandbox's default working directory for the sandbox user; `/` for a user whose home does not exist), which that user
 /// can enter.
 fn resolve_cwd(
     cwd: Option<&str>,
@@ -250,10 +250,11 @@ fn resolve_cwd(
         Some(uid) => names
             .home_of(uid)
             .filter(|h| crate::files::is_dir(std::path::Path::new(h)))
-            .unwrap_or("/"),
-        None => execbox_jail::rootfs::SANDBOX_HOME,
+            .unwrap_or("/")
+            .to_string(),
+        None => crate::paths::default_cwd().to_string_lossy().into_owned(),
     };
-    let raw = cwd.filter(|c| !c.is_empty()).unwrap_or(default);
+    let raw = cwd.filter(|c| !c.is_empty()).unwrap_or(&default);
     let path = crate::paths::resolve(raw, env)?;
     if !crate::files::is_dir(&path) {
         return Err(ApiError::BadRequest(format!(

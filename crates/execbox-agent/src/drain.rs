@@ -15,8 +15,10 @@ use axum::response::Response;
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
-/// Request bytes still read (and dropped) after the handler is done with the body.
-const MAX_DRAIN: usize = 16 << 20;
+/// Request bytes still read (and dropped) after the handler is done with the body. The real
+/// bound is the deadline below; this one only stops a client that sends faster than that.
+/// (An upload refused for want of room has the rest of its body to go: up to the whole file.)
+const MAX_DRAIN: usize = 1 << 30;
 /// How long the answer may wait for the rest of the request body.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
 /// Frames in flight between the connection and the handler.

@@ -2,7 +2,6 @@
 //! `/contexts`, on the same contexts as the execd `/code` routes. Errors are Leap0's
 //! `{"message"}` and validation shapes, mapped in [`Leap0Error`] only.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -471,7 +470,7 @@ async fn execute_stream(
     };
     let cwd = ctx
         .map(|c| c.cwd.clone())
-        .unwrap_or_else(|| PathBuf::from(execbox_jail::rootfs::SANDBOX_HOME));
+        .unwrap_or_else(crate::paths::default_cwd);
     let env = app.runner.env_with(&[]);
     let program = |name: &str| {
         crate::kernel::find_program(name, &env)

@@ -62,6 +62,19 @@ pub(crate) struct AppState {
     pub max_upload_bytes: u64,
 }
 
+/// The root file system's id and the sandbox's disk size, when the server said it.
+static ROOT_DISK: std::sync::OnceLock<(u64, u64)> = std::sync::OnceLock::new();
+
+/// The size limit of the file system `dir` is on: the sandbox's disk size as asked for when
+/// it is the root's, else what the file system reports.
+pub(crate) fn storage_limit_of(dir: &execbox_jail::fsroot::Dir) -> u64 {
+    use std::os::fd::AsFd;
+    match (ROOT_DISK.get(), execbox_jail::storage::fs_id(dir.as_fd())) {
+        (Some((root, bytes)), Some(id)) if *root == id => *bytes,
+        _ => dir.capacity().unwrap_or(0),
+    }
+}
+
 fn read_config() -> Result<AgentConfig, AgentError> {
     let raw = std::env::var(AGENT_CONFIG_ENV)
         .map_err(|_| AgentError::Config(format!("{AGENT_CONFIG_ENV} is not set")))?;
@@ -231,6 +244,13 @@ async fn serve(
     if !config.entrypoint.is_empty() {
         if let Err(e) = runner.start_entrypoint(&config.entrypoint) {
             tracing::warn!(error = %e, "entrypoint failed to start");
+        }
+    }
+    crate::paths::set_default_cwd(config.workdir.as_deref());
+    if let (Some(bytes), Ok(root)) = (config.disk_bytes, std::fs::File::open("/")) {
+        use std::os::fd::AsFd;
+        if let Some(id) = execbox_jail::storage::fs_id(root.as_fd()) {
+            let _ = ROOT_DISK.set((id, bytes));
         }
     }
     let state = Arc::new(AppState {

@@ -11,6 +11,25 @@ use execbox_jail::rootfs::SANDBOX_HOME;
 
 use crate::error::ApiError;
 
+/// The working directory of processes that name none (an image's `WorkingDir`, else the
+/// sandbox user's home); set once at start.
+static DEFAULT_CWD: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Sets the default working directory (at start, from the configuration).
+pub fn set_default_cwd(dir: Option<&str>) {
+    if let Some(dir) = dir.filter(|d| d.starts_with('/')) {
+        let _ = DEFAULT_CWD.set(normalize(Path::new(dir)));
+    }
+}
+
+/// The working directory of processes that name none.
+pub fn default_cwd() -> PathBuf {
+    DEFAULT_CWD
+        .get()
+        .cloned()
+        .unwrap_or_else(|| PathBuf::from(SANDBOX_HOME))
+}
+
 /// Expands and absolutises a client-supplied path. `env` is the sandbox environment.
 pub fn resolve(raw: &str, env: &[(String, String)]) -> Result<PathBuf, ApiError> {
     let expanded = expand_vars(raw, env)?;

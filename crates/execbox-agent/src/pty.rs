@@ -26,7 +26,6 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use execbox_jail::cgroup::ExecLeaf;
 use execbox_jail::process::ExitInfo;
-use execbox_jail::rootfs::SANDBOX_HOME;
 use execbox_proto::execd::codes;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
@@ -917,7 +916,7 @@ async fn create(
     let req = parse_create(&body)?;
     let cwd = match req.cwd.as_deref().filter(|c| !c.is_empty()) {
         Some(raw) => crate::paths::resolve(raw, &app.runner.env_with(&[]))?,
-        None => PathBuf::from(SANDBOX_HOME),
+        None => crate::paths::default_cwd(),
     };
     crate::files::make_cwd(&cwd, app.runner.user())?;
     let id = app

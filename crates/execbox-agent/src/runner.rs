@@ -160,17 +160,7 @@ impl Runner {
         let fence = if config.landlock {
             let spec = FenceSpec {
                 read_only: vec![PathBuf::from("/")],
-                read_write: [
-                    "/home/user",
-                    "/workspace",
-                    "/sandbox",
-                    "/tmp",
-                    "/dev",
-                    "/proc",
-                ]
-                .into_iter()
-                .map(PathBuf::from)
-                .collect(),
+                read_write: writable_roots(),
             };
             let fence = landlock_fence::prepare(&spec)
                 .map_err(|e| std::io::Error::other(format!("landlock: {e}")))?;
@@ -390,4 +380,26 @@ const READ_READY_MAX: usize = 4 << 20;
 /// Reads the leaf's statistics, if any.
 pub fn leaf_stats(leaf: Option<&ExecLeaf>) -> Option<CgroupStats> {
     leaf.and_then(|l| l.stats().ok())
+}
+
+/// Top-level directories of the root that the Landlock fence leaves writable: everything the
+/// sandbox owns (its writable layer and volumes: `/home`, `/workspace`, `/tmp`, `/var`, `/srv`,
+/// `/mnt`, an image's own directories…), `/dev` and `/proc`; not the system directories (read
+/// only mounts of the host's or files of root in an image anyway) nor `/run`, where the agent
+/// keeps its own data.
+fn writable_roots() -> Vec<PathBuf> {
+    const SYSTEM: &[&str] = &[
+        "usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc", "boot", "sys", "run",
+        ".execbox",
+    ];
+    let mut roots: Vec<PathBuf> = std::fs::read_dir("/")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter(|e| !SYSTEM.iter().any(|s| e.file_name() == *s))
+        .map(|e| e.path())
+        .collect();
+    roots.sort();
+    roots
 }

@@ -168,7 +168,7 @@ async fn create(
             crate::files::make_cwd(&path, app.runner.user())?;
             path
         }
-        None => PathBuf::from(execbox_jail::rootfs::SANDBOX_HOME),
+        None => crate::paths::default_cwd(),
     };
     let id = uuid::Uuid::new_v4().to_string();
     let session = Arc::new(Session {
@@ -196,7 +196,7 @@ async fn create(
 fn start_shell(app: &AppState, session: &Session) -> Result<Shell, ApiError> {
     let mut cwd = session.cwd();
     if !crate::files::is_dir(&cwd) {
-        cwd = PathBuf::from(execbox_jail::rootfs::SANDBOX_HOME);
+        cwd = crate::paths::default_cwd();
     }
     let started = app
         .runner

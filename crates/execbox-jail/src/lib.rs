@@ -9,4 +9,5 @@ pub mod rootfs;
 pub mod runtimes;
 pub mod seccomp;
 pub mod spawn;
+pub mod storage;
 pub mod sys;

@@ -1,5 +1,14 @@
-//! The sandbox's filesystem: which host directories it sees (read-only), which writable
-//! tmpfs it gets, and the mount program that builds it.
+//! The sandbox's filesystem and the mount program that builds it.
+//!
+//! The root is an overlay: read-only lower layers (execbox's own *skeleton* on top: mount
+//! points, the user database and the files execbox adds; below it the image's layers, or none
+//! for the host-runtimes template, whose system directories are then bound read-only from the
+//! host) and one writable layer, on the sandbox's disk (see [`crate::storage`]) or, when asked,
+//! in memory. The overlay is mounted by the sandbox's first process, inside its user namespace,
+//! from a staging directory that the server prepared ([`SandboxRoot`]): the layers and the disk
+//! are there as id-mapped mounts, so that files owned by ids `0..65536` on disk belong to the
+//! same ids inside. The paths in the overlay's options are relative to the staging directory:
+//! nothing of the host's layout shows in the sandbox's `mountinfo`.
 //!
 //! The plan is made on the host, in ordinary Rust, and compiled into a flat list of
 //! [`MountOp`]s holding only `CString`s. The child of `clone` then runs that list with raw
@@ -86,69 +95,116 @@ pub struct Runtime {
     pub prefix: Option<PathBuf>,
 }
 
-/// Sizes of the writable areas, in bytes.
+/// Sizes of a sandbox's storage, in bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct WritableSizes {
-    /// `/home/user`.
-    pub home: u64,
-    /// `/workspace`.
-    pub workspace: u64,
-    /// `/tmp`.
-    pub tmp: u64,
-    /// `/sandbox` (the working directory of isol8 runs).
-    pub sandbox: u64,
-    /// `/dev/shm`.
+pub struct StorageSizes {
+    /// The writable layer: the whole root's writable space (`/home/user`, `/workspace`,
+    /// `/tmp`, …), on the sandbox's disk (or in memory when the request or the operator asks).
+    pub disk: u64,
+    /// `/tmp` as a memory file system of this size, apart from the disk (isol8's `tmpSize`).
+    pub tmp_in_memory: Option<u64>,
+    /// `/dev/shm` (memory).
     pub shm: u64,
+    /// The agent's private data (`/run/execbox`: command logs, kernel scripts; memory).
+    pub agent_data: u64,
 }
 
-impl WritableSizes {
-    /// Every writable tmpfs together, the agent's own data area (sized like `/tmp`) included:
-    /// the most RAM the sandbox's files can take.
-    pub fn total(&self) -> u64 {
+impl StorageSizes {
+    /// The most memory the sandbox's files can take: every memory file system together, the
+    /// writable layer included when it is in memory.
+    pub fn in_memory(&self, upper: &Upper) -> u64 {
+        let layer = match upper {
+            Upper::Disk => 0,
+            Upper::Memory => self.disk,
+        };
         [
-            self.home,
-            self.workspace,
-            self.tmp,
-            self.sandbox,
+            self.tmp_in_memory.unwrap_or(0),
             self.shm,
-            self.tmp,
+            self.agent_data,
+            layer,
         ]
         .iter()
         .fold(0u64, |a, b| a.saturating_add(*b))
     }
+
+    /// What user code can fill in memory (the agent's own data excluded).
+    pub fn user_in_memory(&self, upper: &Upper) -> u64 {
+        self.in_memory(upper).saturating_sub(self.agent_data)
+    }
 }
 
-impl Default for WritableSizes {
+impl Default for StorageSizes {
     fn default() -> Self {
         const MIB: u64 = 1024 * 1024;
         Self {
-            home: 512 * MIB,
-            workspace: 512 * MIB,
-            tmp: 512 * MIB,
-            sandbox: 512 * MIB,
+            disk: 2048 * MIB,
+            tmp_in_memory: None,
             shm: 64 * MIB,
+            agent_data: 256 * MIB,
         }
     }
+}
+
+/// Where a sandbox's writable layer lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Upper {
+    /// On its disk, mounted by the server at the staging directory's `d` (with `upper/` and
+    /// `work/` in it).
+    Disk,
+    /// In a memory file system the sandbox mounts itself (rootless servers, or when asked).
+    Memory,
+}
+
+/// One sandbox's root as the server prepared it.
+#[derive(Debug, Clone)]
+pub struct SandboxRoot {
+    /// The staging directory (host path): holds the lower layers, the disk (`d`) and the
+    /// overlay's mount point (`root`).
+    pub stage: PathBuf,
+    /// The lower layers as paths relative to `stage`, topmost first; the first is the
+    /// skeleton.
+    pub lowers: Vec<String>,
+    /// Where the writable layer is.
+    pub upper: Upper,
+    /// Sizes.
+    pub sizes: StorageSizes,
+    /// The server mounted the overlay at `stage/root` already (root servers: it needs the
+    /// host's root to reach the layers); otherwise the sandbox's first process mounts it,
+    /// the writable layer in memory.
+    pub mounted: bool,
 }
 
 /// Everything needed to build one sandbox's root filesystem.
 #[derive(Debug, Clone)]
 pub struct RootfsPlan {
-    /// Host directory holding the skeleton of the root: empty mount points, the interpreter
-    /// links and the user database. Built once ([`RootfsPlan::build_skeleton`]) and bound
-    /// read-only as the root of every sandbox, so that a sandbox start creates no file at all
-    /// (files created by the sandbox's first process would need an owner mapped in its user
-    /// namespace, while reaching host directories such as a pyenv under a 0700 `/root` needs the
-    /// host root's uid).
+    /// Host directory holding the skeleton of the root: mount points, the usual directories,
+    /// the interpreter links and the user database. Built once per base
+    /// ([`RootfsPlan::build_skeleton`]) and used as the topmost read-only layer of every
+    /// sandbox's root, so that a sandbox start writes nothing.
     pub skeleton: PathBuf,
     /// Host name inside the sandbox.
     pub hostname: String,
     /// Runtimes to expose.
     pub runtimes: Vec<Runtime>,
-    /// Writable area sizes.
-    pub sizes: WritableSizes,
+    /// The base of the root: the host's system directories, or an image's layers.
+    pub base: RootBase,
     /// True when only one uid is mapped (rootless server): the sandbox user is then uid 0.
     pub rootless: bool,
+}
+
+/// What a sandbox's root is made of, below execbox's skeleton.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RootBase {
+    /// The host's system directories, bound read-only, and its runtimes (the `default`
+    /// template).
+    HostRuntimes,
+    /// An image's layers. Its user database, with the sandbox user added.
+    Image {
+        /// The image's `/etc/passwd`, if it has one.
+        passwd: Option<String>,
+        /// The image's `/etc/group`, if it has one.
+        group: Option<String>,
+    },
 }
 
 /// One step of the mount program. Paths are absolute host paths before the pivot.
@@ -178,6 +234,10 @@ pub enum MountOp {
     },
     /// Pivots into `dir`: `chdir(dir)`, `pivot_root(".", ".")`, detach the old root, `chdir("/")`.
     PivotInto(CString),
+    /// `chdir(2)`: later relative paths start there.
+    Chdir(CString),
+    /// `mkdir(2)` with a mode.
+    Mkdir(CString, u32),
 }
 
 /// A failed mount-program step: which step and the errno.
@@ -238,15 +298,30 @@ impl RootfsPlan {
 
     fn etc_contents(&self, name: &str) -> String {
         let (uid, gid) = self.ids();
-        match name {
-            "passwd" => format!(
+        let user = format!("user:x:{uid}:{gid}:user:{SANDBOX_HOME}:/bin/sh\n");
+        match (name, &self.base) {
+            ("passwd", RootBase::HostRuntimes) => format!(
                 "root:x:0:0:root:/root:/bin/bash\n\
                  user:x:{uid}:{gid}:user:{SANDBOX_HOME}:/bin/bash\n\
                  nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
             ),
-            "group" => format!("root:x:0:\ntty:x:5:\nuser:x:{gid}:\nnogroup:x:65534:\n"),
-            "hostname" => format!("{}\n", self.hostname),
-            "resolv.conf" => format!("nameserver {SANDBOX_DNS}\noptions ndots:0 attempts:1\n"),
+            ("group", RootBase::HostRuntimes) => {
+                format!("root:x:0:\ntty:x:5:\nuser:x:{gid}:\nnogroup:x:65534:\n")
+            }
+            // The image's own database, its entries for the sandbox user's name or ids replaced
+            // by the sandbox user (`uid`/`gid` of the third field).
+            ("passwd", RootBase::Image { passwd, .. }) => {
+                let base = passwd
+                    .as_deref()
+                    .unwrap_or("root:x:0:0:root:/root:/bin/sh\n");
+                merge_db(base, &user, uid)
+            }
+            ("group", RootBase::Image { group, .. }) => {
+                let base = group.as_deref().unwrap_or("root:x:0:\n");
+                merge_db(base, &format!("user:x:{gid}:\n"), gid)
+            }
+            ("hostname", _) => format!("{}\n", self.hostname),
+            ("resolv.conf", _) => format!("nameserver {SANDBOX_DNS}\noptions ndots:0 attempts:1\n"),
             _ => format!(
                 "127.0.0.1\tlocalhost {h}\n::1\tlocalhost ip6-localhost ip6-loopback {h}\n",
                 h = self.hostname
@@ -257,11 +332,16 @@ impl RootfsPlan {
     /// Creates the skeleton directory (idempotent). Runs on the host, once per plan.
     pub fn build_skeleton(&self) -> std::io::Result<()> {
         use std::fs;
-        use std::os::unix::fs::{symlink, PermissionsExt};
+        use std::os::unix::fs::{chown, symlink, PermissionsExt};
         let root = &self.skeleton;
-        let dir = |p: &Path| -> std::io::Result<()> {
+        let (uid, gid) = self.ids();
+        let dir = |p: &Path, mode: u32, owner: Option<(u32, u32)>| -> std::io::Result<()> {
             fs::create_dir_all(p)?;
-            fs::set_permissions(p, fs::Permissions::from_mode(0o755))
+            fs::set_permissions(p, fs::Permissions::from_mode(mode))?;
+            if let (Some((u, g)), false) = (owner, self.rootless) {
+                chown(p, Some(u), Some(g))?;
+            }
+            Ok(())
         };
         let link = |dest: &Path, at: &Path| -> std::io::Result<()> {
             match fs::symlink_metadata(at) {
@@ -271,36 +351,55 @@ impl RootfsPlan {
             }
             symlink(dest, at)
         };
-        dir(root)?;
-        for d in SYSTEM_DIRS {
-            let host = Path::new(d);
-            let at = inside(root, host);
-            match fs::symlink_metadata(host) {
-                Ok(m) if m.file_type().is_symlink() => link(&fs::read_link(host)?, &at)?,
-                Ok(m) if m.is_dir() => dir(&at)?,
-                _ => {}
+        let empty_file = |at: &Path| -> std::io::Result<()> {
+            if !at.exists() {
+                fs::write(at, b"")?;
+            }
+            Ok(())
+        };
+        dir(root, 0o755, None)?;
+        if self.base == RootBase::HostRuntimes {
+            for d in SYSTEM_DIRS {
+                let host = Path::new(d);
+                let at = inside(root, host);
+                match fs::symlink_metadata(host) {
+                    Ok(m) if m.file_type().is_symlink() => link(&fs::read_link(host)?, &at)?,
+                    Ok(m) if m.is_dir() => dir(&at, 0o755, None)?,
+                    _ => {}
+                }
+            }
+            for p in self.extra_prefixes() {
+                dir(&inside(root, &p), 0o755, None)?;
+            }
+        } else {
+            // Targets of the binds of execbox's own /etc files, whatever the image has.
+            dir(&root.join("etc"), 0o755, None)?;
+            for name in ETC_FILES {
+                empty_file(&root.join("etc").join(name))?;
             }
         }
-        for p in self.extra_prefixes() {
-            dir(&inside(root, &p))?;
-        }
-        for d in [
-            SANDBOX_HOME,
-            "/workspace",
-            SANDBOX_WORKDIR,
-            "/tmp",
-            AGENT_DATA_DIR,
-            "/proc",
-            "/dev/pts",
-            "/dev/shm",
+        // The usual directories, where the sandbox user works, and the mount points.
+        for (d, mode, owner) in [
+            (SANDBOX_HOME, 0o750, Some((uid, gid))),
+            ("/workspace", 0o755, Some((uid, gid))),
+            (SANDBOX_WORKDIR, 0o755, Some((uid, gid))),
+            ("/tmp", 0o1777, None),
+            ("/var", 0o755, None),
+            ("/var/tmp", 0o1777, None),
+            ("/opt", 0o755, None),
+            ("/srv", 0o755, Some((uid, gid))),
+            ("/mnt", 0o755, Some((uid, gid))),
+            ("/run", 0o755, None),
+            (AGENT_DATA_DIR, 0o700, None),
+            ("/proc", 0o555, None),
+            ("/dev", 0o755, None),
+            ("/dev/pts", 0o755, None),
+            ("/dev/shm", 0o1777, None),
         ] {
-            dir(&inside(root, Path::new(d)))?;
+            dir(&inside(root, Path::new(d)), mode, owner)?;
         }
         for name in DEVICES {
-            let at = root.join("dev").join(name);
-            if !at.exists() {
-                fs::write(&at, b"")?;
-            }
+            empty_file(&root.join("dev").join(name))?;
         }
         link(Path::new("pts/ptmx"), &root.join("dev/ptmx"))?;
         for (name, dest) in [
@@ -312,29 +411,33 @@ impl RootfsPlan {
             link(Path::new(dest), &root.join("dev").join(name))?;
         }
         let files = root.join(".execbox");
-        dir(&files)?;
+        dir(&files, 0o755, None)?;
         for name in ETC_FILES {
             fs::write(files.join(name), self.etc_contents(name))?;
         }
-        let bin = inside(root, Path::new(RUNTIME_BIN_DIR));
-        dir(&bin)?;
-        for rt in &self.runtimes {
-            link(&rt.executable, &bin.join(&rt.name))?;
-        }
-        for path in CODE_INTERPRETER_ENTRYPOINTS {
-            let entrypoint = inside(root, Path::new(path));
-            if let Some(parent) = entrypoint.parent() {
-                dir(parent)?;
+        if self.base == RootBase::HostRuntimes {
+            let bin = inside(root, Path::new(RUNTIME_BIN_DIR));
+            dir(&bin, 0o755, None)?;
+            for rt in &self.runtimes {
+                link(&rt.executable, &bin.join(&rt.name))?;
             }
-            fs::write(&entrypoint, CODE_INTERPRETER_SCRIPT)?;
-            fs::set_permissions(&entrypoint, fs::Permissions::from_mode(0o755))?;
+            for path in CODE_INTERPRETER_ENTRYPOINTS {
+                let entrypoint = inside(root, Path::new(path));
+                if let Some(parent) = entrypoint.parent() {
+                    dir(parent, 0o755, None)?;
+                }
+                fs::write(&entrypoint, CODE_INTERPRETER_SCRIPT)?;
+                fs::set_permissions(&entrypoint, fs::Permissions::from_mode(0o755))?;
+            }
         }
         Ok(())
     }
 
-    /// Compiles the plan into the mount program run by the sandbox's first process.
-    pub fn compile(&self) -> Vec<MountOp> {
-        let root = self.skeleton.clone();
+    /// Compiles the plan into the mount program run by the sandbox's first process, for the
+    /// root prepared at `sandbox`.
+    pub fn compile(&self, sandbox: &SandboxRoot) -> Vec<MountOp> {
+        let stage = sandbox.stage.clone();
+        let root = stage.join("root");
         let mut ops = Vec::new();
         let bind = |ops: &mut Vec<MountOp>, src: &Path, target: &Path, attrs: u64| {
             ops.push(MountOp::Mount {
@@ -361,7 +464,8 @@ impl RootfsPlan {
                 data: Some(cstr(&data)),
             });
         };
-        let (uid, gid) = self.ids();
+        let fs_flags = libc::MS_NOSUID | libc::MS_NODEV;
+        let sizes = &sandbox.sizes;
 
         // Nothing mounted here may propagate back to the host.
         ops.push(MountOp::Mount {
@@ -371,53 +475,88 @@ impl RootfsPlan {
             flags: libc::MS_REC | libc::MS_PRIVATE,
             data: None,
         });
-        // The skeleton becomes a mount of its own so that it can be the new root.
-        bind(&mut ops, &root, &root, 0);
+        // The overlay, from the staging directory with relative paths.
+        if !sandbox.mounted {
+            ops.push(MountOp::Chdir(cpath(&stage)));
+        }
+        if !sandbox.mounted && sandbox.upper == Upper::Memory {
+            mount(
+                &mut ops,
+                "tmpfs",
+                Path::new("d"),
+                fs_flags,
+                format!("size={},mode=755", sizes.disk),
+            );
+            ops.push(MountOp::Mkdir(cstr("d/upper"), 0o755));
+            ops.push(MountOp::Mkdir(cstr("d/work"), 0o700));
+        }
+        // `userxattr`: an overlay mounted in a user namespace keeps its metadata (opaque
+        // directories of image layers included) in `user.overlay.*` attributes (as the
+        // server's own mount of it does, see `storage::mount_overlay`).
+        if !sandbox.mounted {
+            mount(
+                &mut ops,
+                "overlay",
+                Path::new("root"),
+                fs_flags,
+                format!(
+                    "lowerdir={},upperdir=d/upper,workdir=d/work,userxattr",
+                    sandbox.lowers.join(":")
+                ),
+            );
+        }
 
-        for d in SYSTEM_DIRS {
-            let host = Path::new(d);
-            if std::fs::symlink_metadata(host).is_ok_and(|m| m.is_dir()) {
-                bind(&mut ops, host, &inside(&root, host), RO);
+        if sandbox.mounted {
+            // The server's mount came into this namespace locked (as every mount copied into a
+            // less privileged one): a bind of it made here can be the new root.
+            bind(&mut ops, &root, &root, 0);
+        }
+
+        if self.base == RootBase::HostRuntimes {
+            for d in SYSTEM_DIRS {
+                let host = Path::new(d);
+                if std::fs::symlink_metadata(host).is_ok_and(|m| m.is_dir()) {
+                    bind(&mut ops, host, &inside(&root, host), RO);
+                }
+            }
+            for name in ETC_MASKED {
+                let host = Path::new("/etc").join(name);
+                if host.exists() {
+                    bind(&mut ops, Path::new("/dev/null"), &inside(&root, &host), 0);
+                }
             }
         }
-        for name in ETC_MASKED {
-            let host = Path::new("/etc").join(name);
-            if host.exists() {
-                bind(&mut ops, Path::new("/dev/null"), &inside(&root, &host), 0);
-            }
-        }
+        // execbox's /etc files (the user database, host name, resolver), read-only. The
+        // skeleton is the overlay's top layer, so its copies are at `/.execbox` of the root.
         for name in ETC_FILES {
-            let host = Path::new("/etc").join(name);
-            if host.exists() {
+            let exists = match self.base {
+                RootBase::HostRuntimes => Path::new("/etc").join(name).exists(),
+                RootBase::Image { .. } => true,
+            };
+            if exists {
                 bind(
                     &mut ops,
                     &root.join(".execbox").join(name),
-                    &inside(&root, &host),
+                    &root.join("etc").join(name),
                     RO,
                 );
             }
         }
-        // Runtimes installed outside the system directories, bound at the same path so their
-        // compiled-in prefixes keep working.
-        for prefix in self.extra_prefixes() {
-            bind(&mut ops, &prefix, &inside(&root, &prefix), RO);
+        if self.base == RootBase::HostRuntimes {
+            // Runtimes installed outside the system directories, bound at the same path so
+            // their compiled-in prefixes keep working.
+            for prefix in self.extra_prefixes() {
+                bind(&mut ops, &prefix, &inside(&root, &prefix), RO);
+            }
         }
 
-        // Writable, size-limited areas.
-        let fs_flags = libc::MS_NOSUID | libc::MS_NODEV;
-        let sizes = &self.sizes;
-        for (dir, size, mode, owner) in [
-            (SANDBOX_HOME, sizes.home, "750", (uid, gid)),
-            ("/workspace", sizes.workspace, "755", (uid, gid)),
-            (SANDBOX_WORKDIR, sizes.sandbox, "755", (uid, gid)),
-            ("/tmp", sizes.tmp, "1777", (0, 0)),
-        ] {
+        if let Some(size) = sizes.tmp_in_memory {
             mount(
                 &mut ops,
                 "tmpfs",
-                &inside(&root, Path::new(dir)),
+                &root.join("tmp"),
                 fs_flags,
-                format!("size={size},mode={mode},uid={},gid={}", owner.0, owner.1),
+                format!("size={size},mode=1777,uid=0,gid=0"),
             );
         }
         // The agent's private data: root-only (the agent opens it to traversal for its kernel
@@ -427,7 +566,7 @@ impl RootfsPlan {
             "tmpfs",
             &inside(&root, Path::new(AGENT_DATA_DIR)),
             fs_flags | libc::MS_NOEXEC,
-            format!("size={},mode=700,uid=0,gid=0", sizes.tmp),
+            format!("size={},mode=700,uid=0,gid=0", sizes.agent_data),
         );
 
         // A minimal /dev: a few host device nodes, a private devpts, a private shm.
@@ -483,15 +622,27 @@ impl RootfsPlan {
                 bind(&mut ops, &p, &p, RO | sys::MOUNT_ATTR_NOEXEC);
             }
         }
-
-        ops.push(MountOp::SetAttr {
-            target: cpath(&root),
-            attrs: RO,
-            recursive: false,
-        });
         ops.push(MountOp::PivotInto(cpath(&root)));
         ops
     }
+}
+
+/// `db` (an `/etc/passwd` or `/etc/group`) without entries named `user` or with id `id`,
+/// then `entry`.
+fn merge_db(db: &str, entry: &str, id: u32) -> String {
+    let id = id.to_string();
+    let mut out: String = db
+        .lines()
+        .filter(|l| {
+            let mut f = l.split(':');
+            let name = f.next().unwrap_or("");
+            let entry_id = f.nth(1).unwrap_or("");
+            !l.trim().is_empty() && name != "user" && entry_id != id
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    out.push_str(entry);
+    out
 }
 
 /// Binds a read-only file with `content` over each `/proc/<name>` of `files`, the files kept in
@@ -612,6 +763,8 @@ pub fn run_ops(ops: &[MountOp]) -> Result<(), OpFailure> {
                 recursive,
             } => sys::mount_setattr(target, *attrs, *recursive),
             MountOp::PivotInto(dir) => pivot_into(dir),
+            MountOp::Chdir(dir) => sys::chdir(dir),
+            MountOp::Mkdir(dir, mode) => sys::mkdir(dir, *mode as libc::mode_t),
         }
         .map_err(fail)?;
     }
@@ -646,5 +799,7 @@ pub fn describe_op(op: &MountOp) -> String {
             format!("make {} read-only", target.to_string_lossy())
         }
         MountOp::PivotInto(p) => format!("pivot_root into {}", p.to_string_lossy()),
+        MountOp::Chdir(p) => format!("chdir {}", p.to_string_lossy()),
+        MountOp::Mkdir(p, _) => format!("mkdir {}", p.to_string_lossy()),
     }
 }

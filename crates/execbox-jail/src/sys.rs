@@ -674,3 +674,192 @@ pub fn kill(pid: libc::pid_t, sig: libc::c_int) -> Result<(), Errno> {
     // SAFETY: plain syscall with integer arguments.
     check(unsafe { libc::kill(pid, sig) } as libc::c_long).map(drop)
 }
+
+// --- Block devices and the new mount API (host side: a sandbox's disk) ---
+//
+// `libc` has neither the loop device ABI nor wrappers for the new mount API, and the loop
+// crates build their bindings with bindgen (libclang at build time); these few definitions
+// come from the kernel's uapi headers (`linux/loop.h`, `linux/mount.h`).
+
+const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
+const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
+/// `LO_FLAGS_AUTOCLEAR`: the device detaches itself when its last user closes it.
+pub const LO_FLAGS_AUTOCLEAR: u32 = 4;
+/// `LO_FLAGS_DIRECT_IO`: I/O to the backing file bypasses the host's page cache (no double
+/// caching of what the sandbox's own file system already caches).
+pub const LO_FLAGS_DIRECT_IO: u32 = 16;
+
+#[repr(C)]
+struct LoopInfo64 {
+    lo_device: u64,
+    lo_inode: u64,
+    lo_rdevice: u64,
+    lo_offset: u64,
+    lo_sizelimit: u64,
+    lo_number: u32,
+    lo_encrypt_type: u32,
+    lo_encrypt_key_size: u32,
+    lo_flags: u32,
+    lo_file_name: [u8; 64],
+    lo_crypt_name: [u8; 64],
+    lo_encrypt_key: [u8; 32],
+    lo_init: [u64; 2],
+}
+
+#[repr(C)]
+struct LoopConfig {
+    fd: u32,
+    block_size: u32,
+    info: LoopInfo64,
+    reserved: [u64; 8],
+}
+
+/// `ioctl(LOOP_CTL_GET_FREE)` on `/dev/loop-control`: the number of a free loop device.
+pub fn loop_get_free(control: RawFd) -> Result<u32, Errno> {
+    // SAFETY: plain ioctl without an argument.
+    check(unsafe { libc::ioctl(control, LOOP_CTL_GET_FREE) } as libc::c_long).map(|n| n as u32)
+}
+
+/// `ioctl(LOOP_CONFIGURE)`: backs the loop device open at `device` with the file open at
+/// `backing`, with `flags` (`LO_FLAGS_*`), in one step.
+pub fn loop_configure(device: RawFd, backing: RawFd, flags: u32) -> Result<(), Errno> {
+    let config = LoopConfig {
+        fd: backing as u32,
+        block_size: 0,
+        info: LoopInfo64 {
+            lo_device: 0,
+            lo_inode: 0,
+            lo_rdevice: 0,
+            lo_offset: 0,
+            lo_sizelimit: 0,
+            lo_number: 0,
+            lo_encrypt_type: 0,
+            lo_encrypt_key_size: 0,
+            lo_flags: flags,
+            lo_file_name: [0; 64],
+            lo_crypt_name: [0; 64],
+            lo_encrypt_key: [0; 32],
+            lo_init: [0; 2],
+        },
+        reserved: [0; 8],
+    };
+    // SAFETY: `config` is a valid `struct loop_config` that outlives the call.
+    check(
+        unsafe { libc::ioctl(device, LOOP_CONFIGURE, &config as *const LoopConfig) }
+            as libc::c_long,
+    )
+    .map(drop)
+}
+
+/// `fsopen(fstype, FSOPEN_CLOEXEC)`: a file system context.
+pub fn fsopen(fstype: &CStr) -> Result<RawFd, Errno> {
+    const FSOPEN_CLOEXEC: libc::c_uint = 1;
+    // SAFETY: `fstype` is NUL-terminated; the flags are integers.
+    check(unsafe { libc::syscall(libc::SYS_fsopen, fstype.as_ptr(), FSOPEN_CLOEXEC) })
+        .map(|fd| fd as RawFd)
+}
+
+/// `fsconfig(fd, FSCONFIG_SET_STRING, key, value)`.
+pub fn fsconfig_set_string(fd: RawFd, key: &CStr, value: &CStr) -> Result<(), Errno> {
+    const FSCONFIG_SET_STRING: libc::c_uint = 1;
+    // SAFETY: `key` and `value` are NUL-terminated strings that outlive the call.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_fsconfig,
+            fd,
+            FSCONFIG_SET_STRING,
+            key.as_ptr(),
+            value.as_ptr(),
+            0,
+        )
+    })
+    .map(drop)
+}
+
+/// `fsconfig(fd, FSCONFIG_CMD_CREATE)`: makes the superblock.
+pub fn fsconfig_create(fd: RawFd) -> Result<(), Errno> {
+    const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
+    // SAFETY: no pointers are passed for this command.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_fsconfig,
+            fd,
+            FSCONFIG_CMD_CREATE,
+            std::ptr::null::<libc::c_char>(),
+            std::ptr::null::<libc::c_void>(),
+            0,
+        )
+    })
+    .map(drop)
+}
+
+/// `fsmount(fd, FSMOUNT_CLOEXEC, attrs)`: a detached mount of the context's superblock.
+pub fn fsmount(fd: RawFd, attrs: u64) -> Result<RawFd, Errno> {
+    const FSMOUNT_CLOEXEC: libc::c_uint = 1;
+    // SAFETY: integer arguments only.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_fsmount,
+            fd,
+            FSMOUNT_CLOEXEC,
+            attrs as libc::c_uint,
+        )
+    })
+    .map(|fd| fd as RawFd)
+}
+
+/// `MOUNT_ATTR_IDMAP`.
+pub const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
+
+/// `mount_setattr(fd, "", AT_EMPTY_PATH)` on a detached mount: sets `attr_set` and, when
+/// given, the id mapping of the user namespace open at `userns`.
+pub fn mount_setattr_fd(mount: RawFd, attr_set: u64, userns: Option<RawFd>) -> Result<(), Errno> {
+    let attr = MountAttr {
+        attr_set: attr_set
+            | if userns.is_some() {
+                MOUNT_ATTR_IDMAP
+            } else {
+                0
+            },
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: userns.map_or(0, |fd| fd as u64),
+    };
+    // SAFETY: the path is an empty NUL-terminated string; `attr` is a valid `struct mount_attr`
+    // of the size passed.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            mount,
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH as libc::c_uint,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    check(ret).map(drop)
+}
+
+/// `move_mount(mount, "", AT_FDCWD, target, MOVE_MOUNT_F_EMPTY_PATH)`: attaches a detached
+/// mount at `target`.
+pub fn move_mount_to(mount: RawFd, target: &CStr) -> Result<(), Errno> {
+    const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
+    // SAFETY: both paths are NUL-terminated strings that outlive the call.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            mount,
+            c"".as_ptr(),
+            libc::AT_FDCWD,
+            target.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    })
+    .map(drop)
+}
+
+/// `mkdir(2)`.
+pub fn mkdir(path: &CStr, mode: libc::mode_t) -> Result<(), Errno> {
+    // SAFETY: `path` is NUL-terminated.
+    check(unsafe { libc::mkdir(path.as_ptr(), mode) } as libc::c_long).map(drop)
+}

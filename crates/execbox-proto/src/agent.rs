@@ -44,4 +44,11 @@ pub struct AgentConfig {
     /// leave the next one without memory.
     #[serde(default)]
     pub execution_memory_bytes: Option<u64>,
+    /// Size of the sandbox's disk (its writable root) in bytes, named when it is full.
+    #[serde(default)]
+    pub disk_bytes: Option<u64>,
+    /// Working directory of processes that name none (an image's `WorkingDir`); the sandbox
+    /// user's home when absent.
+    #[serde(default)]
+    pub workdir: Option<String>,
 }

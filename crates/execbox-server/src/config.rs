@@ -51,6 +51,8 @@ pub struct ServerConfig {
     pub policy: Policy,
     /// Outbound networking (`[network]`).
     pub network: NetworkConfig,
+    /// Sandboxes' storage (`[storage]`).
+    pub storage: StorageConfig,
     /// Client connections open at once, WebSocket sessions included (at least 1). At the cap
     /// the server stops accepting and new connections wait in the kernel's listen backlog
     /// until one closes. Lowered at start to half the process's limit on open files, which
@@ -63,6 +65,27 @@ pub struct ServerConfig {
     /// Seconds a kept-alive connection may wait for its next request after a response; 0: no
     /// limit.
     pub idle_timeout_secs: u64,
+}
+
+/// Where sandboxes keep their files (`[storage]`).
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// `auto` (default: a disk per sandbox where the host allows it, memory otherwise),
+    /// `disk` (refuse to start without disks) or `memory`.
+    pub medium: crate::local::StorageMedium,
+    /// Disk size of a sandbox that asks for none, in bytes (default 2 GiB; sparse: only what
+    /// is written takes room on the host).
+    pub default_disk_bytes: u64,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            medium: crate::local::StorageMedium::Auto,
+            default_disk_bytes: execbox_jail::rootfs::StorageSizes::default().disk,
+        }
+    }
 }
 
 /// The server's maxima over request options: a request asking for more is refused with a 400
@@ -316,6 +339,7 @@ impl Default for ServerConfig {
             context_idle_ttl_secs: 3600,
             policy: Policy::default(),
             network: NetworkConfig::default(),
+            storage: StorageConfig::default(),
             max_connections: 10_000,
             header_read_timeout_secs: 10,
             idle_timeout_secs: 60,

@@ -83,6 +83,11 @@ impl Server {
             cgroup_base: config.cgroup_base.clone(),
             max_upload_bytes: config.max_upload_bytes,
             context_idle_ttl_secs: config.context_idle_ttl_secs,
+            storage: config.storage.medium,
+            default_disk_bytes: config
+                .storage
+                .default_disk_bytes
+                .min(config.policy.max_disk_bytes),
         })
         .map(Arc::new)
         .map_err(|e| {
@@ -353,6 +358,8 @@ impl Server {
                 env: env.into_iter().collect(),
                 entrypoint,
                 network: with_network,
+                image: None,
+                workdir: None,
             })
         })
         .await

@@ -184,7 +184,11 @@ pub async fn create(
             policy.max_memory_bytes,
         )?),
         pids: Some(policy.pids("resourceLimits.pids", v.pids, server.config.default_pids)?),
-        disk_bytes: policy.disk(disk_field, v.disk_bytes)?,
+        disk_bytes: Some(policy.disk(
+            disk_field,
+            v.disk_bytes,
+            server.config.storage.default_disk_bytes,
+        )?),
         ..Default::default()
     };
     let lifetime = policy.lifetime_secs("timeout", v.timeout_secs)?;

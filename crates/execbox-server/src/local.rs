@@ -3,13 +3,16 @@
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::PathBuf;
-use std::sync::Mutex;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use execbox_jail::cgroup::{CgroupDriver, CgroupVersion, Limits, SandboxCgroup};
-use execbox_jail::rootfs::{MountOp, RootfsPlan, WritableSizes, SANDBOX_GID, SANDBOX_UID};
+use execbox_jail::rootfs::{
+    RootBase, RootfsPlan, SandboxRoot, StorageSizes, Upper, SANDBOX_GID, SANDBOX_UID,
+};
 use execbox_jail::spawn::{self, SpawnRequest, UserMapping};
+use execbox_jail::storage::{self, IdMap};
 use execbox_proto::agent::{AgentConfig, AGENT_CONFIG_ENV};
 use nix::fcntl::{Flock, FlockArg};
 
@@ -76,14 +79,37 @@ pub struct SandboxLimits {
     pub memory_bytes: Option<u64>,
     /// Maximum tasks.
     pub pids: Option<u64>,
-    /// Size of each writable area in bytes.
+    /// Size of the sandbox's disk (its writable space) in bytes.
     pub disk_bytes: Option<u64>,
-    /// Size of `/sandbox` in bytes, over `disk_bytes`.
+    /// Size of the disk in bytes as isol8 asks for it (`sandboxSize`), over `disk_bytes`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sandbox_bytes: Option<u64>,
-    /// Size of `/tmp` in bytes, over `disk_bytes`.
+    /// `/tmp` as a memory file system of this size (isol8's `tmpSize`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tmp_bytes: Option<u64>,
+}
+
+/// An image a sandbox's root is made of (resolved by the server).
+#[derive(Debug, Clone)]
+pub struct RootImage {
+    /// Its id (the digest of its configuration): names its skeleton.
+    pub id: String,
+    /// Its unpacked layers, bottom first.
+    pub layers: Vec<PathBuf>,
+}
+
+/// Where sandboxes' writable layers live (`[storage] medium`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageMedium {
+    /// On a disk per sandbox where this host allows it (root, loop devices, `mke2fs`), in
+    /// memory otherwise.
+    #[default]
+    Auto,
+    /// On a disk per sandbox; the server refuses to start without.
+    Disk,
+    /// In memory (tmpfs, charged to the sandbox's memory).
+    Memory,
 }
 
 /// What the backend needs to start one sandbox.
@@ -99,6 +125,11 @@ pub struct SandboxParams<'a> {
     /// Give the sandbox a network device (served by the server under a policy); without one
     /// it has loopback only.
     pub network: bool,
+    /// The image of its root; none for the host-runtimes template.
+    pub image: Option<RootImage>,
+    /// Working directory of processes that name none (the image's); the user's home when
+    /// none.
+    pub workdir: Option<String>,
 }
 
 /// What the server watches of a sandbox it just started (not persisted).
@@ -146,6 +177,10 @@ pub struct LocalConfig {
     pub max_upload_bytes: u64,
     /// Idle lifetime of implicitly created code contexts, in seconds (0: one hour).
     pub context_idle_ttl_secs: u64,
+    /// Where writable layers live.
+    pub storage: StorageMedium,
+    /// Disk size of a sandbox that asks for none, in bytes.
+    pub default_disk_bytes: u64,
 }
 
 /// How long a delete waits for a killed agent to be reaped.
@@ -155,8 +190,19 @@ const REAP_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 pub struct LocalBackend {
     config: LocalConfig,
     cgroups: CgroupDriver,
+    /// The host-runtimes template.
     plan: RootfsPlan,
-    ops_default: Vec<MountOp>,
+    /// Skeletons of images, by image id.
+    image_plans: Mutex<HashMap<String, Arc<RootfsPlan>>>,
+    /// Where skeletons and the staging directories of starting sandboxes are (a memory file
+    /// system of this process's mount namespace, when it has one).
+    store: PathBuf,
+    /// Where writable layers live.
+    upper: Upper,
+    /// Formatted empty disks, one per size, copied for each sandbox.
+    golden_disks: Mutex<HashMap<u64, PathBuf>>,
+    /// Id-mapping user namespaces, one per uid range slot.
+    idmaps: Mutex<HashMap<u32, Arc<IdMap>>>,
     mapping_mode: MappingMode,
     /// The uid range slots this process holds, each with its host-wide lock (released on drop).
     slots: Mutex<HashMap<u32, Flock<std::fs::File>>>,
@@ -200,11 +246,15 @@ impl LocalBackend {
         std::fs::set_permissions(&config.state_dir, std::fs::Permissions::from_mode(0o700))
             .map_err(io_err("securing the state directory"))?;
         let rootless = matches!(mapping_mode, MappingMode::Rootless { .. });
+        let store = config.state_dir.join("rootfs");
+        execbox_jail::rootfs::mount_skeleton_store(&store)
+            .map_err(io_err("mounting the store of root skeletons"))?;
+        let upper = Self::choose_upper(&config, rootless)?;
         let mut plan = RootfsPlan {
             skeleton: PathBuf::new(),
             hostname: HOSTNAME.to_string(),
             runtimes,
-            sizes: WritableSizes::default(),
+            base: RootBase::HostRuntimes,
             rootless,
         };
         // One skeleton per distinct plan, named by its content: running sandboxes keep theirs.
@@ -214,21 +264,50 @@ impl LocalBackend {
             format!("{:?}{}", plan.runtimes, rootless).hash(&mut h);
             h.finish()
         };
-        let store = config.state_dir.join("rootfs");
-        execbox_jail::rootfs::mount_skeleton_store(&store)
-            .map_err(io_err("mounting the store of root skeletons"))?;
         plan.skeleton = store.join(format!("{fingerprint:016x}"));
         plan.build_skeleton()
             .map_err(io_err("building the sandbox root skeleton"))?;
-        let ops_default = plan.compile();
         Ok(Self {
             slots: Mutex::new(HashMap::new()),
             config,
             cgroups,
             plan,
-            ops_default,
+            image_plans: Mutex::new(HashMap::new()),
+            store,
+            upper,
+            golden_disks: Mutex::new(HashMap::new()),
+            idmaps: Mutex::new(HashMap::new()),
             mapping_mode,
         })
+    }
+
+    /// Where writable layers will live, as configured and as this host allows; fails when the
+    /// configuration asks for disks this host cannot give.
+    fn choose_upper(config: &LocalConfig, rootless: bool) -> Result<Upper, BackendError> {
+        let probe = || {
+            if rootless {
+                return Err("a rootless server cannot attach loop devices".to_string());
+            }
+            storage::probe(&config.state_dir.join("disks"))
+        };
+        match config.storage {
+            StorageMedium::Memory => Ok(Upper::Memory),
+            StorageMedium::Disk => probe().map(|()| Upper::Disk).map_err(|why| {
+                BackendError::Unavailable(format!("[storage] medium = \"disk\": {why}"))
+            }),
+            StorageMedium::Auto => Ok(match probe() {
+                Ok(()) => Upper::Disk,
+                Err(why) => {
+                    tracing::warn!(%why, "sandbox storage is in memory: disks are not available");
+                    Upper::Memory
+                }
+            }),
+        }
+    }
+
+    /// Where sandboxes' writable layers live.
+    pub fn upper(&self) -> Upper {
+        self.upper
     }
 
     /// Whether sandboxes can have a network device here (the server can open `/dev/net/tun`);
@@ -392,35 +471,42 @@ impl LocalBackend {
         let listener = std::os::unix::net::UnixListener::bind(&socket_path)
             .map_err(io_err("binding the agent socket"))?;
 
-        let ops_custom;
         let l = &p.limits;
-        let (ops, sizes) =
-            if l.disk_bytes.is_some() || l.sandbox_bytes.is_some() || l.tmp_bytes.is_some() {
-                let d = WritableSizes::default();
-                let mut plan = self.plan.clone();
-                plan.sizes = WritableSizes {
-                    home: l.disk_bytes.unwrap_or(d.home),
-                    workspace: l.disk_bytes.unwrap_or(d.workspace),
-                    tmp: l.tmp_bytes.or(l.disk_bytes).unwrap_or(d.tmp),
-                    sandbox: l.sandbox_bytes.or(l.disk_bytes).unwrap_or(d.sandbox),
-                    shm: l.disk_bytes.unwrap_or(d.shm).min(d.shm),
-                };
-                ops_custom = plan.compile();
-                (&ops_custom, plan.sizes)
-            } else {
-                (&self.ops_default, self.plan.sizes)
-            };
-        // The sandbox cgroup bounds everything: the workload, the files written to its tmpfs
-        // (RAM, charged to whoever writes them: user code or the agent for uploads), and the
-        // agent. The workload cgroup below it bounds user code alone, so that user pressure
+        let sizes = StorageSizes {
+            disk: l
+                .sandbox_bytes
+                .or(l.disk_bytes)
+                .unwrap_or(self.config.default_disk_bytes),
+            tmp_in_memory: l.tmp_bytes,
+            ..StorageSizes::default()
+        };
+        let plan = match &p.image {
+            Some(image) => self.image_plan(image)?,
+            None => Arc::new(self.plan.clone()),
+        };
+        let idmap = match slot {
+            Some(slot) if !matches!(mapping, UserMapping::Single { .. }) => {
+                Some(self.idmap(slot, &mapping)?)
+            }
+            _ => None,
+        };
+        let layers: Vec<PathBuf> = std::iter::once(plan.skeleton.clone())
+            .chain(p.image.iter().flat_map(|i| i.layers.iter().rev().cloned()))
+            .collect();
+        let staged = Staged::prepare(self, p.id, &layers, idmap.as_deref(), sizes)?;
+        let ops = plan.compile(&staged.root);
+        // The sandbox cgroup bounds everything: the workload, the files written to memory file
+        // systems (charged to whoever writes them: user code or the agent for uploads), and
+        // the agent. The workload cgroup below it bounds user code alone, so that user pressure
         // ends in the OOM killer choosing among user processes, and an upload that does not
-        // fit ends in ENOSPC, never in the agent being killed.
+        // fit ends in ENOSPC, never in the agent being killed. Files on the disk take memory
+        // only as page cache, which the kernel reclaims.
         let pids = p.limits.pids.unwrap_or(self.config.default_pids);
         let cgroup = self.cgroups.create(
             p.id,
             &Limits {
                 memory_bytes: p.limits.memory_bytes.map(|m| {
-                    m.saturating_add(sizes.total())
+                    m.saturating_add(sizes.in_memory(&self.upper))
                         .saturating_add(AGENT_MEMORY_RESERVE)
                 }),
                 cpu_millicores: p.limits.cpu_millicores,
@@ -429,12 +515,12 @@ impl LocalBackend {
         )?;
         // Each execution is limited to the memory asked for (the agent sets it on every
         // execution's cgroup); the workload as a whole also has room for what the executions
-        // leave in the sandbox's tmpfs, so a full storage never starves the next execution.
+        // leave in memory file systems, so a full one never starves the next execution.
         cgroup.create_workload(&Limits {
             memory_bytes: p
                 .limits
                 .memory_bytes
-                .map(|m| m.saturating_add(sizes.total())),
+                .map(|m| m.saturating_add(sizes.user_in_memory(&self.upper))),
             cpu_millicores: None,
             pids_max: Some(pids),
         })?;
@@ -469,13 +555,15 @@ impl LocalBackend {
             max_upload_bytes: self.config.max_upload_bytes,
             context_idle_ttl_secs: self.config.context_idle_ttl_secs,
             execution_memory_bytes: p.limits.memory_bytes,
+            disk_bytes: Some(sizes.disk),
+            workdir: p.workdir.clone(),
         };
         let config_json = serde_json::to_string(&agent_config).map_err(|e| BackendError::Io {
             what: "encoding the agent configuration".into(),
             source: std::io::Error::other(e),
         })?;
         let spawned = spawn::spawn_sandbox(SpawnRequest {
-            mount_ops: ops,
+            mount_ops: &ops,
             agent_exe: &self.config.agent_exe,
             argv: vec!["execbox".into(), "agent".into()],
             env: vec![
@@ -493,7 +581,11 @@ impl LocalBackend {
             }),
             cgroup_procs: cgroup.procs_files(execbox_jail::cgroup::AGENT_LEAF)?,
             ready_timeout: Duration::from_secs(10),
-        })?;
+        });
+        // The sandbox holds its own copies of the staged mounts (or is gone): ours go, off the
+        // create's path (a lazy unmount waits for the kernel's RCU grace period).
+        std::thread::spawn(move || drop(staged));
+        let spawned = spawned?;
         let start_time = spawn::process_start_time(spawned.pid).unwrap_or(0);
         Ok((
             Placement {
@@ -508,6 +600,69 @@ impl LocalBackend {
                 tun: spawned.tun,
             }),
         ))
+    }
+
+    /// The root plan of sandboxes of `image`: its skeleton (with the image's user database
+    /// and the sandbox user) is built once per image.
+    fn image_plan(&self, image: &RootImage) -> Result<Arc<RootfsPlan>, BackendError> {
+        let mut plans = self.image_plans.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(plan) = plans.get(&image.id) {
+            return Ok(plan.clone());
+        }
+        let name: String = image
+            .id
+            .trim_start_matches("sha256:")
+            .chars()
+            .filter(char::is_ascii_alphanumeric)
+            .take(24)
+            .collect();
+        let plan = RootfsPlan {
+            skeleton: self.store.join(format!("image-{name}")),
+            hostname: HOSTNAME.to_string(),
+            runtimes: Vec::new(),
+            base: RootBase::Image {
+                passwd: read_from_layers(&image.layers, "etc/passwd"),
+                group: read_from_layers(&image.layers, "etc/group"),
+            },
+            rootless: self.plan.rootless,
+        };
+        plan.build_skeleton()
+            .map_err(io_err("building the skeleton of an image"))?;
+        let plan = Arc::new(plan);
+        plans.insert(image.id.clone(), plan.clone());
+        Ok(plan)
+    }
+
+    /// The id-mapping user namespace of uid range `slot` (made once per slot).
+    fn idmap(&self, slot: u32, mapping: &UserMapping) -> Result<Arc<IdMap>, BackendError> {
+        let mut maps = self.idmaps.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(map) = maps.get(&slot) {
+            return Ok(map.clone());
+        }
+        let UserMapping::Range { host_base, count } = *mapping else {
+            return Err(BackendError::NoSlot);
+        };
+        let map = Arc::new(IdMap::new(host_base, count).map_err(io_err("making an id mapping"))?);
+        maps.insert(slot, map.clone());
+        Ok(map)
+    }
+
+    /// A formatted empty disk of `size` bytes to copy (formatted once per size).
+    fn golden_disk(&self, size: u64) -> Result<PathBuf, BackendError> {
+        let mut disks = self.golden_disks.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(path) = disks.get(&size) {
+            return Ok(path.clone());
+        }
+        let dir = self.config.state_dir.join("disks");
+        std::fs::create_dir_all(&dir).map_err(io_err("creating the disks directory"))?;
+        let path = dir.join(format!("empty-{size}.ext4"));
+        let partial = dir.join(format!("empty-{size}.ext4.partial"));
+        let _ = std::fs::remove_file(&partial);
+        storage::format_disk(&partial, size)
+            .and_then(|()| std::fs::rename(&partial, &path))
+            .map_err(io_err(format!("formatting a disk of {size} bytes")))?;
+        disks.insert(size, path.clone());
+        Ok(path)
     }
 
     /// A pidfd of the agent recorded in `placement` (re-attach after a restart); `None` when it
@@ -609,4 +764,160 @@ impl LocalBackend {
     pub fn stats(&self, id: &str) -> Option<execbox_jail::cgroup::CgroupStats> {
         self.cgroup(id).ok().and_then(|c| c.stats().ok())
     }
+}
+
+/// A file of an image, from the topmost layer that has it (`None` when none has it as a
+/// regular file, or a layer above deletes it). Layers are untrusted: the path is resolved by
+/// the kernel beneath each layer's root, without following symbolic links.
+fn read_from_layers(layers: &[PathBuf], path: &str) -> Option<String> {
+    use std::io::Read;
+    use std::os::unix::fs::FileTypeExt;
+    for layer in layers.iter().rev() {
+        let Ok(dir) = execbox_jail::fsroot::Dir::open_trusted(layer) else {
+            continue;
+        };
+        let Ok(fd) = dir.resolve_beneath(Path::new(path), nix::fcntl::OFlag::O_RDONLY, false)
+        else {
+            continue;
+        };
+        let mut file = std::fs::File::from(fd);
+        let meta = file.metadata().ok()?;
+        if meta.file_type().is_char_device() {
+            // An overlay whiteout: deleted by this layer.
+            return None;
+        }
+        if !meta.is_file() {
+            return None;
+        }
+        let mut text = String::new();
+        file.by_ref().take(1 << 20).read_to_string(&mut text).ok()?;
+        return Some(text);
+    }
+    None
+}
+
+/// The staging directory of a starting sandbox (see [`SandboxRoot`]): its layers and disk
+/// mounted there for the sandbox's first process to build its root from. Dropping it detaches
+/// them from the server's mount namespace; the sandbox keeps its copies.
+struct Staged {
+    root: SandboxRoot,
+    mounted: Vec<PathBuf>,
+}
+
+impl Staged {
+    fn prepare(
+        backend: &LocalBackend,
+        id: &str,
+        layers: &[PathBuf],
+        idmap: Option<&IdMap>,
+        sizes: StorageSizes,
+    ) -> Result<Staged, BackendError> {
+        let stage = backend.store.join("stage").join(id);
+        let _ = std::fs::remove_dir_all(&stage);
+        std::fs::create_dir_all(stage.join("root"))
+            .map_err(io_err("creating the staging directory"))?;
+        std::fs::create_dir_all(stage.join("d"))
+            .map_err(io_err("creating the staging directory"))?;
+        let mut staged = Staged {
+            root: SandboxRoot {
+                stage: stage.clone(),
+                lowers: Vec::new(),
+                upper: backend.upper,
+                sizes,
+                mounted: false,
+            },
+            mounted: Vec::new(),
+        };
+        for (i, layer) in layers.iter().enumerate() {
+            match idmap {
+                Some(map) => {
+                    let name = format!("l{i}");
+                    let at = stage.join(&name);
+                    std::fs::create_dir(&at).map_err(io_err("creating a layer mount point"))?;
+                    storage::bind_idmapped(
+                        layer,
+                        &at,
+                        map,
+                        execbox_jail::sys::MOUNT_ATTR_RDONLY
+                            | execbox_jail::sys::MOUNT_ATTR_NOSUID
+                            | execbox_jail::sys::MOUNT_ATTR_NODEV,
+                    )
+                    .map_err(io_err(format!("mounting layer {}", layer.display())))?;
+                    staged.mounted.push(at);
+                    staged.root.lowers.push(name);
+                }
+                // Rootless: one id only, nothing to map; the layer as it is, by a path
+                // relative to the staging directory.
+                None => staged.root.lowers.push(relative_to(&stage, layer)),
+            }
+        }
+        let Some(map) = idmap else {
+            // Rootless: the sandbox mounts its overlay itself, the writable layer in memory.
+            staged.root.upper = Upper::Memory;
+            return Ok(staged);
+        };
+        let d = stage.join("d");
+        match backend.upper {
+            Upper::Disk => {
+                let disk = backend.sandbox_dir(id).join("disk.ext4");
+                let _ = std::fs::remove_file(&disk);
+                storage::sparse_copy(&backend.golden_disk(sizes.disk)?, &disk)
+                    .map_err(io_err("making the sandbox's disk"))?;
+                storage::mount_disk(&disk, &d, None)
+                    .map_err(io_err("mounting the sandbox's disk"))?;
+            }
+            Upper::Memory => {
+                nix::mount::mount(
+                    Some("tmpfs"),
+                    &d,
+                    Some("tmpfs"),
+                    nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
+                    Some(format!("size={},mode=755", sizes.disk).as_str()),
+                )
+                .map_err(|e| io_err("mounting the sandbox's memory layer")(e.into()))?;
+                for sub in ["upper", "work"] {
+                    std::fs::create_dir(d.join(sub))
+                        .map_err(io_err("preparing the sandbox's memory layer"))?;
+                }
+            }
+        }
+        staged.mounted.push(d.clone());
+        // The root directory belongs to the sandbox's root.
+        let root_uid = map.host_id(0);
+        std::os::unix::fs::chown(d.join("upper"), Some(root_uid), Some(root_uid))
+            .map_err(io_err("preparing the sandbox's writable layer"))?;
+        storage::mount_overlay(&stage, &staged.root.lowers)
+            .map_err(io_err("mounting the sandbox's root"))?;
+        staged.mounted.push(stage.join("root"));
+        staged.root.mounted = true;
+        Ok(staged)
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        for at in self.mounted.drain(..).rev() {
+            if let Err(e) = storage::detach(&at) {
+                tracing::warn!(error = %e, "detaching a staged mount");
+            }
+        }
+        if let Err(e) = std::fs::remove_dir_all(&self.root.stage) {
+            tracing::warn!(error = %e, "removing a staging directory");
+        }
+    }
+}
+
+/// `path` relative to the directory `from` (both absolute).
+fn relative_to(from: &Path, path: &Path) -> String {
+    let from: Vec<_> = from.components().collect();
+    let to: Vec<_> = path.components().collect();
+    let common = from.iter().zip(&to).take_while(|(a, b)| a == b).count();
+    let mut rel = PathBuf::new();
+    for _ in common..from.len() {
+        rel.push("..");
+    }
+    for c in &to[common..] {
+        rel.push(c);
+    }
+    rel.to_string_lossy().into_owned()
 }

@@ -97,6 +97,9 @@ pub fn run(lang: Lang, code: &str, limits: &RunLimits) -> anyhow::Result<i32> {
         cgroup_base: "execbox".into(),
         max_upload_bytes: 0,
         context_idle_ttl_secs: 0,
+        // A one-shot run's files live as long as the run: memory, no disk to format.
+        storage: crate::local::StorageMedium::Memory,
+        default_disk_bytes: execbox_jail::rootfs::StorageSizes::default().disk,
     })?;
     let id = format!(
         "run-{}-{}",
@@ -109,6 +112,8 @@ pub fn run(lang: Lang, code: &str, limits: &RunLimits) -> anyhow::Result<i32> {
         env: Vec::new(),
         entrypoint: Vec::new(),
         network: false,
+        image: None,
+        workdir: None,
     })?;
     let command = match lang {
         Lang::Python => format!("exec python3 -c {}", shell_quote(code)),

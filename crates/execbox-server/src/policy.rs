@@ -119,27 +119,17 @@ impl Policy {
         bound(field, asked, default, MIN_PIDS, self.max_pids, Unit::Count)
     }
 
-    /// Size of each writable area of a lifecycle sandbox (`None`: the sandbox's default sizes,
-    /// when they are within the maximum).
-    pub fn disk(&self, field: &str, asked: Option<u64>) -> Result<Option<u64>, LimitError> {
-        let default = execbox_jail::rootfs::WritableSizes::default();
-        let largest_default = default
-            .home
-            .max(default.workspace)
-            .max(default.tmp)
-            .max(default.sandbox);
-        if asked.is_none() && largest_default <= self.max_disk_bytes {
-            return Ok(None);
-        }
+    /// Disk size of a lifecycle sandbox: the size asked for, or `default` capped at this
+    /// policy's maximum.
+    pub fn disk(&self, field: &str, asked: Option<u64>, default: u64) -> Result<u64, LimitError> {
         bound(
             field,
             asked,
-            self.max_disk_bytes,
+            default.min(self.max_disk_bytes),
             MIN_DISK_BYTES,
             self.max_disk_bytes,
             Unit::Bytes,
         )
-        .map(Some)
     }
 
     /// Size of `/sandbox` in bytes.
@@ -262,12 +252,14 @@ mod tests {
                 .map_err(|e| e.to_string()),
             Err("c exceeds server maximum 2".into())
         );
-        assert_eq!(p.disk("d", None), Ok(None));
+        assert_eq!(p.disk("d", None, 1 << 30), Ok(1 << 30));
         let small = Policy {
             max_disk_bytes: 64 << 20,
             ..Policy::default()
         };
-        assert_eq!(small.disk("d", None), Ok(Some(64 << 20)));
+        // Not asked: the server's default disk, capped at the maximum.
+        assert_eq!(small.disk("d", None, 1 << 30), Ok(64 << 20));
+        assert!(small.disk("d", Some(128 << 20), 1 << 30).is_err());
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! Sandbox lifecycle benchmark: create→agent ready and delete, side by side with a bare
+//! Sandbox lifecycle benchmark: create→agent ready and delete, with the writable layer on a
+//! disk (the default) and in memory (the earlier, RAM-backed path), side by side with a bare
 //! `unshare` (and `bwrap` when installed) starting a process in the same namespaces, measured in
 //! the same run; then the memory cost of idle sandboxes and 500 of them at once.
 //!
@@ -12,7 +13,9 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use execbox_server::local::{LocalBackend, LocalConfig, Placement, SandboxLimits, SandboxParams};
+use execbox_server::local::{
+    LocalBackend, LocalConfig, Placement, SandboxLimits, SandboxParams, StorageMedium,
+};
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
@@ -65,18 +68,24 @@ fn main() {
     let n = env_usize("EXECBOX_BENCH_N", 200);
     let idle = env_usize("EXECBOX_BENCH_IDLE", 500);
     let state_dir = std::env::temp_dir().join(format!("execbox-bench-{}", std::process::id()));
-    let backend = LocalBackend::new(LocalConfig {
-        state_dir: state_dir.clone(),
-        agent_exe: PathBuf::from(env!("CARGO_BIN_EXE_execbox")),
-        python: None,
-        seccomp: true,
-        landlock: execbox_server::doctor::landlock_available(),
-        default_pids: 512,
-        cgroup_base: "execbox-bench".into(),
-        max_upload_bytes: 0,
-        context_idle_ttl_secs: 0,
-    })
-    .expect("backend");
+    let make_backend = |storage: StorageMedium, name: &str| {
+        LocalBackend::new(LocalConfig {
+            state_dir: state_dir.join(name),
+            agent_exe: PathBuf::from(env!("CARGO_BIN_EXE_execbox")),
+            python: None,
+            seccomp: true,
+            landlock: execbox_server::doctor::landlock_available(),
+            default_pids: 512,
+            cgroup_base: format!("execbox-bench-{name}"),
+            max_upload_bytes: 0,
+            context_idle_ttl_secs: 0,
+            storage,
+            default_disk_bytes: 1 << 30,
+        })
+        .expect("backend")
+    };
+    let backend = make_backend(StorageMedium::Disk, "disk");
+    let in_memory = make_backend(StorageMedium::Memory, "memory");
     let params = |id: &str| SandboxParams {
         id: Box::leak(id.to_string().into_boxed_str()),
         limits: SandboxLimits {
@@ -87,29 +96,33 @@ fn main() {
         env: Vec::new(),
         entrypoint: Vec::new(),
         network: false,
+        image: None,
+        workdir: None,
     };
 
     println!("execbox lifecycle benchmark ({n} sandboxes per series)\n");
-    // Warm-up: page cache, skeleton.
-    for i in 0..5 {
-        let id = format!("warm{i}");
-        let p = backend.create(params(&id)).expect("create");
-        backend.destroy(&id, &p).expect("destroy");
+    for (label, backend) in [("disk", &backend), ("memory", &in_memory)] {
+        // Warm-up: page cache, skeleton, the formatted disk.
+        for i in 0..5 {
+            let id = format!("warm{i}");
+            let p = backend.create(params(&id)).expect("create");
+            backend.destroy(&id, &p).expect("destroy");
+        }
+        let mut creates = Vec::with_capacity(n);
+        let mut deletes = Vec::with_capacity(n);
+        for i in 0..n {
+            let id = format!("b{i}");
+            let t = Instant::now();
+            let p = backend.create(params(&id)).expect("create");
+            creates.push(t.elapsed());
+            let t = Instant::now();
+            backend.destroy(&id, &p).expect("destroy");
+            deletes.push(t.elapsed());
+        }
+        report(&format!("execbox create -> agent ready ({label})"), creates);
+        report(&format!("execbox delete ({label})"), deletes);
     }
-
-    let mut creates = Vec::with_capacity(n);
-    let mut deletes = Vec::with_capacity(n);
-    for i in 0..n {
-        let id = format!("b{i}");
-        let t = Instant::now();
-        let p = backend.create(params(&id)).expect("create");
-        creates.push(t.elapsed());
-        let t = Instant::now();
-        backend.destroy(&id, &p).expect("destroy");
-        deletes.push(t.elapsed());
-    }
-    report("execbox create -> agent ready", creates);
-    report("execbox delete (kill, reap, cgroups, state)", deletes);
+    drop(in_memory);
     match time_command(n, "unshare", &["-Urpmnfi", "--uts", "true"]) {
         Some(v) => report("baseline: unshare -Urpmnfi --uts true", v),
         None => println!("baseline: unshare unavailable"),

@@ -161,7 +161,7 @@ fn write_target(target: Target, mut rx: mpsc::Receiver<Msg>) -> Result<(), ApiEr
                 "error writing {}. it does not fit in the sandbox's storage: the file system \
              holding it is limited to {} bytes",
                 shown.display(),
-                dir.fs().capacity().unwrap_or(0)
+                crate::storage_limit_of(dir.fs())
             )),
             other => other,
         };

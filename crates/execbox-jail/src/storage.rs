@@ -1,0 +1,466 @@
+//! A sandbox's storage on the host: the disk its writable layer lives on, and the id-mapped
+//! views through which it sees that disk and its read-only layers.
+//!
+//! A disk is a sparse ext4 image (formatted once per size, then copied: only its few metadata
+//! blocks are data), attached to a loop device that detaches itself when its last mount goes
+//! and mounted with the new mount API. The kernel enforces its size: a full disk is ENOSPC for
+//! the sandbox, never memory pressure. Mounts made here are made in the server's own mount
+//! namespace just before a sandbox starts; the sandbox's copy of them keeps the file systems
+//! alive, so the server detaches its own right after the start.
+//!
+//! Id-mapped mounts (`MOUNT_ATTR_IDMAP`) make files that are owned by ids `0..count` on disk
+//! appear owned by the sandbox's host range, and the other way round: layers unpacked with the
+//! image's own owners serve every sandbox, whatever its range.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use crate::sys;
+
+fn os(errno: sys::Errno, what: impl std::fmt::Display) -> io::Error {
+    let e = io::Error::from_raw_os_error(errno);
+    io::Error::new(e.kind(), format!("{what}: {e}"))
+}
+
+fn cpath(p: &Path) -> io::Result<CString> {
+    CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path with a NUL byte"))
+}
+
+/// A user namespace that exists only for its id mapping (`0..count` → `host_base..`), kept
+/// open to make id-mapped mounts with. One per uid range; it has no process.
+#[derive(Debug)]
+pub struct IdMap {
+    userns: OwnedFd,
+    host_base: u32,
+}
+
+impl IdMap {
+    /// A user namespace mapping ids `0..count` (uids and gids) to `host_base..host_base+count`.
+    pub fn new(host_base: u32, count: u32) -> io::Result<IdMap> {
+        let (hold_read, hold_write) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)?;
+        let (r, w) = (hold_read.as_raw_fd(), hold_write.as_raw_fd());
+        let mut args = sys::CloneArgs {
+            flags: libc::CLONE_NEWUSER as u64,
+            exit_signal: libc::SIGCHLD as u64,
+            ..Default::default()
+        };
+        // SAFETY: the child only makes raw syscalls (close, read, _exit) on descriptors made
+        // above, then exits: async-signal-safe.
+        let pid = match unsafe { sys::clone3(&mut args) } {
+            Ok(0) => {
+                sys::close(w);
+                let mut byte = [0u8; 1];
+                let _ = sys::read(r, &mut byte);
+                sys::exit_now(0)
+            }
+            Ok(pid) => pid,
+            Err(e) => return Err(os(e, "creating an id-mapping user namespace")),
+        };
+        drop(hold_read);
+        let result = (|| {
+            for file in ["uid_map", "gid_map"] {
+                std::fs::write(
+                    format!("/proc/{pid}/{file}"),
+                    format!("0 {host_base} {count}\n"),
+                )
+                .map_err(|e| io::Error::new(e.kind(), format!("writing {file}: {e}")))?;
+            }
+            File::open(format!("/proc/{pid}/ns/user")).map(OwnedFd::from)
+        })();
+        drop(hold_write);
+        let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+        Ok(IdMap {
+            userns: result?,
+            host_base,
+        })
+    }
+
+    /// The host id that id `inner` of the mapping is.
+    pub fn host_id(&self, inner: u32) -> u32 {
+        self.host_base.saturating_add(inner)
+    }
+
+    /// The user namespace's descriptor.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.userns.as_fd()
+    }
+}
+
+/// The id of the file system `fd` is on (`statvfs`'s `f_fsid`).
+pub fn fs_id(fd: BorrowedFd<'_>) -> Option<u64> {
+    nix::sys::statvfs::fstatvfs(fd)
+        .ok()
+        .map(|s| s.filesystem_id())
+}
+
+/// Where `mke2fs` is, if installed.
+pub fn mke2fs() -> Option<PathBuf> {
+    ["/usr/sbin/mke2fs", "/sbin/mke2fs", "/usr/bin/mke2fs"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+}
+
+/// Bytes per inode of a disk: ext4's default, room for many small files (a `pip install`
+/// writes thousands).
+const BYTES_PER_INODE: u64 = 16 << 10;
+/// Size of one inode.
+const INODE_SIZE: u64 = 256;
+
+/// Writes a new sparse ext4 image at `path` that holds `usable` bytes of files, with an empty
+/// `upper/` and `work/` (the overlay's writable layer and its work directory), both owned by
+/// id 0. The image is larger by the file system's own tables, so that `df` inside shows about
+/// the size asked for.
+pub fn format_disk(path: &Path, usable: u64) -> io::Result<()> {
+    // The inode tables are what ext4 keeps out of the size it reports.
+    let size = usable
+        .saturating_add(usable / (BYTES_PER_INODE / INODE_SIZE))
+        .next_multiple_of(4096);
+    let mke2fs = mke2fs().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            "mke2fs is not installed (Debian package e2fsprogs)",
+        )
+    })?;
+    let populate = path.with_extension("populate");
+    let _ = std::fs::remove_dir_all(&populate);
+    std::fs::create_dir_all(populate.join("upper"))?;
+    std::fs::create_dir_all(populate.join("work"))?;
+    let result = (|| {
+        let file = File::create(path)?;
+        file.set_len(size)?;
+        drop(file);
+        // No journal (a sandbox's files do not outlive a host crash anyway) and lazy tables:
+        // formatting writes a few hundred KiB whatever the size.
+        let out = std::process::Command::new(&mke2fs)
+            .args([
+                "-q",
+                "-F",
+                "-t",
+                "ext4",
+                "-m",
+                "0",
+                "-b",
+                "4096",
+                "-i",
+                &BYTES_PER_INODE.to_string(),
+                "-I",
+                &INODE_SIZE.to_string(),
+                "-O",
+                "^has_journal,^resize_inode",
+                "-E",
+                "lazy_itable_init=1,nodiscard,root_owner=0:0",
+                "-d",
+            ])
+            .arg(&populate)
+            .arg(path)
+            .stdin(std::process::Stdio::null())
+            .output()?;
+        if !out.status.success() {
+            return Err(io::Error::other(format!(
+                "mke2fs {} failed: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&populate);
+    if result.is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    result
+}
+
+/// Copies `src` to a new file `dst`, only its data extents: holes stay holes.
+pub fn sparse_copy(src: &Path, dst: &Path) -> io::Result<()> {
+    use nix::unistd::{lseek, Whence};
+    let from = File::open(src)?;
+    let to = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(dst)?;
+    let len = from.metadata()?.len();
+    to.set_len(len)?;
+    let mut pos: i64 = 0;
+    let end = len as i64;
+    while pos < end {
+        let data = match lseek(&from, pos, Whence::SeekData) {
+            Ok(d) => d,
+            Err(nix::errno::Errno::ENXIO) => break,
+            Err(e) => return Err(e.into()),
+        };
+        let hole = lseek(&from, data, Whence::SeekHole).map_err(io::Error::from)?;
+        let mut off_in = data;
+        let mut off_out = data;
+        let mut left = (hole - data) as usize;
+        while left > 0 {
+            let n = nix::fcntl::copy_file_range(
+                &from,
+                Some(&mut off_in),
+                &to,
+                Some(&mut off_out),
+                left,
+            )
+            .map_err(io::Error::from)?;
+            if n == 0 {
+                break;
+            }
+            left -= n;
+        }
+        pos = hole;
+    }
+    Ok(())
+}
+
+/// Attaches `image` to a free loop device that detaches itself once nothing uses it.
+fn attach_loop(image: &File) -> io::Result<(OwnedFd, PathBuf)> {
+    let control = File::options()
+        .read(true)
+        .write(true)
+        .open("/dev/loop-control")?;
+    // Another process may take the device between the query and the configuration: retry.
+    for _ in 0..32 {
+        let n = sys::loop_get_free(control.as_raw_fd()).map_err(|e| os(e, "LOOP_CTL_GET_FREE"))?;
+        let path = PathBuf::from(format!("/dev/loop{n}"));
+        let device = match File::options().read(true).write(true).open(&path) {
+            Ok(f) => OwnedFd::from(f),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        match sys::loop_configure(
+            device.as_raw_fd(),
+            image.as_raw_fd(),
+            sys::LO_FLAGS_AUTOCLEAR | sys::LO_FLAGS_DIRECT_IO,
+        ) {
+            Ok(()) => return Ok((device, path)),
+            Err(libc::EBUSY) => continue,
+            Err(e) => return Err(os(e, format!("LOOP_CONFIGURE {}", path.display()))),
+        }
+    }
+    Err(io::Error::other("no free loop device"))
+}
+
+fn owned(fd: RawFd) -> OwnedFd {
+    // SAFETY: `fd` was just returned by a syscall that made a new descriptor nothing else owns.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+/// Mounts the ext4 image at `image` on `target` (nosuid, nodev), seen through `idmap` when
+/// given. The loop device behind it goes away with the last mount of it.
+pub fn mount_disk(image: &Path, target: &Path, idmap: Option<&IdMap>) -> io::Result<()> {
+    let file = File::options().read(true).write(true).open(image)?;
+    let (device, device_path) = attach_loop(&file)?;
+    drop(file);
+    let fs = owned(sys::fsopen(c"ext4").map_err(|e| os(e, "fsopen ext4"))?);
+    sys::fsconfig_set_string(fs.as_raw_fd(), c"source", &cpath(&device_path)?)
+        .map_err(|e| os(e, "fsconfig source"))?;
+    sys::fsconfig_create(fs.as_raw_fd())
+        .map_err(|e| os(e, format!("mounting {}", image.display())))?;
+    let mount = owned(
+        sys::fsmount(
+            fs.as_raw_fd(),
+            sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV,
+        )
+        .map_err(|e| os(e, "fsmount"))?,
+    );
+    if let Some(map) = idmap {
+        sys::mount_setattr_fd(mount.as_raw_fd(), 0, Some(map.fd().as_raw_fd()))
+            .map_err(|e| os(e, "id-mapping the disk"))?;
+    }
+    sys::move_mount_to(mount.as_raw_fd(), &cpath(target)?)
+        .map_err(|e| os(e, format!("attaching the disk at {}", target.display())))?;
+    // The mount holds the device now; our descriptor would only delay its autoclear.
+    drop(device);
+    Ok(())
+}
+
+/// Binds `src` (recursively) at `target`, seen through `idmap`, with `attrs` (`MOUNT_ATTR_*`).
+pub fn bind_idmapped(src: &Path, target: &Path, idmap: &IdMap, attrs: u64) -> io::Result<()> {
+    let tree = owned(
+        sys::open_tree_clone(&cpath(src)?)
+            .map_err(|e| os(e, format!("open_tree {}", src.display())))?,
+    );
+    sys::mount_setattr_fd(tree.as_raw_fd(), attrs, Some(idmap.fd().as_raw_fd()))
+        .map_err(|e| os(e, format!("id-mapping {}", src.display())))?;
+    sys::move_mount_to(tree.as_raw_fd(), &cpath(target)?)
+        .map_err(|e| os(e, format!("attaching {}", target.display())))
+}
+
+/// Mounts an overlay at `stage/root` from layers given as paths relative to `stage`:
+/// `lowers` (topmost first), `d/upper` and `d/work`. The options show in the sandbox's
+/// `mountinfo` as given, so they are relative: the mount is made by a short-lived child that
+/// changes into `stage` (a thread of this multi-threaded process may not change the shared
+/// working directory).
+pub fn mount_overlay(stage: &Path, lowers: &[String]) -> io::Result<()> {
+    let dir = cpath(stage)?;
+    let data = CString::new(format!(
+        "lowerdir={},upperdir=d/upper,workdir=d/work,userxattr",
+        lowers.join(":")
+    ))
+    .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "layer path with a NUL byte"))?;
+    let mut args = sys::CloneArgs {
+        exit_signal: libc::SIGCHLD as u64,
+        ..Default::default()
+    };
+    // SAFETY: the child only makes raw syscalls on strings built above, then exits:
+    // async-signal-safe.
+    let pid = match unsafe { sys::clone3(&mut args) } {
+        Ok(0) => {
+            let code = sys::chdir(&dir)
+                .and_then(|()| {
+                    sys::mount(
+                        Some(c"overlay"),
+                        c"root",
+                        Some(c"overlay"),
+                        libc::MS_NOSUID | libc::MS_NODEV,
+                        Some(&data),
+                    )
+                })
+                .err()
+                .unwrap_or(0);
+            sys::exit_now(code.clamp(0, 255))
+        }
+        Ok(pid) => pid,
+        Err(e) => return Err(os(e, "starting the overlay mount")),
+    };
+    match nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None) {
+        Ok(nix::sys::wait::WaitStatus::Exited(_, 0)) => Ok(()),
+        Ok(nix::sys::wait::WaitStatus::Exited(_, errno)) => Err(os(
+            errno,
+            format!("mounting the overlay at {}", stage.display()),
+        )),
+        other => Err(io::Error::other(format!(
+            "overlay mount ended with {other:?}"
+        ))),
+    }
+}
+
+/// Detaches whatever is mounted at `target` (lazily: users keep theirs).
+pub fn detach(target: &Path) -> io::Result<()> {
+    sys::umount_detach(&cpath(target)?)
+        .map_err(|e| os(e, format!("detaching {}", target.display())))
+}
+
+/// Whether sandboxes can have disks here: loop devices, `mke2fs`, ext4 through the new mount
+/// API and id-mapped mounts. Tried for real on a small image in `scratch`.
+pub fn probe(scratch: &Path) -> Result<(), String> {
+    if mke2fs().is_none() {
+        return Err("mke2fs is not installed (Debian package e2fsprogs)".into());
+    }
+    std::fs::create_dir_all(scratch).map_err(|e| format!("{}: {e}", scratch.display()))?;
+    let image = scratch.join("probe.ext4");
+    let target = scratch.join("probe.mnt");
+    let _ = std::fs::remove_file(&image);
+    let _ = std::fs::create_dir_all(&target);
+    let result = (|| {
+        format_disk(&image, 16 << 20).map_err(|e| e.to_string())?;
+        let map = IdMap::new(100_000, 65_536).map_err(|e| e.to_string())?;
+        mount_disk(&image, &target, Some(&map)).map_err(|e| e.to_string())?;
+        let owner = std::fs::metadata(target.join("upper"))
+            .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+            .map_err(|e| e.to_string());
+        let _ = detach(&target);
+        match owner? {
+            100_000 => Ok(()),
+            other => Err(format!("id-mapped disk shows owner {other}, not 100000")),
+        }
+    })();
+    let _ = std::fs::remove_file(&image);
+    let _ = std::fs::remove_dir(&target);
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn root() -> bool {
+        nix::unistd::geteuid().is_root()
+    }
+
+    #[test]
+    fn sparse_copy_keeps_data_and_holes() {
+        let dir = std::env::temp_dir().join(format!("execbox-sparse-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let src = dir.join("src");
+        {
+            use std::io::{Seek, SeekFrom, Write};
+            let mut f = File::create(&src).expect("create");
+            f.set_len(64 << 20).expect("len");
+            f.seek(SeekFrom::Start(32 << 20)).expect("seek");
+            f.write_all(b"middle").expect("write");
+        }
+        let dst = dir.join("dst");
+        sparse_copy(&src, &dst).expect("copy");
+        let a = std::fs::read(&src).expect("read");
+        let b = std::fs::read(&dst).expect("read");
+        assert_eq!(a, b);
+        let blocks = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&dst).expect("m"));
+        assert!(
+            blocks * 512 < 1 << 20,
+            "copy is not sparse: {blocks} blocks"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_disk_is_size_limited_and_id_mapped() {
+        if !root() {
+            eprintln!("skipped: needs root (loop devices)");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("execbox-disk-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let image = dir.join("d.ext4");
+        format_disk(&image, 32 << 20).expect("format");
+        let copy = dir.join("c.ext4");
+        sparse_copy(&image, &copy).expect("copy");
+        let mnt = dir.join("mnt");
+        std::fs::create_dir_all(&mnt).expect("mnt");
+        let map = IdMap::new(300_000, 65_536).expect("idmap");
+        mount_disk(&copy, &mnt, Some(&map)).expect("mount");
+        let checks = (|| -> Result<(), String> {
+            let meta = std::fs::metadata(mnt.join("upper")).map_err(|e| e.to_string())?;
+            if std::os::unix::fs::MetadataExt::uid(&meta) != 300_000 {
+                return Err("the disk is not id-mapped".into());
+            }
+            // The host's root is not in the mapping: it cannot create files there.
+            if File::create(mnt.join("upper/x")).is_ok() {
+                return Err("an unmapped writer created a file".into());
+            }
+            // A writer of the range fills the disk to ENOSPC (fsuid is per thread).
+            let upper = mnt.join("upper/fill");
+            std::thread::spawn(move || -> Result<(), String> {
+                nix::unistd::setfsgid(nix::unistd::Gid::from_raw(300_000));
+                nix::unistd::setfsuid(nix::unistd::Uid::from_raw(300_000));
+                use std::io::Write;
+                let mut f = File::create(&upper).map_err(|e| format!("create: {e}"))?;
+                let chunk = vec![1u8; 1 << 20];
+                for _ in 0..64 {
+                    if let Err(e) = f.write_all(&chunk).and_then(|()| f.sync_data()) {
+                        return match e.raw_os_error() {
+                            Some(libc::ENOSPC) => Ok(()),
+                            _ => Err(format!("write: {e}")),
+                        };
+                    }
+                }
+                Err("64 MiB fit on a 32 MiB disk".into())
+            })
+            .join()
+            .map_err(|_| "writer panicked".to_string())?
+        })();
+        let _ = detach(&mnt);
+        let _ = std::fs::remove_dir_all(&dir);
+        checks.expect("disk checks");
+    }
+}
