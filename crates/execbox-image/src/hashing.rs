@@ -26,11 +26,6 @@ impl<R: Read> Hashing<R> {
         }
     }
 
-    /// Bytes read so far.
-    pub(crate) fn count(&self) -> u64 {
-        self.count
-    }
-
     /// Whether a read went past the limit.
     pub(crate) fn exceeded(&self) -> bool {
         self.exceeded

@@ -5,7 +5,17 @@
 //! sandbox that uses them) and builds templates from package registries.
 
 pub mod error;
+mod flight;
 mod hashing;
 mod reference;
+mod registry;
 pub mod spec;
+mod store;
 mod unpack;
+
+pub use error::ImageError;
+pub use spec::ImageConfig;
+pub use store::{
+    Credentials, GcReport, Image, ImageStore, ImageSummary, Platform, PullEvent, StoreConfig,
+    StoreStats,
+};

@@ -244,8 +244,6 @@ pub(crate) struct ConfigFile {
     #[serde(default)]
     pub os: Option<String>,
     #[serde(default)]
-    pub variant: Option<String>,
-    #[serde(default)]
     pub config: Option<RunConfig>,
     pub rootfs: RootFs,
 }

@@ -70,6 +70,7 @@ pub(crate) struct UnpackOptions<'a> {
 #[derive(Debug)]
 pub(crate) struct Unpacked {
     /// sha256 of the uncompressed stream.
+    #[cfg_attr(not(test), allow(dead_code))]
     pub diff_id: Digest,
     /// Its length.
     pub bytes: u64,
