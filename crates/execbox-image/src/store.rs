@@ -315,12 +315,23 @@ struct Dirs {
     tmp: Dir,
 }
 
-/// This store's own directory under `tmp/`, locked (flock) for as long as the store is open:
-/// a lease whose lock can be taken belongs to a store that is gone.
-struct Lease {
+/// A directory of `tmp/` for one operation (a pull, an import, a gc): its downloads, unpacks,
+/// pins and trash. Locked (flock) while the operation runs and removed when it ends; one whose
+/// lock can be taken was left by a process that died.
+struct Work {
+    tmp: Dir,
     name: String,
     dir: Dir,
     _lock: Flock<File>,
+}
+
+impl Drop for Work {
+    fn drop(&mut self) {
+        // Removed before the lock goes (fields drop after this body).
+        if let Err(e) = self.tmp.remove_tree(OsStr::new(&self.name)) {
+            tracing::warn!(name = %self.name, error = %e, "removing a work directory");
+        }
+    }
 }
 
 #[derive(Default)]
@@ -342,7 +353,6 @@ struct Inner {
     layers_path: PathBuf,
     images_path: PathBuf,
     dirs: Dirs,
-    lease: Lease,
     config: StoreConfig,
     registries: Registries,
     cache: RwLock<HashMap<String, Cached>>,
@@ -426,20 +436,18 @@ impl ImageStore {
             blobs,
             tmp,
         };
-        let lease = {
+        {
             let _lock = lock_store(&dirs.root)?;
             let removed = clean_tmp(&dirs.tmp)?;
             if removed > 0 {
                 tracing::info!(store = %shown, removed, "removed what interrupted pulls left");
             }
-            new_lease(&dirs.tmp)?
-        };
+        }
         let inner = Inner {
             layers_path: root.join("layers"),
             images_path: root.join("images"),
             root,
             dirs,
-            lease,
             registries: Registries::new(&config.insecure_registries, &config.credentials),
             config,
             cache: RwLock::new(HashMap::new()),
@@ -586,20 +594,13 @@ impl ImageStore {
         let file =
             File::open(path).map_err(ImageError::io(format!("opening the OCI archive {shown}")))?;
         let inner = &self.inner;
-        let tmp = inner.tmp_name("archive");
-        inner
-            .lease
-            .dir
-            .mkdir(OsStr::new(&tmp), 0o700)
+        let work = inner.begin()?;
+        work.dir
+            .mkdir(OsStr::new("layout"), 0o700)
             .map_err(ImageError::io("creating a temporary directory"))?;
-        let _cleanup = TmpTree {
-            dir: &inner.lease.dir,
-            name: tmp.clone(),
-        };
-        let dir = inner
-            .lease
+        let dir = work
             .dir
-            .subdir(OsStr::new(&tmp))
+            .subdir(OsStr::new("layout"))
             .map_err(ImageError::io("opening a temporary directory"))?;
         let opts = UnpackOptions {
             chown: false,
@@ -647,19 +648,30 @@ impl ImageStore {
             layers: manifest.layers.len(),
             bytes: checked.size,
         });
-        let guard = PullGuard::new(inner.clone(), inner.pin(&checked.diffs)?);
-        let layers =
-            self.fetch_layers(&session, manifest, &checked.diffs, progress, &guard.created);
+        let guard = PullGuard::new(inner, &checked.diffs)?;
+        let layers = self.fetch_layers(&session, manifest, &checked.diffs, progress, &guard);
         let result = match layers.await {
             Ok(()) => {
                 let inner2 = inner.clone();
+                let work = guard
+                    .work
+                    .dir
+                    .try_clone()
+                    .map_err(ImageError::io("duplicating a descriptor"))?;
                 let (canonical2, manifest_raw, digest) = (
                     canonical.clone(),
                     resolved.raw.clone(),
                     resolved.digest.clone(),
                 );
                 tokio::task::spawn_blocking(move || {
-                    inner2.commit(&canonical2, &manifest_raw, &digest, &config_raw, checked)
+                    inner2.commit(
+                        &work,
+                        &canonical2,
+                        &manifest_raw,
+                        &digest,
+                        &config_raw,
+                        checked,
+                    )
                 })
                 .await
                 .map_err(|e| ImageError::Io {
@@ -695,7 +707,7 @@ impl ImageStore {
         manifest: &Manifest,
         diffs: &[Digest],
         progress: &(dyn Fn(&PullEvent) + Send + Sync),
-        created: &Arc<Mutex<Vec<Digest>>>,
+        guard: &PullGuard,
     ) -> Result<(), ImageError> {
         let count = manifest.layers.len();
         futures_util::stream::iter(0..count)
@@ -707,7 +719,7 @@ impl ImageStore {
                     &manifest.layers[index],
                     &diffs[index],
                     progress,
-                    created,
+                    guard,
                 )
             })
             .buffer_unordered(self.inner.config.concurrent_layers.max(1))
@@ -725,7 +737,7 @@ impl ImageStore {
         desc: &Descriptor,
         diff: &Digest,
         progress: &(dyn Fn(&PullEvent) + Send + Sync),
-        created: &Arc<Mutex<Vec<Digest>>>,
+        guard: &PullGuard,
     ) -> Result<(), ImageError> {
         let inner = &self.inner;
         let _flight = inner.layer_flights.enter(diff.hex()).await;
@@ -748,7 +760,7 @@ impl ImageStore {
             size,
         });
         let started = Instant::now();
-        let blob = inner.tmp_file("blob")?;
+        let blob = inner.tmp_file(&guard.work.dir, "blob")?;
         let mut file = tokio::fs::File::from_std(
             blob.file
                 .try_clone()
@@ -796,8 +808,20 @@ impl ImageStore {
             cancel.0.clone(),
         );
         let want = Digest::parse(&digest)?;
+        let work = guard
+            .work
+            .dir
+            .try_clone()
+            .map_err(ImageError::io("duplicating a descriptor"))?;
         let new = tokio::task::spawn_blocking(move || {
-            inner2.unpack_and_commit(reader, &digest2, Some((&want, size)), &diff2, Some(&flag))
+            inner2.unpack_and_commit(
+                &work,
+                reader,
+                &digest2,
+                Some((&want, size)),
+                &diff2,
+                Some(&flag),
+            )
         })
         .await
         .map_err(|e| ImageError::Io {
@@ -806,7 +830,8 @@ impl ImageStore {
         })??;
         drop(blob);
         if new {
-            created
+            guard
+                .created
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .push(diff.clone());
@@ -841,7 +866,7 @@ impl Drop for CancelOnDrop {
     }
 }
 
-/// A file of this store's lease, unlinked when dropped.
+/// A file of a work directory, unlinked when dropped.
 struct TmpFile<'a> {
     dir: &'a Dir,
     name: String,
@@ -854,7 +879,7 @@ impl Drop for TmpFile<'_> {
     }
 }
 
-/// A tree of this store's lease, removed when dropped unless kept.
+/// A tree of a work directory, removed when dropped unless kept.
 struct TmpTree<'a> {
     dir: &'a Dir,
     name: String,
@@ -878,48 +903,46 @@ impl Drop for TmpTree<'_> {
     }
 }
 
-/// A pull (or import) in progress: its pin, and the layers it added. Unless finished, it
-/// unpins and removes those layers when no other image or pull needs them (on error, or when
-/// the pull's future is dropped).
+/// A pull (or import) in progress: its work directory with its pin, and the layers it added.
+/// Unless finished, it removes those layers when no other image or pull needs them (on error,
+/// or when the pull's future is dropped); its work directory goes in any case.
 struct PullGuard {
     inner: Arc<Inner>,
-    pin: Option<String>,
-    created: Arc<Mutex<Vec<Digest>>>,
+    work: Work,
+    created: Mutex<Vec<Digest>>,
+    done: bool,
 }
 
 impl PullGuard {
-    fn new(inner: Arc<Inner>, pin: String) -> PullGuard {
-        PullGuard {
-            inner,
-            pin: Some(pin),
-            created: Arc::default(),
-        }
+    /// Starts a pull of an image whose layers are `diffs`: from now on no gc and no failing
+    /// pull (of any process) removes them.
+    fn new(inner: &Arc<Inner>, diffs: &[Digest]) -> Result<PullGuard, ImageError> {
+        let work = inner.begin()?;
+        inner.pin(&work, diffs)?;
+        Ok(PullGuard {
+            inner: inner.clone(),
+            work,
+            created: Mutex::default(),
+            done: false,
+        })
     }
 
     fn finish(mut self) {
-        let (pin, _stored) = self.take();
-        if let Some(p) = pin {
-            self.inner.unpin(&p);
-        }
+        self.done = true;
     }
 
-    fn take(&mut self) -> (Option<String>, Vec<Digest>) {
-        let created = std::mem::take(&mut *self.created.lock().unwrap_or_else(|e| e.into_inner()));
-        (self.pin.take(), created)
-    }
-
-    async fn abandon(mut self) {
-        let (pin, created) = self.take();
-        let inner = self.inner.clone();
-        let _ = tokio::task::spawn_blocking(move || inner.abandon(pin, created)).await;
+    /// Undoes the pull on a blocking thread (removing layers takes time).
+    async fn abandon(self) {
+        let _ = tokio::task::spawn_blocking(move || drop(self)).await;
     }
 }
 
 impl Drop for PullGuard {
     fn drop(&mut self) {
-        let (pin, created) = self.take();
-        if pin.is_some() || !created.is_empty() {
-            self.inner.abandon(pin, created);
+        if !self.done {
+            let created =
+                std::mem::take(&mut *self.created.lock().unwrap_or_else(|e| e.into_inner()));
+            self.inner.abandon(&self.work, created);
         }
     }
 }
@@ -984,9 +1007,10 @@ fn check_version(root: &Dir, shown: &str) -> Result<(), ImageError> {
     }
 }
 
-/// Whether the lease `name` of `tmp` is held by a live store; `None` when it is not a lease.
-fn lease_alive(tmp: &Dir, name: &OsStr) -> io::Result<Option<bool>> {
-    if !name.as_bytes().starts_with(b"lease-") {
+/// Whether the work directory `name` of `tmp/` belongs to a running operation; `None` when it
+/// is not a work directory.
+fn work_alive(tmp: &Dir, name: &OsStr) -> io::Result<Option<bool>> {
+    if !name.as_bytes().starts_with(b"op-") {
         return Ok(None);
     }
     let f = match tmp.open(name, OpenFlags::O_RDONLY | OpenFlags::O_DIRECTORY, 0) {
@@ -994,6 +1018,8 @@ fn lease_alive(tmp: &Dir, name: &OsStr) -> io::Result<Option<bool>> {
         Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTDIR | libc::ELOOP)) => return Ok(None),
         Err(e) => return Err(e),
     };
+    // flock belongs to the open file description: this new one conflicts with the owner's,
+    // in this process too.
     match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
         Ok(_released_at_once) => Ok(Some(false)),
         Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(Some(true)),
@@ -1001,15 +1027,16 @@ fn lease_alive(tmp: &Dir, name: &OsStr) -> io::Result<Option<bool>> {
     }
 }
 
-/// Removes from `tmp/` everything but the leases of live stores. Called with the store lock
-/// held (leases are created under it, so a new lease is never mistaken for a dead one).
+/// Removes from `tmp/` everything but the work directories of running operations. Called with
+/// the store lock held (work directories are created under it, so a new one is never taken for
+/// a dead one).
 fn clean_tmp(tmp: &Dir) -> Result<usize, ImageError> {
     let mut removed = 0;
     for name in tmp.names().map_err(ImageError::io("listing tmp/"))? {
-        match lease_alive(tmp, &name) {
+        match work_alive(tmp, &name) {
             Ok(Some(true)) => continue,
             Err(e) if is_missing(&e) => continue,
-            Err(e) => return Err(ImageError::io("checking a lease in tmp/")(e)),
+            Err(e) => return Err(ImageError::io("checking a work directory in tmp/")(e)),
             Ok(_) => {}
         }
         tmp.remove_tree(&name).map_err(ImageError::io(format!(
@@ -1019,29 +1046,6 @@ fn clean_tmp(tmp: &Dir) -> Result<usize, ImageError> {
         removed += 1;
     }
     Ok(removed)
-}
-
-fn new_lease(tmp: &Dir) -> Result<Lease, ImageError> {
-    let name = format!("lease-{}", uuid::Uuid::new_v4().simple());
-    let os = OsStr::new(&name);
-    tmp.mkdir(os, 0o700)
-        .map_err(ImageError::io("creating the store's lease"))?;
-    let f = tmp
-        .open(os, OpenFlags::O_RDONLY | OpenFlags::O_DIRECTORY, 0)
-        .map_err(ImageError::io("opening the store's lease"))?;
-    let lock =
-        Flock::lock(f, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| ImageError::Io {
-            what: "locking the store's lease".into(),
-            source: e.into(),
-        })?;
-    let dir = tmp
-        .subdir(os)
-        .map_err(ImageError::io("opening the store's lease"))?;
-    Ok(Lease {
-        name,
-        dir,
-        _lock: lock,
-    })
 }
 
 /// File content bytes below `name` (each inode counted once).
@@ -1077,11 +1081,37 @@ impl Inner {
         format!("{what}-{}", self.seq.fetch_add(1, Ordering::Relaxed))
     }
 
-    fn tmp_file(&self, what: &str) -> Result<TmpFile<'_>, ImageError> {
+    /// A work directory for one operation.
+    fn begin(&self) -> Result<Work, ImageError> {
+        let _lock = self.lock()?;
+        let name = format!("op-{}", uuid::Uuid::new_v4().simple());
+        let os = OsStr::new(&name);
+        let tmp = &self.dirs.tmp;
+        tmp.mkdir(os, 0o700)
+            .map_err(ImageError::io("creating a work directory"))?;
+        let made = (|| {
+            let f = tmp.open(os, OpenFlags::O_RDONLY | OpenFlags::O_DIRECTORY, 0)?;
+            let lock = Flock::lock(f, FlockArg::LockExclusiveNonblock)
+                .map_err(|(_, e)| io::Error::from(e))?;
+            Ok::<_, io::Error>((tmp.try_clone()?, tmp.subdir(os)?, lock))
+        })();
+        match made {
+            Ok((tmp, dir, lock)) => Ok(Work {
+                tmp,
+                name,
+                dir,
+                _lock: lock,
+            }),
+            Err(e) => {
+                let _ = tmp.remove_tree(os);
+                Err(ImageError::io("opening a work directory")(e))
+            }
+        }
+    }
+
+    fn tmp_file<'a>(&self, work: &'a Dir, what: &str) -> Result<TmpFile<'a>, ImageError> {
         let name = self.tmp_name(what);
-        let file = self
-            .lease
-            .dir
+        let file = work
             .open(
                 OsStr::new(&name),
                 OpenFlags::O_RDWR | OpenFlags::O_CREAT | OpenFlags::O_EXCL,
@@ -1089,7 +1119,7 @@ impl Inner {
             )
             .map_err(ImageError::io("creating a temporary file"))?;
         Ok(TmpFile {
-            dir: &self.lease.dir,
+            dir: work,
             name,
             file,
         })
@@ -1106,30 +1136,21 @@ impl Inner {
             .is_ok_and(|m| m.is_dir())
     }
 
-    /// Records that a pull of this process needs `diffs`: from now on no `gc` and no failing
-    /// pull (of any process) removes them.
-    fn pin(&self, diffs: &[Digest]) -> Result<String, ImageError> {
+    /// Records in `work` that its operation needs the layers `diffs`: from now on no gc and
+    /// no failing pull (of any process) removes them. The pin goes with the work directory.
+    fn pin(&self, work: &Work, diffs: &[Digest]) -> Result<(), ImageError> {
         let _lock = self.lock()?;
-        let name = self.tmp_name("pin");
-        let mut f = self
-            .lease
+        let mut f = work
             .dir
-            .create_new(OsStr::new(&name), 0o600)
+            .create_new(OsStr::new("pins"), 0o600)
             .map_err(ImageError::io("writing a pin"))?;
         let text: String = diffs.iter().map(|d| format!("{}\n", d.hex())).collect();
         f.write_all(text.as_bytes())
-            .map_err(ImageError::io("writing a pin"))?;
-        Ok(name)
+            .map_err(ImageError::io("writing a pin"))
     }
 
-    fn unpin(&self, name: &str) {
-        if let Err(e) = self.lease.dir.unlink(OsStr::new(name)) {
-            tracing::warn!(error = %e, "removing a pin");
-        }
-    }
-
-    /// Layers pinned by pulls of live stores (this one included), and the names of dead
-    /// leases. Called with the store lock held.
+    /// Layers pinned by running operations (of this process too), and the names of dead work
+    /// directories. Called with the store lock held.
     fn live_pins(&self) -> Result<(HashSet<String>, Vec<OsString>), ImageError> {
         let mut pins = HashSet::new();
         let mut dead = Vec::new();
@@ -1139,7 +1160,7 @@ impl Inner {
             .names()
             .map_err(ImageError::io("listing tmp/"))?
         {
-            match lease_alive(&self.dirs.tmp, &name) {
+            match work_alive(&self.dirs.tmp, &name) {
                 Ok(Some(true)) => {}
                 Ok(Some(false)) => {
                     dead.push(name);
@@ -1147,24 +1168,19 @@ impl Inner {
                 }
                 Ok(None) => continue,
                 Err(e) if is_missing(&e) => continue,
-                Err(e) => return Err(ImageError::io("checking a lease")(e)),
+                Err(e) => return Err(ImageError::io("checking a work directory")(e)),
             }
-            let Ok(lease) = self.dirs.tmp.subdir(&name) else {
+            let Ok(work) = self.dirs.tmp.subdir(&name) else {
                 continue;
             };
-            for pin in lease.names().unwrap_or_default() {
-                if !pin.as_bytes().starts_with(b"pin-") {
-                    continue;
-                }
-                // A pin removed meanwhile protects nothing any more.
-                let Ok(f) = lease.open(&pin, OpenFlags::O_RDONLY, 0) else {
-                    continue;
-                };
-                let text = read_all(f, 1 << 20, "a pin")?;
-                for line in String::from_utf8_lossy(&text).lines() {
-                    if Digest::from_hex(line).is_some() {
-                        pins.insert(line.to_owned());
-                    }
+            // No pin (yet, or any more): it protects nothing.
+            let Ok(f) = work.open(OsStr::new("pins"), OpenFlags::O_RDONLY, 0) else {
+                continue;
+            };
+            let text = read_all(f, 1 << 20, "a pin")?;
+            for line in String::from_utf8_lossy(&text).lines() {
+                if Digest::from_hex(line).is_some() {
+                    pins.insert(line.to_owned());
                 }
             }
         }
@@ -1333,11 +1349,12 @@ impl Inner {
         })
     }
 
-    /// Unpacks a layer blob into this store's lease, checks it, and moves it into `layers/`.
-    /// Returns whether this call added it (false: another pull, maybe of another process,
-    /// got there first).
+    /// Unpacks a layer blob into `work`, checks it, and moves it into `layers/`. Returns
+    /// whether this call added it (false: another pull, maybe of another process, got there
+    /// first).
     fn unpack_and_commit(
         &self,
+        work: &Dir,
         blob: impl Read,
         layer: &str,
         want_blob: Option<(&Digest, u64)>,
@@ -1346,17 +1363,13 @@ impl Inner {
     ) -> Result<bool, ImageError> {
         let name = self.tmp_name("layer");
         let os = OsStr::new(&name);
-        self.lease
-            .dir
-            .mkdir(os, 0o755)
+        work.mkdir(os, 0o755)
             .map_err(ImageError::io("creating a layer directory"))?;
         let tree = TmpTree {
-            dir: &self.lease.dir,
+            dir: work,
             name: name.clone(),
         };
-        let dir = self
-            .lease
-            .dir
+        let dir = work
             .subdir(os)
             .map_err(ImageError::io("opening a layer directory"))?;
         let started = Instant::now();
@@ -1391,11 +1404,7 @@ impl Inner {
                 source: io::Error::new(io::ErrorKind::Interrupted, "the pull was abandoned"),
             });
         }
-        match self
-            .lease
-            .dir
-            .rename(os, &self.dirs.layers, OsStr::new(diff.hex()), true)
-        {
+        match work.rename(os, &self.dirs.layers, OsStr::new(diff.hex()), true) {
             Ok(()) => {
                 tree.keep();
                 let _ = self.dirs.layers.sync();
@@ -1409,25 +1418,22 @@ impl Inner {
         }
     }
 
-    /// Writes `bytes` as the entry `name` of `dir`, atomically (through this lease). With
+    /// Writes `bytes` as the entry `name` of `dir`, atomically (through `work`). With
     /// `replace` false an existing entry is kept (content-addressed: same content).
     fn write_atomic(
         &self,
+        work: &Dir,
         dir: &Dir,
         name: &str,
         bytes: &[u8],
         replace: bool,
     ) -> Result<(), ImageError> {
-        let tmp = self.tmp_file("write")?;
+        let tmp = self.tmp_file(work, "write")?;
         let mut f = &tmp.file;
         f.write_all(bytes)
             .and_then(|()| f.sync_all())
             .map_err(ImageError::io(format!("writing {name}")))?;
-        match self
-            .lease
-            .dir
-            .rename(OsStr::new(&tmp.name), dir, OsStr::new(name), !replace)
-        {
+        match work.rename(OsStr::new(&tmp.name), dir, OsStr::new(name), !replace) {
             Ok(()) => {}
             Err(e) if !replace && e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(ImageError::io(format!("storing {name}"))(e)),
@@ -1439,6 +1445,7 @@ impl Inner {
     /// Stores the image's blobs and record (its layers are in `layers/` already).
     fn commit(
         &self,
+        work: &Dir,
         canonical: &str,
         manifest_raw: &[u8],
         manifest_digest: &Digest,
@@ -1457,8 +1464,15 @@ impl Inner {
                 });
             }
         }
-        self.write_atomic(&self.dirs.blobs, manifest_digest.hex(), manifest_raw, false)?;
         self.write_atomic(
+            work,
+            &self.dirs.blobs,
+            manifest_digest.hex(),
+            manifest_raw,
+            false,
+        )?;
+        self.write_atomic(
+            work,
             &self.dirs.blobs,
             checked.config_digest.hex(),
             config_raw,
@@ -1476,7 +1490,7 @@ impl Inner {
         let json =
             serde_json::to_vec_pretty(&record).map_err(|e| ImageError::corrupt(e.to_string()))?;
         let name = record_name(canonical);
-        self.write_atomic(&self.dirs.images, &name, &json, true)?;
+        self.write_atomic(work, &self.dirs.images, &name, &json, true)?;
         let image = Arc::new(self.image_of(&record)?);
         let md = self
             .dirs
@@ -1497,11 +1511,10 @@ impl Inner {
     }
 
     /// Undoes a pull that did not finish: its pin goes, and the layers it added go unless an
-    /// image or a live pull needs them.
-    fn abandon(&self, pin: Option<String>, created: Vec<Digest>) {
-        if let Some(p) = pin {
-            self.unpin(&p);
-        }
+    /// image or another running pull needs them.
+    fn abandon(&self, work: &Work, created: Vec<Digest>) {
+        // Its own pin would keep them.
+        let _ = work.dir.unlink(OsStr::new("pins"));
         if created.is_empty() {
             return;
         }
@@ -1522,7 +1535,7 @@ impl Inner {
                 let t = self.tmp_name("trash");
                 self.dirs
                     .layers
-                    .rename(OsStr::new(d.hex()), &self.lease.dir, OsStr::new(&t), true)
+                    .rename(OsStr::new(d.hex()), &work.dir, OsStr::new(&t), true)
                     .map_err(ImageError::io(format!("removing layer {d}")))?;
                 trash.push(t);
             }
@@ -1530,7 +1543,7 @@ impl Inner {
         })();
         for t in trash {
             drop(TmpTree {
-                dir: &self.lease.dir,
+                dir: &work.dir,
                 name: t,
             });
         }
@@ -1574,6 +1587,7 @@ impl Inner {
     fn gc(&self, in_use: &HashSet<String>) -> Result<GcReport, ImageError> {
         let mut report = GcReport::default();
         let mut trash = Vec::new();
+        let work = self.begin()?;
         {
             let _lock = self.lock()?;
             let mut keep_layers = HashSet::new();
@@ -1628,7 +1642,7 @@ impl Inner {
                 let t = self.tmp_name("trash");
                 self.dirs
                     .layers
-                    .rename(&name, &self.lease.dir, OsStr::new(&t), true)
+                    .rename(&name, &work.dir, OsStr::new(&t), true)
                     .map_err(ImageError::io(format!("removing layer {hex}")))?;
                 trash.push(t);
                 report.layers_removed += 1;
@@ -1659,7 +1673,7 @@ impl Inner {
                 if self
                     .dirs
                     .tmp
-                    .rename(&name, &self.lease.dir, OsStr::new(&t), true)
+                    .rename(&name, &work.dir, OsStr::new(&t), true)
                     .is_ok()
                 {
                     trash.push(t);
@@ -1669,9 +1683,9 @@ impl Inner {
         // The removal itself, outside the lock: pulls and other processes go on meanwhile.
         let mut seen = HashSet::new();
         for t in trash {
-            report.bytes_freed += tree_size(&self.lease.dir, OsStr::new(&t), 0, &mut seen);
+            report.bytes_freed += tree_size(&work.dir, OsStr::new(&t), 0, &mut seen);
             drop(TmpTree {
-                dir: &self.lease.dir,
+                dir: &work.dir,
                 name: t,
             });
         }
@@ -1753,7 +1767,7 @@ impl Inner {
         };
         let config_raw = read_layout_blob(&blobs, &manifest.config, MAX_CONFIG_BYTES, shown)?;
         let checked = self.check_image(&what, &manifest, &config_raw)?;
-        let guard = PullGuard::new(self.clone(), self.pin(&checked.diffs)?);
+        let guard = PullGuard::new(self, &checked.diffs)?;
         for (i, (l, diff)) in manifest.layers.iter().zip(&checked.diffs).enumerate() {
             if self.has_layer(diff) {
                 tracing::info!(layer = i + 1, of = manifest.layers.len(), digest = %l.digest, "layer already in the store");
@@ -1763,7 +1777,14 @@ impl Inner {
             let f = blobs
                 .open(OsStr::new(d.hex()), OpenFlags::O_RDONLY, 0)
                 .map_err(|e| ImageError::corrupt(format!("{shown}: blob {d}: {e}")))?;
-            if self.unpack_and_commit(f, &l.digest, Some((&d, l.size()?)), diff, None)? {
+            if self.unpack_and_commit(
+                &guard.work.dir,
+                f,
+                &l.digest,
+                Some((&d, l.size()?)),
+                diff,
+                None,
+            )? {
                 guard
                     .created
                     .lock()
@@ -1772,6 +1793,7 @@ impl Inner {
             }
         }
         let image = self.commit(
+            &guard.work.dir,
             &r.canonical,
             &manifest_raw,
             &manifest_digest,
@@ -1781,15 +1803,6 @@ impl Inner {
         guard.finish();
         tracing::info!(reference = %r.canonical, id = %image.id, from = shown, "image imported");
         Ok(image)
-    }
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        // The lease goes with the store (its lock is released right after).
-        if let Err(e) = self.dirs.tmp.remove_tree(OsStr::new(&self.lease.name)) {
-            tracing::warn!(error = %e, "removing the store's lease");
-        }
     }
 }
 
