@@ -301,6 +301,17 @@ impl Stamp {
     }
 }
 
+/// A reference as given, parsed once: its normalized form and its record file.
+struct Parsed {
+    image: ImageRef,
+    record: String,
+    path: PathBuf,
+}
+
+/// References remembered parsed (the text a caller gives → its normalized form) before the
+/// memo starts over.
+const MAX_PARSED: usize = 4096;
+
 struct Cached {
     image: Arc<Image>,
     stamp: Stamp,
@@ -356,6 +367,7 @@ struct Inner {
     config: StoreConfig,
     registries: Registries,
     cache: RwLock<HashMap<String, Cached>>,
+    parsed: RwLock<HashMap<String, Arc<Parsed>>>,
     image_flights: Flights,
     layer_flights: Flights,
     stats: Counters,
@@ -451,6 +463,7 @@ impl ImageStore {
             registries: Registries::new(&config.insecure_registries, &config.credentials),
             config,
             cache: RwLock::new(HashMap::new()),
+            parsed: RwLock::new(HashMap::new()),
             image_flights: Flights::default(),
             layer_flights: Flights::default(),
             stats: Counters::default(),
@@ -492,15 +505,15 @@ impl ImageStore {
         reference: &str,
         auth: Option<&Credentials>,
     ) -> Result<Arc<Image>, ImageError> {
-        let r = reference::parse(reference)?;
-        if let Some(img) = self.inner.cached(&r.canonical) {
+        let p = self.inner.parse(reference)?;
+        if let Some(img) = self.inner.cached(&p) {
             return Ok(img);
         }
-        let _flight = self.inner.image_flights.enter(&r.canonical).await;
-        if let Some(img) = self.inner.cached(&r.canonical) {
+        let _flight = self.inner.image_flights.enter(&p.image.canonical).await;
+        if let Some(img) = self.inner.cached(&p) {
             return Ok(img);
         }
-        self.pull_ref(&r, auth, &|_| {}).await
+        self.pull_ref(&p.image, auth, &|_| {}).await
     }
 
     /// Pulls `reference` from its registry even when the store has it (a tag may have moved);
@@ -511,15 +524,15 @@ impl ImageStore {
         auth: Option<&Credentials>,
         progress: &(dyn Fn(&PullEvent) + Send + Sync),
     ) -> Result<Arc<Image>, ImageError> {
-        let r = reference::parse(reference)?;
-        let _flight = self.inner.image_flights.enter(&r.canonical).await;
-        self.pull_ref(&r, auth, progress).await
+        let p = self.inner.parse(reference)?;
+        let _flight = self.inner.image_flights.enter(&p.image.canonical).await;
+        self.pull_ref(&p.image, auth, progress).await
     }
 
     /// The stored image for `reference`, if any (no network).
     pub fn get(&self, reference: &str) -> Option<Arc<Image>> {
-        let r = reference::parse(reference).ok()?;
-        self.inner.cached(&r.canonical)
+        let p = self.inner.parse(reference).ok()?;
+        self.inner.cached(&p)
     }
 
     /// Every stored image, by reference.
@@ -551,8 +564,8 @@ impl ImageStore {
     /// its image id is in `in_use` (ids of images live sandboxes use) and no other reference
     /// keeps that image. Its layers stay until [`ImageStore::gc`].
     pub fn remove(&self, reference: &str, in_use: &HashSet<String>) -> Result<(), ImageError> {
-        let r = reference::parse(reference)?;
-        self.inner.remove(&r.canonical, in_use)
+        let p = self.inner.parse(reference)?;
+        self.inner.remove(&p.image.canonical, in_use)
     }
 
     /// Removes the layers and blobs that no stored image, no image in `in_use` (ids) and no
@@ -653,11 +666,7 @@ impl ImageStore {
         let result = match layers.await {
             Ok(()) => {
                 let inner2 = inner.clone();
-                let work = guard
-                    .work
-                    .dir
-                    .try_clone()
-                    .map_err(ImageError::io("duplicating a descriptor"))?;
+                let work = guard.work.clone();
                 let (canonical2, manifest_raw, digest) = (
                     canonical.clone(),
                     resolved.raw.clone(),
@@ -665,7 +674,7 @@ impl ImageStore {
                 );
                 tokio::task::spawn_blocking(move || {
                     inner2.commit(
-                        &work,
+                        &work.dir,
                         &canonical2,
                         &manifest_raw,
                         &digest,
@@ -808,14 +817,10 @@ impl ImageStore {
             cancel.0.clone(),
         );
         let want = Digest::parse(&digest)?;
-        let work = guard
-            .work
-            .dir
-            .try_clone()
-            .map_err(ImageError::io("duplicating a descriptor"))?;
+        let work = guard.work.clone();
         let new = tokio::task::spawn_blocking(move || {
             inner2.unpack_and_commit(
-                &work,
+                &work.dir,
                 reader,
                 &digest2,
                 Some((&want, size)),
@@ -908,7 +913,8 @@ impl Drop for TmpTree<'_> {
 /// or when the pull's future is dropped); its work directory goes in any case.
 struct PullGuard {
     inner: Arc<Inner>,
-    work: Work,
+    /// Shared with the blocking tasks of the pull, so that it goes once they are done too.
+    work: Arc<Work>,
     created: Mutex<Vec<Digest>>,
     done: bool,
 }
@@ -921,7 +927,7 @@ impl PullGuard {
         inner.pin(&work, diffs)?;
         Ok(PullGuard {
             inner: inner.clone(),
-            work,
+            work: Arc::new(work),
             created: Mutex::default(),
             done: false,
         })
@@ -1077,6 +1083,31 @@ fn tree_size(parent: &Dir, name: &OsStr, depth: usize, seen: &mut HashSet<(u64, 
 }
 
 impl Inner {
+    /// `reference` parsed and normalized, remembered for the next call.
+    fn parse(&self, reference: &str) -> Result<Arc<Parsed>, ImageError> {
+        if let Some(p) = self
+            .parsed
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(reference)
+        {
+            return Ok(p.clone());
+        }
+        let image = reference::parse(reference)?;
+        let record = record_name(&image.canonical);
+        let p = Arc::new(Parsed {
+            path: self.images_path.join(&record),
+            record,
+            image,
+        });
+        let mut memo = self.parsed.write().unwrap_or_else(|e| e.into_inner());
+        if memo.len() >= MAX_PARSED {
+            memo.clear();
+        }
+        memo.insert(reference.to_owned(), p.clone());
+        Ok(p)
+    }
+
     fn tmp_name(&self, what: &str) -> String {
         format!("{what}-{}", self.seq.fetch_add(1, Ordering::Relaxed))
     }
@@ -1247,15 +1278,15 @@ impl Inner {
 
     /// The stored image of a normalized reference: from memory while its record file is
     /// unchanged (one `stat`), else read again.
-    fn cached(&self, canonical: &str) -> Option<Arc<Image>> {
-        let name = record_name(canonical);
+    fn cached(&self, p: &Parsed) -> Option<Arc<Image>> {
+        let (canonical, name) = (p.image.canonical.as_str(), &p.record);
         let forget = || {
             self.cache
                 .write()
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(canonical);
         };
-        let Ok(md) = std::fs::symlink_metadata(self.images_path.join(&name)) else {
+        let Ok(md) = std::fs::symlink_metadata(&p.path) else {
             forget();
             return None;
         };
@@ -1270,7 +1301,7 @@ impl Inner {
                 return Some(c.image.clone());
             }
         }
-        let loaded = match self.load(&name) {
+        let loaded = match self.load(name) {
             Ok(Some((rec, stamp))) if rec.reference == canonical => {
                 self.image_of(&rec).map(|i| (i, stamp))
             }
@@ -1394,10 +1425,14 @@ impl Inner {
             }
         }
         // On disk before it is visible: a crash must not leave a layer with empty files.
-        nix::unistd::syncfs(dir.fd()).map_err(|e| ImageError::Io {
-            what: format!("syncing layer {layer}"),
-            source: e.into(),
-        })?;
+        // syncfs needs a descriptor that is not O_PATH.
+        dir.open(
+            OsStr::new("."),
+            OpenFlags::O_RDONLY | OpenFlags::O_DIRECTORY,
+            0,
+        )
+        .and_then(|d| nix::unistd::syncfs(d).map_err(io::Error::from))
+        .map_err(ImageError::io(format!("syncing layer {layer}")))?;
         if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
             return Err(ImageError::Io {
                 what: format!("unpacking layer {layer}"),
