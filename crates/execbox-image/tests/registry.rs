@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use execbox_image::{Image, ImageError, ImageStore, Platform, PullEvent, StoreConfig};
+use execbox_image::{Credentials, Image, ImageError, ImageStore, Platform, PullEvent, StoreConfig};
 use sha2::{Digest, Sha256};
 
 /// The registry and the images pushed to it.
@@ -30,9 +30,24 @@ struct Env {
     archive: PathBuf,
     /// Where the unsafe layer tries to write.
     outside: PathBuf,
-    /// Keeps the registry's wrapper alive: when this process ends, its stdin closes and it
-    /// stops the registry and removes `dir`.
-    _registry: Mutex<Child>,
+    /// `127.0.0.1:<port>` of a registry that wants HTTP basic credentials ([`user`]).
+    auth_registry: String,
+    /// Keep the registries' wrappers alive: when this process ends, their stdin closes and
+    /// they stop the registries and remove `dir`.
+    _registries: Mutex<Vec<Child>>,
+}
+
+/// The account of the registry with credentials. The hash is bcrypt (cost 4) of the password:
+/// written here so the tests need no tool to make it.
+const USER: &str = "alice";
+const PASSWORD: &str = "s3cret";
+const HTPASSWD: &str = "alice:$2b$04$RM4St2Sh9QdubUmXCOMm8ODVSPf9FQmNnokoaziPdbRBhOI7E.uVi";
+
+fn user() -> Credentials {
+    Credentials {
+        username: USER.into(),
+        password: PASSWORD.into(),
+    }
 }
 
 static ENV: OnceLock<Option<Env>> = OnceLock::new();
@@ -125,29 +140,8 @@ fn setup() -> Env {
     let dir = std::env::temp_dir().join(format!("execbox-image-registry-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let port = free_port();
-    let registry = format!("127.0.0.1:{port}");
-    let config = dir.join("registry.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {registry}\n",
-            dir.join("storage").display()
-        ),
-    )
-    .unwrap();
-    let child = Command::new("sh")
-        .args([
-            "-c",
-            r#"/usr/bin/docker-registry serve "$0" >"$1/registry.log" 2>&1 & pid=$!; read _; kill $pid; wait $pid; rm -rf "$1""#,
-        ])
-        .arg(&config)
-        .arg(&dir)
-        .stdin(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for_registry(&registry, &dir);
+    let (registry, child) = start_registry(&dir, "registry", false);
+    let (auth_registry, auth_child) = start_registry(&dir, "auth-registry", true);
 
     // The images: `base` (busybox, links, data) and `v2` (base + a layer that deletes a file
     // and adds one).
@@ -217,6 +211,17 @@ fn setup() -> Env {
         ]))
     };
     push(&format!("oci:{}", oci("base")), "test/base:1");
+    for (tag, to) in [("base", "private/base:1"), ("v2", "private/app:1")] {
+        run(Command::new("skopeo").args([
+            "copy",
+            "--quiet",
+            "--dest-tls-verify=false",
+            "--dest-creds",
+            &format!("{USER}:{PASSWORD}"),
+            &format!("oci:{}", oci(tag)),
+            &format!("docker://{auth_registry}/{to}"),
+        ]));
+    }
     push(&format!("oci:{}", oci("v2")), "test/app:1");
     let archive = dir.join("app.tar");
     run(Command::new("skopeo").args([
@@ -255,8 +260,45 @@ fn setup() -> Env {
         layout,
         archive,
         outside,
-        _registry: Mutex::new(child),
+        auth_registry,
+        _registries: Mutex::new(vec![child, auth_child]),
     }
+}
+
+/// Starts a registry on a free loopback port, storing under `dir/<name>`; with `auth`, it
+/// wants [`USER`]'s credentials. The wrapper stops it and removes `dir` when this process's end
+/// of its stdin closes.
+fn start_registry(dir: &Path, name: &str, auth: bool) -> (String, Child) {
+    let home = dir.join(name);
+    std::fs::create_dir_all(&home).unwrap();
+    let registry = format!("127.0.0.1:{}", free_port());
+    let mut config = format!(
+        "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {registry}\n",
+        home.join("storage").display()
+    );
+    if auth {
+        std::fs::write(home.join("htpasswd"), format!("{HTPASSWD}\n")).unwrap();
+        config.push_str(&format!(
+            "auth:\n  htpasswd:\n    realm: execbox-test\n    path: {}\n",
+            home.join("htpasswd").display()
+        ));
+    }
+    let config_path = home.join("registry.yml");
+    std::fs::write(&config_path, config).unwrap();
+    let child = Command::new("sh")
+        .args([
+            "-c",
+            r#"/usr/bin/docker-registry serve "$0" >"$1/registry.log" 2>&1 & pid=$!; read _; kill $pid; wait $pid; rm -rf "$2""#,
+        ])
+        .arg(&config_path)
+        .arg(&home)
+        .arg(dir)
+        .stdin(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_registry(&registry, &home);
+    (registry, child)
 }
 
 fn wait_for_registry(registry: &str, dir: &Path) {
@@ -267,7 +309,9 @@ fn wait_for_registry(registry: &str, dir: &Path) {
                 s.write_all(format!("GET /v2/ HTTP/1.0\r\nHost: {registry}\r\n\r\n").as_bytes());
             let mut answer = String::new();
             let _ = s.read_to_string(&mut answer);
-            if answer.starts_with("HTTP/1.1 200") || answer.starts_with("HTTP/1.0 200") {
+            // 401: a registry that wants credentials is up too.
+            let status = answer.split(' ').nth(1).unwrap_or("");
+            if answer.starts_with("HTTP/1.") && (status == "200" || status == "401") {
                 return;
             }
         }
@@ -972,4 +1016,40 @@ async fn the_layers_make_a_working_overlay_root() {
         listing.contains("new") && !listing.contains("old") && !listing.contains("keep"),
         "{listing}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_are_used_and_never_lent_to_another_call() {
+    let e = env_or_skip!();
+    let (s, root) = store("auth");
+    let base = format!("{}/private/base:1", e.auth_registry);
+    match s.resolve(&base, None).await.unwrap_err() {
+        ImageError::Unauthorized { registry } => assert_eq!(registry, e.auth_registry),
+        other => panic!("expected Unauthorized, got {other}"),
+    }
+    let wrong = Credentials {
+        username: USER.into(),
+        password: "wrong".into(),
+    };
+    let err = s.resolve(&base, Some(&wrong)).await.unwrap_err();
+    assert!(matches!(err, ImageError::Unauthorized { .. }), "{err}");
+    assert!(
+        !format!("{wrong:?}").contains("wrong"),
+        "the password shows in Debug"
+    );
+    let img = s.resolve(&base, Some(&user())).await.unwrap();
+    assert_eq!(img.layers.len(), 1);
+    // Another image of the same registry, asked for without credentials: the ones of the
+    // earlier call are not reused.
+    let app = format!("{}/private/app:1", e.auth_registry);
+    let err = s.pull(&app, None, &|_| {}).await.unwrap_err();
+    assert!(matches!(err, ImageError::Unauthorized { .. }), "{err}");
+    assert_no_leftovers(&root);
+    // Credentials of the configuration, for that registry.
+    let mut config = StoreConfig::default();
+    config.credentials.insert(e.auth_registry.clone(), user());
+    let root2 = root.join("../configured");
+    let s2 = ImageStore::open(&root2, config).unwrap();
+    let app_img = s2.resolve(&app, None).await.unwrap();
+    assert_eq!(app_img.layers.len(), 2);
 }
