@@ -339,7 +339,7 @@ struct Work {
 impl Drop for Work {
     fn drop(&mut self) {
         // Removed before the lock goes (fields drop after this body).
-        if let Err(e) = self.tmp.remove_tree(OsStr::new(&self.name)) {
+        if let Err(e) = remove_all(&self.tmp, OsStr::new(&self.name)) {
             tracing::warn!(name = %self.name, error = %e, "removing a work directory");
         }
     }
@@ -902,7 +902,7 @@ impl Drop for TmpTree<'_> {
         if self.name.is_empty() {
             return;
         }
-        if let Err(e) = self.dir.remove_tree(OsStr::new(&self.name)) {
+        if let Err(e) = remove_all(self.dir, OsStr::new(&self.name)) {
             tracing::warn!(name = %self.name, error = %e, "removing a temporary tree");
         }
     }
@@ -1045,13 +1045,45 @@ fn clean_tmp(tmp: &Dir) -> Result<usize, ImageError> {
             Err(e) => return Err(ImageError::io("checking a work directory in tmp/")(e)),
             Ok(_) => {}
         }
-        tmp.remove_tree(&name).map_err(ImageError::io(format!(
+        remove_all(tmp, &name).map_err(ImageError::io(format!(
             "removing tmp/{}",
             name.to_string_lossy()
         )))?;
         removed += 1;
     }
     Ok(removed)
+}
+
+/// Removes `name` and everything below it, through descriptors. A layer may hold read-only
+/// directories: where the owner lacks the right to empty one (rootless), the directories are
+/// made writable first.
+fn remove_all(parent: &Dir, name: &OsStr) -> io::Result<()> {
+    match parent.remove_tree(name) {
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            make_writable(parent, name, 0);
+            parent.remove_tree(name)
+        }
+        r => r,
+    }
+}
+
+fn make_writable(parent: &Dir, name: &OsStr, depth: usize) {
+    if depth >= execbox_jail::fsroot::MAX_TREE_DEPTH {
+        return;
+    }
+    let Ok(pinned) = parent.pin(name) else {
+        return;
+    };
+    if !pinned.metadata().is_ok_and(|m| m.is_dir()) {
+        return;
+    }
+    let _ = execbox_jail::fsroot::chmod_fd(std::os::fd::AsFd::as_fd(&pinned), 0o700);
+    let Ok(sub) = parent.subdir(name) else {
+        return;
+    };
+    for child in sub.names().unwrap_or_default() {
+        make_writable(&sub, &child, depth + 1);
+    }
 }
 
 /// File content bytes below `name` (each inode counted once).
@@ -1134,7 +1166,7 @@ impl Inner {
                 _lock: lock,
             }),
             Err(e) => {
-                let _ = tmp.remove_tree(os);
+                let _ = remove_all(tmp, os);
                 Err(ImageError::io("opening a work directory")(e))
             }
         }
@@ -1909,4 +1941,55 @@ fn read_layout_blob(
         )));
     }
     Ok(raw)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_send_sync<T: Send + Sync>() {}
+
+    #[test]
+    fn the_store_is_shared_between_threads() {
+        assert_send_sync::<ImageStore>();
+        assert_send_sync::<Image>();
+    }
+
+    #[test]
+    fn read_only_trees_are_removed() {
+        let d = std::env::temp_dir().join(format!("execbox-store-rm-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(d.join("t/ro/inner")).unwrap();
+        std::fs::write(d.join("t/ro/inner/f"), "x").unwrap();
+        std::fs::create_dir_all(d.join("t/closed")).unwrap();
+        std::fs::write(d.join("t/closed/g"), "y").unwrap();
+        for (p, mode) in [("t/ro/inner", 0o555), ("t/ro", 0o555), ("t/closed", 0o000)] {
+            std::fs::set_permissions(
+                d.join(p),
+                std::os::unix::fs::PermissionsExt::from_mode(mode),
+            )
+            .unwrap();
+        }
+        let root = Dir::open_trusted(&d).unwrap();
+        remove_all(&root, OsStr::new("t")).unwrap();
+        assert!(!d.join("t").exists());
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn store_names() {
+        assert_eq!(record_name("a").len(), 64 + 5);
+        assert_eq!(Platform::host().os, "linux");
+        let p = Platform {
+            os: "linux".into(),
+            architecture: "arm64".into(),
+            variant: Some("v8".into()),
+        };
+        assert_eq!(p.to_string(), "linux/arm64/v8");
+        let c = Credentials {
+            username: "u".into(),
+            password: "hunter2".into(),
+        };
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
 }

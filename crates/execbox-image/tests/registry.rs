@@ -170,7 +170,6 @@ fn setup() -> Env {
     std::fs::write(rootfs.join("etc/gone.txt"), "deleted by the next layer\n").unwrap();
     run(Command::new("umoci")
         .arg("repack")
-        .args(rootless)
         .args(["--image", &oci("base")])
         .arg(&b1));
     run(Command::new("umoci").args([
@@ -198,7 +197,6 @@ fn setup() -> Env {
     std::fs::write(b2.join("rootfs/data/new.txt"), "added by layer 2\n").unwrap();
     run(Command::new("umoci")
         .arg("repack")
-        .args(rootless)
         .args(["--image", &oci("v2")])
         .arg(&b2));
     let push = |from: &str, to: &str| {
