@@ -12,7 +12,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use execbox_jail::fsroot::{Dir, OpenFlags};
 use futures_util::{StreamExt, TryStreamExt};
@@ -817,16 +817,23 @@ impl ImageStore {
             cancel.0.clone(),
         );
         let want = Digest::parse(&digest)?;
-        let work = guard.work.clone();
-        let new = tokio::task::spawn_blocking(move || {
-            inner2.unpack_and_commit(
+        let (work, created) = (guard.work.clone(), guard.created.clone());
+        tokio::task::spawn_blocking(move || {
+            let new = inner2.unpack_and_commit(
                 &work.dir,
                 reader,
                 &digest2,
                 Some((&want, size)),
                 &diff2,
                 Some(&flag),
-            )
+            )?;
+            if new {
+                created
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(diff2);
+            }
+            Ok::<_, ImageError>(())
         })
         .await
         .map_err(|e| ImageError::Io {
@@ -834,13 +841,6 @@ impl ImageStore {
             source: io::Error::other(e),
         })??;
         drop(blob);
-        if new {
-            guard
-                .created
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(diff.clone());
-        }
         tracing::info!(layer = index + 1, of = count, %digest, bytes = received,
             download_secs = downloaded.as_secs_f32(), total_secs = started.elapsed().as_secs_f32(), "layer stored");
         progress(&PullEvent::LayerDone {
@@ -915,7 +915,9 @@ struct PullGuard {
     inner: Arc<Inner>,
     /// Shared with the blocking tasks of the pull, so that it goes once they are done too.
     work: Arc<Work>,
-    created: Mutex<Vec<Digest>>,
+    /// Written by the blocking tasks too: a layer moved into `layers/` is recorded by the
+    /// task that moved it, even when the pull's future is gone by then.
+    created: Arc<Mutex<Vec<Digest>>>,
     done: bool,
 }
 
@@ -928,7 +930,7 @@ impl PullGuard {
         Ok(PullGuard {
             inner: inner.clone(),
             work: Arc::new(work),
-            created: Mutex::default(),
+            created: Arc::default(),
             done: false,
         })
     }
@@ -937,8 +939,14 @@ impl PullGuard {
         self.done = true;
     }
 
-    /// Undoes the pull on a blocking thread (removing layers takes time).
+    /// Undoes the pull on a blocking thread (removing layers takes time), once the unpacks of
+    /// its other layers, still running on blocking threads, have stopped: they notice at their
+    /// next entry, and only then is nothing of the pull left to find.
     async fn abandon(self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Arc::strong_count(&self.work) > 1 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         let _ = tokio::task::spawn_blocking(move || drop(self)).await;
     }
 }

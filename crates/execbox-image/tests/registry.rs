@@ -245,6 +245,25 @@ fn setup() -> Env {
         &format!("oci:{}:1", unsafe_layout.display()),
         "test/unsafe:1",
     );
+    // A big valid layer beside an unsafe one: the failure must stop the other unpack too.
+    let mut noise = vec![0u8; 16 << 20];
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for b in noise.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    let big = Tar::new()
+        .add(tar::EntryType::Regular, "big", "", 0o644, &noise)
+        .bytes();
+    let unsafe_small = Tar::new()
+        .symlink("up", "../../..")
+        .file("up/pwned", "x")
+        .bytes();
+    let mixed_layout = dir.join("mixed-layout");
+    write_layout(&mixed_layout, &[big, unsafe_small], false);
+    push(&format!("oci:{}:1", mixed_layout.display()), "test/mixed:1");
     let corrupt_layout = dir.join("corrupt-layout");
     write_layout(&corrupt_layout, &[Tar::new().file("a", "b").bytes()], true);
     push(
@@ -375,7 +394,8 @@ fn write_layout(dir: &Path, layers: &[Vec<u8>], wrong_diff: bool) {
     let mut descs = Vec::new();
     let mut diffs = Vec::new();
     for (i, tar) in layers.iter().enumerate() {
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        // Stored, not compressed: fast in debug builds.
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::none());
         gz.write_all(tar).unwrap();
         let (d, size) = put(&gz.finish().unwrap());
         descs.push(serde_json::json!({
@@ -1050,4 +1070,23 @@ async fn credentials_are_used_and_never_lent_to_another_call() {
     let s2 = ImageStore::open(&root2, config).unwrap();
     let app_img = s2.resolve(&app, None).await.unwrap();
     assert_eq!(app_img.layers.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_layer_stops_the_others_and_leaves_nothing() {
+    let e = env_or_skip!();
+    let (s, root) = store("mixed");
+    let err = s
+        .resolve(&format!("{}/test/mixed:1", e.registry), None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ImageError::UnsafeLayer { .. }), "{err}");
+    // At once, not eventually.
+    assert_no_leftovers(&root);
+    assert!(
+        names(&root.join("layers")).is_empty(),
+        "{:?}",
+        names(&root.join("layers"))
+    );
+    assert!(s.list().is_empty());
 }
