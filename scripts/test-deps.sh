@@ -8,6 +8,12 @@ command -v python3 >/dev/null || need_apt+=(python3)
 command -v node >/dev/null || need_apt+=(nodejs)
 command -v npm >/dev/null || need_apt+=(npm)
 python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
+# Image store tests (execbox-image): a real registry, image tools and a static busybox to put
+# in the images they build.
+[ -x /usr/bin/docker-registry ] || need_apt+=(docker-registry)
+command -v skopeo >/dev/null || need_apt+=(skopeo)
+command -v umoci >/dev/null || need_apt+=(umoci)
+dpkg -s busybox-static >/dev/null 2>&1 || need_apt+=(busybox-static)
 if ((${#need_apt[@]})); then
   apt-get update -qq && apt-get install -y -qq "${need_apt[@]}"
 fi

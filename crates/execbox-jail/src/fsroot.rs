@@ -540,3 +540,171 @@ mod tests {
         std::fs::remove_dir_all(&d).unwrap();
     }
 }
+
+// Operations for unpacking image layers (execbox-image): each acts on a pinned directory and
+// one plain name, never following a symlink at that name.
+
+/// Name of the overlayfs xattr that makes a directory opaque when the overlay is mounted with
+/// `userxattr` (hides the same directory of the layers below).
+pub const OVERLAY_OPAQUE_XATTR: &str = "user.overlay.opaque";
+
+impl Dir {
+    /// Creates `name` as an overlayfs whiteout: a character device with device number 0/0,
+    /// which hides `name` of the layers below. Unprivileged users may create it since Linux 5.8.
+    pub fn whiteout(&self, name: &OsStr) -> io::Result<()> {
+        nix::sys::stat::mknodat(
+            self.fd(),
+            one_name(name)?,
+            nix::sys::stat::SFlag::S_IFCHR,
+            Mode::empty(),
+            nix::sys::stat::makedev(0, 0),
+        )
+        .map_err(io_err)
+    }
+
+    /// Creates the named pipe `name`.
+    pub fn mkfifo(&self, name: &OsStr, mode: u32) -> io::Result<()> {
+        nix::sys::stat::mknodat(
+            self.fd(),
+            one_name(name)?,
+            nix::sys::stat::SFlag::S_IFIFO,
+            Mode::from_bits_truncate(mode),
+            0,
+        )
+        .map_err(io_err)
+    }
+
+    /// Creates `to_name` in `to` as a hard link to the entry `name` of this directory (a
+    /// symlink there is linked itself, never followed).
+    pub fn hard_link(&self, name: &OsStr, to: &Dir, to_name: &OsStr) -> io::Result<()> {
+        nix::unistd::linkat(
+            self.fd(),
+            one_name(name)?,
+            to.fd(),
+            one_name(to_name)?,
+            AtFlags::empty(),
+        )
+        .map_err(io_err)
+    }
+
+    /// Sets the access and modification times of the entry `name` itself (a symlink's own
+    /// times), `name` `.` being the directory itself.
+    pub fn set_times(&self, name: &OsStr, atime: (i64, u32), mtime: (i64, u32)) -> io::Result<()> {
+        let spec = |(secs, nanos): (i64, u32)| {
+            nix::sys::time::TimeSpec::from(libc::timespec {
+                tv_sec: secs as libc::time_t,
+                tv_nsec: nanos.min(999_999_999) as libc::c_long,
+            })
+        };
+        nix::sys::stat::utimensat(
+            self.fd(),
+            one_name(name)?,
+            &spec(atime),
+            &spec(mtime),
+            nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+        )
+        .map_err(io_err)
+    }
+
+    /// Sets the extended attribute `key` of the directory itself. `fsetxattr` refuses `O_PATH`
+    /// descriptors, so the directory is opened for reading (as itself, `.`) first.
+    pub fn set_xattr(&self, key: &str, value: &[u8]) -> io::Result<()> {
+        let dir = self.open_name(OsStr::new("."), OFlag::O_RDONLY | OFlag::O_DIRECTORY, 0)?;
+        let key = std::ffi::CString::new(key)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in xattr name"))?;
+        // SAFETY: `dir` is a live descriptor for the duration of the call, `key` is a valid
+        // NUL-terminated string, and `value` points to `value.len()` readable bytes. nix has no
+        // xattr wrapper.
+        let ret = unsafe {
+            libc::fsetxattr(
+                dir.as_raw_fd(),
+                key.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                0,
+            )
+        };
+        if ret == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    /// The extended attribute `key` of the directory itself (`None` when it has none).
+    pub fn xattr(&self, key: &str) -> io::Result<Option<Vec<u8>>> {
+        let dir = self.open_name(OsStr::new("."), OFlag::O_RDONLY | OFlag::O_DIRECTORY, 0)?;
+        let key = std::ffi::CString::new(key)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in xattr name"))?;
+        // An xattr value is at most 64 KiB (XATTR_SIZE_MAX).
+        let mut buf = vec![0u8; 65536];
+        // SAFETY: `dir` is a live descriptor for the duration of the call, `key` is a valid
+        // NUL-terminated string, and `buf` has `buf.len()` writable bytes.
+        let ret = unsafe {
+            libc::fgetxattr(
+                dir.as_raw_fd(),
+                key.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        if ret < 0 {
+            let err = io::Error::last_os_error();
+            return match err.raw_os_error() {
+                Some(libc::ENODATA) => Ok(None),
+                _ => Err(err),
+            };
+        }
+        buf.truncate(ret as usize);
+        Ok(Some(buf))
+    }
+}
+
+#[cfg(test)]
+mod layer_ops_tests {
+    use super::*;
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+
+    #[test]
+    fn whiteouts_links_times_and_xattrs() {
+        let d = std::env::temp_dir().join(format!("execbox-fsroot-layer-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        let root = Dir::open_trusted(&d).unwrap();
+        root.whiteout(OsStr::new("gone")).unwrap();
+        let md = std::fs::symlink_metadata(d.join("gone")).unwrap();
+        assert!(md.file_type().is_char_device());
+        assert_eq!(md.rdev(), 0);
+        root.mkfifo(OsStr::new("pipe"), 0o644).unwrap();
+        assert!(std::fs::symlink_metadata(d.join("pipe"))
+            .unwrap()
+            .file_type()
+            .is_fifo());
+        root.symlink(Path::new("/etc/passwd"), OsStr::new("l"))
+            .unwrap();
+        // The link itself is linked, never its target.
+        root.hard_link(OsStr::new("l"), &root, OsStr::new("l2"))
+            .unwrap();
+        assert_eq!(
+            std::fs::read_link(d.join("l2")).unwrap(),
+            Path::new("/etc/passwd")
+        );
+        root.set_times(OsStr::new("l"), (1_000_000, 0), (1_000_000, 5))
+            .unwrap();
+        assert_eq!(
+            std::fs::symlink_metadata(d.join("l")).unwrap().mtime(),
+            1_000_000
+        );
+        // Times of the link, not of /etc/passwd.
+        assert_ne!(std::fs::metadata("/etc/passwd").unwrap().mtime(), 1_000_000);
+        root.mkdir(OsStr::new("o"), 0o755).unwrap();
+        let o = root.subdir(OsStr::new("o")).unwrap();
+        assert_eq!(o.xattr(OVERLAY_OPAQUE_XATTR).unwrap(), None);
+        o.set_xattr(OVERLAY_OPAQUE_XATTR, b"y").unwrap();
+        assert_eq!(
+            o.xattr(OVERLAY_OPAQUE_XATTR).unwrap().as_deref(),
+            Some(&b"y"[..])
+        );
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}

@@ -6,6 +6,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+mod image_cli;
+
 #[derive(Parser)]
 #[command(
     name = "execbox",
@@ -56,6 +58,8 @@ enum Command {
     },
     /// Show every isolation layer: active, missing or degraded.
     Doctor,
+    /// Manage the image store (OCI images): ls, pull, import, rm, gc.
+    Image(image_cli::ImageArgs),
     /// The in-sandbox agent (started by the server as PID 1 of a sandbox).
     #[command(hide = true)]
     Agent,
@@ -108,6 +112,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Doctor => doctor(),
+        Command::Image(args) => image_cli::run(args),
         Command::Serve {
             listen,
             state_dir,
