@@ -308,6 +308,16 @@ pub fn signal_everything(sig: i32) -> std::io::Result<()> {
 /// sandbox user), and every inherited descriptor from `first_unused` on is close-on-exec.
 pub fn harden_agent(first_unused: RawFd) -> std::io::Result<()> {
     sys::set_non_dumpable().map_err(errno_to_io)?;
+    // Started through a loader, the agent's own executable is open for it: nothing needs it
+    // once running, and no child may inherit it.
+    if let Some(fd) = std::env::var_os(crate::spawn::AGENT_EXE_FD_ENV) {
+        if let Some(fd) = fd.to_str().and_then(|s| s.parse::<RawFd>().ok()) {
+            if fd >= first_unused {
+                sys::close(fd);
+            }
+        }
+        std::env::remove_var(crate::spawn::AGENT_EXE_FD_ENV);
+    }
     sys::cloexec_from(first_unused).map_err(errno_to_io)
 }
 

@@ -188,6 +188,9 @@ pub struct RootfsPlan {
     pub runtimes: Vec<Runtime>,
     /// The base of the root: the host's system directories, or an image's layers.
     pub base: RootBase,
+    /// Host directory of the agent's own shared libraries (and loader), bound read-only at
+    /// [`crate::spawn::AGENT_LIB_DIR`] for roots that have not the host's C library.
+    pub agent_libs: Option<PathBuf>,
     /// True when only one uid is mapped (rootless server): the sandbox user is then uid 0.
     pub rootless: bool,
 }
@@ -412,6 +415,13 @@ impl RootfsPlan {
         }
         let files = root.join(".execbox");
         dir(&files, 0o755, None)?;
+        if self.agent_libs.is_some() {
+            dir(
+                &inside(root, Path::new(crate::spawn::AGENT_LIB_DIR)),
+                0o755,
+                None,
+            )?;
+        }
         for name in ETC_FILES {
             fs::write(files.join(name), self.etc_contents(name))?;
         }
@@ -568,6 +578,10 @@ impl RootfsPlan {
             fs_flags | libc::MS_NOEXEC,
             format!("size={},mode=700,uid=0,gid=0", sizes.agent_data),
         );
+        if let Some(libs) = &self.agent_libs {
+            let at = inside(&root, Path::new(crate::spawn::AGENT_LIB_DIR));
+            bind(&mut ops, libs, &at, RO);
+        }
 
         // A minimal /dev: a few host device nodes, a private devpts, a private shm.
         let dev = root.join("dev");

@@ -119,7 +119,18 @@ pub struct SpawnRequest<'a> {
     /// A network device for the sandbox, whose other end the server serves; none leaves the
     /// sandbox with loopback only.
     pub network: Option<TunSetup>,
+    /// Run the agent through this dynamic loader (host path), with its libraries from
+    /// [`AGENT_LIB_DIR`] inside the sandbox: a root made from an image has not the host's C
+    /// library. None: the agent's own interpreter is in the root (the host-runtimes template).
+    pub loader: Option<PathBuf>,
 }
+
+/// Directory inside the sandbox holding the agent's own shared libraries, when its root is an
+/// image's (see [`SpawnRequest::loader`]).
+pub const AGENT_LIB_DIR: &str = "/.execbox/lib";
+/// Environment variable telling the agent which descriptor holds its own executable (open
+/// for the loader): the agent closes it at start.
+pub const AGENT_EXE_FD_ENV: &str = "EXECBOX_AGENT_EXE_FD";
 
 /// The TUN device a sandbox with network gets, made in its network namespace by its first
 /// process; the device's descriptor comes back to the host ([`Spawned::tun`]).
@@ -208,6 +219,9 @@ struct ChildPlan<'a> {
     tun: Option<(RawFd, [u8; 4], i32)>,
     hostname: &'a [u8],
     rootless: bool,
+    /// The loader to exec instead of the agent, the agent then at descriptor `exe_at`.
+    loader_fd: RawFd,
+    exe_at: RawFd,
 }
 
 fn child_fail(err_fd: RawFd, stage: u32, index: u32, errno: Errno) -> ! {
@@ -332,7 +346,20 @@ fn child_main(plan: &ChildPlan<'_>) -> ! {
             child_fail(err, STAGE_FDS, 6, e);
         }
     }
-    if let Err(e) = sys::cloexec_from(READY_FD + total as RawFd + 1) {
+    // With a loader, the loader is what runs, and the agent's executable stays open for it.
+    let (exe, first_closed) = if plan.loader_fd >= 0 {
+        let loader = match sys::dup_above(plan.loader_fd, 64) {
+            Ok(fd) => fd,
+            Err(e) => child_fail(err, STAGE_FDS, 8, e),
+        };
+        if let Err(e) = sys::dup2(exe, plan.exe_at) {
+            child_fail(err, STAGE_FDS, 9, e);
+        }
+        (loader, plan.exe_at + 1)
+    } else {
+        (exe, READY_FD + total as RawFd + 1)
+    };
+    if let Err(e) = sys::cloexec_from(first_closed) {
         child_fail(err, STAGE_FDS, 3, e);
     }
     // (A credential change has usually cleared it already; not in a rootless sandbox.)
@@ -361,13 +388,30 @@ pub fn spawn_sandbox(req: SpawnRequest<'_>) -> Result<Spawned, SpawnError> {
         )));
     }
     let exe = std::fs::File::open(req.agent_exe).map_err(SpawnError::Prepare)?;
-    let argv_c = req
-        .argv
-        .iter()
-        .map(cstring)
-        .collect::<Result<Vec<_>, _>>()?;
-    let env_c = req
-        .env
+    let loader = match &req.loader {
+        Some(path) => Some(std::fs::File::open(path).map_err(SpawnError::Prepare)?),
+        None => None,
+    };
+    // With a loader, the agent's executable is the first descriptor after the final layout.
+    let exe_at = READY_FD + (req.pass_fds.len() + req.detached_dirs.len()) as RawFd + 1;
+    let mut argv = req.argv.clone();
+    let mut env = req.env.clone();
+    if loader.is_some() {
+        let argv0 = argv.first().cloned().unwrap_or_else(|| "execbox".into());
+        let mut with_loader = vec![
+            argv0.clone(),
+            "--library-path".into(),
+            AGENT_LIB_DIR.into(),
+            "--argv0".into(),
+            argv0,
+            format!("/proc/self/fd/{exe_at}"),
+        ];
+        with_loader.extend(argv.into_iter().skip(1));
+        argv = with_loader;
+        env.push((AGENT_EXE_FD_ENV.into(), exe_at.to_string()));
+    }
+    let argv_c = argv.iter().map(cstring).collect::<Result<Vec<_>, _>>()?;
+    let env_c = env
         .iter()
         .map(|(k, v)| cstring(format!("{k}={v}")))
         .collect::<Result<Vec<_>, _>>()?;
@@ -428,6 +472,8 @@ pub fn spawn_sandbox(req: SpawnRequest<'_>) -> Result<Spawned, SpawnError> {
         log_fd: req.log.as_ref().map_or(-1, |fd| fd.as_raw_fd()),
         hostname: req.hostname.as_bytes(),
         rootless,
+        loader_fd: loader.as_ref().map_or(-1, |f| f.as_raw_fd()),
+        exe_at,
     };
 
     let mut pidfd: RawFd = -1;

@@ -25,7 +25,8 @@ pub struct ServerConfig {
     /// Default pids limit of a sandbox.
     pub default_pids: u64,
     /// Image aliases: image reference (`name` or `name:tag`; a `name` entry matches every tag)
-    /// to template name. The only template is `default`.
+    /// to a template name (`default`) or another image reference. They add to the built-in
+    /// names, never replace them.
     pub images: BTreeMap<String, String>,
     /// Python interpreter to expose (discovered on `PATH` when absent).
     pub python: Option<PathBuf>,
@@ -53,6 +54,8 @@ pub struct ServerConfig {
     pub network: NetworkConfig,
     /// Sandboxes' storage (`[storage]`).
     pub storage: StorageConfig,
+    /// Where OCI images come from (`[image_store]`).
+    pub image_store: ImageStoreConfig,
     /// Client connections open at once, WebSocket sessions included (at least 1). At the cap
     /// the server stops accepting and new connections wait in the kernel's listen backlog
     /// until one closes. Lowered at start to half the process's limit on open files, which
@@ -65,6 +68,38 @@ pub struct ServerConfig {
     /// Seconds a kept-alive connection may wait for its next request after a response; 0: no
     /// limit.
     pub idle_timeout_secs: u64,
+}
+
+/// Where OCI images come from (`[image_store]`).
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ImageStoreConfig {
+    /// Registries clients may name (`host[:port]`, `docker.io` for short names); empty: any.
+    pub allowed_registries: Vec<String>,
+    /// Registries spoken to in plain HTTP. Loopback registries always may be; any other needs
+    /// TLS unless named here.
+    pub insecure_registries: Vec<String>,
+    /// Credentials per registry (`[image_store.credentials."host:port"]`), used when a request
+    /// brings none.
+    pub credentials: BTreeMap<String, RegistryCredentials>,
+}
+
+/// A registry's credentials.
+#[derive(Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryCredentials {
+    /// User name.
+    pub username: String,
+    /// Password or token.
+    pub password: String,
+}
+
+impl std::fmt::Debug for RegistryCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryCredentials")
+            .field("username", &self.username)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Where sandboxes keep their files (`[storage]`).
@@ -340,6 +375,7 @@ impl Default for ServerConfig {
             policy: Policy::default(),
             network: NetworkConfig::default(),
             storage: StorageConfig::default(),
+            image_store: ImageStoreConfig::default(),
             max_connections: 10_000,
             header_read_timeout_secs: 10,
             idle_timeout_secs: 60,
@@ -352,7 +388,12 @@ impl ServerConfig {
     pub fn from_file(path: &Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("reading {}: {e}", path.display()))?;
-        let config: Self = toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut config: Self =
+            toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        // The operator's aliases add to the built-in names; they never replace them.
+        for (name, target) in Self::default().images {
+            config.images.insert(name, target);
+        }
         config
             .policy
             .validate()
@@ -379,7 +420,19 @@ impl ServerConfig {
             )
     }
 
-    /// The template an image reference resolves to, if any.
+    /// Whether `name` is one of this server's built-in templates.
+    pub fn is_template(&self, name: &str) -> bool {
+        name == crate::images::DEFAULT_TEMPLATE
+    }
+
+    /// What the operator's aliases make of an image reference (a template name or another
+    /// reference), if any alias names it.
+    pub fn alias_of(&self, uri: &str) -> Option<&str> {
+        self.resolve_image(uri)
+    }
+
+    /// The target of the alias of an image reference (by exact reference, then by name without
+    /// tag), if any.
     pub fn resolve_image(&self, uri: &str) -> Option<&str> {
         let name = match uri.rsplit_once(':') {
             // A colon after the last slash separates the tag (not a registry port).

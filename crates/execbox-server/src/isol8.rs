@@ -1005,6 +1005,7 @@ async fn acquire(
                 tenant: tenant.0.clone(),
                 owner: None,
                 image_uri: Some(profile.template.clone()),
+                root: crate::images::RootSource::Template(profile.template.clone()),
                 entrypoint: Vec::new(),
                 env: BTreeMap::new(),
                 metadata: BTreeMap::new(),

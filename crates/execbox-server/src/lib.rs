@@ -11,6 +11,7 @@ pub mod concurrency;
 pub mod config;
 pub mod doctor;
 pub mod egress;
+pub mod images;
 pub mod isol8;
 pub mod lifecycle;
 pub mod listener;
@@ -66,6 +67,8 @@ pub struct Server {
     nets: std::sync::Mutex<std::collections::HashMap<String, Arc<execbox_net::SandboxNet>>>,
     /// Whether sandboxes can have a network device here; why not.
     network: Result<(), String>,
+    /// The OCI image store, or why there is none.
+    pub images: Result<Arc<execbox_image::ImageStore>, String>,
     backend: Result<Arc<LocalBackend>, String>,
 }
 
@@ -101,6 +104,9 @@ impl Server {
         );
         let net_config = Arc::new(net_config(&config));
         let network = LocalBackend::network_available();
+        let images = images::open_store(&config).inspect_err(|e| {
+            tracing::error!(error = %e, "the image store cannot be opened: OCI images are refused");
+        });
         let server = Arc::new_cyclic(|me| Self {
             config,
             registry,
@@ -113,6 +119,7 @@ impl Server {
             net_config,
             nets: std::sync::Mutex::new(std::collections::HashMap::new()),
             network,
+            images,
             backend,
         });
         server.reattach();
@@ -332,6 +339,10 @@ impl Server {
             tenant: spec.tenant,
             token: random_token(),
             image_uri: spec.image_uri,
+            image_id: match &spec.root {
+                images::RootSource::Image(image) => Some(image.id.clone()),
+                images::RootSource::Template(_) => None,
+            },
             entrypoint: spec.entrypoint.clone(),
             env: spec.env.clone(),
             metadata: spec.metadata,
@@ -347,19 +358,57 @@ impl Server {
             network: spec.network.as_ref().map(execbox_net::Policy::to_wire),
         };
         let limits = spec.limits;
-        let env = spec.env;
-        let entrypoint = spec.entrypoint;
         let network = spec.network;
         let with_network = network.is_some();
+        // An image's environment, working directory and command, under the request's.
+        let (root_image, env, entrypoint, workdir) = match &spec.root {
+            images::RootSource::Image(image) => {
+                let mut env: Vec<(String, String)> = image
+                    .config
+                    .env
+                    .iter()
+                    .filter_map(|kv| kv.split_once('='))
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .filter(|(k, _)| !spec.env.contains_key(k))
+                    .collect();
+                env.extend(spec.env.clone());
+                let entrypoint = if spec.entrypoint.is_empty() {
+                    image
+                        .config
+                        .entrypoint
+                        .iter()
+                        .chain(&image.config.cmd)
+                        .cloned()
+                        .collect()
+                } else {
+                    spec.entrypoint.clone()
+                };
+                (
+                    Some(local::RootImage {
+                        id: image.id.clone(),
+                        layers: image.layers.clone(),
+                    }),
+                    env,
+                    entrypoint,
+                    image.config.working_dir.clone().filter(|d| !d.is_empty()),
+                )
+            }
+            images::RootSource::Template(_) => (
+                None,
+                spec.env.clone().into_iter().collect(),
+                spec.entrypoint.clone(),
+                None,
+            ),
+        };
         let (placement, watched) = tokio::task::spawn_blocking(move || {
             backend.create_watched(local::SandboxParams {
                 id: &id,
                 limits,
-                env: env.into_iter().collect(),
+                env,
                 entrypoint,
                 network: with_network,
-                image: None,
-                workdir: None,
+                image: root_image,
+                workdir,
             })
         })
         .await
@@ -548,9 +597,11 @@ pub struct LaunchSpec {
     pub owner: Option<String>,
     /// Image the client asked for.
     pub image_uri: Option<String>,
-    /// Entrypoint.
+    /// What its root is made of.
+    pub root: images::RootSource,
+    /// Entrypoint (empty: the image's).
     pub entrypoint: Vec<String>,
-    /// Environment of user processes.
+    /// Environment of user processes (over the image's).
     pub env: std::collections::BTreeMap<String, String>,
     /// Labels.
     pub metadata: std::collections::BTreeMap<String, String>,

@@ -43,6 +43,9 @@ pub enum LifecycleError {
     /// 501.
     #[error("{0}")]
     NotSupported(String),
+    /// 502: a service the request needed (an image registry) failed.
+    #[error("{0}")]
+    Upstream(String),
     /// 500.
     #[error("{0}")]
     Internal(String),
@@ -109,6 +112,16 @@ impl From<wire::ValidationError> for LifecycleError {
     }
 }
 
+impl From<crate::images::ResolveError> for LifecycleError {
+    fn from(e: crate::images::ResolveError) -> Self {
+        match e {
+            crate::images::ResolveError::Invalid(_) => Self::invalid(e.to_string()),
+            crate::images::ResolveError::Upstream(_) => Self::Upstream(e.to_string()),
+            crate::images::ResolveError::Unavailable(_) => Self::Internal(e.to_string()),
+        }
+    }
+}
+
 impl From<crate::policy::LimitError> for LifecycleError {
     fn from(e: crate::policy::LimitError) -> Self {
         Self::invalid(e.to_string())
@@ -122,6 +135,7 @@ impl IntoResponse for LifecycleError {
             Self::NotFound(_) => (StatusCode::NOT_FOUND, ErrorCode::SandboxNotFound),
             Self::Conflict { code, .. } => (StatusCode::CONFLICT, *code),
             Self::NotSupported(_) => (StatusCode::NOT_IMPLEMENTED, ErrorCode::ApiNotSupported),
+            Self::Upstream(_) => (StatusCode::BAD_GATEWAY, ErrorCode::UnknownError),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::UnknownError),
         };
         if status.is_server_error() {
@@ -151,14 +165,16 @@ pub async fn create(
             "snapshotId: snapshots are not supported by this server",
         ));
     }
-    if let Some(uri) = &image {
-        if server.config.resolve_image(uri).is_none() {
-            return Err(LifecycleError::invalid(format!(
-                "image.uri: unknown image {uri:?}; this server provides the template \"default\" \
-                 (configure [images] aliases for others)"
-            )));
+    let root = match &req.image {
+        Some(image) => {
+            let auth = image.auth.as_ref().map(|a| execbox_image::Credentials {
+                username: a.username.clone(),
+                password: a.password.clone(),
+            });
+            crate::images::resolve(&server.config, server.images.as_ref(), &image.uri, auth).await?
         }
-    }
+        None => crate::images::RootSource::Template(crate::images::DEFAULT_TEMPLATE.into()),
+    };
     if req.volumes.as_ref().is_some_and(|v| !v.is_empty()) {
         return Err(LifecycleError::invalid(
             "volumes: host and volume mounts are not allowed by this server's configuration",
@@ -200,6 +216,7 @@ pub async fn create(
             tenant: tenant.0.clone(),
             owner: None,
             image_uri: image,
+            root,
             entrypoint: v.entrypoint.clone(),
             env: req.env.clone().unwrap_or_default(),
             metadata: req.metadata.clone().unwrap_or_default(),

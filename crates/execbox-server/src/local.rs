@@ -203,6 +203,9 @@ pub struct LocalBackend {
     golden_disks: Mutex<HashMap<u64, PathBuf>>,
     /// Id-mapping user namespaces, one per uid range slot.
     idmaps: Mutex<HashMap<u32, Arc<IdMap>>>,
+    /// What the agent needs to run in a root without the host's C library (made on first
+    /// use; `None` inside when the agent is linked statically).
+    agent_runtime: Mutex<Option<Option<Arc<AgentRuntime>>>>,
     mapping_mode: MappingMode,
     /// The uid range slots this process holds, each with its host-wide lock (released on drop).
     slots: Mutex<HashMap<u32, Flock<std::fs::File>>>,
@@ -255,6 +258,7 @@ impl LocalBackend {
             hostname: HOSTNAME.to_string(),
             runtimes,
             base: RootBase::HostRuntimes,
+            agent_libs: None,
             rootless,
         };
         // One skeleton per distinct plan, named by its content: running sandboxes keep theirs.
@@ -277,6 +281,7 @@ impl LocalBackend {
             upper,
             golden_disks: Mutex::new(HashMap::new()),
             idmaps: Mutex::new(HashMap::new()),
+            agent_runtime: Mutex::new(None),
             mapping_mode,
         })
     }
@@ -580,6 +585,10 @@ impl LocalBackend {
                 mtu: execbox_net::DEVICE_MTU,
             }),
             cgroup_procs: cgroup.procs_files(execbox_jail::cgroup::AGENT_LEAF)?,
+            loader: match &p.image {
+                Some(_) => self.agent_runtime()?.map(|r| r.loader.clone()),
+                None => None,
+            },
             ready_timeout: Duration::from_secs(10),
         });
         // The sandbox holds its own copies of the staged mounts (or is gone): ours go, off the
@@ -624,6 +633,7 @@ impl LocalBackend {
                 passwd: read_from_layers(&image.layers, "etc/passwd"),
                 group: read_from_layers(&image.layers, "etc/group"),
             },
+            agent_libs: self.agent_runtime()?.map(|r| r.dir.clone()),
             rootless: self.plan.rootless,
         };
         plan.build_skeleton()
@@ -631,6 +641,20 @@ impl LocalBackend {
         let plan = Arc::new(plan);
         plans.insert(image.id.clone(), plan.clone());
         Ok(plan)
+    }
+
+    /// The agent's dynamic loader and shared libraries, copied from the host once (`None`: the
+    /// agent needs none).
+    fn agent_runtime(&self) -> Result<Option<Arc<AgentRuntime>>, BackendError> {
+        let mut cached = self.agent_runtime.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(runtime) = cached.as_ref() {
+            return Ok(runtime.clone());
+        }
+        let runtime = AgentRuntime::collect(&self.config.agent_exe, &self.store.join("agent-lib"))
+            .map_err(io_err("collecting the agent's shared libraries"))?
+            .map(Arc::new);
+        *cached = Some(runtime.clone());
+        Ok(runtime)
     }
 
     /// The id-mapping user namespace of uid range `slot` (made once per slot).
@@ -920,4 +944,58 @@ fn relative_to(from: &Path, path: &Path) -> String {
         rel.push(c);
     }
     rel.to_string_lossy().into_owned()
+}
+
+/// The agent's dynamic loader and the shared libraries it links, copied into one directory:
+/// a root made from an image runs the agent through them (its own C library may be older, or
+/// another one).
+#[derive(Debug)]
+struct AgentRuntime {
+    /// The directory (bound read-only into such sandboxes).
+    dir: PathBuf,
+    /// The loader's copy in it.
+    loader: PathBuf,
+}
+
+impl AgentRuntime {
+    /// Copies what `ldd` says `exe` needs into `dir`; `None` for a static executable.
+    fn collect(exe: &Path, dir: &Path) -> std::io::Result<Option<AgentRuntime>> {
+        let out = std::process::Command::new("ldd")
+            .arg(exe)
+            .stdin(std::process::Stdio::null())
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() || text.contains("statically linked") {
+            return Ok(None);
+        }
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir)?;
+        let mut loader = None;
+        for line in text.lines() {
+            let line = line.trim();
+            // `name => /path (0x…)`, or the loader itself: `/path (0x…)`.
+            let (name, path) = match line.split_once(" => ") {
+                Some((name, rest)) => (name.trim(), rest.split(" (").next().unwrap_or("").trim()),
+                None => {
+                    let path = line.split(" (").next().unwrap_or("").trim();
+                    (path.rsplit('/').next().unwrap_or(path), path)
+                }
+            };
+            if !path.starts_with('/') {
+                continue; // the vDSO
+            }
+            let copy = dir.join(name);
+            std::fs::copy(path, &copy)?;
+            if line.split_once(" => ").is_none() {
+                loader = Some(copy);
+            }
+        }
+        let loader = loader.ok_or_else(|| {
+            std::io::Error::other(format!("ldd names no dynamic loader for {}", exe.display()))
+        })?;
+        Ok(Some(AgentRuntime {
+            dir: dir.to_path_buf(),
+            loader,
+        }))
+    }
 }

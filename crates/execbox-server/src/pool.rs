@@ -109,6 +109,7 @@ impl WarmPool {
             tenant: tenant.to_string(),
             owner: Some(owner.to_string()),
             image_uri: Some(profile.template.clone()),
+            root: crate::images::RootSource::Template(profile.template.clone()),
             entrypoint: Vec::new(),
             env: Default::default(),
             metadata: Default::default(),

@@ -21,6 +21,9 @@ pub struct SandboxRecord {
     pub token: String,
     /// Image the client asked for.
     pub image_uri: Option<String>,
+    /// Id of the OCI image its root is made of (keeps the image's layers while it lives).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_id: Option<String>,
     /// Entrypoint.
     pub entrypoint: Vec<String>,
     /// Environment.
