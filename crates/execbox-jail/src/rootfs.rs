@@ -30,6 +30,9 @@ pub const CODE_INTERPRETER_ENTRYPOINTS: &[&str] = &[
 const CODE_INTERPRETER_SCRIPT: &str = "#!/bin/sh\n\
 # execbox: interpreters are started by the sandbox agent when a code context needs one.\n\
 exec sleep infinity\n";
+/// Where a sandbox sees its template (a directory tree built from package registries on the
+/// host), read-only; an empty directory in sandboxes without one.
+pub const TEMPLATE_DIR: &str = "/opt/execbox/template";
 /// Working directory of isol8 runs (a writable area of its own, as isol8's `/sandbox`).
 pub const SANDBOX_WORKDIR: &str = "/sandbox";
 /// Directory inside the sandbox for the agent's private data (command logs and the like).
@@ -149,6 +152,8 @@ pub struct RootfsPlan {
     pub sizes: WritableSizes,
     /// True when only one uid is mapped (rootless server): the sandbox user is then uid 0.
     pub rootless: bool,
+    /// A host directory shown read-only at [`TEMPLATE_DIR`] (the sandbox's template), if any.
+    pub template: Option<PathBuf>,
 }
 
 /// One step of the mount program. Paths are absolute host paths before the pivot.
@@ -290,6 +295,7 @@ impl RootfsPlan {
             SANDBOX_WORKDIR,
             "/tmp",
             AGENT_DATA_DIR,
+            TEMPLATE_DIR,
             "/proc",
             "/dev/pts",
             "/dev/shm",
@@ -401,6 +407,16 @@ impl RootfsPlan {
         // compiled-in prefixes keep working.
         for prefix in self.extra_prefixes() {
             bind(&mut ops, &prefix, &inside(&root, &prefix), RO);
+        }
+        // The template: read-only, but not noexec (it holds native extension modules, which
+        // are mapped executable).
+        if let Some(template) = &self.template {
+            bind(
+                &mut ops,
+                template,
+                &inside(&root, Path::new(TEMPLATE_DIR)),
+                RO,
+            );
         }
 
         // Writable, size-limited areas.

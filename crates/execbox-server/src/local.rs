@@ -99,6 +99,9 @@ pub struct SandboxParams<'a> {
     /// Give the sandbox a network device (served by the server under a policy); without one
     /// it has loopback only.
     pub network: bool,
+    /// The host directory of the sandbox's template, shown read-only at
+    /// [`execbox_jail::rootfs::TEMPLATE_DIR`]; none for the plain host runtimes.
+    pub template: Option<PathBuf>,
 }
 
 /// What the server watches of a sandbox it just started (not persisted).
@@ -206,6 +209,7 @@ impl LocalBackend {
             runtimes,
             sizes: WritableSizes::default(),
             rootless,
+            template: None,
         };
         // One skeleton per distinct plan, named by its content: running sandboxes keep theirs.
         let fingerprint = {
@@ -394,10 +398,12 @@ impl LocalBackend {
 
         let ops_custom;
         let l = &p.limits;
-        let (ops, sizes) =
-            if l.disk_bytes.is_some() || l.sandbox_bytes.is_some() || l.tmp_bytes.is_some() {
-                let d = WritableSizes::default();
-                let mut plan = self.plan.clone();
+        let custom_sizes =
+            l.disk_bytes.is_some() || l.sandbox_bytes.is_some() || l.tmp_bytes.is_some();
+        let (ops, sizes) = if custom_sizes || p.template.is_some() {
+            let d = WritableSizes::default();
+            let mut plan = self.plan.clone();
+            if custom_sizes {
                 plan.sizes = WritableSizes {
                     home: l.disk_bytes.unwrap_or(d.home),
                     workspace: l.disk_bytes.unwrap_or(d.workspace),
@@ -405,11 +411,13 @@ impl LocalBackend {
                     sandbox: l.sandbox_bytes.or(l.disk_bytes).unwrap_or(d.sandbox),
                     shm: l.disk_bytes.unwrap_or(d.shm).min(d.shm),
                 };
-                ops_custom = plan.compile();
-                (&ops_custom, plan.sizes)
-            } else {
-                (&self.ops_default, self.plan.sizes)
-            };
+            }
+            plan.template = p.template.clone();
+            ops_custom = plan.compile();
+            (&ops_custom, plan.sizes)
+        } else {
+            (&self.ops_default, self.plan.sizes)
+        };
         // The sandbox cgroup bounds everything: the workload, the files written to its tmpfs
         // (RAM, charged to whoever writes them: user code or the agent for uploads), and the
         // agent. The workload cgroup below it bounds user code alone, so that user pressure

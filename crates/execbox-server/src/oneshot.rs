@@ -109,6 +109,7 @@ pub fn run(lang: Lang, code: &str, limits: &RunLimits) -> anyhow::Result<i32> {
         env: Vec::new(),
         entrypoint: Vec::new(),
         network: false,
+        template: None,
     })?;
     let command = match lang {
         Lang::Python => format!("exec python3 -c {}", shell_quote(code)),

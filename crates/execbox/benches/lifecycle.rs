@@ -87,6 +87,7 @@ fn main() {
         env: Vec::new(),
         entrypoint: Vec::new(),
         network: false,
+        template: None,
     };
 
     println!("execbox lifecycle benchmark ({n} sandboxes per series)\n");
