@@ -22,6 +22,7 @@ pub mod proxy;
 pub mod registry;
 pub mod session_exec;
 pub mod sessions;
+pub mod templates;
 pub mod watch;
 
 use std::path::PathBuf;
@@ -54,6 +55,8 @@ pub struct Server {
     pub sessions: sessions::Sessions,
     /// Executions running per tenant.
     pub runs: concurrency::RunGate,
+    /// Templates built from package registries.
+    pub templates: Arc<templates::Templates>,
     /// Deletions in progress.
     destroying: std::sync::atomic::AtomicUsize,
     /// Sandboxes whose removal from the host failed, retried by the reaper until done.
@@ -96,7 +99,9 @@ impl Server {
         );
         let net_config = Arc::new(net_config(&config));
         let network = LocalBackend::network_available();
+        let templates = Arc::new(templates::Templates::new(&config));
         let server = Arc::new_cyclic(|me| Self {
+            templates,
             config,
             registry,
             pool,
@@ -342,7 +347,10 @@ impl Server {
             network: spec.network.as_ref().map(execbox_net::Policy::to_wire),
         };
         let limits = spec.limits;
-        let env = spec.env;
+        // The template's environment reaches every process, not the record: clients see the
+        // environment they asked for.
+        let env = templates::merged_env(spec.env.into_iter().collect(), spec.template.as_ref());
+        let template = spec.template.map(|t| t.host_dir);
         let entrypoint = spec.entrypoint;
         let network = spec.network;
         let with_network = network.is_some();
@@ -350,9 +358,10 @@ impl Server {
             backend.create_watched(local::SandboxParams {
                 id: &id,
                 limits,
-                env: env.into_iter().collect(),
+                env,
                 entrypoint,
                 network: with_network,
+                template,
             })
         })
         .await
@@ -553,6 +562,9 @@ pub struct LaunchSpec {
     pub expires_at: Option<time::OffsetDateTime>,
     /// Outbound network under this policy; none for loopback only.
     pub network: Option<execbox_net::Policy>,
+    /// The built template the sandbox sees (its image resolved to one); none for the host's
+    /// runtimes alone.
+    pub template: Option<templates::Prepared>,
 }
 
 /// The network layer's settings from the server's configuration (checked at start).
@@ -724,6 +736,7 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServeError> {
         .await
         .map_err(|e| ServeError::Config(e.to_string()))?;
     isol8::warm(&server);
+    server.templates.start_prebuild();
     let reaper = server.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));

@@ -43,6 +43,10 @@ pub enum LifecycleError {
     /// 501.
     #[error("{0}")]
     NotSupported(String),
+    /// 503: something the request needs cannot be had now (a template that could not be
+    /// built); the same request may succeed later.
+    #[error("{0}")]
+    Unavailable(String),
     /// 500.
     #[error("{0}")]
     Internal(String),
@@ -122,6 +126,7 @@ impl IntoResponse for LifecycleError {
             Self::NotFound(_) => (StatusCode::NOT_FOUND, ErrorCode::SandboxNotFound),
             Self::Conflict { code, .. } => (StatusCode::CONFLICT, *code),
             Self::NotSupported(_) => (StatusCode::NOT_IMPLEMENTED, ErrorCode::ApiNotSupported),
+            Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::UnknownError),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::UnknownError),
         };
         if status.is_server_error() {
@@ -155,7 +160,7 @@ pub async fn create(
         if server.config.resolve_image(uri).is_none() {
             return Err(LifecycleError::invalid(format!(
                 "image.uri: unknown image {uri:?}; this server provides the template \"default\" \
-                 (configure [images] aliases for others)"
+                 and opensandbox/code-interpreter (configure [images] aliases for others)"
             )));
         }
     }
@@ -188,6 +193,11 @@ pub async fn create(
         ..Default::default()
     };
     let lifetime = policy.lifetime_secs("timeout", v.timeout_secs)?;
+    // Last of the checks: a template may take minutes to build the first time.
+    let template = match image.as_deref() {
+        Some(uri) => prepare_template(&server, uri).await?,
+        None => None,
+    };
     let now = OffsetDateTime::now_utc()
         .replace_nanosecond(0)
         .unwrap_or(OffsetDateTime::now_utc());
@@ -202,10 +212,29 @@ pub async fn create(
             limits,
             expires_at: lifetime.map(|s| now + time::Duration::seconds(s as i64)),
             network,
+            template,
         })
         .await?;
     let body = CreateSandboxResponse::from(record.to_api());
     Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+}
+
+/// The built template the image `uri` resolves to, waiting for its build; none for the host's
+/// runtimes.
+async fn prepare_template(
+    server: &Server,
+    uri: &str,
+) -> Result<Option<crate::templates::Prepared>> {
+    let Some(name) = server.config.resolve_image(uri) else {
+        return Ok(None);
+    };
+    server.templates.prepare(name).await.map_err(|e| {
+        let message = format!("image.uri: {uri:?} needs the template {name:?}: {e}");
+        match e {
+            execbox_image::template::TemplateError::Unknown(_) => LifecycleError::invalid(message),
+            _ => LifecycleError::Unavailable(message),
+        }
+    })
 }
 
 /// The sandbox `id` if it belongs to `tenant`; another tenant's sandbox is as unknown.

@@ -291,6 +291,7 @@ async fn open(server: &Arc<Server>, caller: &Caller, id: &str) -> Result<Lease, 
         limits,
         expires_at: None,
         network: session_network(server),
+        template: None,
     })
     .await?)
 }
