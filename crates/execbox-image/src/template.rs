@@ -361,15 +361,18 @@ pub enum TemplateError {
     /// pip could not install the packages: a package that does not exist, or an index that
     /// cannot be reached.
     #[error(
-        "template {template:?}: pip could not install {missing} from the package index {index} \
-         (is it reachable from this host?); pip said: {detail}",
-        missing = missing.join(", ")
+        "template {template:?}: pip could not install {missing} (of {requested}) from the \
+         package index {index} (is it reachable from this host?); pip said: {detail}",
+        missing = missing.join(", "),
+        requested = requested.join(", ")
     )]
     Install {
         /// Template name.
         template: String,
         /// The packages pip named as not found, else every package of the recipe.
         missing: Vec<String>,
+        /// Every package of the recipe.
+        requested: Vec<String>,
         /// The index pip used.
         index: PackageIndex,
         /// The end of pip's output.
@@ -749,6 +752,7 @@ impl TemplateStore {
                 return Err(TemplateError::Install {
                     template: name.into(),
                     missing,
+                    requested: recipe.python_packages.clone(),
                     index,
                     detail: error_lines(&lines),
                 });

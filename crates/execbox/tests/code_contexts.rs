@@ -4,9 +4,10 @@
 //! Leap0 code-interpreter API (`/healthz`, `/contexts`, `/execute`, `/execute/async`) with the
 //! exact response shapes of `shared/compat/leap0.md`.
 //!
-//! matplotlib and pandas must be installed in the Python the sandboxes use (`.ci/run` does
-//! `python3 -m pip install matplotlib pandas`); TypeScript runs on Node; the Java smoke test runs
-//! only when a JDK (`jshell`) is on the host.
+//! matplotlib and pandas come from the code-interpreter template (sandboxes of the image
+//! `opensandbox/code-interpreter`; the template is built on first use from the package index the
+//! host's pip is configured for, into the test servers' shared `TEST_TEMPLATES_DIR`); TypeScript
+//! runs on Node; the Java smoke test runs only when a JDK (`jshell`) is on the host.
 
 mod common;
 
@@ -426,17 +427,22 @@ fn python_event_order_errors_and_display() {
 }
 
 #[test]
-fn python_rich_outputs_matplotlib_and_pandas() {
+fn python_rich_outputs_matplotlib_and_pandas_from_the_template() {
     let server = TestServer::start();
-    let sb = server.create(json!({"resourceLimits": {"cpu": "2", "memory": "2Gi"}}));
+    let sb = server.create(json!({"image": {"uri": CODE_INTERPRETER_IMAGE},
+        "resourceLimits": {"cpu": "2", "memory": "2Gi"}}));
     let ctx = new_context(&sb, "python");
 
-    let evs = run_code(&sb, in_ctx("import matplotlib, pandas", "python", &ctx));
-    assert!(
-        !evs.iter().any(|e| e["type"] == "error"),
-        "matplotlib and pandas must be installed in the Python the sandboxes use \
-         (`python3 -m pip install matplotlib pandas`): {evs:?}"
+    // The template's, not whatever the host's Python may have.
+    let evs = run_code(
+        &sb,
+        in_ctx(
+            "import matplotlib, pandas\n[m.__file__.startswith('/opt/execbox/template/python/') for m in (matplotlib, pandas)]",
+            "python",
+            &ctx,
+        ),
     );
+    assert_eq!(result_texts(&evs), ["[True, True]"], "{evs:?}");
 
     let evs = run_code(
         &sb,
@@ -1180,7 +1186,8 @@ fn leap0_contexts_and_validation() {
 #[test]
 fn leap0_execute() {
     let server = TestServer::start();
-    let sb = server.create(json!({}));
+    // The template's data stack, for the figure and the DataFrame below.
+    let sb = server.create(json!({"image": {"uri": CODE_INTERPRETER_IMAGE}}));
 
     // Without context_id: a new context, returned and kept.
     let v = execute(&sb, json!({"code": "x = 10\nprint('hello')\nx * 3.0"}));
