@@ -360,24 +360,8 @@ pub enum TemplateError {
     },
     /// pip could not install the packages: a package that does not exist, or an index that
     /// cannot be reached.
-    #[error(
-        "template {template:?}: pip could not install {missing} (of {requested}) from the \
-         package index {index} (is it reachable from this host?); pip said: {detail}",
-        missing = missing.join(", "),
-        requested = requested.join(", ")
-    )]
-    Install {
-        /// Template name.
-        template: String,
-        /// The packages pip named as not found, else every package of the recipe.
-        missing: Vec<String>,
-        /// Every package of the recipe.
-        requested: Vec<String>,
-        /// The index pip used.
-        index: PackageIndex,
-        /// The end of pip's output.
-        detail: String,
-    },
+    #[error("{0}")]
+    Install(Box<InstallFailure>),
     /// The build ran past its time limit and was stopped.
     #[error("template {template:?}: the build took longer than {secs} s and was stopped")]
     TimedOut {
@@ -405,6 +389,27 @@ pub enum TemplateError {
         #[source]
         source: Arc<std::io::Error>,
     },
+}
+
+/// What pip could not install, and from where.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(
+    "template {template:?}: pip could not install {missing} (of {requested}) from the package \
+     index {index} (is it reachable from this host?); pip said: {detail}",
+    missing = missing.join(", "),
+    requested = requested.join(", ")
+)]
+pub struct InstallFailure {
+    /// Template name.
+    pub template: String,
+    /// The packages pip named as not found, else every package of the recipe.
+    pub missing: Vec<String>,
+    /// Every package of the recipe.
+    pub requested: Vec<String>,
+    /// The index pip used.
+    pub index: PackageIndex,
+    /// The end of pip's output.
+    pub detail: String,
 }
 
 fn io_err(
@@ -749,13 +754,13 @@ impl TemplateStore {
                 if missing.is_empty() {
                     missing = recipe.python_packages.clone();
                 }
-                return Err(TemplateError::Install {
+                return Err(TemplateError::Install(Box::new(InstallFailure {
                     template: name.into(),
                     missing,
                     requested: recipe.python_packages.clone(),
                     index,
                     detail: error_lines(&lines),
-                });
+                })));
             }
         }
         progress(Progress::Step("recording the installed packages"));

@@ -473,8 +473,10 @@ mod tests {
 
     #[test]
     fn templates_default_to_the_state_dir_and_unknown_ones_are_refused() {
-        let mut c = ServerConfig::default();
-        c.state_dir = PathBuf::from("/srv/execbox");
+        let c = ServerConfig {
+            state_dir: PathBuf::from("/srv/execbox"),
+            ..Default::default()
+        };
         assert_eq!(c.templates_dir(), PathBuf::from("/srv/execbox/templates"));
         assert_eq!(c.templates.prebuild, ["code-interpreter"]);
         assert!(c.check_templates().is_ok());
