@@ -1024,10 +1024,10 @@ fn read_template(dir: &Path) -> Option<Template> {
 }
 
 /// Whether a mount of `dir` exists in some mount namespace of this host (a sandbox using the
-/// template): the root of a bind mount shows in `/proc/<pid>/mountinfo` as the path of the
-/// directory within its file system, which ends with the template's unique directory name.
+/// template). A bind mount shows in `/proc/<pid>/mountinfo` as its device and the path of its
+/// root within that device's file system: the same pair as `dir` has here.
 pub fn in_use(dir: &Path) -> bool {
-    let Some(name) = dir.file_name().map(|n| format!("/{}", n.to_string_lossy())) else {
+    let Some(wanted) = mount_identity(dir) else {
         return false;
     };
     let Ok(procs) = std::fs::read_dir("/proc") else {
@@ -1054,13 +1054,63 @@ pub fn in_use(dir: &Path) -> bool {
         };
         if text
             .lines()
-            .filter_map(|l| l.split(' ').nth(3))
-            .any(|root| root.ends_with(&name))
+            .filter_map(mount_fields)
+            .any(|(dev, root, _)| (dev, root) == wanted)
         {
             return true;
         }
     }
     false
+}
+
+/// The device and the path within its file system of `dir`, as mountinfo would show a bind
+/// mount of it.
+fn mount_identity(dir: &Path) -> Option<(String, PathBuf)> {
+    let dir = std::fs::canonicalize(dir).ok()?;
+    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let (dev, root, point) = text
+        .lines()
+        .filter_map(mount_fields)
+        .filter(|(_, _, point)| dir.starts_with(point))
+        .max_by_key(|(_, _, point)| point.components().count())?;
+    let rest = dir.strip_prefix(&point).ok()?;
+    Some((dev, root.join(rest)))
+}
+
+/// Device, root and mount point of one mountinfo line.
+fn mount_fields(line: &str) -> Option<(String, PathBuf, PathBuf)> {
+    let mut f = line.split(' ');
+    let dev = f.nth(2)?.to_string();
+    let root = unescape(f.next()?);
+    let point = unescape(f.next()?);
+    Some((dev, root, point))
+}
+
+/// mountinfo's octal escapes (`\040` for a space and the like).
+fn unescape(field: &str) -> PathBuf {
+    use std::os::unix::ffi::OsStringExt;
+    let b = field.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b
+            .get(i + 1..i + 4)
+            .filter(|d| b[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match octal {
+            Some(d) => {
+                out.push(
+                    d.iter()
+                        .fold(0u8, |a, c| a.wrapping_mul(8).wrapping_add(c - b'0')),
+                );
+                i += 4;
+            }
+            None => {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+    }
+    PathBuf::from(std::ffi::OsString::from_vec(out))
 }
 
 #[cfg(test)]
@@ -1101,6 +1151,18 @@ mod tests {
         .to_vec();
         assert_eq!(not_found(&lines), ["nope-nope"]);
         assert!(error_lines(&lines).contains("No matching distribution"));
+    }
+
+    #[test]
+    fn mountinfo_lines_are_read() {
+        let line = r"36 35 98:0 /mnt/a\040b /opt/x rw,noatime master:1 - ext3 /dev/root rw";
+        let (dev, root, point) = mount_fields(line).expect("fields");
+        assert_eq!(dev, "98:0");
+        assert_eq!(root, PathBuf::from("/mnt/a b"));
+        assert_eq!(point, PathBuf::from("/opt/x"));
+        // This directory is not bind-mounted anywhere.
+        assert!(!in_use(&std::env::temp_dir()));
+        assert!(mount_identity(Path::new("/")).is_some());
     }
 
     #[test]

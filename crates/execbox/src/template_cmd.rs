@@ -152,7 +152,7 @@ fn list(store: &TemplateStore) -> Result<(), String> {
         return Ok(());
     }
     println!(
-        "{:<18} {:<16} {:>8} {:>8}  {:<40} DIR",
+        "{:<18} {:<16} {:>8} {:>8} {:<8} DIR",
         "NAME", "HASH", "PACKAGES", "MiB", "PYTHON"
     );
     for t in all {
@@ -162,15 +162,14 @@ fn list(store: &TemplateStore) -> Result<(), String> {
             .version
             .split_whitespace()
             .next()
-            .unwrap_or("")
-            .to_string();
+            .unwrap_or("");
         println!(
-            "{:<18} {:<16} {:>8} {:>8}  {:<40} {}",
+            "{:<18} {:<16} {:>8} {:>8} {:<8} {}",
             t.name,
             &t.hash[..16.min(t.hash.len())],
             t.manifest.installed.len(),
             t.manifest.size_bytes >> 20,
-            format!("{} ({version})", t.manifest.python.executable.display()),
+            version,
             t.dir.display()
         );
     }

@@ -286,3 +286,117 @@ fn a_template_that_cannot_be_built_is_a_503_naming_what_is_missing() {
     drop(server);
     let _ = std::fs::remove_dir_all(&templates);
 }
+
+/// Hard links of every file of `from` under `to` (the same template, instantly, on the same
+/// file system).
+fn link_tree(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for e in std::fs::read_dir(from).expect("read_dir").flatten() {
+        let (src, dst) = (e.path(), to.join(e.file_name()));
+        let meta = e.path().symlink_metadata().expect("metadata");
+        if meta.is_dir() {
+            link_tree(&src, &dst);
+        } else if meta.file_type().is_symlink() {
+            let target = std::fs::read_link(&src).expect("readlink");
+            std::os::unix::fs::symlink(target, &dst).expect("symlink");
+        } else {
+            std::fs::hard_link(&src, &dst).expect("hard link");
+        }
+    }
+}
+
+fn execbox(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_execbox"))
+        .args(args)
+        .output()
+        .expect("run execbox")
+}
+
+/// `execbox template`: `build` finds a built template, `ls` lists it, `rm` refuses while a
+/// sandbox has it mounted and removes it once none does. On a store of its own (a hard-linked
+/// copy of the shared one), so that no other test's template goes.
+#[test]
+fn the_template_command_builds_lists_and_removes() {
+    let shared = execbox(&[
+        "template",
+        "build",
+        "code-interpreter",
+        "--templates-dir",
+        TEST_TEMPLATES_DIR,
+    ]);
+    assert!(shared.status.success(), "{shared:?}");
+    let built = std::fs::read_dir(TEST_TEMPLATES_DIR)
+        .expect("shared store")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("code-interpreter-"))
+        })
+        .max_by_key(|p| {
+            std::fs::metadata(p.join("manifest.json"))
+                .and_then(|m| m.modified())
+                .ok()
+        })
+        .expect("a built code-interpreter template");
+    let store = std::env::temp_dir().join(unique("execbox-test-templates-own"));
+    link_tree(&built, &store.join(built.file_name().expect("name")));
+    let dir = store.to_str().expect("utf-8");
+
+    // Found, not rebuilt; listed.
+    let out = execbox(&[
+        "template",
+        "build",
+        "code-interpreter",
+        "--templates-dir",
+        dir,
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("is built"),
+        "{out:?}"
+    );
+    let out = execbox(&["template", "ls", "--templates-dir", dir]);
+    let listing = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        listing.lines().any(|l| l.starts_with("code-interpreter ")),
+        "{listing}"
+    );
+
+    // In use by a sandbox: refused.
+    let server = TestServer::start_with_env(
+        "[templates]\nprebuild = []\n",
+        &[("EXECBOX_TEMPLATES_DIR", dir)],
+    );
+    let sb = server.create(json!({"image": {"uri": CODE_INTERPRETER_IMAGE}}));
+    assert_eq!(
+        sb.run("python3 -c 'import numpy; print(numpy.__name__)'")
+            .out(),
+        "numpy"
+    );
+    let out = execbox(&["template", "rm", "code-interpreter", "--templates-dir", dir]);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("in use"),
+        "{out:?}"
+    );
+    assert!(built.is_dir());
+
+    // Once the sandbox is gone: removed (the shared template, linked from, stays).
+    assert_eq!(server.delete(&format!("/v1/sandboxes/{}", sb.id)), 204);
+    drop(sb);
+    let out = execbox(&["template", "rm", "code-interpreter", "--templates-dir", dir]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("removed"),
+        "{out:?}"
+    );
+    let out = execbox(&["template", "ls", "--templates-dir", dir]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("no templates"),
+        "{out:?}"
+    );
+    assert!(built.join("manifest.json").is_file());
+    drop(server);
+    let _ = std::fs::remove_dir_all(&store);
+}
