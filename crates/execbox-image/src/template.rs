@@ -12,9 +12,10 @@
 //!   `pip install --target`, from the package index the host's pip is configured for;
 //! - `site/sitecustomize.py`: put on `PYTHONPATH` in the sandbox ([`Template::sandbox_env`]),
 //!   it adds `python/` to `sys.path` *after* the user's own site-packages, so that a package the
-//!   user installs later (`pip install --user`) wins over the template's, and *before* the
-//!   system's site-packages, so that the template's versions win over whatever the host has;
-//!   packages put straight on `PYTHONPATH` would instead shadow the user's own installs;
+//!   user installs later (`pip install --user`, or into a virtualenv) wins over the template's,
+//!   and *before* the system's site-packages, so that the template's versions win over whatever
+//!   the host has; packages put straight on `PYTHONPATH` would instead shadow the user's own
+//!   installs;
 //! - `manifest.json`: the recipe, the Python, the index used and every package installed, with
 //!   its version.
 //!
@@ -60,8 +61,9 @@ const SITECUSTOMIZE: &str = r#""""execbox template site hook (execbox-image, tem
 
 On PYTHONPATH in sandboxes made from a template: puts the template's packages on sys.path after
 the user's own site-packages (so that `pip install --user` wins) and before the system's
-site-packages (so that the template's versions win over the host's), then runs the
-sitecustomize this one shadows, if there is one.
+site-packages (so that the template's versions win over the host's); in a virtualenv, after
+its site-packages (what is installed there wins). Then runs the sitecustomize this one
+shadows, if there is one.
 """
 
 import os
@@ -83,6 +85,8 @@ def _execbox_template_packages():
         system = {os.path.realpath(p) for p in site.getsitepackages()}
     except Exception:
         system = set()
+    if sys.prefix != sys.base_prefix:
+        system = set()  # a virtualenv: its own site-packages come first
     at = next((i for i, p in enumerate(rest) if os.path.realpath(p) in system), len(rest))
     sys.path[:] = rest[:at] + added + rest[at:]
 
@@ -874,6 +878,9 @@ fn python_command(exe: &Path) -> Command {
         "PIP_USER",
         "PIP_REQUIRE_VIRTUALENV",
         "PIP_BREAK_SYSTEM_PACKAGES",
+        // The template is read-only in the sandboxes: its bytecode must be compiled now.
+        "PYTHONDONTWRITEBYTECODE",
+        "PIP_NO_COMPILE",
     ] {
         cmd.env_remove(var);
     }

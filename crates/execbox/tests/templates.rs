@@ -228,6 +228,20 @@ fn user_installs_are_not_shadowed_by_the_template() {
         .filter_map(|e| e["text"].as_str())
         .collect();
     assert_eq!(out, "2.31.0 True\n", "{evs:?}");
+
+    // A virtualenv's own packages win too; the template is still there behind them.
+    let r = sb.run_with(json!({"command":
+        "python3 -m venv /tmp/venv > /tmp/venv.log 2>&1 && /tmp/venv/bin/python -m pip install \
+         --no-deps --no-cache-dir --retries 1 --timeout 60 requests==2.31.0 >> /tmp/venv.log 2>&1; \
+         echo exit=$?; /tmp/venv/bin/python -c \
+         'import requests, numpy; print(requests.__file__.startswith(\"/tmp/venv/\"), numpy.__file__.startswith(\"/opt/execbox/template/\"))'",
+        "timeout": 240000}));
+    assert_eq!(
+        r.stdout,
+        ["exit=0", "True True"],
+        "{r:?}\n{}",
+        sb.run("tail -20 /tmp/venv.log").out()
+    );
 }
 
 /// With its package index out of reach, the template cannot be built: the server still starts
