@@ -18,12 +18,9 @@ if ((${#need_apt[@]})); then
   apt-get update -qq && apt-get install -y -qq "${need_apt[@]}"
 fi
 
-pip_install() {
-  python3 -m pip install --quiet --disable-pip-version-check "$@" \
-    || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages "$@"
-}
-# Code contexts: matplotlib and pandas in the Python the sandboxes use (plots and DataFrames
-# give PNG and HTML results).
-python3 -c 'import matplotlib, pandas' 2>/dev/null || pip_install matplotlib pandas
+# matplotlib, pandas and the rest of the data stack are not installed here: the tests get them
+# from execbox's code-interpreter template, built on first use into the tests' shared cache
+# (/var/tmp/execbox-test-templates) from the package index the host's pip is configured for.
+
 # isol8's and session-execute's bun runtime.
 command -v bun >/dev/null || npm install -g --silent bun

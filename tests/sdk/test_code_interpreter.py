@@ -7,7 +7,7 @@ then one module-wide code-interpreter sandbox serves every other check: ``2+2`` 
 interrupted and its context keeps its state, runs on two contexts proceed concurrently, contexts
 are created/listed/fetched/deleted, for Python, JavaScript, TypeScript, Bash and Java (Java only
 when a JDK is installed on the host), stdout lands in the logs, and matplotlib / pandas outputs
-come back as results.
+come back as results (both from execbox's code-interpreter template, which the image resolves to).
 
 The SDK keeps only ``results.text`` of a result (``ExecutionResult`` has no field for other MIME
 keys), so the PNG and HTML payloads themselves are asserted over the wire in
@@ -538,7 +538,10 @@ def test_matplotlib_plot_and_pandas_dataframe(aio, interp):
 
     async def main():
         ctx = await interp.codes.create_context(SupportedLanguage.PYTHON)
-        probe = await interp.codes.run("import matplotlib, pandas", context=ctx)
+        probe = await interp.codes.run(
+            "import matplotlib, pandas\nprint(matplotlib.__file__)\nprint(pandas.__file__)",
+            context=ctx,
+        )
         plot = await interp.codes.run(
             "import matplotlib.pyplot as plt\n"
             "plt.plot([1, 2, 3], [4, 1, 9])\n"
@@ -555,9 +558,11 @@ def test_matplotlib_plot_and_pandas_dataframe(aio, interp):
 
     probe, plot, frame = aio.run(main())
     assert probe.error is None, (
-        "matplotlib and pandas must be installed in the Python the sandboxes use "
-        f"(`python3 -m pip install matplotlib pandas`): {probe.error}"
+        f"matplotlib and pandas come with the code-interpreter template: {probe.error}"
     )
+    # From the template (read-only at /opt/execbox/template), whatever the host's Python has.
+    for path in joined(probe.logs.stdout).split():
+        assert path.startswith("/opt/execbox/template/python/"), probe.logs.stdout
     assert plot.error is None, plot.error
     assert len(plot.result) >= 1, "plt.show() must produce a display result"
     assert on_result and on_result[0].text == plot.result[0].text

@@ -1,12 +1,17 @@
 'use strict';
 // execbox REPL kernel for JavaScript and TypeScript, run by node or bun:
-//   node|bun js_kernel.js javascript|typescript
+//   node|bun js_kernel.js javascript|typescript [stripped]
+// `typescript stripped`: the agent erases the types of each cell before sending
+// it (execbox-agent's typescript.rs), so the cells arrive as JavaScript; plain
+// `typescript` transpiles here (bun, or node >= 22.13).
 // fd 1/2: the cells' own output (written synchronously, so it is on the pipes
 // before any control message about the cell is sent).
 // fd 3: control channel, newline-delimited JSON.
 //   kernel -> agent: {"ev":"ready",...} once, then per execute: display*, result?,
 //                    error?, and always {"ev":"done","execution_count":N,"ok":bool}
-//   agent -> kernel: {"op":"execute","code":"..."}
+//   agent -> kernel: {"op":"execute","code":"..."}, or with "error":{ename,evalue,
+//                    traceback} for a cell the agent could not compile: it counts
+//                    as an execution that failed with that error.
 // SIGINT interrupts the running cell (vm breakOnSigint for synchronous code; a
 // pending top-level await is abandoned); when idle it is ignored.
 
@@ -25,6 +30,7 @@ const proc = process;
 
 const isBun = typeof Bun !== 'undefined';
 const mode = proc.argv[2] === 'typescript' ? 'typescript' : 'javascript';
+const strippedByAgent = mode === 'typescript' && proc.argv[3] === 'stripped';
 const KERNEL_FILE = __filename;
 const CTRL_FD = 3;
 
@@ -504,7 +510,7 @@ function rewrite(src, forceAsync) {
 
 // -------------------------------------------------------------- execution
 let transpile = null;
-if (mode === 'typescript') {
+if (mode === 'typescript' && !strippedByAgent) {
   if (isBun) {
     const t = new Bun.Transpiler({ loader: 'ts', trimUnusedImports: false, deadCodeElimination: false });
     transpile = (code) => {
@@ -523,7 +529,7 @@ if (mode === 'typescript') {
   } else if (typeof Module.stripTypeScriptTypes === 'function') {
     transpile = (code) => Module.stripTypeScriptTypes(code, { mode: 'transform' });
   } else {
-    send({ ev: 'fatal', message: `TypeScript needs bun (or node >= 22.13); this is node ${proc.versions.node}` });
+    send({ ev: 'fatal', message: `TypeScript needs its types stripped by the agent (mode "typescript stripped"), bun, or node >= 22.13; this is node ${proc.versions.node}` });
     proc.exit(1);
   }
 }
@@ -623,6 +629,15 @@ async function execute(code) {
   send({ ev: 'done', execution_count: n, ok });
 }
 
+// A cell the agent could not compile (a TypeScript syntax error): an execution
+// of its own that ends with that error, so the counter stays the kernel's.
+function failed(error) {
+  const n = ++count;
+  const traceback = Array.isArray(error.traceback) ? error.traceback.map(String) : [];
+  send({ ev: 'error', ename: String(error.ename || 'SyntaxError'), evalue: String(error.evalue || ''), traceback });
+  send({ ev: 'done', execution_count: n, ok: false });
+}
+
 proc.on('SIGINT', () => {
   // Idle or between statements: harmless. Awaiting: abandon the cell.
   if (interruptPending) { const r = interruptPending; interruptPending = null; r(new Interrupted()); }
@@ -647,7 +662,8 @@ async function pump() {
       if (msg.env && typeof msg.env === 'object') {
         for (const [k, v] of Object.entries(msg.env)) process.env[k] = String(v);
       }
-      await execute(String(msg.code ?? ''));
+      if (msg.error && typeof msg.error === 'object') failed(msg.error);
+      else await execute(String(msg.code ?? ''));
     }
     else stderr.write(`kernel: unknown op: ${line}\n`);
   }

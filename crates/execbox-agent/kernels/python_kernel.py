@@ -64,6 +64,22 @@ def _add_site_directories():
 
 
 _add_site_directories()
+
+
+def _run_template_site_hook():
+    """In a sandbox made from a template (EXECBOX_TEMPLATE set), the template's sitecustomize,
+    on PYTHONPATH, puts its packages on sys.path between the user's and the system's
+    site-packages. -S skips sitecustomize, so the kernel imports it, once the site directories
+    above are in place, as site.main() would."""
+    if not sys.flags.no_site or not os.environ.get("EXECBOX_TEMPLATE"):
+        return
+    try:
+        import sitecustomize  # noqa: F401
+    except Exception as e:
+        print(f"execbox: the template's site hook failed: {e!r}", file=sys.stderr)
+
+
+_run_template_site_hook()
 # Line-buffered output: a print() reaches the agent as one chunk ("4\n", not "4" then "\n"),
 # still line by line while a cell runs; the kernel flushes before every control message.
 try:

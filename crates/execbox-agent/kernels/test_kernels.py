@@ -98,9 +98,10 @@ class Kernel:
         finally:
             sel.close()
 
-    def send(self, code):
+    def send(self, code, **extra):
         self.sock.setblocking(True)
-        self.sock.sendall((json.dumps({"op": "execute", "code": code}) + "\n").encode())
+        msg = {"op": "execute", "code": code, **extra}
+        self.sock.sendall((json.dumps(msg) + "\n").encode())
         self.sock.setblocking(False)
 
     def collect(self, timeout=30):
@@ -113,9 +114,9 @@ class Kernel:
             if m["ev"] == "done":
                 return msgs
 
-    def run(self, code, timeout=30):
+    def run(self, code, timeout=30, **extra):
         start = len(self.events)
-        self.send(code)
+        self.send(code, **extra)
         msgs = self.collect(timeout)
         return Result(msgs, self.events[start:])
 
@@ -307,6 +308,26 @@ def test_typescript_needs_bun_under_node(tmp_path):
     try:
         assert k.ready["ev"] == "fatal" and "bun" in k.ready["message"]
         assert k.proc.wait(timeout=10) == 1
+    finally:
+        k.close()
+
+
+def test_typescript_stripped_by_the_agent_under_node(tmp_path):
+    """`typescript stripped`: the agent sends JavaScript (types erased) and, for a cell that does
+    not compile, the error to report; the kernel counts that cell like any other."""
+    if not NODE:
+        pytest.skip("node not installed")
+    k = Kernel([NODE, JS, "typescript", "stripped"], cwd=str(tmp_path), ready_timeout=20)
+    try:
+        assert k.ready["ev"] == "ready" and k.ready["language"] == "typescript"
+        r = k.run("const n = 41; n + 1")
+        assert r.ok and r.text == "42" and r.done["execution_count"] == 1
+        error = {"ename": "SyntaxError", "evalue": "Unexpected token", "traceback": ["cell[2]:1:7", "SyntaxError: Unexpected token"]}
+        r = k.run("const = 1", error=error)
+        assert not r.ok and r.done["execution_count"] == 2
+        assert r.errors == [dict(ev="error", **error)]
+        r = k.run("n")
+        assert r.ok and r.text == "41" and r.done["execution_count"] == 3
     finally:
         k.close()
 

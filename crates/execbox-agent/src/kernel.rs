@@ -42,9 +42,10 @@ const INTERRUPT_GRACE: Duration = Duration::from_secs(2);
 pub enum KernelLanguage {
     /// CPython.
     Python,
-    /// Node, or Bun when installed.
+    /// Node, or Bun where there is no Node.
     JavaScript,
-    /// Bun with its TypeScript transpiler.
+    /// The JavaScript kernel on Node, each cell's types erased by the agent first
+    /// ([`crate::typescript`]); Bun with its own transpiler where there is no Node.
     TypeScript,
     /// jshell's API in a JVM.
     Java,
@@ -89,34 +90,66 @@ pub fn find_program(name: &str, env: &[(String, String)]) -> Option<PathBuf> {
         })
 }
 
+/// How a kernel is started: its command line, and whether the agent erases the types of each
+/// cell before sending it.
+struct Launch {
+    argv: Vec<String>,
+    strip_types: bool,
+}
+
 impl KernelLanguage {
     /// The command line of this language's kernel, or why it cannot run here.
     pub fn argv(self, env: &[(String, String)]) -> Result<Vec<String>, String> {
+        self.launch(env).map(|l| l.argv)
+    }
+
+    /// Node is preferred over Bun for JavaScript and TypeScript alike: one runtime for both,
+    /// whose behaviour does not change with what else is installed, and types erased by a
+    /// stripper that does not change either.
+    fn launch(self, env: &[(String, String)]) -> Result<Launch, String> {
         let need = |name: &str| {
             find_program(name, env)
                 .map(|p| p.to_string_lossy().into_owned())
                 .ok_or_else(|| format!("{name} is not installed in this sandbox"))
         };
         let script = |name: &str| format!("{KERNEL_DIR}/{name}");
+        let plain = |argv| Launch {
+            argv,
+            strip_types: false,
+        };
         Ok(match self {
             // -S: the kernel adds the site directories itself, without running .pth hooks.
-            KernelLanguage::Python => {
-                vec![need("python3")?, "-S".into(), script("python_kernel.py")]
-            }
+            KernelLanguage::Python => plain(vec![
+                need("python3")?,
+                "-S".into(),
+                script("python_kernel.py"),
+            ]),
             KernelLanguage::JavaScript => {
-                let runtime = need("bun").or_else(|_| need("node"))?;
-                vec![runtime, script("js_kernel.js"), "javascript".into()]
+                let runtime = need("node").or_else(|_| need("bun"))?;
+                plain(vec![runtime, script("js_kernel.js"), "javascript".into()])
             }
-            KernelLanguage::TypeScript => vec![
-                need("bun").map_err(|_| {
-                    "typescript needs bun, which is not installed in this sandbox".to_string()
-                })?,
-                script("js_kernel.js"),
-                "typescript".into(),
-            ],
+            KernelLanguage::TypeScript => match (need("node"), need("bun")) {
+                (Ok(node), _) => Launch {
+                    argv: vec![
+                        node,
+                        script("js_kernel.js"),
+                        "typescript".into(),
+                        "stripped".into(),
+                    ],
+                    strip_types: true,
+                },
+                (Err(_), Ok(bun)) => plain(vec![bun, script("js_kernel.js"), "typescript".into()]),
+                (Err(_), Err(_)) => {
+                    return Err(
+                        "typescript needs node (or bun), and neither is installed in \
+                                this sandbox"
+                            .into(),
+                    )
+                }
+            },
             KernelLanguage::Java => {
                 need("jshell")?;
-                vec![need("java")?, script("JavaKernel.java")]
+                plain(vec![need("java")?, script("JavaKernel.java")])
             }
         })
     }
@@ -230,6 +263,10 @@ pub struct Kernel {
     ctl_write: OwnedWriteHalf,
     exit: tokio::sync::oneshot::Receiver<ExitInfo>,
     display_acks: bool,
+    /// Cells are TypeScript whose types the agent erases before sending them.
+    strip_types: bool,
+    /// The kernel's execution counter as last reported (names cells in syntax errors).
+    executions: u64,
 }
 
 /// Process group and cgroup of a kernel, kept outside the kernel's lock so that interrupt and
@@ -282,7 +319,8 @@ impl Kernel {
         extra_env: Vec<(String, String)>,
     ) -> Result<(Kernel, KernelHandle), KernelError> {
         let env = runner.env_with(&extra_env);
-        let argv = language.argv(&env).map_err(KernelError::Unavailable)?;
+        let Launch { argv, strip_types } =
+            language.launch(&env).map_err(KernelError::Unavailable)?;
         let (agent_end, kernel_end) = std::os::unix::net::UnixStream::pair()
             .map_err(|e| KernelError::Start(e.to_string()))?;
         let started = runner
@@ -325,6 +363,8 @@ impl Kernel {
             ctl_write: write,
             exit: started.exit,
             display_acks: false,
+            strip_types,
+            executions: 0,
         };
         let deadline = Instant::now() + language.start_deadline();
         loop {
@@ -371,7 +411,15 @@ impl Kernel {
         timeout: Option<Duration>,
         out: &mpsc::Sender<KernelOutput>,
     ) -> bool {
-        let mut request = serde_json::json!({ "op": "execute", "code": code });
+        let mut request = match self.compile(code).await {
+            Ok(js) => serde_json::json!({ "op": "execute", "code": js }),
+            // Sent all the same: the kernel counts the cell and reports its error.
+            Err(e) => serde_json::json!({
+                "op": "execute",
+                "code": code,
+                "error": { "ename": "SyntaxError", "evalue": e.message, "traceback": e.traceback },
+            }),
+        };
         if !env.is_empty() {
             request["env"] = env
                 .iter()
@@ -420,6 +468,7 @@ impl Kernel {
                         Message::Result { execution_count, data } => KernelOutput::Result { execution_count, data },
                         Message::Error { ename, evalue, traceback } => KernelOutput::Error { ename, evalue, traceback },
                         Message::Done { execution_count } => {
+                            self.executions = execution_count;
                             if interrupted {
                                 let _ = out.send(KernelOutput::TimedOut { restarted: false }).await;
                             }
@@ -448,6 +497,25 @@ impl Kernel {
                     deadline = Some(Instant::now() + INTERRUPT_GRACE);
                 }
             }
+        }
+    }
+
+    /// The code to send for a cell: TypeScript with its types erased, when this kernel needs
+    /// that; otherwise the cell as it is.
+    async fn compile(&self, code: &str) -> Result<String, crate::typescript::SyntaxError> {
+        if !self.strip_types {
+            return Ok(code.to_string());
+        }
+        let cell = format!("cell[{}]", self.executions + 1);
+        let code = code.to_string();
+        match tokio::task::spawn_blocking(move || crate::typescript::strip(&code, &cell)).await {
+            Ok(result) => result,
+            Err(e) => Err(crate::typescript::SyntaxError {
+                message: format!("stripping the types failed: {e}"),
+                line: None,
+                column: None,
+                traceback: vec![format!("SyntaxError: stripping the types failed: {e}")],
+            }),
         }
     }
 

@@ -132,23 +132,14 @@ fn required_code(m: &Map<String, Value>) -> Result<String, Leap0Error> {
     }
 }
 
-/// Leap0 language aliases; the JavaScript family runs on Bun's TypeScript runtime when Bun
-/// is installed, else on Node.
-fn parse_language(app: &AppState, alias: &str) -> Result<Language, Leap0Error> {
+/// Leap0 language aliases. The JavaScript family is one language, TypeScript (a superset of
+/// JavaScript, as upstream's Bun runs it): on Node with the types erased by the agent, on Bun
+/// where there is no Node.
+fn parse_language(alias: &str) -> Result<Language, Leap0Error> {
     match alias {
         "python" | "py" | "python3" => Ok(Language::Kernel(KernelLanguage::Python)),
         "typescript" | "ts" | "javascript" | "js" | "bun" | "node" => {
-            let env = app.runner.env_with(&[]);
-            if crate::kernel::find_program("bun", &env).is_some() {
-                Ok(Language::Kernel(KernelLanguage::TypeScript))
-            } else if matches!(alias, "typescript" | "ts" | "bun") {
-                Err(invalid(
-                    "language",
-                    format!("{alias} needs bun, which is not installed in this sandbox"),
-                ))
-            } else {
-                Ok(Language::Kernel(KernelLanguage::JavaScript))
-            }
+            Ok(Language::Kernel(KernelLanguage::TypeScript))
         }
         other => Err(invalid(
             "language",
@@ -233,7 +224,7 @@ async fn create_context(
     body: Body,
 ) -> Result<Response, Leap0Error> {
     let m = read_json(body).await?;
-    let language = parse_language(&app, opt_str(&m, "language")?.unwrap_or("python"))?;
+    let language = parse_language(opt_str(&m, "language")?.unwrap_or("python"))?;
     let ctx = create(&app, language, opt_str(&m, "cwd")?, Vec::new()).await?;
     Ok((StatusCode::CREATED, Json(context_json(&ctx))).into_response())
 }
@@ -348,9 +339,7 @@ fn lines(text: &str) -> Vec<String> {
 async fn execute(State(app): State<Arc<AppState>>, body: Body) -> Result<Response, Leap0Error> {
     let m = read_json(body).await?;
     let code = required_code(&m)?;
-    let language = opt_str(&m, "language")?
-        .map(|l| parse_language(&app, l))
-        .transpose()?;
+    let language = opt_str(&m, "language")?.map(parse_language).transpose()?;
     let timeout = timeout_ms(&m)?;
     let env = env_vars(&m)?;
     let (ctx, env) = match named_context(&app, &m, language)? {
@@ -358,7 +347,7 @@ async fn execute(State(app): State<Arc<AppState>>, body: Body) -> Result<Respons
         None => {
             let language = match language {
                 Some(l) => l,
-                None => parse_language(&app, "python")?,
+                None => parse_language("python")?,
             };
             // A new context gets env_vars as its process environment; nobody holds its id
             // yet, so it goes away when left idle.
@@ -458,15 +447,13 @@ async fn execute_stream(
 ) -> Result<Response, Leap0Error> {
     let m = read_json(body).await?;
     let code = required_code(&m)?;
-    let language = opt_str(&m, "language")?
-        .map(|l| parse_language(&app, l))
-        .transpose()?;
+    let language = opt_str(&m, "language")?.map(parse_language).transpose()?;
     let timeout = Duration::from_millis(timeout_ms(&m)?);
     let ctx = named_context(&app, &m, language)?;
     let language = match (&ctx, language) {
         (Some(c), _) => c.language,
         (None, Some(l)) => l,
-        (None, None) => parse_language(&app, "python")?,
+        (None, None) => parse_language("python")?,
     };
     let cwd = ctx
         .map(|c| c.cwd.clone())
@@ -484,8 +471,27 @@ async fn execute_stream(
     };
     let argv = match language {
         Language::Kernel(KernelLanguage::Python) => vec![program("python3")?, "-c".into(), code],
-        Language::Kernel(KernelLanguage::TypeScript) => vec![program("bun")?, "-e".into(), code],
-        _ => vec![program("node")?, "-e".into(), code],
+        // The JavaScript family, as in contexts: Node with the types erased here, Bun where
+        // there is no Node.
+        _ => match program("node") {
+            Ok(node) => {
+                let stripped = tokio::task::spawn_blocking(move || {
+                    crate::typescript::strip_program(&code, "[eval]")
+                })
+                .await
+                .map_err(|e| Leap0Error::Internal(format!("stripping the types failed: {e}")))?;
+                match stripped {
+                    Ok((js, true)) => vec![node, "--input-type=module".into(), "-e".into(), js],
+                    Ok((js, false)) => vec![node, "-e".into(), js],
+                    // What Node prints for a syntax error, and its exit code.
+                    Err(e) => return Ok(event_stream(syntax_error_frames(&e))),
+                }
+            }
+            Err(no_node) => match program("bun") {
+                Ok(bun) => vec![bun, "-e".into(), code],
+                Err(_) => return Err(no_node),
+            },
+        },
     };
     let started = app
         .runner
@@ -506,7 +512,12 @@ async fn execute_stream(
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|b| (Ok::<_, std::io::Error>(b), rx))
     });
-    let mut resp = Response::new(Body::from_stream(stream));
+    Ok(event_stream(Body::from_stream(stream)))
+}
+
+/// A `/execute/async` answer carrying `body`.
+fn event_stream(body: impl Into<Body>) -> Response {
+    let mut resp = Response::new(body.into());
     resp.headers_mut().insert(
         axum::http::header::CONTENT_TYPE,
         axum::http::HeaderValue::from_static("text/event-stream"),
@@ -515,7 +526,17 @@ async fn execute_stream(
         axum::http::header::CACHE_CONTROL,
         axum::http::HeaderValue::from_static("no-cache"),
     );
-    Ok(resp)
+    resp
+}
+
+/// The stream of a program that does not compile: its error on stderr, exit code 1.
+fn syntax_error_frames(e: &crate::typescript::SyntaxError) -> Bytes {
+    let mut body = Vec::new();
+    for line in &e.traceback {
+        body.extend_from_slice(&frame(1, Some(line), None));
+    }
+    body.extend_from_slice(&frame(2, None, Some(1)));
+    Bytes::from(body)
 }
 
 /// One Leap0 StreamEvent; `type` first, as the compat document shows it.

@@ -27,6 +27,7 @@ mod run;
 mod runner;
 mod session;
 mod sse;
+mod typescript;
 mod users;
 
 use std::os::fd::OwnedFd;

@@ -103,6 +103,7 @@ mod reference;
 mod registry;
 mod spec;
 mod store;
+pub mod template;
 mod unpack;
 
 pub use error::ImageError;

@@ -39,6 +39,9 @@ pub const CODE_INTERPRETER_ENTRYPOINTS: &[&str] = &[
 const CODE_INTERPRETER_SCRIPT: &str = "#!/bin/sh\n\
 # execbox: interpreters are started by the sandbox agent when a code context needs one.\n\
 exec sleep infinity\n";
+/// Where a sandbox sees its template (a directory tree built from package registries on the
+/// host), read-only; an empty directory in sandboxes without one.
+pub const TEMPLATE_DIR: &str = "/opt/execbox/template";
 /// Working directory of isol8 runs (a writable area of its own, as isol8's `/sandbox`).
 pub const SANDBOX_WORKDIR: &str = "/sandbox";
 /// Directory inside the sandbox for the agent's private data (command logs and the like).
@@ -193,6 +196,8 @@ pub struct RootfsPlan {
     pub agent_libs: Option<PathBuf>,
     /// True when only one uid is mapped (rootless server): the sandbox user is then uid 0.
     pub rootless: bool,
+    /// A host directory shown read-only at [`TEMPLATE_DIR`] (the sandbox's template), if any.
+    pub template: Option<PathBuf>,
 }
 
 /// What a sandbox's root is made of, below execbox's skeleton.
@@ -390,6 +395,7 @@ impl RootfsPlan {
             ("/var", 0o755, None),
             ("/var/tmp", 0o1777, None),
             ("/opt", 0o755, None),
+            (TEMPLATE_DIR, 0o755, None),
             ("/srv", 0o755, Some((uid, gid))),
             ("/mnt", 0o755, Some((uid, gid))),
             ("/run", 0o755, None),
@@ -558,6 +564,16 @@ impl RootfsPlan {
             for prefix in self.extra_prefixes() {
                 bind(&mut ops, &prefix, &inside(&root, &prefix), RO);
             }
+        }
+        // The template: read-only, but not noexec (it holds native extension modules, which
+        // are mapped executable).
+        if let Some(template) = &self.template {
+            bind(
+                &mut ops,
+                template,
+                &inside(&root, Path::new(TEMPLATE_DIR)),
+                RO,
+            );
         }
 
         if let Some(size) = sizes.tmp_in_memory {

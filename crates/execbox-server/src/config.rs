@@ -25,9 +25,12 @@ pub struct ServerConfig {
     /// Default pids limit of a sandbox.
     pub default_pids: u64,
     /// Image aliases: image reference (`name` or `name:tag`; a `name` entry matches every tag)
-    /// to a template name (`default`) or another image reference. They add to the built-in
-    /// names, never replace them.
+    /// to a template name (`default`: the host's runtimes; `code-interpreter`: a template built
+    /// from package registries, see `[templates]`) or another image reference. They add to the
+    /// built-in names, never replace them.
     pub images: BTreeMap<String, String>,
+    /// Templates built from package registries (`[templates]`).
+    pub templates: TemplatesConfig,
     /// Python interpreter to expose (discovered on `PATH` when absent).
     pub python: Option<PathBuf>,
     /// Refuse sandboxes without seccomp.
@@ -344,6 +347,31 @@ impl Default for NetworkConfig {
     }
 }
 
+/// Templates built from package registries (`[templates]`).
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TemplatesConfig {
+    /// Where built templates are kept (default `<state-dir>/templates`). Servers and test runs
+    /// pointed at one directory share its templates: each is built once.
+    pub dir: Option<PathBuf>,
+    /// Templates built in the background as the server starts, so that the first sandbox of
+    /// one does not wait for its build (default `["code-interpreter"]`; `[]` builds on first
+    /// use only).
+    pub prebuild: Vec<String>,
+    /// Longest a build may take, in seconds; a longer one is stopped and fails.
+    pub build_timeout_secs: u64,
+}
+
+impl Default for TemplatesConfig {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            prebuild: vec![execbox_image::template::CODE_INTERPRETER.to_string()],
+            build_timeout_secs: 1800,
+        }
+    }
+}
+
 /// Tenant of the keys in `api_keys`, and of every request when no key is configured.
 pub const DEFAULT_TENANT: &str = "default";
 
@@ -353,7 +381,7 @@ impl Default for ServerConfig {
         images.insert("default".to_string(), "default".to_string());
         images.insert(
             "opensandbox/code-interpreter".to_string(),
-            "default".to_string(),
+            execbox_image::template::CODE_INTERPRETER.to_string(),
         );
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
@@ -364,6 +392,7 @@ impl Default for ServerConfig {
             max_timeout_secs: 7 * 24 * 3600,
             default_pids: 512,
             images,
+            templates: TemplatesConfig::default(),
             python: None,
             require_seccomp: true,
             require_landlock: false,
@@ -400,7 +429,35 @@ impl ServerConfig {
             .map_err(|e| format!("{}: {e}", path.display()))?;
         execbox_net::Exceptions::parse(&config.network.allow_addresses)
             .map_err(|e| format!("{}: network.allow_addresses: {e}", path.display()))?;
+        config
+            .check_templates()
+            .map_err(|e| format!("{}: {e}", path.display()))?;
         Ok(config)
+    }
+
+    /// Every template named by `[templates] prebuild` exists (an `[images]` alias may name an
+    /// image reference as well as a template).
+    fn check_templates(&self) -> Result<(), String> {
+        if let Some(t) = self
+            .templates
+            .prebuild
+            .iter()
+            .find(|t| execbox_image::template::Recipe::named(t).is_err())
+        {
+            return Err(format!(
+                "templates.prebuild: unknown template {t:?} (templates: {})",
+                execbox_image::template::Recipe::known().join(", ")
+            ));
+        }
+        Ok(())
+    }
+
+    /// Where built templates are kept.
+    pub fn templates_dir(&self) -> PathBuf {
+        self.templates
+            .dir
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("templates"))
     }
 
     /// Whether any API key is configured (otherwise the server is open, on loopback only).
@@ -422,7 +479,8 @@ impl ServerConfig {
 
     /// Whether `name` is one of this server's built-in templates.
     pub fn is_template(&self, name: &str) -> bool {
-        name == crate::images::DEFAULT_TEMPLATE
+        name == crate::templates::DEFAULT_TEMPLATE
+            || execbox_image::template::Recipe::named(name).is_ok()
     }
 
     /// What the operator's aliases make of an image reference (a template name or another
@@ -466,18 +524,36 @@ mod tests {
     }
 
     #[test]
-    fn code_interpreter_image_of_any_tag_is_the_default_template() {
+    fn code_interpreter_image_of_any_tag_is_the_code_interpreter_template() {
         let c = ServerConfig::default();
         assert_eq!(
             c.resolve_image("opensandbox/code-interpreter:v1.1.0"),
-            Some("default")
+            Some("code-interpreter")
         );
         assert_eq!(
             c.resolve_image("opensandbox/code-interpreter"),
-            Some("default")
+            Some("code-interpreter")
         );
         assert_eq!(c.resolve_image("default"), Some("default"));
         assert_eq!(c.resolve_image("python:3.11"), None);
         assert_eq!(c.resolve_image("registry:5000/python"), None);
+    }
+
+    #[test]
+    fn templates_default_to_the_state_dir_and_unknown_ones_are_refused() {
+        let c = ServerConfig {
+            state_dir: PathBuf::from("/srv/execbox"),
+            ..Default::default()
+        };
+        assert_eq!(c.templates_dir(), PathBuf::from("/srv/execbox/templates"));
+        assert_eq!(c.templates.prebuild, ["code-interpreter"]);
+        assert!(c.check_templates().is_ok());
+        let shared: ServerConfig =
+            toml::from_str("[templates]\ndir = \"/var/tmp/t\"\nprebuild = []\n").expect("config");
+        assert_eq!(shared.templates_dir(), PathBuf::from("/var/tmp/t"));
+        assert!(shared.templates.prebuild.is_empty());
+        let bad: ServerConfig =
+            toml::from_str("[templates]\nprebuild = [\"nope\"]\n").expect("config");
+        assert!(bad.check_templates().unwrap_err().contains("nope"));
     }
 }

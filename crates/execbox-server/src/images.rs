@@ -11,9 +11,6 @@ use execbox_image::{Credentials, ImageError, ImageStore, StoreConfig};
 
 use crate::config::ServerConfig;
 
-/// The built-in template of the host's runtimes.
-pub const DEFAULT_TEMPLATE: &str = "default";
-
 /// What a sandbox's root is made of.
 #[derive(Debug, Clone)]
 pub enum RootSource {

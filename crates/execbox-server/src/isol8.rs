@@ -1012,6 +1012,7 @@ async fn acquire(
                 limits: profile.limits,
                 expires_at: None,
                 network: profile.network.then(execbox_net::Policy::deny_all),
+                template: None,
             })
             .await?;
             if let Err(bound) = lease.bind_runtime(plan.runtime.name()) {

@@ -23,6 +23,7 @@ pub mod proxy;
 pub mod registry;
 pub mod session_exec;
 pub mod sessions;
+pub mod templates;
 pub mod watch;
 
 use std::path::PathBuf;
@@ -55,6 +56,8 @@ pub struct Server {
     pub sessions: sessions::Sessions,
     /// Executions running per tenant.
     pub runs: concurrency::RunGate,
+    /// Templates built from package registries.
+    pub templates: Arc<templates::Templates>,
     /// Deletions in progress.
     destroying: std::sync::atomic::AtomicUsize,
     /// Sandboxes whose removal from the host failed, retried by the reaper until done.
@@ -107,7 +110,9 @@ impl Server {
         let images = images::open_store(&config).inspect_err(|e| {
             tracing::error!(error = %e, "the image store cannot be opened: OCI images are refused");
         });
+        let templates = Arc::new(templates::Templates::new(&config));
         let server = Arc::new_cyclic(|me| Self {
+            templates,
             config,
             registry,
             pool,
@@ -393,13 +398,19 @@ impl Server {
                     image.config.working_dir.clone().filter(|d| !d.is_empty()),
                 )
             }
+            // The template's environment reaches every process, not the record: clients see
+            // the environment they asked for.
             images::RootSource::Template(_) => (
                 None,
-                spec.env.clone().into_iter().collect(),
+                templates::merged_env(
+                    spec.env.clone().into_iter().collect(),
+                    spec.template.as_ref(),
+                ),
                 spec.entrypoint.clone(),
                 None,
             ),
         };
+        let template = spec.template.map(|t| t.host_dir);
         let (placement, watched) = tokio::task::spawn_blocking(move || {
             backend.create_watched(local::SandboxParams {
                 id: &id,
@@ -409,6 +420,7 @@ impl Server {
                 network: with_network,
                 image: root_image,
                 workdir,
+                template,
             })
         })
         .await
@@ -611,6 +623,9 @@ pub struct LaunchSpec {
     pub expires_at: Option<time::OffsetDateTime>,
     /// Outbound network under this policy; none for loopback only.
     pub network: Option<execbox_net::Policy>,
+    /// The built template the sandbox sees (its image resolved to one); none for the host's
+    /// runtimes alone.
+    pub template: Option<templates::Prepared>,
 }
 
 /// The network layer's settings from the server's configuration (checked at start).
@@ -782,6 +797,7 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServeError> {
         .await
         .map_err(|e| ServeError::Config(e.to_string()))?;
     isol8::warm(&server);
+    server.templates.start_prebuild();
     let reaper = server.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));

@@ -46,6 +46,10 @@ pub enum LifecycleError {
     /// 502: a service the request needed (an image registry) failed.
     #[error("{0}")]
     Upstream(String),
+    /// 503: something the request needs cannot be had now (a template that could not be
+    /// built); the same request may succeed later.
+    #[error("{0}")]
+    Unavailable(String),
     /// 500.
     #[error("{0}")]
     Internal(String),
@@ -117,7 +121,7 @@ impl From<crate::images::ResolveError> for LifecycleError {
         match e {
             crate::images::ResolveError::Invalid(_) => Self::invalid(e.to_string()),
             crate::images::ResolveError::Upstream(_) => Self::Upstream(e.to_string()),
-            crate::images::ResolveError::Unavailable(_) => Self::Internal(e.to_string()),
+            crate::images::ResolveError::Unavailable(_) => Self::Unavailable(e.to_string()),
         }
     }
 }
@@ -136,6 +140,7 @@ impl IntoResponse for LifecycleError {
             Self::Conflict { code, .. } => (StatusCode::CONFLICT, *code),
             Self::NotSupported(_) => (StatusCode::NOT_IMPLEMENTED, ErrorCode::ApiNotSupported),
             Self::Upstream(_) => (StatusCode::BAD_GATEWAY, ErrorCode::UnknownError),
+            Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::UnknownError),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::UnknownError),
         };
         if status.is_server_error() {
@@ -165,16 +170,6 @@ pub async fn create(
             "snapshotId: snapshots are not supported by this server",
         ));
     }
-    let root = match &req.image {
-        Some(image) => {
-            let auth = image.auth.as_ref().map(|a| execbox_image::Credentials {
-                username: a.username.clone(),
-                password: a.password.clone(),
-            });
-            crate::images::resolve(&server.config, server.images.as_ref(), &image.uri, auth).await?
-        }
-        None => crate::images::RootSource::Template(crate::images::DEFAULT_TEMPLATE.into()),
-    };
     if req.volumes.as_ref().is_some_and(|v| !v.is_empty()) {
         return Err(LifecycleError::invalid(
             "volumes: host and volume mounts are not allowed by this server's configuration",
@@ -208,6 +203,22 @@ pub async fn create(
         ..Default::default()
     };
     let lifetime = policy.lifetime_secs("timeout", v.timeout_secs)?;
+    // Last of the checks: an image may take minutes to pull, a template to build, the first
+    // time.
+    let root = match &req.image {
+        Some(image) => {
+            let auth = image.auth.as_ref().map(|a| execbox_image::Credentials {
+                username: a.username.clone(),
+                password: a.password.clone(),
+            });
+            crate::images::resolve(&server.config, server.images.as_ref(), &image.uri, auth).await?
+        }
+        None => crate::images::RootSource::Template(crate::templates::DEFAULT_TEMPLATE.into()),
+    };
+    let template = match &root {
+        crate::images::RootSource::Template(name) => prepare_template(&server, name).await?,
+        crate::images::RootSource::Image(_) => None,
+    };
     let now = OffsetDateTime::now_utc()
         .replace_nanosecond(0)
         .unwrap_or(OffsetDateTime::now_utc());
@@ -223,10 +234,25 @@ pub async fn create(
             limits,
             expires_at: lifetime.map(|s| now + time::Duration::seconds(s as i64)),
             network,
+            template,
         })
         .await?;
     let body = CreateSandboxResponse::from(record.to_api());
     Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+}
+
+/// The built template `name`, waiting for its build; none for the host's runtimes.
+async fn prepare_template(
+    server: &Server,
+    name: &str,
+) -> Result<Option<crate::templates::Prepared>> {
+    server.templates.prepare(name).await.map_err(|e| {
+        let message = format!("image.uri: the template {name:?} is not available: {e}");
+        match e {
+            execbox_image::template::TemplateError::Unknown(_) => LifecycleError::invalid(message),
+            _ => LifecycleError::Unavailable(message),
+        }
+    })
 }
 
 /// The sandbox `id` if it belongs to `tenant`; another tenant's sandbox is as unknown.

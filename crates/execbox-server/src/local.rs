@@ -130,6 +130,9 @@ pub struct SandboxParams<'a> {
     /// Working directory of processes that name none (the image's); the user's home when
     /// none.
     pub workdir: Option<String>,
+    /// The host directory of the sandbox's template, shown read-only at
+    /// [`execbox_jail::rootfs::TEMPLATE_DIR`]; none for the plain host runtimes.
+    pub template: Option<PathBuf>,
 }
 
 /// What the server watches of a sandbox it just started (not persisted).
@@ -191,7 +194,7 @@ pub struct LocalBackend {
     config: LocalConfig,
     cgroups: CgroupDriver,
     /// The host-runtimes template.
-    plan: RootfsPlan,
+    plan: Arc<RootfsPlan>,
     /// Skeletons of images, by image id.
     image_plans: Mutex<HashMap<String, Arc<RootfsPlan>>>,
     /// Where skeletons and the staging directories of starting sandboxes are (a memory file
@@ -260,6 +263,7 @@ impl LocalBackend {
             base: RootBase::HostRuntimes,
             agent_libs: None,
             rootless,
+            template: None,
         };
         // One skeleton per distinct plan, named by its content: running sandboxes keep theirs.
         let fingerprint = {
@@ -275,7 +279,7 @@ impl LocalBackend {
             slots: Mutex::new(HashMap::new()),
             config,
             cgroups,
-            plan,
+            plan: Arc::new(plan),
             image_plans: Mutex::new(HashMap::new()),
             store,
             upper,
@@ -485,10 +489,15 @@ impl LocalBackend {
             tmp_in_memory: l.tmp_bytes,
             ..StorageSizes::default()
         };
-        let plan = match &p.image {
+        let mut plan = match &p.image {
             Some(image) => self.image_plan(image)?,
-            None => Arc::new(self.plan.clone()),
+            None => self.plan.clone(),
         };
+        if let Some(template) = &p.template {
+            let mut with_template = (*plan).clone();
+            with_template.template = Some(template.clone());
+            plan = Arc::new(with_template);
+        }
         let idmap = match slot {
             Some(slot) if !matches!(mapping, UserMapping::Single { .. }) => {
                 Some(self.idmap(slot, &mapping)?)
@@ -635,6 +644,7 @@ impl LocalBackend {
             },
             agent_libs: self.agent_runtime()?.map(|r| r.dir.clone()),
             rootless: self.plan.rootless,
+            template: None,
         };
         plan.build_skeleton()
             .map_err(io_err("building the skeleton of an image"))?;

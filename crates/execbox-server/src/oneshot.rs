@@ -114,6 +114,7 @@ pub fn run(lang: Lang, code: &str, limits: &RunLimits) -> anyhow::Result<i32> {
         network: false,
         image: None,
         workdir: None,
+        template: None,
     })?;
     let command = match lang {
         Lang::Python => format!("exec python3 -c {}", shell_quote(code)),

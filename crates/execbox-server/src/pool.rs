@@ -116,6 +116,7 @@ impl WarmPool {
             limits: profile.limits,
             expires_at: None,
             network: profile.network.then(execbox_net::Policy::deny_all),
+            template: None,
         }
     }
 

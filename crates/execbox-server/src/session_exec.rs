@@ -292,6 +292,7 @@ async fn open(server: &Arc<Server>, caller: &Caller, id: &str) -> Result<Lease, 
         limits,
         expires_at: None,
         network: session_network(server),
+        template: None,
     })
     .await?)
 }

@@ -98,6 +98,7 @@ fn main() {
         network: false,
         image: None,
         workdir: None,
+        template: None,
     };
 
     println!("execbox lifecycle benchmark ({n} sandboxes per series)\n");

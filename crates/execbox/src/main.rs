@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 mod image_cli;
+mod template_cmd;
 
 #[derive(Parser)]
 #[command(
@@ -35,6 +36,10 @@ enum Command {
         /// API key (also from EXECBOX_API_KEY).
         #[arg(long, env = "EXECBOX_API_KEY", hide_env_values = true)]
         api_key: Option<String>,
+        /// Where built templates are kept (the configuration's `[templates] dir`; default
+        /// `<state-dir>/templates`).
+        #[arg(long, env = "EXECBOX_TEMPLATES_DIR")]
+        templates_dir: Option<PathBuf>,
     },
     /// Run code once in a fresh sandbox, without a server.
     Run {
@@ -60,6 +65,8 @@ enum Command {
     Doctor,
     /// Manage the image store (OCI images): ls, pull, import, rm, gc.
     Image(image_cli::ImageArgs),
+    /// Build, list and remove templates (images built from package registries).
+    Template(template_cmd::TemplateArgs),
     /// The in-sandbox agent (started by the server as PID 1 of a sandbox).
     #[command(hide = true)]
     Agent,
@@ -77,6 +84,17 @@ fn init_tracing() {
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Commands with a display of their own log warnings only (unless `RUST_LOG` says more).
+fn init_tracing_quiet() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -113,11 +131,16 @@ fn main() -> ExitCode {
         }
         Command::Doctor => doctor(),
         Command::Image(args) => image_cli::run(args),
+        Command::Template(args) => {
+            init_tracing_quiet();
+            template_cmd::run(args)
+        }
         Command::Serve {
             listen,
             state_dir,
             config,
             api_key,
+            templates_dir,
         } => {
             init_tracing();
             let mut cfg = match config {
@@ -132,6 +155,9 @@ fn main() -> ExitCode {
             };
             cfg.listen = listen;
             cfg.state_dir = state_dir;
+            if let Some(dir) = templates_dir {
+                cfg.templates.dir = Some(dir);
+            }
             if let Some(k) = api_key.filter(|k| !k.is_empty()) {
                 cfg.api_keys.push(k);
             }

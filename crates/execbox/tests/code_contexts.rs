@@ -4,9 +4,10 @@
 //! Leap0 code-interpreter API (`/healthz`, `/contexts`, `/execute`, `/execute/async`) with the
 //! exact response shapes of `shared/compat/leap0.md`.
 //!
-//! matplotlib and pandas must be installed in the Python the sandboxes use (`.ci/run` does
-//! `python3 -m pip install matplotlib pandas`); TypeScript needs `bun`; the Java smoke test runs
-//! only when a JDK (`jshell`) is on the host.
+//! matplotlib and pandas come from the code-interpreter template (sandboxes of the image
+//! `opensandbox/code-interpreter`; the template is built on first use from the package index the
+//! host's pip is configured for, into the test servers' shared `TEST_TEMPLATES_DIR`); TypeScript
+//! runs on Node; the Java smoke test runs only when a JDK (`jshell`) is on the host.
 
 mod common;
 
@@ -426,17 +427,22 @@ fn python_event_order_errors_and_display() {
 }
 
 #[test]
-fn python_rich_outputs_matplotlib_and_pandas() {
+fn python_rich_outputs_matplotlib_and_pandas_from_the_template() {
     let server = TestServer::start();
-    let sb = server.create(json!({"resourceLimits": {"cpu": "2", "memory": "2Gi"}}));
+    let sb = server.create(json!({"image": {"uri": CODE_INTERPRETER_IMAGE},
+        "resourceLimits": {"cpu": "2", "memory": "2Gi"}}));
     let ctx = new_context(&sb, "python");
 
-    let evs = run_code(&sb, in_ctx("import matplotlib, pandas", "python", &ctx));
-    assert!(
-        !evs.iter().any(|e| e["type"] == "error"),
-        "matplotlib and pandas must be installed in the Python the sandboxes use \
-         (`python3 -m pip install matplotlib pandas`): {evs:?}"
+    // The template's, not whatever the host's Python may have.
+    let evs = run_code(
+        &sb,
+        in_ctx(
+            "import matplotlib, pandas\n[m.__file__.startswith('/opt/execbox/template/python/') for m in (matplotlib, pandas)]",
+            "python",
+            &ctx,
+        ),
     );
+    assert_eq!(result_texts(&evs), ["[True, True]"], "{evs:?}");
 
     let evs = run_code(
         &sb,
@@ -783,7 +789,7 @@ fn language_smoke_javascript_typescript_bash_java() {
     let evs = run_code(&sb, in_ctx("console.error('bad')", "javascript", &js));
     assert_eq!(stderr_of(&evs), "bad\n", "{evs:?}");
 
-    // TypeScript (Bun).
+    // TypeScript (on Node, the types erased by the agent).
     let ts = new_context(&sb, "typescript");
     let evs = run_code(
         &sb,
@@ -877,6 +883,119 @@ fn language_smoke_javascript_typescript_bash_java() {
         ["4"],
         "state kept after the interrupt: {evs:?}"
     );
+}
+
+/// TypeScript runs on Node, each cell's types erased by the agent: interfaces, generics, an
+/// enum (code generated for it), `as` casts and state across cells; a type error is no error
+/// (nothing checks types); a syntax error is the cell's error event, and the context goes on.
+#[test]
+fn typescript_runs_on_node_with_its_types_erased() {
+    let server = TestServer::start();
+    let sb = server.create(json!({}));
+    let ts = new_context(&sb, "typescript");
+
+    let evs = run_code(
+        &sb,
+        in_ctx(
+            "interface Shape { kind: string; size: number }\n\
+             enum Level { Low = 1, High = 10 }\n\
+             function largest<T extends Shape>(items: T[]): T {\n\
+             \x20 return items.reduce((a: T, b: T) => (b.size > a.size ? b : a));\n\
+             }\n\
+             const shapes: Shape[] = [{ kind: 'a', size: 2 }, { kind: 'b', size: Level.High }];\n\
+             const raw: unknown = '{\"n\": 7}';\n\
+             const parsed = JSON.parse(raw as string) as { n: number };\n\
+             console.log(largest<Shape>(shapes).kind, Level[10], parsed.n);\n\
+             parsed.n * Level.High",
+            "typescript",
+            &ts,
+        ),
+    );
+    assert_ok(&evs);
+    assert_eq!(stdout_of(&evs), "b High 7\n", "{evs:?}");
+    assert_eq!(result_texts(&evs), ["70"], "{evs:?}");
+
+    // State across cells: values, the enum, a generic class declared earlier.
+    let evs = run_code(
+        &sb,
+        in_ctx(
+            "class Box<T> { constructor(public value: T) {} }\nconst b = new Box<number>(parsed.n);\nb.value + Level.Low",
+            "typescript",
+            &ts,
+        ),
+    );
+    assert_ok(&evs);
+    assert_eq!(result_texts(&evs), ["8"], "{evs:?}");
+    let evs = run_code(
+        &sb,
+        in_ctx(
+            "const again: Box<string> = new Box('x');\n[shapes.length, Level.High, again.value]",
+            "typescript",
+            &ts,
+        ),
+    );
+    assert_eq!(result_texts(&evs), ["[ 2, 10, 'x' ]"], "{evs:?}");
+
+    // It is Node, not Bun.
+    let evs = run_code(
+        &sb,
+        in_ctx(
+            "const runtime: string = typeof Bun === 'undefined' ? 'node ' + process.versions.node : 'bun';\nruntime",
+            "typescript",
+            &ts,
+        ),
+    );
+    assert_ok(&evs);
+    let runtime = result_texts(&evs).join("");
+    assert!(runtime.starts_with("'node "), "runs on Node: {evs:?}");
+
+    // A type error is not an error: types are erased, not checked.
+    let evs = run_code(
+        &sb,
+        in_ctx(
+            "const wrong: number = 'text' as any as number;\nwrong",
+            "typescript",
+            &ts,
+        ),
+    );
+    assert_ok(&evs);
+    assert_eq!(result_texts(&evs), ["'text'"], "{evs:?}");
+
+    // A syntax error: the language's error event (SyntaxError, with where), no 500.
+    let evs = run_code(
+        &sb,
+        in_ctx("const fine = 1;\nconst = 2;", "typescript", &ts),
+    );
+    let err = the_error(&evs);
+    assert_eq!(err["ename"], "SyntaxError", "{evs:?}");
+    assert!(
+        err["evalue"].as_str().is_some_and(|v| !v.is_empty()),
+        "{evs:?}"
+    );
+    let traceback: Vec<&str> = err["traceback"]
+        .as_array()
+        .expect("traceback")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(
+        traceback.iter().any(|l| l.contains(":2:")) && traceback.contains(&"const = 2;"),
+        "the line of the error: {evs:?}"
+    );
+    assert_eq!(evs.last().unwrap()["type"], "execution_complete", "{evs:?}");
+    // The context goes on, state intact; the failed cell was not run.
+    let evs = run_code(
+        &sb,
+        in_ctx("typeof fine + ' ' + b.value", "typescript", &ts),
+    );
+    assert_eq!(result_texts(&evs), ["'undefined 7'"], "{evs:?}");
+
+    // The default TypeScript context (no id) is the same runtime.
+    let evs = run_code(
+        &sb,
+        json!({"code": "const v: string = process.release.name;\nv", "context": {"language": "typescript"}}),
+    );
+    assert_eq!(result_texts(&evs), ["'node'"], "{evs:?}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1067,7 +1186,8 @@ fn leap0_contexts_and_validation() {
 #[test]
 fn leap0_execute() {
     let server = TestServer::start();
-    let sb = server.create(json!({}));
+    // The template's data stack, for the figure and the DataFrame below.
+    let sb = server.create(json!({"image": {"uri": CODE_INTERPRETER_IMAGE}}));
 
     // Without context_id: a new context, returned and kept.
     let v = execute(&sb, json!({"code": "x = 10\nprint('hello')\nx * 3.0"}));
@@ -1264,6 +1384,25 @@ fn leap0_execute() {
     assert_eq!(v["items"][0]["text"], "43", "{v}");
     let v = execute(&sb, json!({"code": "nope.x", "context_id": tsid}));
     assert_eq!(v["error"]["name"], "ReferenceError", "{v}");
+    // On Node; a syntax error is the execution's error, the context goes on.
+    let v = execute(
+        &sb,
+        json!({"code": "typeof Bun === 'undefined' && process.release.name", "context_id": tsid}),
+    );
+    assert_eq!(v["items"][0]["text"], "'node'", "{v}");
+    let v = execute(
+        &sb,
+        json!({"code": "let n: number = ;", "context_id": tsid}),
+    );
+    assert_eq!(v["error"]["name"], "SyntaxError", "{v}");
+    assert!(
+        v["error"]["traceback"]
+            .as_str()
+            .is_some_and(|t| t.contains("let n: number = ;")),
+        "{v}"
+    );
+    let v = execute(&sb, json!({"code": "a", "context_id": tsid}));
+    assert_eq!(v["items"][0]["text"], "42", "{v}");
     post_json(
         &sb,
         "/execute",
@@ -1363,6 +1502,43 @@ fn leap0_execute_async_stream() {
             json!({"type": 0, "data": "ts 1"}),
             json!({"type": 2, "code": 0})
         ]
+    );
+    // Node, types erased; ES module syntax (import, top-level await) and CommonJS both run.
+    let (_, evs) = execute_stream(
+        &sb,
+        json!({"code": "import os from 'node:os';\nconst t: string = await Promise.resolve(typeof os.cpus);\nconsole.log(t, typeof Bun)", "language": "typescript"}),
+    );
+    assert_eq!(
+        evs,
+        [
+            json!({"type": 0, "data": "function undefined"}),
+            json!({"type": 2, "code": 0})
+        ]
+    );
+    let (_, evs) = execute_stream(
+        &sb,
+        json!({"code": "const p: string = require('node:path').join('a', 'b');\nconsole.log(p)", "language": "js"}),
+    );
+    assert_eq!(
+        evs,
+        [
+            json!({"type": 0, "data": "a/b"}),
+            json!({"type": 2, "code": 0})
+        ]
+    );
+    // A syntax error: on stderr, exit code 1, as Node reports one.
+    let (_, evs) = execute_stream(&sb, json!({"code": "const = 1;", "language": "ts"}));
+    assert!(
+        evs.iter().any(|e| e["type"] == 1
+            && e["data"]
+                .as_str()
+                .is_some_and(|d| d.starts_with("SyntaxError: "))),
+        "{evs:?}"
+    );
+    assert_eq!(
+        evs.last().unwrap(),
+        &json!({"type": 2, "code": 1}),
+        "{evs:?}"
     );
     let r = post_json(
         &sb,

@@ -16,7 +16,7 @@ use std::net::{Ipv4Addr, TcpListener};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use common::{into_pair, Sandbox, TestServer};
+use common::{into_pair, pip_registry_hosts, Sandbox, TestServer};
 use serde_json::{json, Value};
 
 /// The host's first non-loopback IPv4 address: where the test servers listen.
@@ -363,27 +363,6 @@ fn egress_is_exactly_what_the_policy_names() {
             .is_some_and(|m| m.starts_with("networkPolicy")),
         "{v}"
     );
-}
-
-/// The hosts of the package index the host's own pip uses (its configuration, else pip's
-/// default index and file host), read here so that no registry's name is written in the repo.
-fn pip_registry_hosts() -> Vec<String> {
-    let out = std::process::Command::new("python3")
-        .args([
-            "-c",
-            "import os, subprocess, urllib.parse\n\
-             from pip._internal.models.index import PyPI\n\
-             cfg = subprocess.run(['python3', '-m', 'pip', 'config', 'list'], capture_output=True, text=True).stdout\n\
-             url = os.environ.get('PIP_INDEX_URL') or next((l.split('=', 1)[1].strip(\"'\") for l in cfg.splitlines() if l.split('=')[0].endswith('index-url')), None)\n\
-             hosts = [urllib.parse.urlparse(url).hostname] if url else [urllib.parse.urlparse(PyPI.simple_url).hostname, PyPI.file_storage_domain]\n\
-             print(' '.join(h for h in hosts if h))",
-        ])
-        .output()
-        .expect("the host's python3");
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .map(str::to_string)
-        .collect()
 }
 
 /// The host name of the registry the host's own npm uses.

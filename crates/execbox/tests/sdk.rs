@@ -3,8 +3,9 @@
 //! The test suite itself lives in `tests/sdk/` at the repository root (pytest). This test
 //! makes sure a virtualenv with `tests/sdk/requirements.txt` exists at `target/sdk-venv`
 //! (creating it with `python3 -m venv` + `pip install` when missing or out of date), starts
-//! a server on loopback and runs `python -m pytest tests/sdk` against it. The test fails,
-//! never skips, when Python or PyPI is unavailable.
+//! a server on loopback and runs `python -m pytest tests/sdk` against it, once the
+//! code-interpreter template its sandboxes use is built. The test fails, never skips, when
+//! Python or PyPI is unavailable.
 
 mod common;
 
@@ -170,10 +171,32 @@ fn pytest(python: &Path, root: &Path, target: &str) -> Command {
     cmd
 }
 
+/// Builds the code-interpreter template (the image `opensandbox/code-interpreter` the suite's
+/// sandboxes use) into the test servers' shared cache before the suite runs: the SDK gives a
+/// create 60 s, and a cold build takes about a minute. Built already, this returns at once.
+fn ensure_code_interpreter_template() {
+    let mut build = Command::new(env!("CARGO_BIN_EXE_execbox"));
+    build.args([
+        "template",
+        "build",
+        "code-interpreter",
+        "--templates-dir",
+        common::TEST_TEMPLATES_DIR,
+    ]);
+    let out = run_with_deadline(build, "execbox template build", INSTALL_DEADLINE);
+    assert!(
+        out.status.success(),
+        "could not build the code-interpreter template (numpy, pandas, matplotlib… from the \
+         package index the host's pip is configured for); the SDK suite needs it:\n{}",
+        describe(&out)
+    );
+}
+
 #[test]
 fn opensandbox_python_sdk_suite() {
     let root = repo_root();
     let python = ensure_venv(&root);
+    ensure_code_interpreter_template();
 
     let server = common::TestServer::start();
 

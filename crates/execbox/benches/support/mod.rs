@@ -90,6 +90,8 @@ impl Server {
             .arg("--state-dir")
             .arg(&state_dir)
             .env("RUST_LOG", "error")
+            // The tests' template cache: built once, not into each throwaway state directory.
+            .env("EXECBOX_TEMPLATES_DIR", "/var/tmp/execbox-test-templates")
             .env_remove("EXECBOX_API_KEY")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())

@@ -20,6 +20,14 @@ pub struct TestServer {
     cleanup_keys: Vec<String>,
 }
 
+/// The templates directory every test server shares (`--templates-dir`), so that a template
+/// (the code-interpreter one: numpy, pandas, matplotlib…) is built once for all test runs of
+/// the machine, and test servers find it built.
+pub const TEST_TEMPLATES_DIR: &str = "/var/tmp/execbox-test-templates";
+
+/// The image whose sandboxes have the code-interpreter template (its data stack).
+pub const CODE_INTERPRETER_IMAGE: &str = "opensandbox/code-interpreter:v1.1.0";
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -67,6 +75,26 @@ impl TestServer {
     }
 
     fn start_full(state_dir: PathBuf, port: u16, key: Option<&str>, config: Option<&Path>) -> Self {
+        Self::start_env(state_dir, port, key, config, &[])
+    }
+
+    /// Starts a server whose environment also has `env` (over the harness's own settings).
+    pub fn start_with_env(config_toml: &str, env: &[(&str, &str)]) -> Self {
+        let state_dir = std::env::temp_dir().join(unique("execbox-test-state"));
+        let config = std::env::temp_dir().join(unique("execbox-test-config"));
+        std::fs::write(&config, config_toml).expect("write config");
+        let server = Self::start_env(state_dir, free_port(), None, Some(&config), env);
+        let _ = std::fs::remove_file(&config);
+        server
+    }
+
+    fn start_env(
+        state_dir: PathBuf,
+        port: u16,
+        key: Option<&str>,
+        config: Option<&Path>,
+        env: &[(&str, &str)],
+    ) -> Self {
         let exe = env!("CARGO_BIN_EXE_execbox");
         let config = config
             .map(|c| format!(" --config {}", c.display()))
@@ -78,6 +106,8 @@ impl TestServer {
                 state_dir.display()
             ))
             .env("RUST_LOG", "warn")
+            .env("EXECBOX_TEMPLATES_DIR", TEST_TEMPLATES_DIR)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
         match key {
@@ -439,6 +469,7 @@ impl TestServer {
             .arg("--config")
             .arg(&config)
             .env("RUST_LOG", "warn")
+            .env("EXECBOX_TEMPLATES_DIR", TEST_TEMPLATES_DIR)
             .env_remove("EXECBOX_API_KEY")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"))
@@ -487,4 +518,25 @@ pub fn raise_fd_limit(want: u64) -> u64 {
         Ok(()) => target,
         Err(_) => soft,
     }
+}
+
+/// The hosts of the package index the host's own pip uses (its configuration, else pip's
+/// default index and file host), read here so that no registry's name is written in the repo.
+pub fn pip_registry_hosts() -> Vec<String> {
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import os, subprocess, urllib.parse\n\
+             from pip._internal.models.index import PyPI\n\
+             cfg = subprocess.run(['python3', '-m', 'pip', 'config', 'list'], capture_output=True, text=True).stdout\n\
+             url = os.environ.get('PIP_INDEX_URL') or next((l.split('=', 1)[1].strip(\"'\") for l in cfg.splitlines() if l.split('=')[0].endswith('index-url')), None)\n\
+             hosts = [urllib.parse.urlparse(url).hostname] if url else [urllib.parse.urlparse(PyPI.simple_url).hostname, PyPI.file_storage_domain]\n\
+             print(' '.join(h for h in hosts if h))",
+        ])
+        .output()
+        .expect("the host's python3");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
 }
