@@ -15,6 +15,7 @@
 //! syscalls ([`run_ops`]), which is async-signal-safe: no allocation happens after the clone.
 
 use std::ffi::{CStr, CString};
+use std::os::fd::RawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -246,6 +247,15 @@ pub enum MountOp {
     Chdir(CString),
     /// `mkdir(2)` with a mode.
     Mkdir(CString, u32),
+    /// Attaches the detached mount open at descriptor `fd` (inherited from the server) at
+    /// `target` (`move_mount(2)`). Placed after the pivot, so `target` resolves in the
+    /// sandbox's own root, and after every other mount, so nothing covers it.
+    Attach {
+        /// The detached mount.
+        fd: RawFd,
+        /// Where, in the sandbox's root.
+        target: CString,
+    },
 }
 
 /// A failed mount-program step: which step and the errno.
@@ -795,6 +805,7 @@ pub fn run_ops(ops: &[MountOp]) -> Result<(), OpFailure> {
             MountOp::PivotInto(dir) => pivot_into(dir),
             MountOp::Chdir(dir) => sys::chdir(dir),
             MountOp::Mkdir(dir, mode) => sys::mkdir(dir, *mode as libc::mode_t),
+            MountOp::Attach { fd, target } => sys::move_mount_to(*fd, target),
         }
         .map_err(fail)?;
     }
@@ -831,5 +842,8 @@ pub fn describe_op(op: &MountOp) -> String {
         MountOp::PivotInto(p) => format!("pivot_root into {}", p.to_string_lossy()),
         MountOp::Chdir(p) => format!("chdir {}", p.to_string_lossy()),
         MountOp::Mkdir(p, _) => format!("mkdir {}", p.to_string_lossy()),
+        MountOp::Attach { target, .. } => {
+            format!("attach a volume at {}", target.to_string_lossy())
+        }
     }
 }

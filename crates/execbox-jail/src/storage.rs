@@ -42,6 +42,13 @@ pub struct IdMap {
 impl IdMap {
     /// A user namespace mapping ids `0..count` (uids and gids) to `host_base..host_base+count`.
     pub fn new(host_base: u32, count: u32) -> io::Result<IdMap> {
+        let map = format!("0 {host_base} {count}\n");
+        Self::with_maps(&map, &map, host_base)
+    }
+
+    /// A user namespace with these `uid_map` and `gid_map` lines (`inside outside count`);
+    /// [`IdMap::host_id`] counts from `host_base`.
+    pub fn with_maps(uid_map: &str, gid_map: &str, host_base: u32) -> io::Result<IdMap> {
         let (hold_read, hold_write) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)?;
         let (r, w) = (hold_read.as_raw_fd(), hold_write.as_raw_fd());
@@ -64,12 +71,9 @@ impl IdMap {
         };
         drop(hold_read);
         let result = (|| {
-            for file in ["uid_map", "gid_map"] {
-                std::fs::write(
-                    format!("/proc/{pid}/{file}"),
-                    format!("0 {host_base} {count}\n"),
-                )
-                .map_err(|e| io::Error::new(e.kind(), format!("writing {file}: {e}")))?;
+            for (file, map) in [("uid_map", uid_map), ("gid_map", gid_map)] {
+                std::fs::write(format!("/proc/{pid}/{file}"), map)
+                    .map_err(|e| io::Error::new(e.kind(), format!("writing {file}: {e}")))?;
             }
             File::open(format!("/proc/{pid}/ns/user")).map(OwnedFd::from)
         })();
@@ -117,8 +121,37 @@ const INODE_SIZE: u64 = 256;
 /// Writes a new sparse ext4 image at `path` that holds `usable` bytes of files, with an empty
 /// `upper/` and `work/` (the overlay's writable layer and its work directory), both owned by
 /// id 0. The image is larger by the file system's own tables, so that `df` inside shows about
-/// the size asked for.
+/// the size asked for. No journal: a sandbox's files do not outlive a host crash anyway.
 pub fn format_disk(path: &Path, usable: u64) -> io::Result<()> {
+    let populate = path.with_extension("populate");
+    let _ = std::fs::remove_dir_all(&populate);
+    std::fs::create_dir_all(populate.join("upper"))?;
+    std::fs::create_dir_all(populate.join("work"))?;
+    let result = make_ext4(
+        path,
+        usable,
+        "^has_journal,^resize_inode",
+        (0, 0),
+        Some(&populate),
+    );
+    let _ = std::fs::remove_dir_all(&populate);
+    result
+}
+
+/// Writes a new sparse ext4 image at `path` for a volume: `usable` bytes of files as
+/// [`format_disk`], an empty root owned by `owner` (uid, gid), and a journal (a volume's files
+/// outlive its sandboxes, and a host crash).
+pub fn format_volume(path: &Path, usable: u64, owner: (u32, u32)) -> io::Result<()> {
+    make_ext4(path, usable, "^resize_inode", owner, None)
+}
+
+fn make_ext4(
+    path: &Path,
+    usable: u64,
+    features: &str,
+    owner: (u32, u32),
+    populate: Option<&Path>,
+) -> io::Result<()> {
     // The inode tables are what ext4 keeps out of the size it reports.
     let size = usable
         .saturating_add(usable / (BYTES_PER_INODE / INODE_SIZE))
@@ -129,40 +162,37 @@ pub fn format_disk(path: &Path, usable: u64) -> io::Result<()> {
             "mke2fs is not installed (Debian package e2fsprogs)",
         )
     })?;
-    let populate = path.with_extension("populate");
-    let _ = std::fs::remove_dir_all(&populate);
-    std::fs::create_dir_all(populate.join("upper"))?;
-    std::fs::create_dir_all(populate.join("work"))?;
     let result = (|| {
         let file = File::create(path)?;
         file.set_len(size)?;
         drop(file);
-        // No journal (a sandbox's files do not outlive a host crash anyway) and lazy tables:
-        // formatting writes a few hundred KiB whatever the size.
-        let out = std::process::Command::new(&mke2fs)
-            .args([
-                "-q",
-                "-F",
-                "-t",
-                "ext4",
-                "-m",
-                "0",
-                "-b",
-                "4096",
-                "-i",
-                &BYTES_PER_INODE.to_string(),
-                "-I",
-                &INODE_SIZE.to_string(),
-                "-O",
-                "^has_journal,^resize_inode",
-                "-E",
-                "lazy_itable_init=1,nodiscard,root_owner=0:0",
-                "-d",
-            ])
-            .arg(&populate)
-            .arg(path)
-            .stdin(std::process::Stdio::null())
-            .output()?;
+        // Lazy tables: formatting writes a few hundred KiB whatever the size.
+        let mut cmd = std::process::Command::new(&mke2fs);
+        cmd.args([
+            "-q",
+            "-F",
+            "-t",
+            "ext4",
+            "-m",
+            "0",
+            "-b",
+            "4096",
+            "-i",
+            &BYTES_PER_INODE.to_string(),
+            "-I",
+            &INODE_SIZE.to_string(),
+            "-O",
+            features,
+            "-E",
+            &format!(
+                "lazy_itable_init=1,lazy_journal_init=1,nodiscard,root_owner={}:{}",
+                owner.0, owner.1
+            ),
+        ]);
+        if let Some(dir) = populate {
+            cmd.arg("-d").arg(dir);
+        }
+        let out = cmd.arg(path).stdin(std::process::Stdio::null()).output()?;
         if !out.status.success() {
             return Err(io::Error::other(format!(
                 "mke2fs {} failed: {}",
@@ -172,7 +202,6 @@ pub fn format_disk(path: &Path, usable: u64) -> io::Result<()> {
         }
         Ok(())
     })();
-    let _ = std::fs::remove_dir_all(&populate);
     if result.is_err() {
         let _ = std::fs::remove_file(path);
     }
@@ -259,8 +288,44 @@ pub fn mount_disk(image: &Path, target: &Path, idmap: Option<&IdMap>) -> io::Res
     let file = File::options().read(true).write(true).open(image)?;
     let (device, device_path) = attach_loop(&file)?;
     drop(file);
+    mount_device(device, &device_path, image, target, idmap)
+}
+
+/// Like [`mount_disk`], for an image that mounts elsewhere may be using (a shared volume, a
+/// server restarted while sandboxes still hold it): the loop device already backed by this
+/// very file is mounted again, which gives the same file system, never a second one writing
+/// the same blocks.
+pub fn mount_shared_disk(image: &Path, target: &Path) -> io::Result<()> {
+    let file = File::options().read(true).write(true).open(image)?;
+    // The kernel names a loop device's file by its path (with " (deleted)" once removed).
+    let canonical = std::fs::canonicalize(image)?;
+    let existing = std::fs::read_dir("/sys/block")?.flatten().find_map(|dev| {
+        let name = dev.file_name().into_string().ok()?;
+        let number = name.strip_prefix("loop")?;
+        let backing = std::fs::read_to_string(dev.path().join("loop/backing_file")).ok()?;
+        (Path::new(backing.trim_end_matches('\n')) == canonical)
+            .then(|| PathBuf::from(format!("/dev/loop{number}")))
+    });
+    let (device, device_path) = match existing {
+        Some(path) => {
+            let device = File::options().read(true).write(true).open(&path)?;
+            (OwnedFd::from(device), path)
+        }
+        None => attach_loop(&file)?,
+    };
+    drop(file);
+    mount_device(device, &device_path, image, target, None)
+}
+
+fn mount_device(
+    device: OwnedFd,
+    device_path: &Path,
+    image: &Path,
+    target: &Path,
+    idmap: Option<&IdMap>,
+) -> io::Result<()> {
     let fs = owned(sys::fsopen(c"ext4").map_err(|e| os(e, "fsopen ext4"))?);
-    sys::fsconfig_set_string(fs.as_raw_fd(), c"source", &cpath(&device_path)?)
+    sys::fsconfig_set_string(fs.as_raw_fd(), c"source", &cpath(device_path)?)
         .map_err(|e| os(e, "fsconfig source"))?;
     sys::fsconfig_create(fs.as_raw_fd())
         .map_err(|e| os(e, format!("mounting {}", image.display())))?;
@@ -292,6 +357,26 @@ pub fn bind_idmapped(src: &Path, target: &Path, idmap: &IdMap, attrs: u64) -> io
         .map_err(|e| os(e, format!("id-mapping {}", src.display())))?;
     sys::move_mount_to(tree.as_raw_fd(), &cpath(target)?)
         .map_err(|e| os(e, format!("attaching {}", target.display())))
+}
+
+/// A detached bind mount of the directory open at `dir` (not of what is mounted below it),
+/// seen through `idmap`, nosuid and nodev, read-only when asked: what a sandbox gets of a
+/// volume. Made from the descriptor, so it is exactly the directory that was resolved.
+pub fn detached_volume(dir: BorrowedFd<'_>, idmap: &IdMap, read_only: bool) -> io::Result<OwnedFd> {
+    let tree = owned(
+        sys::open_tree_clone_fd(dir.as_raw_fd()).map_err(|e| os(e, "open_tree of a volume"))?,
+    );
+    let mut attrs = sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV;
+    if read_only {
+        attrs |= sys::MOUNT_ATTR_RDONLY;
+    }
+    sys::mount_setattr_fd(tree.as_raw_fd(), attrs, Some(idmap.fd().as_raw_fd())).map_err(|e| {
+        os(
+            e,
+            "id-mapping a volume (its file system may not support id-mapped mounts)",
+        )
+    })?;
+    Ok(tree)
 }
 
 /// Mounts an overlay at `stage/root` from layers given as paths relative to `stage`:

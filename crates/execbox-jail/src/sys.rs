@@ -152,6 +152,22 @@ pub fn open_tree_clone(path: &CStr) -> Result<RawFd, Errno> {
     check(ret).map(|fd| fd as RawFd)
 }
 
+/// `open_tree(fd, "", OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_EMPTY_PATH)`: a detached bind
+/// mount of the directory open at `fd` (not recursive: nothing mounted below it comes along).
+pub fn open_tree_clone_fd(fd: RawFd) -> Result<RawFd, Errno> {
+    const OPEN_TREE_CLONE: libc::c_uint = 1;
+    // SAFETY: the path is an empty NUL-terminated string; the flags are integers.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            fd,
+            c"".as_ptr(),
+            OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | libc::AT_EMPTY_PATH as libc::c_uint,
+        )
+    };
+    check(ret).map(|fd| fd as RawFd)
+}
+
 /// Opens `/dev/null` for reading and writing (close-on-exec).
 pub fn open_dev_null() -> Result<RawFd, Errno> {
     // SAFETY: the path is a valid NUL-terminated string; the flags are integers.

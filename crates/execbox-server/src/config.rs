@@ -57,6 +57,8 @@ pub struct ServerConfig {
     pub network: NetworkConfig,
     /// Sandboxes' storage (`[storage]`).
     pub storage: StorageConfig,
+    /// Volumes (`[volumes]`).
+    pub volumes: VolumesConfig,
     /// Where OCI images come from (`[image_store]`).
     pub image_store: ImageStoreConfig,
     /// Client connections open at once, WebSocket sessions included (at least 1). At the cap
@@ -102,6 +104,54 @@ impl std::fmt::Debug for RegistryCredentials {
         f.debug_struct("RegistryCredentials")
             .field("username", &self.username)
             .finish_non_exhaustive()
+    }
+}
+
+/// Volumes (`[volumes]`).
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VolumesConfig {
+    /// Host directories whose trees `host` volumes may name (absolute); empty (the default):
+    /// host volumes are refused.
+    pub host_paths: Vec<PathBuf>,
+    /// Host uid that files the sandbox user writes through a volume belong to, and whose
+    /// files the sandbox user owns there (id-mapped mounts). Not 0.
+    pub owner_uid: u32,
+    /// Host gid, likewise.
+    pub owner_gid: u32,
+    /// Size of a named volume whose request names none, in bytes (default 1 GiB).
+    pub default_size_bytes: u64,
+    /// Largest named volume, in bytes (default 64 GiB).
+    pub max_size_bytes: u64,
+}
+
+impl Default for VolumesConfig {
+    fn default() -> Self {
+        Self {
+            host_paths: Vec::new(),
+            owner_uid: 1000,
+            owner_gid: 1000,
+            default_size_bytes: 1 << 30,
+            max_size_bytes: 64 << 30,
+        }
+    }
+}
+
+impl VolumesConfig {
+    fn validate(&self) -> Result<(), String> {
+        if self.owner_uid == 0 || self.owner_gid == 0 {
+            return Err(
+                "volumes.owner_uid/owner_gid: 0 would give sandbox files to root on the host"
+                    .into(),
+            );
+        }
+        if let Some(p) = self.host_paths.iter().find(|p| !p.is_absolute()) {
+            return Err(format!(
+                "volumes.host_paths: {} is not absolute",
+                p.display()
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -404,6 +454,7 @@ impl Default for ServerConfig {
             policy: Policy::default(),
             network: NetworkConfig::default(),
             storage: StorageConfig::default(),
+            volumes: VolumesConfig::default(),
             image_store: ImageStoreConfig::default(),
             max_connections: 10_000,
             header_read_timeout_secs: 10,
@@ -431,6 +482,10 @@ impl ServerConfig {
             .map_err(|e| format!("{}: network.allow_addresses: {e}", path.display()))?;
         config
             .check_templates()
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        config
+            .volumes
+            .validate()
             .map_err(|e| format!("{}: {e}", path.display()))?;
         Ok(config)
     }

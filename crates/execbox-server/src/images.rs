@@ -70,6 +70,12 @@ fn registry_of(reference: &str) -> String {
     }
 }
 
+/// Whether the allowlist entry `entry` (`host[:port]`; a host alone allows every port) lets
+/// `registry` in.
+fn registry_allowed(entry: &str, registry: &str) -> bool {
+    entry == registry || (!entry.contains(':') && registry.split(':').next() == Some(entry))
+}
+
 /// Resolves `uri` (with the client's registry `auth`) to a root.
 pub async fn resolve(
     config: &ServerConfig,
@@ -83,7 +89,7 @@ pub async fn resolve(
     }
     let allowed = &config.image_store.allowed_registries;
     let registry = registry_of(target);
-    if !allowed.is_empty() && !allowed.iter().any(|r| r == &registry) {
+    if !allowed.is_empty() && !allowed.iter().any(|r| registry_allowed(r, &registry)) {
         return Err(ResolveError::Invalid(format!(
             "registry {registry} is not one this server pulls from (allowed: {})",
             allowed.join(", ")
@@ -120,5 +126,14 @@ mod tests {
         assert_eq!(registry_of("127.0.0.1:5000/x/y:1"), "127.0.0.1:5000");
         assert_eq!(registry_of("ghcr.io/a/b"), "ghcr.io");
         assert_eq!(registry_of("localhost/a"), "localhost");
+    }
+
+    #[test]
+    fn an_allowlist_host_allows_every_port() {
+        assert!(registry_allowed("127.0.0.1", "127.0.0.1:5000"));
+        assert!(registry_allowed("127.0.0.1:5000", "127.0.0.1:5000"));
+        assert!(!registry_allowed("127.0.0.1:5000", "127.0.0.1:5001"));
+        assert!(!registry_allowed("127.0.0.1", "docker.io"));
+        assert!(!registry_allowed("docker.io", "docker.io.evil:1"));
     }
 }

@@ -1013,6 +1013,8 @@ async fn acquire(
                 expires_at: None,
                 network: profile.network.then(execbox_net::Policy::deny_all),
                 template: None,
+                volumes: Vec::new(),
+                named_volumes: Vec::new(),
             })
             .await?;
             if let Err(bound) = lease.bind_runtime(plan.runtime.name()) {

@@ -24,6 +24,7 @@ pub mod registry;
 pub mod session_exec;
 pub mod sessions;
 pub mod templates;
+pub mod volumes;
 pub mod watch;
 
 use std::path::PathBuf;
@@ -72,6 +73,8 @@ pub struct Server {
     network: Result<(), String>,
     /// The OCI image store, or why there is none.
     pub images: Result<Arc<execbox_image::ImageStore>, String>,
+    /// Named volumes and the rules for host ones.
+    pub volumes: Arc<volumes::Volumes>,
     backend: Result<Arc<LocalBackend>, String>,
 }
 
@@ -94,6 +97,7 @@ impl Server {
                 .storage
                 .default_disk_bytes
                 .min(config.policy.max_disk_bytes),
+            volume_owner: (config.volumes.owner_uid, config.volumes.owner_gid),
         })
         .map(Arc::new)
         .map_err(|e| {
@@ -111,8 +115,13 @@ impl Server {
             tracing::error!(error = %e, "the image store cannot be opened: OCI images are refused");
         });
         let templates = Arc::new(templates::Templates::new(&config));
+        let volumes = Arc::new(volumes::Volumes::new(
+            &config.state_dir,
+            config.volumes.clone(),
+        ));
         let server = Arc::new_cyclic(|me| Self {
             templates,
+            volumes,
             config,
             registry,
             pool,
@@ -329,6 +338,31 @@ impl Server {
             .map_err(|e| LifecycleError::Internal(e.to_string()))
     }
 
+    /// Removes the named volumes of `gone` (a sandbox just deleted) that asked to go with their
+    /// sandbox and that no other sandbox uses.
+    async fn release_volumes(&self, gone: &registry::SandboxRecord) {
+        let doomed: Vec<String> = gone
+            .volumes
+            .iter()
+            .filter(|v| v.delete_on_termination)
+            .map(|v| v.claim.clone())
+            .collect();
+        if doomed.is_empty() {
+            return;
+        }
+        let in_use = volumes::in_use(&self.registry.all());
+        let volumes = self.volumes.clone();
+        let tenant = gone.tenant.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            for claim in doomed {
+                if let Err(e) = volumes.remove(&tenant, &claim, &in_use) {
+                    tracing::info!(tenant, claim, error = %e, "named volume kept");
+                }
+            }
+        })
+        .await;
+    }
+
     /// Starts a sandbox and records it.
     pub async fn launch(
         &self,
@@ -348,6 +382,7 @@ impl Server {
                 images::RootSource::Image(image) => Some(image.id.clone()),
                 images::RootSource::Template(_) => None,
             },
+            volumes: spec.named_volumes.clone(),
             entrypoint: spec.entrypoint.clone(),
             env: spec.env.clone(),
             metadata: spec.metadata,
@@ -411,6 +446,7 @@ impl Server {
             ),
         };
         let template = spec.template.map(|t| t.host_dir);
+        let volume_mounts = spec.volumes;
         let (placement, watched) = tokio::task::spawn_blocking(move || {
             backend.create_watched(local::SandboxParams {
                 id: &id,
@@ -421,11 +457,15 @@ impl Server {
                 image: root_image,
                 workdir,
                 template,
+                volumes: &volume_mounts,
             })
         })
         .await
         .map_err(|e| LifecycleError::Internal(e.to_string()))?
-        .map_err(|e| LifecycleError::Internal(e.to_string()))?;
+        .map_err(|e| match e {
+            local::BackendError::Volume { .. } => LifecycleError::invalid(e.to_string()),
+            e => LifecycleError::Internal(e.to_string()),
+        })?;
         let record = registry::SandboxRecord {
             placement: Some(placement),
             ..record
@@ -471,11 +511,13 @@ impl Server {
         // sandbox, already out of the registry, would be left running.
         let _destroying = Destroying::start(&self.destroying);
         let placement = rec.placement.clone();
+        let release = rec.clone();
         let result = tokio::task::spawn_blocking(move || match &placement {
             Some(p) => backend.destroy(&id2, p),
             None => backend.destroy_leftovers(&id2),
         })
         .await;
+        self.release_volumes(&release).await;
         match result {
             Ok(Ok(())) => Ok(()),
             // The sandbox is out of the registry either way; what is left on the host is
@@ -626,6 +668,10 @@ pub struct LaunchSpec {
     /// The built template the sandbox sees (its image resolved to one); none for the host's
     /// runtimes alone.
     pub template: Option<templates::Prepared>,
+    /// Volumes, resolved ([`volumes::Volumes::resolve`]).
+    pub volumes: Vec<volumes::VolumeMount>,
+    /// The named volumes among them.
+    pub named_volumes: Vec<volumes::NamedVolumeRef>,
 }
 
 /// The network layer's settings from the server's configuration (checked at start).

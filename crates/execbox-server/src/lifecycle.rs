@@ -56,7 +56,7 @@ pub enum LifecycleError {
 }
 
 impl LifecycleError {
-    fn invalid(message: impl Into<String>) -> Self {
+    pub(crate) fn invalid(message: impl Into<String>) -> Self {
         Self::Invalid {
             code: ErrorCode::InvalidParameter,
             message: message.into(),
@@ -170,11 +170,6 @@ pub async fn create(
             "snapshotId: snapshots are not supported by this server",
         ));
     }
-    if req.volumes.as_ref().is_some_and(|v| !v.is_empty()) {
-        return Err(LifecycleError::invalid(
-            "volumes: host and volume mounts are not allowed by this server's configuration",
-        ));
-    }
     let network = network_of(&server, &tenant.0, req.network_policy.as_ref())?;
     // The policy of the caller's tenant bounds every limit; an absent one gets the maximum (a
     // sandbox is never unbounded).
@@ -219,6 +214,17 @@ pub async fn create(
         crate::images::RootSource::Template(name) => prepare_template(&server, name).await?,
         crate::images::RootSource::Image(_) => None,
     };
+    let (volumes, named_volumes) = match req.volumes.clone().filter(|v| !v.is_empty()) {
+        Some(wanted) => {
+            let volumes = server.volumes.clone();
+            let tenant_name = tenant.0.clone();
+            tokio::task::spawn_blocking(move || volumes.resolve(&tenant_name, &wanted))
+                .await
+                .map_err(|e| LifecycleError::Internal(e.to_string()))?
+                .map_err(|e| LifecycleError::invalid(e.to_string()))?
+        }
+        None => (Vec::new(), Vec::new()),
+    };
     let now = OffsetDateTime::now_utc()
         .replace_nanosecond(0)
         .unwrap_or(OffsetDateTime::now_utc());
@@ -235,6 +241,8 @@ pub async fn create(
             expires_at: lifetime.map(|s| now + time::Duration::seconds(s as i64)),
             network,
             template,
+            volumes,
+            named_volumes,
         })
         .await?;
     let body = CreateSandboxResponse::from(record.to_api());

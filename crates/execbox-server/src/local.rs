@@ -61,6 +61,14 @@ pub enum BackendError {
     /// No uid range is free.
     #[error("too many sandboxes: no free uid range")]
     NoSlot,
+    /// A volume cannot be mounted where the request asks (the client's mistake).
+    #[error("{field}: {message}")]
+    Volume {
+        /// `volumes[i].…`.
+        field: String,
+        /// Why.
+        message: String,
+    },
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BackendError {
@@ -130,6 +138,8 @@ pub struct SandboxParams<'a> {
     /// Working directory of processes that name none (the image's); the user's home when
     /// none.
     pub workdir: Option<String>,
+    /// Volumes to mount.
+    pub volumes: &'a [crate::volumes::VolumeMount],
     /// The host directory of the sandbox's template, shown read-only at
     /// [`execbox_jail::rootfs::TEMPLATE_DIR`]; none for the plain host runtimes.
     pub template: Option<PathBuf>,
@@ -184,6 +194,8 @@ pub struct LocalConfig {
     pub storage: StorageMedium,
     /// Disk size of a sandbox that asks for none, in bytes.
     pub default_disk_bytes: u64,
+    /// Host (uid, gid) owning what sandboxes write through volumes.
+    pub volume_owner: (u32, u32),
 }
 
 /// How long a delete waits for a killed agent to be reaped.
@@ -197,6 +209,8 @@ pub struct LocalBackend {
     plan: Arc<RootfsPlan>,
     /// Skeletons of images, by image id.
     image_plans: Mutex<HashMap<String, Arc<RootfsPlan>>>,
+    /// Id mappings of volumes, per uid range.
+    volume_idmaps: Mutex<HashMap<u32, Arc<IdMap>>>,
     /// Where skeletons and the staging directories of starting sandboxes are (a memory file
     /// system of this process's mount namespace, when it has one).
     store: PathBuf,
@@ -281,6 +295,7 @@ impl LocalBackend {
             cgroups,
             plan: Arc::new(plan),
             image_plans: Mutex::new(HashMap::new()),
+            volume_idmaps: Mutex::new(HashMap::new()),
             store,
             upper,
             golden_disks: Mutex::new(HashMap::new()),
@@ -508,7 +523,52 @@ impl LocalBackend {
             .chain(p.image.iter().flat_map(|i| i.layers.iter().rev().cloned()))
             .collect();
         let staged = Staged::prepare(self, p.id, &layers, idmap.as_deref(), sizes)?;
-        let ops = plan.compile(&staged.root);
+        let mut ops = plan.compile(&staged.root);
+        // Volumes: detached, id-mapped mounts made here from the directories the server
+        // resolved, attached by the sandbox's first process after every other mount, in its
+        // own root. The descriptors stay open until it has started.
+        let volume_trees = if p.volumes.is_empty() {
+            Vec::new()
+        } else {
+            let Some(slot) = slot.filter(|_| staged.root.mounted) else {
+                return Err(BackendError::Volume {
+                    field: "volumes".into(),
+                    message: "this server cannot mount volumes (it runs rootless)".into(),
+                });
+            };
+            let map = self.volume_idmap(slot, &mapping)?;
+            let root = execbox_jail::fsroot::Dir::open_trusted(&staged.root.stage.join("root"))
+                .map_err(io_err("opening the sandbox's root"))?;
+            let mut trees = Vec::with_capacity(p.volumes.len());
+            for (i, volume) in p.volumes.iter().enumerate() {
+                make_mount_point(&root, &volume.mount_path, map.host_id(0)).map_err(|message| {
+                    BackendError::Volume {
+                        field: format!("volumes[{i}].mountPath"),
+                        message,
+                    }
+                })?;
+                let tree = storage::detached_volume(
+                    std::os::fd::AsFd::as_fd(&volume.source),
+                    &map,
+                    volume.read_only,
+                )
+                .map_err(|e| BackendError::Volume {
+                    field: format!("volumes[{i}]"),
+                    message: e.to_string(),
+                })?;
+                ops.push(execbox_jail::rootfs::MountOp::Attach {
+                    fd: std::os::fd::AsRawFd::as_raw_fd(&tree),
+                    target: std::ffi::CString::new(volume.mount_path.clone()).map_err(|_| {
+                        BackendError::Volume {
+                            field: format!("volumes[{i}].mountPath"),
+                            message: "has a NUL byte".into(),
+                        }
+                    })?,
+                });
+                trees.push(tree);
+            }
+            trees
+        };
         // The sandbox cgroup bounds everything: the workload, the files written to memory file
         // systems (charged to whoever writes them: user code or the agent for uploads), and
         // the agent. The workload cgroup below it bounds user code alone, so that user pressure
@@ -603,6 +663,8 @@ impl LocalBackend {
         // The sandbox holds its own copies of the staged mounts (or is gone): ours go, off the
         // create's path (a lazy unmount waits for the kernel's RCU grace period).
         std::thread::spawn(move || drop(staged));
+        // Attached by the sandbox (or it is gone): our descriptors of the volumes go.
+        drop(volume_trees);
         let spawned = spawned?;
         let start_time = spawn::process_start_time(spawned.pid).unwrap_or(0);
         Ok((
@@ -677,6 +739,32 @@ impl LocalBackend {
             return Err(BackendError::NoSlot);
         };
         let map = Arc::new(IdMap::new(host_base, count).map_err(io_err("making an id mapping"))?);
+        maps.insert(slot, map.clone());
+        Ok(map)
+    }
+
+    /// The id mapping of volumes for uid range `slot`: the volume owner's files are the sandbox
+    /// user's, and the sandbox's root (the agent, which makes uploads then gives them to the
+    /// user) is the host's root there.
+    fn volume_idmap(&self, slot: u32, mapping: &UserMapping) -> Result<Arc<IdMap>, BackendError> {
+        let mut maps = self.volume_idmaps.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(map) = maps.get(&slot) {
+            return Ok(map.clone());
+        }
+        let UserMapping::Range { host_base, .. } = *mapping else {
+            return Err(BackendError::NoSlot);
+        };
+        let (owner_uid, owner_gid) = self.config.volume_owner;
+        let user = host_base + execbox_jail::rootfs::SANDBOX_UID;
+        let group = host_base + execbox_jail::rootfs::SANDBOX_GID;
+        let map = Arc::new(
+            IdMap::with_maps(
+                &format!("0 {host_base} 1\n{owner_uid} {user} 1\n"),
+                &format!("0 {host_base} 1\n{owner_gid} {group} 1\n"),
+                host_base,
+            )
+            .map_err(io_err("making the id mapping of volumes"))?,
+        );
         maps.insert(slot, map.clone());
         Ok(map)
     }
@@ -939,6 +1027,36 @@ impl Drop for Staged {
             tracing::warn!(error = %e, "removing a staging directory");
         }
     }
+}
+
+/// Makes the directory `path` (absolute, normal) in the sandbox's root open at `root`, each
+/// component resolved in that root (its symlinks lead nowhere else), missing ones made and
+/// given to the sandbox's root (`owner`).
+fn make_mount_point(
+    root: &execbox_jail::fsroot::Dir,
+    path: &str,
+    owner: u32,
+) -> Result<(), String> {
+    let mut dir = root.try_clone().map_err(|e| e.to_string())?;
+    for name in Path::new(path).components().filter_map(|c| match c {
+        std::path::Component::Normal(n) => Some(n),
+        _ => None,
+    }) {
+        dir = match dir.resolve_dir(Path::new(name)) {
+            Ok(d) => d,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                dir.mkdir(name, 0o755).map_err(|e| format!("{path}: {e}"))?;
+                dir.chown(name, Some(owner), Some(owner))
+                    .map_err(|e| format!("{path}: {e}"))?;
+                dir.subdir(name).map_err(|e| format!("{path}: {e}"))?
+            }
+            Err(e) if e.raw_os_error() == Some(nix::libc::ENOTDIR) => {
+                return Err(format!("{path}: not a directory in the sandbox's root"))
+            }
+            Err(e) => return Err(format!("{path}: {e}")),
+        };
+    }
+    Ok(())
 }
 
 /// `path` relative to the directory `from` (both absolute).

@@ -100,6 +100,7 @@ pub fn run(lang: Lang, code: &str, limits: &RunLimits) -> anyhow::Result<i32> {
         // A one-shot run's files live as long as the run: memory, no disk to format.
         storage: crate::local::StorageMedium::Memory,
         default_disk_bytes: execbox_jail::rootfs::StorageSizes::default().disk,
+        volume_owner: (1000, 1000),
     })?;
     let id = format!(
         "run-{}-{}",
@@ -115,6 +116,7 @@ pub fn run(lang: Lang, code: &str, limits: &RunLimits) -> anyhow::Result<i32> {
         image: None,
         workdir: None,
         template: None,
+        volumes: &[],
     })?;
     let command = match lang {
         Lang::Python => format!("exec python3 -c {}", shell_quote(code)),

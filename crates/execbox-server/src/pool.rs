@@ -117,6 +117,8 @@ impl WarmPool {
             expires_at: None,
             network: profile.network.then(execbox_net::Policy::deny_all),
             template: None,
+            volumes: Vec::new(),
+            named_volumes: Vec::new(),
         }
     }
 

@@ -24,6 +24,9 @@ pub struct SandboxRecord {
     /// Id of the OCI image its root is made of (keeps the image's layers while it lives).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_id: Option<String>,
+    /// Named volumes it uses.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<crate::volumes::NamedVolumeRef>,
     /// Entrypoint.
     pub entrypoint: Vec<String>,
     /// Environment.

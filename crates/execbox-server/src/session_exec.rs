@@ -293,6 +293,8 @@ async fn open(server: &Arc<Server>, caller: &Caller, id: &str) -> Result<Lease, 
         expires_at: None,
         network: session_network(server),
         template: None,
+        volumes: Vec::new(),
+        named_volumes: Vec::new(),
     })
     .await?)
 }

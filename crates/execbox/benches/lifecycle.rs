@@ -81,6 +81,7 @@ fn main() {
             context_idle_ttl_secs: 0,
             storage,
             default_disk_bytes: 1 << 30,
+            volume_owner: (1000, 1000),
         })
         .expect("backend")
     };
@@ -99,6 +100,7 @@ fn main() {
         image: None,
         workdir: None,
         template: None,
+        volumes: &[],
     };
 
     println!("execbox lifecycle benchmark ({n} sandboxes per series)\n");

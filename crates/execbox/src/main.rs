@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 mod image_cli;
 mod template_cmd;
+mod volume_cli;
 
 #[derive(Parser)]
 #[command(
@@ -40,6 +41,11 @@ enum Command {
         /// `<state-dir>/templates`).
         #[arg(long, env = "EXECBOX_TEMPLATES_DIR")]
         templates_dir: Option<PathBuf>,
+        /// Registries sandboxes' images may come from, comma-separated (`host[:port]`; a host
+        /// alone allows every port): replaces the configuration's
+        /// `[image_store] allowed_registries`.
+        #[arg(long, env = "EXECBOX_ALLOWED_REGISTRIES", value_delimiter = ',')]
+        allowed_registries: Option<Vec<String>>,
     },
     /// Run code once in a fresh sandbox, without a server.
     Run {
@@ -65,6 +71,8 @@ enum Command {
     Doctor,
     /// Manage the image store (OCI images): ls, pull, import, rm, gc.
     Image(image_cli::ImageArgs),
+    /// Manage named volumes: ls, rm.
+    Volume(volume_cli::VolumeArgs),
     /// Build, list and remove templates (images built from package registries).
     Template(template_cmd::TemplateArgs),
     /// The in-sandbox agent (started by the server as PID 1 of a sandbox).
@@ -131,6 +139,7 @@ fn main() -> ExitCode {
         }
         Command::Doctor => doctor(),
         Command::Image(args) => image_cli::run(args),
+        Command::Volume(args) => volume_cli::run(args),
         Command::Template(args) => {
             init_tracing_quiet();
             template_cmd::run(args)
@@ -141,6 +150,7 @@ fn main() -> ExitCode {
             config,
             api_key,
             templates_dir,
+            allowed_registries,
         } => {
             init_tracing();
             let mut cfg = match config {
@@ -157,6 +167,9 @@ fn main() -> ExitCode {
             cfg.state_dir = state_dir;
             if let Some(dir) = templates_dir {
                 cfg.templates.dir = Some(dir);
+            }
+            if let Some(registries) = allowed_registries {
+                cfg.image_store.allowed_registries = registries;
             }
             if let Some(k) = api_key.filter(|k| !k.is_empty()) {
                 cfg.api_keys.push(k);

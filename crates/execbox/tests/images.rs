@@ -296,9 +296,13 @@ fn registry_log_pulls() -> usize {
 fn bad_references_are_the_clients_errors_and_leave_nothing() {
     let addr = &registry().addr;
     let unreachable = format!("127.0.0.1:{}", free_port());
-    let server = TestServer::start_with_config(&format!(
-        "[image_store]\nallowed_registries = [\"{addr}\", \"{unreachable}\"]\n"
-    ));
+    let server = TestServer::start_with_env(
+        "",
+        &[(
+            "EXECBOX_ALLOWED_REGISTRIES",
+            &format!("{addr},{unreachable}"),
+        )],
+    );
     let create = |uri: &str| {
         server.create_raw(
             &json!({

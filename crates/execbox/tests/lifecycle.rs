@@ -25,7 +25,8 @@ fn bad_input_gets_the_envelope_naming_the_field() {
             "resourceLimits.cpu",
         ),
         (with("timeout", json!(30)), "timeout"),
-        (with("image", json!({"uri": "python:3.11"})), "image"),
+        (with("image", json!({"uri": "Not A Reference!"})), "image"),
+        (with("image", json!({"uri": "python:3.11"})), "image.uri"),
         ("{not json".to_string(), ""),
         (with("entrypoint", json!("tail")), "entrypoint"),
     ];

@@ -107,6 +107,8 @@ impl TestServer {
             ))
             .env("RUST_LOG", "warn")
             .env("EXECBOX_TEMPLATES_DIR", TEST_TEMPLATES_DIR)
+            // Tests send traffic to loopback only: no image comes from elsewhere.
+            .env("EXECBOX_ALLOWED_REGISTRIES", "127.0.0.1")
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
@@ -470,6 +472,8 @@ impl TestServer {
             .arg(&config)
             .env("RUST_LOG", "warn")
             .env("EXECBOX_TEMPLATES_DIR", TEST_TEMPLATES_DIR)
+            // Tests send traffic to loopback only: no image comes from elsewhere.
+            .env("EXECBOX_ALLOWED_REGISTRIES", "127.0.0.1")
             .env_remove("EXECBOX_API_KEY")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"))
