@@ -312,6 +312,9 @@ impl Contexts {
         cwd: PathBuf,
         env: Vec<(String, String)>,
     ) -> Result<Arc<Context>, ApiError> {
+        if language == Language::Bash {
+            crate::session::require_bash()?;
+        }
         if let Language::Kernel(k) = language {
             k.argv(&app.runner.env_with(&env)).map_err(|e| {
                 ApiError::BadRequest(format!(

@@ -125,7 +125,9 @@ impl KernelLanguage {
                 script("python_kernel.py"),
             ]),
             KernelLanguage::JavaScript => {
-                let runtime = need("node").or_else(|_| need("bun"))?;
+                let runtime = need("node")
+                    .or_else(|_| need("bun"))
+                    .map_err(|_| "node (or bun) is not installed in this sandbox".to_string())?;
                 plain(vec![runtime, script("js_kernel.js"), "javascript".into()])
             }
             KernelLanguage::TypeScript => match (need("node"), need("bun")) {

@@ -161,6 +161,7 @@ async fn create(
     body: Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let req: CreateSession = parse(&body)?;
+    require_bash()?;
     let env = app.runner.env_with(&[]);
     let cwd = match req.cwd.as_deref().filter(|c| !c.is_empty()) {
         Some(raw) => {
@@ -193,6 +194,20 @@ async fn create(
     Ok(Json(serde_json::json!({ "session_id": id })))
 }
 
+/// Sessions (and bash contexts) are bash: a root without it (an image of its own) refuses them
+/// clearly instead of failing to start a shell.
+pub(crate) fn require_bash() -> Result<(), ApiError> {
+    if std::path::Path::new(BASH).exists() {
+        Ok(())
+    } else {
+        Err(ApiError::BadRequest(
+            "invalid request, bash is not installed in this sandbox".into(),
+        ))
+    }
+}
+
+const BASH: &str = "/bin/bash";
+
 fn start_shell(app: &AppState, session: &Session) -> Result<Shell, ApiError> {
     let mut cwd = session.cwd();
     if !crate::files::is_dir(&cwd) {
@@ -201,7 +216,7 @@ fn start_shell(app: &AppState, session: &Session) -> Result<Shell, ApiError> {
     let started = app
         .runner
         .start(RunSpec {
-            argv: vec!["/bin/bash".into(), "--noprofile".into(), "--norc".into()],
+            argv: vec![BASH.into(), "--noprofile".into(), "--norc".into()],
             cwd: &cwd,
             extra_env: Vec::new(),
             creds: None,

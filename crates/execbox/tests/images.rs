@@ -360,3 +360,37 @@ fn an_image_root_works_on_memory_storage_too() {
     let run = sb.run("pwd; cat hello.txt; echo kept > /tmp/f && cat /tmp/f");
     assert_eq!(run.out(), "/data\nhello from the image\nkept", "{run:?}");
 }
+
+#[test]
+fn an_image_without_a_runtime_refuses_it_clearly() {
+    let server = TestServer::start();
+    let sb = create_from(&server, &image("1"));
+    for (path, body, says) in [
+        (
+            "/code/context",
+            json!({"language": "python"}),
+            "python3 is not installed",
+        ),
+        (
+            "/code/context",
+            json!({"language": "javascript"}),
+            "node (or bun) is not installed",
+        ),
+        (
+            "/code/context",
+            json!({"language": "bash"}),
+            "bash is not installed",
+        ),
+        ("/session", json!({}), "bash is not installed"),
+    ] {
+        let reply = common::reply(
+            sb.execd("POST", path)
+                .set("Content-Type", "application/json")
+                .send_string(&body.to_string()),
+        );
+        let message = reply.assert_error(400, "INVALID_REQUEST_BODY");
+        assert!(message.contains(says), "{path} {body}: {message}");
+    }
+    // Commands still run, with the image's own shell.
+    assert_eq!(sb.run("echo $0").out(), "/bin/sh");
+}
