@@ -209,3 +209,36 @@ fn named_volumes_keep_data_are_shared_and_stay_inside() {
     assert!(!scratch.exists());
     let _ = std::fs::remove_dir_all(&shared);
 }
+
+#[test]
+fn a_named_volume_stays_one_file_system_across_a_server_restart() {
+    let shared = shared_dir();
+    let config = format!(
+        "[volumes]\nhost_paths = [\"{}\"]\nowner_uid = {OWNER}\nowner_gid = {OWNER}\n",
+        shared.display()
+    );
+    let config_path = shared.join("execbox.toml");
+    std::fs::write(&config_path, &config).unwrap();
+    let volume = json!([{"name": "d", "mountPath": "/data", "pvc": {"claimName": "kept"}}]);
+    let port = common::free_port();
+    let state = std::env::temp_dir().join(unique("execbox-test-state"));
+    let server = TestServer::start_on_with_config(state.clone(), port, &config_path);
+    let a = server.create(with_volumes(volume.clone()));
+    assert_eq!(a.run("echo a > /data/a && cat /data/a").out(), "a");
+    let (a_id, a_token) = (a.id.clone(), a.token.clone());
+    server.crash();
+
+    // The restarted server mounts the volume again for a new sandbox while the first still
+    // holds it: the same file system (through the same loop device), so each sees the other.
+    let server = TestServer::start_on_with_config(state, port, &config_path);
+    let b = server.create(with_volumes(volume));
+    assert_eq!(b.run("cat /data/a; echo b > /data/b").out(), "a");
+    let a = common::Sandbox {
+        server: &server,
+        id: a_id.clone(),
+        endpoint: format!("{}/v1/sandboxes/{a_id}/proxy/44772", server.base),
+        token: a_token,
+    };
+    assert_eq!(a.run("cat /data/b").out(), "b");
+    let _ = std::fs::remove_dir_all(&shared);
+}

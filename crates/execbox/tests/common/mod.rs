@@ -63,6 +63,11 @@ impl TestServer {
         Self::start_full(state_dir, port, key, None)
     }
 
+    /// Starts the server on `state_dir` and `port` with the configuration file `config`.
+    pub fn start_on_with_config(state_dir: PathBuf, port: u16, config: &Path) -> Self {
+        Self::start_full(state_dir, port, None, Some(config))
+    }
+
     /// Starts the server with a configuration file holding `config_toml`.
     pub fn start_with_config(config_toml: &str) -> Self {
         let state_dir = std::env::temp_dir().join(unique("execbox-test-state"));
