@@ -428,6 +428,23 @@ pub fn mount_overlay(stage: &Path, lowers: &[String]) -> io::Result<()> {
     }
 }
 
+/// Moves the mount at `from` to `to` (`MS_MOVE`).
+pub fn move_mount(from: &Path, to: &Path) -> io::Result<()> {
+    nix::mount::mount(
+        Some(from),
+        to,
+        None::<&str>,
+        nix::mount::MsFlags::MS_MOVE,
+        None::<&str>,
+    )
+    .map_err(|e| {
+        io::Error::new(
+            io::Error::from(e).kind(),
+            format!("moving {} to {}: {e}", from.display(), to.display()),
+        )
+    })
+}
+
 /// Detaches whatever is mounted at `target` (lazily: users keep theirs).
 pub fn detach(target: &Path) -> io::Result<()> {
     sys::umount_detach(&cpath(target)?)

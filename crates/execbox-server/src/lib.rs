@@ -9,6 +9,7 @@ pub mod agent_client;
 pub mod agent_run;
 pub mod concurrency;
 pub mod config;
+mod disk_pool;
 pub mod doctor;
 pub mod egress;
 pub mod images;

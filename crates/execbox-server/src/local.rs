@@ -218,6 +218,8 @@ pub struct LocalBackend {
     upper: Upper,
     /// Formatted empty disks, one per size, copied for each sandbox.
     golden_disks: Mutex<HashMap<u64, PathBuf>>,
+    /// Disks of the default size made ahead (disk storage only).
+    disk_pool: Option<Arc<crate::disk_pool::DiskPool>>,
     /// Id-mapping user namespaces, one per uid range slot.
     idmaps: Mutex<HashMap<u32, Arc<IdMap>>>,
     /// What the agent needs to run in a root without the host's C library (made on first
@@ -299,10 +301,32 @@ impl LocalBackend {
             store,
             upper,
             golden_disks: Mutex::new(HashMap::new()),
+            disk_pool: None,
             idmaps: Mutex::new(HashMap::new()),
             agent_runtime: Mutex::new(None),
             mapping_mode,
-        })
+        }
+        .with_disk_pool())
+    }
+
+    /// Starts the pool of ready disks of the default size, when sandboxes have disks.
+    fn with_disk_pool(mut self) -> Self {
+        if self.upper != Upper::Disk {
+            return self;
+        }
+        let size = self.config.default_disk_bytes;
+        match self.golden_disk(size) {
+            Ok(golden) => {
+                self.disk_pool = Some(crate::disk_pool::DiskPool::start(
+                    size,
+                    golden,
+                    self.config.state_dir.join("disks/ready"),
+                    self.store.join("ready"),
+                ));
+            }
+            Err(e) => tracing::warn!(error = %e, "no disk pool: every create makes its own disk"),
+        }
+        self
     }
 
     /// Where writable layers will live, as configured and as this host allows; fails when the
@@ -522,7 +546,9 @@ impl LocalBackend {
         let layers: Vec<PathBuf> = std::iter::once(plan.skeleton.clone())
             .chain(p.image.iter().flat_map(|i| i.layers.iter().rev().cloned()))
             .collect();
+        let staging = std::time::Instant::now();
         let staged = Staged::prepare(self, p.id, &layers, idmap.as_deref(), sizes)?;
+        let staged_in = staging.elapsed();
         let mut ops = plan.compile(&staged.root);
         // Volumes: detached, id-mapped mounts made here from the directories the server
         // resolved, attached by the sandbox's first process after every other mount, in its
@@ -636,6 +662,7 @@ impl LocalBackend {
             what: "encoding the agent configuration".into(),
             source: std::io::Error::other(e),
         })?;
+        let spawning = std::time::Instant::now();
         let spawned = spawn::spawn_sandbox(SpawnRequest {
             mount_ops: &ops,
             agent_exe: &self.config.agent_exe,
@@ -666,6 +693,12 @@ impl LocalBackend {
         // Attached by the sandbox (or it is gone): our descriptors of the volumes go.
         drop(volume_trees);
         let spawned = spawned?;
+        tracing::debug!(
+            sandbox = p.id,
+            staging_us = staged_in.as_micros() as u64,
+            spawn_us = spawning.elapsed().as_micros() as u64,
+            "sandbox started"
+        );
         let start_time = spawn::process_start_time(spawned.pid).unwrap_or(0);
         Ok((
             Placement {
@@ -978,15 +1011,22 @@ impl Staged {
             staged.root.upper = Upper::Memory;
             return Ok(staged);
         };
+        let layers_done = std::time::Instant::now();
         let d = stage.join("d");
         match backend.upper {
             Upper::Disk => {
                 let disk = backend.sandbox_dir(id).join("disk.ext4");
                 let _ = std::fs::remove_file(&disk);
-                storage::sparse_copy(&backend.golden_disk(sizes.disk)?, &disk)
-                    .map_err(io_err("making the sandbox's disk"))?;
-                storage::mount_disk(&disk, &d, None)
-                    .map_err(io_err("mounting the sandbox's disk"))?;
+                let ready = backend
+                    .disk_pool
+                    .as_ref()
+                    .is_some_and(|pool| pool.take(sizes.disk, &disk, &d));
+                if !ready {
+                    storage::sparse_copy(&backend.golden_disk(sizes.disk)?, &disk)
+                        .map_err(io_err("making the sandbox's disk"))?;
+                    storage::mount_disk(&disk, &d, None)
+                        .map_err(io_err("mounting the sandbox's disk"))?;
+                }
             }
             Upper::Memory => {
                 nix::mount::mount(
@@ -1004,6 +1044,7 @@ impl Staged {
             }
         }
         staged.mounted.push(d.clone());
+        let upper_done = std::time::Instant::now();
         // The root directory belongs to the sandbox's root.
         let root_uid = map.host_id(0);
         std::os::unix::fs::chown(d.join("upper"), Some(root_uid), Some(root_uid))
@@ -1012,6 +1053,12 @@ impl Staged {
             .map_err(io_err("mounting the sandbox's root"))?;
         staged.mounted.push(stage.join("root"));
         staged.root.mounted = true;
+        tracing::debug!(
+            sandbox = id,
+            writable_layer_us = (upper_done - layers_done).as_micros() as u64,
+            overlay_us = upper_done.elapsed().as_micros() as u64,
+            "root staged"
+        );
         Ok(staged)
     }
 }
