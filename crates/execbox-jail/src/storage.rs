@@ -391,40 +391,27 @@ pub fn mount_overlay(stage: &Path, lowers: &[String]) -> io::Result<()> {
         lowers.join(":")
     ))
     .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "layer path with a NUL byte"))?;
-    let mut args = sys::CloneArgs {
-        exit_signal: libc::SIGCHLD as u64,
-        ..Default::default()
+    let mount = || {
+        sys::chdir(&dir)
+            .and_then(|()| {
+                sys::mount(
+                    Some(c"overlay"),
+                    c"root",
+                    Some(c"overlay"),
+                    libc::MS_NOSUID | libc::MS_NODEV,
+                    Some(&data),
+                )
+            })
+            .err()
+            .unwrap_or(0)
     };
-    // SAFETY: the child only makes raw syscalls on strings built above, then exits:
-    // async-signal-safe.
-    let pid = match unsafe { sys::clone3(&mut args) } {
-        Ok(0) => {
-            let code = sys::chdir(&dir)
-                .and_then(|()| {
-                    sys::mount(
-                        Some(c"overlay"),
-                        c"root",
-                        Some(c"overlay"),
-                        libc::MS_NOSUID | libc::MS_NODEV,
-                        Some(&data),
-                    )
-                })
-                .err()
-                .unwrap_or(0);
-            sys::exit_now(code.clamp(0, 255))
-        }
-        Ok(pid) => pid,
-        Err(e) => return Err(os(e, "starting the overlay mount")),
-    };
-    match nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None) {
-        Ok(nix::sys::wait::WaitStatus::Exited(_, 0)) => Ok(()),
-        Ok(nix::sys::wait::WaitStatus::Exited(_, errno)) => Err(os(
+    match sys::in_vfork_child(&mount) {
+        Ok(0) => Ok(()),
+        Ok(errno) => Err(os(
             errno,
             format!("mounting the overlay at {}", stage.display()),
         )),
-        other => Err(io::Error::other(format!(
-            "overlay mount ended with {other:?}"
-        ))),
+        Err(errno) => Err(os(errno, "starting the overlay mount")),
     }
 }
 
