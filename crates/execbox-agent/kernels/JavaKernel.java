@@ -66,7 +66,20 @@ public class JavaKernel {
         onSigint(() -> {
             if (running) {
                 interrupted = true;
-                shell.stop();
+                // JShell stops only code that runs: a stop that comes while the cell is still
+                // being compiled (a loaded machine) would be lost, so ask until the cell ends.
+                Thread stopper = new Thread(() -> {
+                    while (running && interrupted) {
+                        shell.stop();
+                        try {
+                            Thread.sleep(50);
+                        } catch (InterruptedException e) {
+                            return;
+                        }
+                    }
+                });
+                stopper.setDaemon(true);
+                stopper.start();
             }
         });
         // The first evaluation loads and warms up javac (~1 s); pay for it before "ready" so
