@@ -491,6 +491,15 @@ impl Server {
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(record.id.clone(), net);
         }
+        tracing::info!(
+            sandbox = %record.id,
+            tenant = %record.tenant,
+            owner = %record.owner.as_deref().unwrap_or("lifecycle"),
+            image = %record.image_uri.as_deref().unwrap_or("default"),
+            volumes = record.volumes.len(),
+            network = record.network.is_some(),
+            "sandbox created"
+        );
         Ok(record)
     }
 
@@ -502,6 +511,13 @@ impl Server {
             .ok_or_else(|| LifecycleError::NotFound(id.to_string()))?;
         let _ = self.set_state(id, SandboxState::Stopping, Some(reason));
         self.registry.remove(id);
+        tracing::info!(
+            sandbox = %id,
+            tenant = %rec.tenant,
+            owner = %rec.owner.as_deref().unwrap_or("lifecycle"),
+            reason = %reason,
+            "sandbox deleted"
+        );
         self.nets
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -718,8 +734,11 @@ async fn lifecycle_auth(State(server): State<Arc<Server>>, req: Request, next: N
         .and_then(|v| v.to_str().ok());
     if let Some(tenant) = server.tenant_of(key) {
         let mut req = req;
-        req.extensions_mut().insert(Tenant(tenant));
-        return next.run(req).await;
+        req.extensions_mut().insert(Tenant(tenant.clone()));
+        let mut resp = next.run(req).await;
+        // For the access log.
+        resp.extensions_mut().insert(Tenant(tenant));
+        return resp;
     }
     let env = if key.is_none() {
         ErrorEnvelope::missing_api_key()
@@ -729,7 +748,11 @@ async fn lifecycle_auth(State(server): State<Arc<Server>>, req: Request, next: N
     (StatusCode::UNAUTHORIZED, Json(env)).into_response()
 }
 
-async fn request_id(req: Request, next: Next) -> Response {
+/// Every request gets an id (the client's `x-request-id`, else a new one), returned in the
+/// response, and one access-log line: method, path (never the query, which may carry tokens),
+/// status, latency, tenant when known, request id.
+async fn access_log(req: Request, next: Next) -> Response {
+    let started = std::time::Instant::now();
     let id = req
         .headers()
         .get("x-request-id")
@@ -741,7 +764,20 @@ async fn request_id(req: Request, next: Next) -> Response {
             let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
             HeaderValue::from_str(&hex).unwrap_or(HeaderValue::from_static("0"))
         });
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
     let mut resp = next.run(req).await;
+    let tenant = resp.extensions().get::<Tenant>().map(|t| t.0.clone());
+    tracing::info!(
+        target: "execbox::access",
+        method = %method,
+        path = %path,
+        status = resp.status().as_u16(),
+        latency_ms = started.elapsed().as_secs_f64() * 1e3,
+        tenant = %tenant.as_deref().unwrap_or("-"),
+        request_id = %id.to_str().unwrap_or("-"),
+        "request"
+    );
     resp.headers_mut().insert("x-request-id", id);
     resp
 }
@@ -797,7 +833,7 @@ pub fn router(server: Arc<Server>) -> Router {
         .merge(isol8::routes(server.clone()))
         .merge(session_exec::routes(server.clone()))
         .fallback(not_found)
-        .layer(middleware::from_fn(request_id))
+        .layer(middleware::from_fn(access_log))
         .with_state(server)
 }
 

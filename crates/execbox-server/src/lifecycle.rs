@@ -145,6 +145,9 @@ impl IntoResponse for LifecycleError {
         };
         if status.is_server_error() {
             tracing::error!(error = %self, "lifecycle request failed");
+        } else {
+            // The client's mistake: worth a line, not an alarm.
+            tracing::info!(status = status.as_u16(), error = %self, "lifecycle request refused");
         }
         (status, Json(ErrorEnvelope::new(code, self.to_string()))).into_response()
     }

@@ -25,12 +25,15 @@ struct Cli {
 enum Command {
     /// Serve the HTTP APIs.
     Serve {
-        /// Listen address.
-        #[arg(long, default_value = "127.0.0.1:8080")]
-        listen: SocketAddr,
-        /// State directory.
-        #[arg(long, default_value = "/var/lib/execbox")]
-        state_dir: PathBuf,
+        /// Listen address (over the configuration's `listen`; default 127.0.0.1:8080).
+        #[arg(long, env = "EXECBOX_LISTEN")]
+        listen: Option<SocketAddr>,
+        /// State directory (over the configuration's `state_dir`; default /var/lib/execbox).
+        #[arg(long, env = "EXECBOX_STATE_DIR")]
+        state_dir: Option<PathBuf>,
+        /// Log format: `text` (colours only on a terminal) or `json` (one object per line).
+        #[arg(long, env = "EXECBOX_LOG_FORMAT", value_enum, default_value = "text")]
+        log_format: LogFormat,
         /// Configuration file (TOML).
         #[arg(long)]
         config: Option<PathBuf>,
@@ -87,14 +90,26 @@ enum Lang {
     Bash,
 }
 
-fn init_tracing() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+/// How the server writes its log.
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The server's log on stderr: text (coloured only on a terminal, so log files stay plain) or
+/// JSON lines; `info` unless `RUST_LOG` says otherwise.
+fn init_server_tracing(format: LogFormat) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
 }
 
 /// Commands with a display of their own log warnings only (unless `RUST_LOG` says more).
@@ -147,12 +162,13 @@ fn main() -> ExitCode {
         Command::Serve {
             listen,
             state_dir,
+            log_format,
             config,
             api_key,
             templates_dir,
             allowed_registries,
         } => {
-            init_tracing();
+            init_server_tracing(log_format);
             let mut cfg = match config {
                 Some(path) => match execbox_server::ServerConfig::from_file(&path) {
                     Ok(c) => c,
@@ -163,8 +179,13 @@ fn main() -> ExitCode {
                 },
                 None => execbox_server::ServerConfig::default(),
             };
-            cfg.listen = listen;
-            cfg.state_dir = state_dir;
+            // What the command line (or its environment variables) gives wins over the file.
+            if let Some(listen) = listen {
+                cfg.listen = listen;
+            }
+            if let Some(dir) = state_dir {
+                cfg.state_dir = dir;
+            }
             if let Some(dir) = templates_dir {
                 cfg.templates.dir = Some(dir);
             }

@@ -1,0 +1,176 @@
+//! Running execbox as an operator does: the configuration file's `listen` and `state_dir`
+//! are used when no flag overrides them, and the log says what happened (an access line per
+//! request with its id, a line per sandbox created and deleted, client mistakes below ERROR),
+//! in plain text when written to a file, or as JSON lines.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{free_port, unique, TEST_TEMPLATES_DIR};
+use serde_json::{json, Value};
+
+/// A server started with only `--config` (and `extra` arguments), its log in a file.
+struct Logged {
+    child: Child,
+    base: String,
+    log: PathBuf,
+    state_dir: PathBuf,
+}
+
+impl Logged {
+    fn start(extra: &[&str]) -> Logged {
+        let port = free_port();
+        let state_dir = std::env::temp_dir().join(unique("execbox-ops-state"));
+        let config = std::env::temp_dir().join(unique("execbox-ops-config"));
+        let log = std::env::temp_dir().join(unique("execbox-ops-log"));
+        std::fs::write(
+            &config,
+            format!(
+                "listen = \"127.0.0.1:{port}\"\nstate_dir = \"{}\"\n[templates]\nprebuild = []\n",
+                state_dir.display()
+            ),
+        )
+        .expect("config");
+        let child = Command::new(env!("CARGO_BIN_EXE_execbox"))
+            .arg("serve")
+            .arg("--config")
+            .arg(&config)
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .env("EXECBOX_TEMPLATES_DIR", TEST_TEMPLATES_DIR)
+            .env("EXECBOX_ALLOWED_REGISTRIES", "127.0.0.1")
+            .env_remove("EXECBOX_API_KEY")
+            .env_remove("EXECBOX_LISTEN")
+            .env_remove("EXECBOX_STATE_DIR")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("start execbox serve");
+        let base = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while ureq::get(&format!("{base}/health")).call().is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the server did not listen where its configuration file says: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Logged {
+            child,
+            base,
+            log,
+            state_dir,
+        }
+    }
+
+    /// Stops the server and returns its whole log.
+    fn stop(mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+fn post(base: &str, path: &str, body: &Value) -> u16 {
+    match ureq::post(&format!("{base}{path}"))
+        .set("Content-Type", "application/json")
+        .set("X-Request-Id", "ops-test-request")
+        .send_string(&body.to_string())
+    {
+        Ok(r) => r.status(),
+        Err(ureq::Error::Status(s, _)) => s,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+fn create_and_delete(base: &str) -> String {
+    let resp = ureq::post(&format!("{base}/v1/sandboxes"))
+        .set("Content-Type", "application/json")
+        .send_string(
+            &json!({"image": {"uri": "default"}, "entrypoint": ["tail", "-f", "/dev/null"],
+                    "resourceLimits": {"cpu": "1", "memory": "256Mi"}})
+            .to_string(),
+        )
+        .expect("create");
+    let v: Value = resp.into_json().expect("json");
+    let id = v["id"].as_str().expect("id").to_string();
+    ureq::delete(&format!("{base}/v1/sandboxes/{id}"))
+        .call()
+        .expect("delete");
+    id
+}
+
+#[test]
+fn the_configuration_file_places_the_server_and_the_log_says_what_happened() {
+    let server = Logged::start(&[]);
+    assert!(
+        server.state_dir.join("sandboxes").is_dir(),
+        "state_dir from the file"
+    );
+    let id = create_and_delete(&server.base);
+    let bad = json!({"image": {"uri": "default"}, "entrypoint": ["x"], "resourceLimits": {"memory": "lots"}});
+    assert_eq!(post(&server.base, "/v1/sandboxes", &bad), 400);
+    let log = server.stop();
+
+    assert!(
+        !log.contains('\u{1b}'),
+        "no colour codes in a log file:\n{log}"
+    );
+    let has = |parts: &[&str]| log.lines().any(|l| parts.iter().all(|p| l.contains(p)));
+    assert!(
+        has(&[
+            "execbox::access",
+            "method=POST",
+            "path=/v1/sandboxes",
+            "status=202",
+            "tenant=default"
+        ]),
+        "an access line per request:\n{log}"
+    );
+    assert!(
+        has(&[
+            "execbox::access",
+            "status=400",
+            "request_id=ops-test-request"
+        ]),
+        "the client's request id is logged:\n{log}"
+    );
+    assert!(has(&["sandbox created", &id]), "{log}");
+    assert!(has(&["sandbox deleted", &id, "reason="]), "{log}");
+    assert!(
+        has(&["INFO", "lifecycle request refused", "resourceLimits.memory"]),
+        "{log}"
+    );
+    assert!(
+        !log.lines().any(|l| l.contains("ERROR")),
+        "a client's mistake is not an ERROR:\n{log}"
+    );
+}
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let server = Logged::start(&["--log-format", "json"]);
+    let id = create_and_delete(&server.base);
+    let log = server.stop();
+    let events: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(
+        events.iter().any(|e| e["message"] == "request"
+            && e["path"] == "/v1/sandboxes"
+            && e["status"] == 202
+            && e["target"] == "execbox::access"),
+        "{log}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e["message"] == "sandbox deleted" && e["sandbox"] == id.as_str()),
+        "{log}"
+    );
+}
