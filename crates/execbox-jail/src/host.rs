@@ -86,6 +86,16 @@ pub fn release_free_memory() -> bool {
     }
 }
 
+/// Whether signal `sig` is ignored in this process (`SIG_IGN`, e.g. SIGINT for a job started
+/// in the background by a shell): a server then keeps ignoring it.
+pub fn signal_ignored(sig: i32) -> bool {
+    // SAFETY: a query only (no new action); `old` is a valid out pointer, zeroed first.
+    unsafe {
+        let mut old: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(sig, std::ptr::null(), &mut old) == 0 && old.sa_sigaction == libc::SIG_IGN
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

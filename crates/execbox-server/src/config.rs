@@ -73,6 +73,9 @@ pub struct ServerConfig {
     /// Seconds a kept-alive connection may wait for its next request after a response; 0: no
     /// limit.
     pub idle_timeout_secs: u64,
+    /// On SIGTERM or SIGINT, how long requests in flight may take to finish, in seconds
+    /// (default 30), before the server removes what it owns and exits.
+    pub shutdown_grace_secs: u64,
 }
 
 /// Where OCI images come from (`[image_store]`).
@@ -459,6 +462,7 @@ impl Default for ServerConfig {
             max_connections: 10_000,
             header_read_timeout_secs: 10,
             idle_timeout_secs: 60,
+            shutdown_grace_secs: 30,
         }
     }
 }

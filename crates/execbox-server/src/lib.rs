@@ -897,17 +897,38 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServeError> {
         max_connections = listener.max_connections(),
         "execbox listening"
     );
-    let on_stop = server.clone();
-    tokio::spawn(async move {
+    // SIGTERM and SIGINT alike: stop accepting, let requests in flight finish (within the
+    // grace period), then remove what this server owns (pool and session sandboxes; lifecycle
+    // sandboxes keep running and are re-attached at the next start).
+    let stop = async {
         use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut term) = signal(SignalKind::terminate()) else {
-            return;
+        // A SIGINT ignored at start (a job put in the background by a shell) stays ignored.
+        let interrupt = if execbox_jail::host::signal_ignored(nix::libc::SIGINT) {
+            None
+        } else {
+            signal(SignalKind::interrupt()).ok()
         };
-        term.recv().await;
-        on_stop.stop_owned().await;
-        tracing::info!("stopped");
-        std::process::exit(0);
-    });
-    listener.serve(router(server)).await;
-    Ok(())
+        let Ok(mut term) = signal(SignalKind::terminate()) else {
+            return std::future::pending::<()>().await;
+        };
+        let name = match interrupt {
+            Some(mut int) => tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            },
+            None => {
+                term.recv().await;
+                "SIGTERM"
+            }
+        };
+        tracing::info!(signal = name, "stopping");
+    };
+    let grace = Duration::from_secs(server.config.shutdown_grace_secs);
+    listener
+        .serve_until(router(server.clone()), stop, grace)
+        .await;
+    server.stop_owned().await;
+    tracing::info!("stopped");
+    // Not a return: the runtime would wait for blocking work that no longer matters.
+    std::process::exit(0);
 }

@@ -154,8 +154,50 @@ impl Listener {
         self.tcp.local_addr()
     }
 
-    /// Accepts and serves connections with `router` until the process ends.
-    pub async fn serve(self, router: Router) {
+    /// Accepts and serves connections with `router` until `stop` completes; then stops
+    /// accepting (the listening socket closes), lets every connection finish the requests it
+    /// has in flight (idle keep-alive connections close at once) and returns when all are
+    /// closed or `grace` has passed.
+    pub async fn serve_until(
+        self,
+        router: Router,
+        stop: impl Future<Output = ()>,
+        grace: Duration,
+    ) {
+        let slots = self.slots.clone();
+        let (drain, draining) = tokio::sync::watch::channel(false);
+        tokio::select! {
+            () = self.serve(router, draining) => {}
+            () = stop => {}
+        }
+        // `serve` is dropped: so is the listening socket.
+        let _ = drain.send(true);
+        let open = slots.open.load(Ordering::Acquire);
+        tracing::info!(
+            open_connections = open,
+            grace_secs = grace.as_secs(),
+            "draining"
+        );
+        let deadline = Instant::now() + grace;
+        loop {
+            let freed = slots.freed.notified();
+            if slots.open.load(Ordering::Acquire) == 0 {
+                break;
+            }
+            tokio::select! {
+                () = freed => {}
+                () = tokio::time::sleep_until(deadline) => {
+                    tracing::warn!(
+                        open_connections = slots.open.load(Ordering::Acquire),
+                        "grace period over: connections still open are cut"
+                    );
+                    break;
+                }
+            }
+        }
+    }
+
+    async fn serve(self, router: Router, draining: tokio::sync::watch::Receiver<bool>) {
         let mut builder = http1::Builder::new();
         // hyper's own header timer stays off: `Clock` keeps both limits (see the module
         // documentation). It needs a timer, which is not set; saying so keeps it off if one is.
@@ -210,6 +252,7 @@ impl Listener {
                 router.clone(),
                 self.timeouts,
                 builder.clone(),
+                draining.clone(),
             ));
         }
     }
@@ -222,6 +265,7 @@ async fn serve_connection(
     router: Router,
     timeouts: Timeouts,
     builder: Arc<http1::Builder>,
+    mut draining: tokio::sync::watch::Receiver<bool>,
 ) {
     let clock = Arc::new(Clock::new(timeouts, Instant::now()));
     let io = TokioIo::new(ClientIo {
@@ -236,7 +280,16 @@ async fn serve_connection(
     let mut conn = pin!(builder.serve_connection(io, service).with_upgrades());
     let mut timer = pin!(tokio::time::sleep_until(Instant::now()));
     let mut armed = None;
+    let mut drain = pin!(async move {
+        let _ = draining.wait_for(|d| *d).await;
+    });
+    let mut drained = false;
     let ended = poll_fn(|cx| {
+        // The server is stopping: finish what is in flight, then close.
+        if !drained && drain.as_mut().poll(cx).is_ready() {
+            drained = true;
+            conn.as_mut().graceful_shutdown();
+        }
         if let Poll::Ready(r) = conn.as_mut().poll(cx) {
             return Poll::Ready(r.map_err(Some));
         }

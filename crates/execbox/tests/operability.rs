@@ -174,3 +174,104 @@ fn json_logs_are_one_object_per_line() {
         "{log}"
     );
 }
+
+/// Ids of the sandboxes the log says were created for `owner`.
+fn created_for(log: &str, owner: &str) -> Vec<String> {
+    log.lines()
+        .filter(|l| l.contains("sandbox created") && l.contains(&format!("owner={owner}")))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("sandbox="))
+                .map(str::to_string)
+        })
+        .collect()
+}
+
+fn stops_on(signal: nix::sys::signal::Signal) {
+    let mut server = Logged::start(&[]);
+    let base = server.base.clone();
+    let resp: Value = ureq::post(&format!("{base}/v1/sandboxes"))
+        .set("Content-Type", "application/json")
+        .send_string(
+            &json!({"image": {"uri": "default"}, "entrypoint": ["tail", "-f", "/dev/null"],
+                    "resourceLimits": {"cpu": "1", "memory": "256Mi"}})
+            .to_string(),
+        )
+        .expect("create")
+        .into_json()
+        .expect("json");
+    let id = resp["id"].as_str().expect("id").to_string();
+    let ep: Value = ureq::get(&format!("{base}/v1/sandboxes/{id}/endpoints/44772"))
+        .call()
+        .expect("endpoint")
+        .into_json()
+        .expect("json");
+    let token = ep["headers"]["X-EXECD-ACCESS-TOKEN"]
+        .as_str()
+        .expect("token")
+        .to_string();
+    // A request in flight when the signal comes.
+    let url = format!("{base}/v1/sandboxes/{id}/proxy/44772/command");
+    let in_flight = std::thread::spawn(move || {
+        ureq::post(&url)
+            .set("X-EXECD-ACCESS-TOKEN", &token)
+            .set("Content-Type", "application/json")
+            .send_string(&json!({"command": "sleep 2; echo finished"}).to_string())
+            .map(|r| r.into_string().unwrap_or_default())
+            .map_err(|e| e.to_string())
+    });
+    std::thread::sleep(Duration::from_millis(700));
+    let pid = nix::unistd::Pid::from_raw(server.child.id() as i32);
+    nix::sys::signal::kill(pid, signal).expect("signal");
+    std::thread::sleep(Duration::from_millis(300));
+    // No new connections once draining.
+    assert!(
+        ureq::get(&format!("{base}/health"))
+            .timeout(Duration::from_secs(2))
+            .call()
+            .is_err(),
+        "still accepting after {signal}"
+    );
+    let body = in_flight
+        .join()
+        .expect("thread")
+        .expect("the request in flight completes");
+    assert!(body.contains("finished"), "{body}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = server.child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the server did not stop after {signal}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
+    let log = std::fs::read_to_string(&server.log).unwrap_or_default();
+    assert!(log.contains("draining") && log.contains("stopped"), "{log}");
+    // What the server owned is gone; the lifecycle sandbox lives on (re-attached next start).
+    let pooled = created_for(&log, "pool");
+    assert!(!pooled.is_empty(), "{log}");
+    for pool_id in &pooled {
+        assert!(
+            !common::cgroup_dir("pids", pool_id).exists(),
+            "{pool_id} left running"
+        );
+    }
+    assert!(common::cgroup_dir("pids", &id).exists());
+    let state_dir = server.state_dir.clone();
+    let again = common::TestServer::start_on(state_dir, free_port(), None);
+    assert_eq!(again.delete(&format!("/v1/sandboxes/{id}")), 204);
+}
+
+#[test]
+fn sigterm_drains_requests_in_flight_then_removes_what_the_server_owns() {
+    stops_on(nix::sys::signal::Signal::SIGTERM);
+}
+
+#[test]
+fn sigint_stops_the_same_way() {
+    stops_on(nix::sys::signal::Signal::SIGINT);
+}
