@@ -59,6 +59,8 @@ pub struct ServerConfig {
     pub storage: StorageConfig,
     /// Volumes (`[volumes]`).
     pub volumes: VolumesConfig,
+    /// Prometheus metrics (`[metrics]`).
+    pub metrics: MetricsConfig,
     /// Where OCI images come from (`[image_store]`).
     pub image_store: ImageStoreConfig,
     /// Client connections open at once, WebSocket sessions included (at least 1). At the cap
@@ -108,6 +110,15 @@ impl std::fmt::Debug for RegistryCredentials {
             .field("username", &self.username)
             .finish_non_exhaustive()
     }
+}
+
+/// The server's Prometheus metrics (`[metrics]`).
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address of the listener serving `/metrics` (keep it off the public interface); none
+    /// (the default): no metrics.
+    pub listen: Option<SocketAddr>,
 }
 
 /// Volumes (`[volumes]`).
@@ -458,6 +469,7 @@ impl Default for ServerConfig {
             network: NetworkConfig::default(),
             storage: StorageConfig::default(),
             volumes: VolumesConfig::default(),
+            metrics: MetricsConfig::default(),
             image_store: ImageStoreConfig::default(),
             max_connections: 10_000,
             header_read_timeout_secs: 10,

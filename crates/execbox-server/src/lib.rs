@@ -20,6 +20,7 @@ pub mod local;
 pub mod oneshot;
 pub mod policy;
 pub mod pool;
+pub mod prometheus;
 pub mod proxy;
 pub mod registry;
 pub mod session_exec;
@@ -171,6 +172,7 @@ impl Server {
             how.as_deref().unwrap_or("exit status unknown")
         );
         tracing::warn!(sandbox = %id, %message, "sandbox failed");
+        prometheus::agent_died();
         // The state first: clients see the truth at once, whatever the clean-up takes.
         let now = time::OffsetDateTime::now_utc();
         if let Some(Err(e)) = self.registry.update(id, |r| {
@@ -465,7 +467,10 @@ impl Server {
         .map_err(|e| LifecycleError::Internal(e.to_string()))?
         .map_err(|e| match e {
             local::BackendError::Volume { .. } => LifecycleError::invalid(e.to_string()),
-            e => LifecycleError::Internal(e.to_string()),
+            e => {
+                prometheus::sandbox_create_failed();
+                LifecycleError::Internal(e.to_string())
+            }
         })?;
         let record = registry::SandboxRecord {
             placement: Some(placement),
@@ -500,6 +505,7 @@ impl Server {
             network = record.network.is_some(),
             "sandbox created"
         );
+        prometheus::sandbox_created(record.owner.as_deref().unwrap_or("lifecycle"));
         Ok(record)
     }
 
@@ -518,6 +524,7 @@ impl Server {
             reason = %reason,
             "sandbox deleted"
         );
+        prometheus::sandbox_deleted(reason);
         self.nets
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -768,6 +775,12 @@ async fn access_log(req: Request, next: Next) -> Response {
     let path = req.uri().path().to_string();
     let mut resp = next.run(req).await;
     let tenant = resp.extensions().get::<Tenant>().map(|t| t.0.clone());
+    prometheus::request(
+        method.as_str(),
+        &path,
+        resp.status().as_u16(),
+        started.elapsed().as_secs_f64(),
+    );
     tracing::info!(
         target: "execbox::access",
         method = %method,
@@ -879,6 +892,14 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServeError> {
     let server = tokio::task::spawn_blocking(move || Server::new(config))
         .await
         .map_err(|e| ServeError::Config(e.to_string()))?;
+    if let Some(addr) = server.config.metrics.listen {
+        match prometheus::install() {
+            Some(handle) => {
+                tokio::spawn(prometheus::serve(addr, handle, server.clone()));
+            }
+            None => tracing::warn!("metrics are off: a recorder is installed already"),
+        }
+    }
     isol8::warm(&server);
     server.templates.start_prebuild();
     let reaper = server.clone();

@@ -599,6 +599,7 @@ impl Slots {
             {
                 Ok(_) => {
                     self.peak.fetch_max(n + 1, Ordering::Relaxed);
+                    OPEN_CONNECTIONS.fetch_add(1, Ordering::Relaxed);
                     return Some(Slot(self.clone()));
                 }
                 Err(now) => n = now,
@@ -623,8 +624,17 @@ impl Slots {
     }
 }
 
+/// Client connections open in this process, every listener together (for the metrics).
+static OPEN_CONNECTIONS: AtomicUsize = AtomicUsize::new(0);
+
+/// Client connections open now.
+pub fn open_connections() -> usize {
+    OPEN_CONNECTIONS.load(Ordering::Relaxed)
+}
+
 impl Drop for Slot {
     fn drop(&mut self) {
+        OPEN_CONNECTIONS.fetch_sub(1, Ordering::Relaxed);
         self.0.open.fetch_sub(1, Ordering::AcqRel);
         self.0.freed.notify_one();
     }

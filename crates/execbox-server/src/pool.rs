@@ -69,6 +69,11 @@ impl WarmPool {
     }
 
     /// Ready sandboxes of `profile` (for tests and metrics).
+    /// Ready sandboxes, every profile together.
+    pub fn ready_total(&self) -> usize {
+        self.lock().values().map(|s| s.ready.len()).sum()
+    }
+
     pub fn ready(&self, profile: &Profile) -> usize {
         self.lock().get(profile).map_or(0, |s| s.ready.len())
     }

@@ -22,6 +22,10 @@ struct Logged {
 
 impl Logged {
     fn start(extra: &[&str]) -> Logged {
+        Self::start_with(extra, "")
+    }
+
+    fn start_with(extra: &[&str], more_config: &str) -> Logged {
         let port = free_port();
         let state_dir = std::env::temp_dir().join(unique("execbox-ops-state"));
         let config = std::env::temp_dir().join(unique("execbox-ops-config"));
@@ -29,7 +33,7 @@ impl Logged {
         std::fs::write(
             &config,
             format!(
-                "listen = \"127.0.0.1:{port}\"\nstate_dir = \"{}\"\n[templates]\nprebuild = []\n",
+                "listen = \"127.0.0.1:{port}\"\nstate_dir = \"{}\"\n[templates]\nprebuild = []\n{more_config}",
                 state_dir.display()
             ),
         )
@@ -274,4 +278,53 @@ fn sigterm_drains_requests_in_flight_then_removes_what_the_server_owns() {
 #[test]
 fn sigint_stops_the_same_way() {
     stops_on(nix::sys::signal::Signal::SIGINT);
+}
+
+#[test]
+fn metrics_are_served_on_their_own_listener() {
+    let metrics_port = free_port();
+    let server = Logged::start_with(
+        &[],
+        &format!("[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n"),
+    );
+    create_and_delete(&server.base);
+    let bad = json!({"image": {"uri": "default"}, "entrypoint": ["x"], "resourceLimits": {"memory": "lots"}});
+    assert_eq!(post(&server.base, "/v1/sandboxes", &bad), 400);
+    // Not on the public listener.
+    assert!(matches!(
+        ureq::get(&format!("{}/metrics", server.base)).call(),
+        Err(ureq::Error::Status(404, _))
+    ));
+    let text = ureq::get(&format!("http://127.0.0.1:{metrics_port}/metrics"))
+        .call()
+        .expect("metrics")
+        .into_string()
+        .expect("text");
+    let value_of = |series: &str| -> Option<f64> {
+        text.lines()
+            .find(|l| l.starts_with(series))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    };
+    assert_eq!(
+        value_of("execbox_sandboxes_created_total{owner=\"lifecycle\"}"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        value_of("execbox_sandboxes_deleted_total{reason=\"user_delete\"}"),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(
+        text.contains("execbox_http_request_duration_seconds_bucket{method=\"POST\",route=\"/v1/sandboxes\",status=\"400\""),
+        "{text}"
+    );
+    assert!(
+        text.contains("route=\"/v1/sandboxes/{id}\",status=\"204\""),
+        "{text}"
+    );
+    assert!(value_of("execbox_open_connections").is_some(), "{text}");
+    assert!(value_of("execbox_pool_ready").is_some(), "{text}");
+    server.stop();
 }
