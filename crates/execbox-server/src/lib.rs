@@ -918,6 +918,10 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServeError> {
         max_connections = listener.max_connections(),
         "execbox listening"
     );
+    // Under systemd (`Type=notify`): ready now. Elsewhere NOTIFY_SOCKET is unset: nothing.
+    if let Err(e) = sd_notify::notify(true, &[sd_notify::NotifyState::Ready]) {
+        tracing::warn!(error = %e, "telling systemd the server is ready");
+    }
     // SIGTERM and SIGINT alike: stop accepting, let requests in flight finish (within the
     // grace period), then remove what this server owns (pool and session sandboxes; lifecycle
     // sandboxes keep running and are re-attached at the next start).

@@ -76,6 +76,11 @@ enum Command {
     Image(image_cli::ImageArgs),
     /// Manage named volumes: ls, rm.
     Volume(volume_cli::VolumeArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
     /// Build, list and remove templates (images built from package registries).
     Template(template_cmd::TemplateArgs),
     /// The in-sandbox agent (started by the server as PID 1 of a sandbox).
@@ -155,6 +160,16 @@ fn main() -> ExitCode {
         Command::Doctor => doctor(),
         Command::Image(args) => image_cli::run(args),
         Command::Volume(args) => volume_cli::run(args),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "execbox",
+                &mut std::io::stdout(),
+            );
+            ExitCode::SUCCESS
+        }
         Command::Template(args) => {
             init_tracing_quiet();
             template_cmd::run(args)

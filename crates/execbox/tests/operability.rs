@@ -328,3 +328,52 @@ fn metrics_are_served_on_their_own_listener() {
     assert!(value_of("execbox_pool_ready").is_some(), "{text}");
     server.stop();
 }
+
+#[test]
+fn systemd_hears_ready_once_the_server_listens() {
+    let dir = std::env::temp_dir().join(unique("execbox-notify"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket_path = dir.join("notify");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).expect("notify socket");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let port = free_port();
+    let state_dir = std::env::temp_dir().join(unique("execbox-notify-state"));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_execbox"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .arg("--state-dir")
+        .arg(&state_dir)
+        .env("NOTIFY_SOCKET", &socket_path)
+        .env("EXECBOX_TEMPLATES_DIR", TEST_TEMPLATES_DIR)
+        .env("EXECBOX_ALLOWED_REGISTRIES", "127.0.0.1")
+        .env_remove("EXECBOX_API_KEY")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("serve");
+    let mut buf = [0u8; 256];
+    let got = socket.recv(&mut buf);
+    // Ready means listening: the health check answers at once.
+    let health = ureq::get(&format!("http://127.0.0.1:{port}/health")).call();
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    let n = got.expect("a notification");
+    assert_eq!(String::from_utf8_lossy(&buf[..n]).trim_end(), "READY=1");
+    assert!(health.is_ok());
+}
+
+#[test]
+fn shell_completions_are_printed() {
+    let out = Command::new(env!("CARGO_BIN_EXE_execbox"))
+        .args(["completions", "bash"])
+        .output()
+        .expect("completions");
+    assert!(out.status.success());
+    let script = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        script.contains("_execbox()") && script.contains("serve"),
+        "{script}"
+    );
+}
