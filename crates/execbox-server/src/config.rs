@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 /// Configuration of a server.
-#[derive(Debug, Clone, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServerConfig {
     /// Listen address.
@@ -81,7 +81,7 @@ pub struct ServerConfig {
 }
 
 /// Where OCI images come from (`[image_store]`).
-#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[derive(Debug, Clone, Default, serde::Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ImageStoreConfig {
     /// Registries clients may name (`host[:port]`, `docker.io` for short names); empty: any.
@@ -95,7 +95,7 @@ pub struct ImageStoreConfig {
 }
 
 /// A registry's credentials.
-#[derive(Clone, serde::Deserialize)]
+#[derive(Clone, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RegistryCredentials {
     /// User name.
@@ -113,7 +113,7 @@ impl std::fmt::Debug for RegistryCredentials {
 }
 
 /// The server's Prometheus metrics (`[metrics]`).
-#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[derive(Debug, Clone, Default, serde::Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MetricsConfig {
     /// Address of the listener serving `/metrics` (keep it off the public interface); none
@@ -122,7 +122,7 @@ pub struct MetricsConfig {
 }
 
 /// Volumes (`[volumes]`).
-#[derive(Debug, Clone, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct VolumesConfig {
     /// Host directories whose trees `host` volumes may name (absolute); empty (the default):
@@ -170,7 +170,7 @@ impl VolumesConfig {
 }
 
 /// Where sandboxes keep their files (`[storage]`).
-#[derive(Debug, Clone, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StorageConfig {
     /// `auto` (default: a disk per sandbox where the host allows it, memory otherwise),
@@ -192,7 +192,7 @@ impl Default for StorageConfig {
 
 /// The server's maxima over request options: a request asking for more is refused with a 400
 /// naming the option, never silently granted.
-#[derive(Debug, Clone, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Policy {
     /// Largest memory limit a run may ask for, in bytes.
@@ -246,7 +246,7 @@ pub struct Policy {
 }
 
 /// A tenant's maxima, each over the server-wide one when given.
-#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[derive(Debug, Clone, Default, serde::Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PolicyOverride {
     /// See [`Policy::max_memory_bytes`].
@@ -369,7 +369,7 @@ impl Policy {
 pub const NETWORK_MODES: &[&str] = &["none", "allowlist", "public"];
 
 /// The operator's network settings (`[network]`).
-#[derive(Debug, Clone, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NetworkConfig {
     /// Names the sandboxes' resolver answers from this table before any lookup
@@ -412,7 +412,7 @@ impl Default for NetworkConfig {
 }
 
 /// Templates built from package registries (`[templates]`).
-#[derive(Debug, Clone, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TemplatesConfig {
     /// Where built templates are kept (default `<state-dir>/templates`). Servers and test runs
@@ -504,6 +504,20 @@ impl ServerConfig {
             .validate()
             .map_err(|e| format!("{}: {e}", path.display()))?;
         Ok(config)
+    }
+
+    /// This configuration as TOML, with API keys and registry passwords masked.
+    pub fn masked_toml(&self) -> Result<String, String> {
+        let mut shown = self.clone();
+        let mask = |k: &mut String| *k = "***".into();
+        shown.api_keys.iter_mut().for_each(mask);
+        shown.tenants.values_mut().flatten().for_each(mask);
+        shown
+            .image_store
+            .credentials
+            .values_mut()
+            .for_each(|c| c.password = "***".into());
+        toml::to_string(&shown).map_err(|e| e.to_string())
     }
 
     /// Every template named by `[templates] prebuild` exists (an `[images]` alias may name an

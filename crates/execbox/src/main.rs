@@ -21,34 +21,83 @@ struct Cli {
     command: Command,
 }
 
+/// Where the server's settings come from: the configuration file, then these (each also from
+/// its environment variable).
+#[derive(clap::Args)]
+struct Settings {
+    /// Configuration file (TOML).
+    #[arg(long, env = "EXECBOX_CONFIG")]
+    config: Option<PathBuf>,
+    /// Listen address (over the configuration's `listen`; default 127.0.0.1:8080).
+    #[arg(long, env = "EXECBOX_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// State directory (over the configuration's `state_dir`; default /var/lib/execbox).
+    #[arg(long, env = "EXECBOX_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// API key (also from EXECBOX_API_KEY).
+    #[arg(long, env = "EXECBOX_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Where built templates are kept (the configuration's `[templates] dir`; default
+    /// `<state-dir>/templates`).
+    #[arg(long, env = "EXECBOX_TEMPLATES_DIR")]
+    templates_dir: Option<PathBuf>,
+    /// Registries sandboxes' images may come from, comma-separated (`host[:port]`; a host
+    /// alone allows every port): replaces the configuration's
+    /// `[image_store] allowed_registries`.
+    #[arg(long, env = "EXECBOX_ALLOWED_REGISTRIES", value_delimiter = ',')]
+    allowed_registries: Option<Vec<String>>,
+}
+
+impl Settings {
+    /// The configuration in force: the file's, with what the command line (or its
+    /// environment variables) gives over it.
+    fn resolve(self) -> Result<execbox_server::ServerConfig, String> {
+        let mut cfg = match &self.config {
+            Some(path) => execbox_server::ServerConfig::from_file(path)?,
+            None => execbox_server::ServerConfig::default(),
+        };
+        if let Some(listen) = self.listen {
+            cfg.listen = listen;
+        }
+        if let Some(dir) = self.state_dir {
+            cfg.state_dir = dir;
+        }
+        if let Some(dir) = self.templates_dir {
+            cfg.templates.dir = Some(dir);
+        }
+        if let Some(registries) = self.allowed_registries {
+            cfg.image_store.allowed_registries = registries;
+        }
+        if let Some(k) = self.api_key.filter(|k| !k.is_empty()) {
+            cfg.api_keys.push(k);
+        }
+        Ok(cfg)
+    }
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Print the effective configuration (TOML; keys and passwords masked).
+    Show {
+        #[command(flatten)]
+        settings: Settings,
+    },
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Serve the HTTP APIs.
     Serve {
-        /// Listen address (over the configuration's `listen`; default 127.0.0.1:8080).
-        #[arg(long, env = "EXECBOX_LISTEN")]
-        listen: Option<SocketAddr>,
-        /// State directory (over the configuration's `state_dir`; default /var/lib/execbox).
-        #[arg(long, env = "EXECBOX_STATE_DIR")]
-        state_dir: Option<PathBuf>,
+        #[command(flatten)]
+        settings: Settings,
         /// Log format: `text` (colours only on a terminal) or `json` (one object per line).
         #[arg(long, env = "EXECBOX_LOG_FORMAT", value_enum, default_value = "text")]
         log_format: LogFormat,
-        /// Configuration file (TOML).
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// API key (also from EXECBOX_API_KEY).
-        #[arg(long, env = "EXECBOX_API_KEY", hide_env_values = true)]
-        api_key: Option<String>,
-        /// Where built templates are kept (the configuration's `[templates] dir`; default
-        /// `<state-dir>/templates`).
-        #[arg(long, env = "EXECBOX_TEMPLATES_DIR")]
-        templates_dir: Option<PathBuf>,
-        /// Registries sandboxes' images may come from, comma-separated (`host[:port]`; a host
-        /// alone allows every port): replaces the configuration's
-        /// `[image_store] allowed_registries`.
-        #[arg(long, env = "EXECBOX_ALLOWED_REGISTRIES", value_delimiter = ',')]
-        allowed_registries: Option<Vec<String>>,
+    },
+    /// The effective configuration.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
     },
     /// Run code once in a fresh sandbox, without a server.
     Run {
@@ -174,42 +223,36 @@ fn main() -> ExitCode {
             init_tracing_quiet();
             template_cmd::run(args)
         }
+        Command::Config {
+            command: ConfigCommand::Show { settings },
+        } => match settings.resolve() {
+            Ok(cfg) => match cfg.masked_toml() {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("execbox: {e}");
+                    ExitCode::from(1)
+                }
+            },
+            Err(e) => {
+                eprintln!("execbox: {e}");
+                ExitCode::from(2)
+            }
+        },
         Command::Serve {
-            listen,
-            state_dir,
+            settings,
             log_format,
-            config,
-            api_key,
-            templates_dir,
-            allowed_registries,
         } => {
             init_server_tracing(log_format);
-            let mut cfg = match config {
-                Some(path) => match execbox_server::ServerConfig::from_file(&path) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        eprintln!("execbox: {e}");
-                        return ExitCode::from(2);
-                    }
-                },
-                None => execbox_server::ServerConfig::default(),
+            let cfg = match settings.resolve() {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("execbox: {e}");
+                    return ExitCode::from(2);
+                }
             };
-            // What the command line (or its environment variables) gives wins over the file.
-            if let Some(listen) = listen {
-                cfg.listen = listen;
-            }
-            if let Some(dir) = state_dir {
-                cfg.state_dir = dir;
-            }
-            if let Some(dir) = templates_dir {
-                cfg.templates.dir = Some(dir);
-            }
-            if let Some(registries) = allowed_registries {
-                cfg.image_store.allowed_registries = registries;
-            }
-            if let Some(k) = api_key.filter(|k| !k.is_empty()) {
-                cfg.api_keys.push(k);
-            }
             // Before any thread exists: the namespace belongs to the calling thread.
             if let Err(e) = execbox_jail::rootfs::enter_private_mount_namespace() {
                 tracing::warn!(error = %e, "no private mount namespace: sandboxes see the state directory's path in their mount table");

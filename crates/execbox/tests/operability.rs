@@ -377,3 +377,41 @@ fn shell_completions_are_printed() {
         "{script}"
     );
 }
+
+#[test]
+fn config_show_prints_the_effective_configuration_with_secrets_masked() {
+    let dir = std::env::temp_dir().join(unique("execbox-config-show"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("execbox.toml");
+    std::fs::write(
+        &file,
+        "listen = \"127.0.0.1:7000\"\nstate_dir = \"/srv/from-file\"\napi_keys = [\"file-secret\"]\n[tenants]\nacme = [\"acme-secret\"]\n[image_store.credentials.\"registry.example:5000\"]\nusername = \"bot\"\npassword = \"registry-secret\"\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_execbox"))
+        .args(["config", "show", "--config"])
+        .arg(&file)
+        .env("EXECBOX_LISTEN", "127.0.0.1:7100")
+        .env_remove("EXECBOX_STATE_DIR")
+        .env_remove("EXECBOX_API_KEY")
+        .env_remove("EXECBOX_TEMPLATES_DIR")
+        .env_remove("EXECBOX_ALLOWED_REGISTRIES")
+        .output()
+        .expect("config show");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let shown: toml::Value = toml::from_str(&text).expect("TOML");
+    // The environment over the file, the file over the defaults.
+    assert_eq!(shown["listen"].as_str(), Some("127.0.0.1:7100"), "{text}");
+    assert_eq!(
+        shown["state_dir"].as_str(),
+        Some("/srv/from-file"),
+        "{text}"
+    );
+    assert!(shown["policy"].is_table(), "every section shows: {text}");
+    for secret in ["file-secret", "acme-secret", "registry-secret"] {
+        assert!(!text.contains(secret), "{secret} shown: {text}");
+    }
+    assert!(text.contains("bot") && text.contains("***"), "{text}");
+}
