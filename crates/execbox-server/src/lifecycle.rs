@@ -404,14 +404,8 @@ pub async fn renew(
             message: "expiresAt: must be in the future".into(),
         });
     }
-    if let Some(cur) = rec.expires_at {
-        if req.expires_at <= cur {
-            return Err(LifecycleError::Conflict {
-                code: ErrorCode::ExpirationNotExtended,
-                message: "expiresAt: must be later than the current expiration".into(),
-            });
-        }
-    }
+    // Any future expiry, earlier than the current one too (upstream's pool shortens
+    // expiries when it hands a sandbox out).
     let max = now + time::Duration::seconds(server.config.max_timeout_secs as i64);
     if req.expires_at > max {
         return Err(LifecycleError::Invalid {

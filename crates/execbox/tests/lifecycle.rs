@@ -124,6 +124,27 @@ fn create_get_list_endpoints_metadata_renew_pause_resume() {
         &json!({"expiresAt": time_in(-10)}).to_string(),
     );
     assert_eq!(s, 400);
+    // An earlier (still future) expiry is accepted too, as upstream's pool asks for it.
+    let (s, v) = server.post(
+        &format!("/v1/sandboxes/{}/renew-expiration", sbx.id),
+        &json!({"expiresAt": time_in(600)}).to_string(),
+    );
+    assert_eq!(s, 200, "{v}");
+    let (_, v) = server.get(&format!("/v1/sandboxes/{}", sbx.id));
+    assert!(v["expiresAt"].is_string(), "{v}");
+
+    // Any state filter is accepted; one no sandbox here can have matches nothing.
+    let (s, v) = server.get("/v1/sandboxes?state=Allocated");
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["items"].as_array().map(Vec::len), Some(0), "{v}");
+    let (s, v) = server.get("/v1/sandboxes?state=Allocated&state=Running");
+    assert_eq!(s, 200, "{v}");
+    assert!(
+        v["items"]
+            .as_array()
+            .is_some_and(|items| items.iter().any(|i| i["id"] == sbx.id.as_str())),
+        "{v}"
+    );
 
     let (s, _) = server.post(&format!("/v1/sandboxes/{}/pause", sbx.id), "");
     assert_eq!(s, 202);

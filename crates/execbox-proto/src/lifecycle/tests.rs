@@ -785,8 +785,11 @@ fn list_query() {
 
     let e = ListSandboxesQuery::parse("metadata=a%3D1%26broken").unwrap_err();
     assert_eq!(e.error_code(), ErrorCode::InvalidMetadataFormat);
-    let e = ListSandboxesQuery::parse("state=Exploded").unwrap_err();
-    assert_eq!(e.error_code(), ErrorCode::InvalidParameter);
+    // Any state is accepted; one no sandbox can have matches nothing.
+    let q = ListSandboxesQuery::parse("state=Allocated").unwrap();
+    assert!(!q.matches(SandboxState::Running, None));
+    let q = ListSandboxesQuery::parse("state=Allocated&state=Running").unwrap();
+    assert!(q.matches(SandboxState::Running, None));
     assert!(ListSandboxesQuery::parse("page=0").is_err());
     assert!(ListSandboxesQuery::parse("pageSize=abc").is_err());
 }

@@ -609,8 +609,11 @@ pub fn parse_metadata_filter(value: &str) -> Result<Vec<(String, String)>, Metad
 /// The query of `GET /v1/sandboxes`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListSandboxesQuery {
-    /// Wanted states (OR-ed); empty = any.
+    /// Wanted states (OR-ed), of those named that a sandbox can have.
     pub states: Vec<SandboxState>,
+    /// Whether a `state` filter was given: then a sandbox must be in one of `states` (a
+    /// filter naming only states no sandbox here can have matches nothing, as upstream).
+    pub state_filter: bool,
     /// Wanted metadata pairs (AND-ed).
     pub metadata: Vec<(String, String)>,
     /// 1-based page.
@@ -623,6 +626,7 @@ impl Default for ListSandboxesQuery {
     fn default() -> Self {
         ListSandboxesQuery {
             states: Vec::new(),
+            state_filter: false,
             metadata: Vec::new(),
             page: 1,
             page_size: DEFAULT_PAGE_SIZE,
@@ -668,12 +672,13 @@ impl ListSandboxesQuery {
             let value = form_url_decode(v).ok_or_else(|| bad(&key))?;
             match key.as_str() {
                 "state" => {
+                    // Any string is accepted (upstream's `Allocated`, states of other servers).
                     for s in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-                        let st = s
-                            .parse::<SandboxState>()
-                            .map_err(|e| ValidationError::new("state", e.to_string()))?;
-                        if !q.states.contains(&st) {
-                            q.states.push(st);
+                        q.state_filter = true;
+                        if let Ok(st) = s.parse::<SandboxState>() {
+                            if !q.states.contains(&st) {
+                                q.states.push(st);
+                            }
                         }
                     }
                 }
@@ -694,7 +699,7 @@ impl ListSandboxesQuery {
         state: SandboxState,
         metadata: Option<&BTreeMap<String, String>>,
     ) -> bool {
-        (self.states.is_empty() || self.states.contains(&state))
+        (!self.state_filter || self.states.contains(&state))
             && self
                 .metadata
                 .iter()
