@@ -243,6 +243,11 @@ pub struct Policy {
     /// Per-tenant maxima over these (`[policy.tenants.acme] max_memory_bytes = …`): what the
     /// keys of that tenant may ask for.
     pub tenants: BTreeMap<String, PolicyOverride>,
+    /// Most sandboxes on this server at once, of every surface (0: no maximum); a create
+    /// beyond it is a 429 with `Retry-After`.
+    pub max_sandboxes: usize,
+    /// Most lifecycle sandboxes of one tenant at once (0: no maximum).
+    pub max_sandboxes_per_tenant: usize,
 }
 
 /// A tenant's maxima, each over the server-wide one when given.
@@ -279,6 +284,8 @@ pub struct PolicyOverride {
     pub max_files: Option<usize>,
     /// See [`Policy::max_env`].
     pub max_env: Option<usize>,
+    /// See [`Policy::max_sandboxes_per_tenant`].
+    pub max_sandboxes_per_tenant: Option<usize>,
 }
 
 impl Default for Policy {
@@ -304,6 +311,8 @@ impl Default for Policy {
             warm_pool_size: 2,
             max_pool_profiles: 4,
             tenants: BTreeMap::new(),
+            max_sandboxes: 0,
+            max_sandboxes_per_tenant: 0,
         }
     }
 }
@@ -333,7 +342,8 @@ impl Policy {
             max_concurrent_runs,
             max_file_bytes,
             max_files,
-            max_env
+            max_env,
+            max_sandboxes_per_tenant
         );
         if let Some(secs) = o.max_lifetime_secs {
             p.max_lifetime_secs = Some(secs);

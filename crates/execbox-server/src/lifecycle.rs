@@ -46,6 +46,9 @@ pub enum LifecycleError {
     /// 502: a service the request needed (an image registry) failed.
     #[error("{0}")]
     Upstream(String),
+    /// 429: the server's or the tenant's maximum of sandboxes is reached.
+    #[error("{0}")]
+    TooMany(String),
     /// 503: something the request needs cannot be had now (a template that could not be
     /// built); the same request may succeed later.
     #[error("{0}")]
@@ -141,6 +144,7 @@ impl IntoResponse for LifecycleError {
             Self::NotSupported(_) => (StatusCode::NOT_IMPLEMENTED, ErrorCode::ApiNotSupported),
             Self::Upstream(_) => (StatusCode::BAD_GATEWAY, ErrorCode::UnknownError),
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::UnknownError),
+            Self::TooMany(_) => (StatusCode::TOO_MANY_REQUESTS, ErrorCode::QuotaExceeded),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::UnknownError),
         };
         if status.is_server_error() {
@@ -149,11 +153,43 @@ impl IntoResponse for LifecycleError {
             // The client's mistake: worth a line, not an alarm.
             tracing::info!(status = status.as_u16(), error = %self, "lifecycle request refused");
         }
-        (status, Json(ErrorEnvelope::new(code, self.to_string()))).into_response()
+        let mut resp = (status, Json(ErrorEnvelope::new(code, self.to_string()))).into_response();
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            resp.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static(RETRY_AFTER_SECS),
+            );
+        }
+        resp
     }
 }
 
 type Result<T> = std::result::Result<T, LifecycleError>;
+
+/// When a client refused for capacity may try again, in seconds.
+const RETRY_AFTER_SECS: &str = "5";
+
+/// Refuses a create beyond the server's or `tenant`'s maximum of sandboxes.
+fn check_capacity(server: &Server, tenant: &str, policy: &crate::config::Policy) -> Result<()> {
+    let records = server.registry.all();
+    let server_max = server.config.policy.max_sandboxes;
+    if server_max > 0 && records.len() >= server_max {
+        return Err(LifecycleError::TooMany(format!(
+            "this server runs its maximum of {server_max} sandboxes; try again later"
+        )));
+    }
+    let tenant_max = policy.max_sandboxes_per_tenant;
+    let mine = records
+        .iter()
+        .filter(|r| r.tenant == tenant && r.owner.is_none())
+        .count();
+    if tenant_max > 0 && mine >= tenant_max {
+        return Err(LifecycleError::TooMany(format!(
+            "tenant {tenant} has its maximum of {tenant_max} sandboxes; delete one or try again later"
+        )));
+    }
+    Ok(())
+}
 
 fn host_arch() -> &'static str {
     wire::normalize_arch(std::env::consts::ARCH)
@@ -201,6 +237,7 @@ pub async fn create(
         ..Default::default()
     };
     let lifetime = policy.lifetime_secs("timeout", v.timeout_secs)?;
+    check_capacity(&server, &tenant.0, &policy)?;
     // Last of the checks: an image may take minutes to pull, a template to build, the first
     // time.
     let root = match &req.image {

@@ -415,3 +415,34 @@ fn config_show_prints_the_effective_configuration_with_secrets_masked() {
     }
     assert!(text.contains("bot") && text.contains("***"), "{text}");
 }
+
+#[test]
+fn creates_beyond_the_maximum_are_429_with_retry_after() {
+    let server = common::TestServer::start_with_config(
+        "[policy]\nwarm_pool_size = 0\nmax_sandboxes = 3\nmax_sandboxes_per_tenant = 2\n",
+    );
+    let body = json!({"image": {"uri": "default"}, "entrypoint": ["tail", "-f", "/dev/null"],
+                      "resourceLimits": {"cpu": "1", "memory": "256Mi"}})
+    .to_string();
+    let create = || {
+        ureq::post(&server.url("/v1/sandboxes"))
+            .set("Content-Type", "application/json")
+            .send_string(&body)
+    };
+    let first = server.create(json!({}));
+    let _second = server.create(json!({}));
+    let refused = match create() {
+        Err(ureq::Error::Status(429, r)) => r,
+        other => panic!("expected 429, got {other:?}"),
+    };
+    assert_eq!(refused.header("Retry-After"), Some("5"));
+    let v: Value = refused.into_json().expect("json");
+    assert_eq!(v["code"], "SANDBOX::QUOTA_EXCEEDED", "{v}");
+    assert!(
+        v["message"].as_str().unwrap_or("").contains("maximum of 2"),
+        "{v}"
+    );
+    // Room again once one goes.
+    assert_eq!(server.delete(&format!("/v1/sandboxes/{}", first.id)), 204);
+    assert_eq!(create().map(|r| r.status()).ok(), Some(202));
+}

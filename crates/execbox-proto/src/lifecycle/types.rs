@@ -545,6 +545,8 @@ pub enum ErrorCode {
     InvalidApiKey,
     /// `GENERAL::UNKNOWN_ERROR` (500), the fallback.
     GeneralUnknownError,
+    /// `SANDBOX::QUOTA_EXCEEDED` (429): the server's or the tenant's maximum of sandboxes.
+    QuotaExceeded,
 }
 
 impl ErrorCode {
@@ -565,6 +567,7 @@ impl ErrorCode {
             ErrorCode::MissingApiKey => "MISSING_API_KEY",
             ErrorCode::InvalidApiKey => "INVALID_API_KEY",
             ErrorCode::GeneralUnknownError => "GENERAL::UNKNOWN_ERROR",
+            ErrorCode::QuotaExceeded => "SANDBOX::QUOTA_EXCEEDED",
         }
     }
 
@@ -583,6 +586,7 @@ impl ErrorCode {
             | ErrorCode::ExpirationNotExtended => 409,
             ErrorCode::UnknownError | ErrorCode::GeneralUnknownError => 500,
             ErrorCode::ApiNotSupported => 501,
+            ErrorCode::QuotaExceeded => 429,
         }
     }
 }
