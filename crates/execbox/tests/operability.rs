@@ -428,10 +428,11 @@ fn creates_beyond_the_maximum_are_429_with_retry_after() {
         ureq::post(&server.url("/v1/sandboxes"))
             .set("Content-Type", "application/json")
             .send_string(&body)
+            .map_err(Box::new)
     };
     let first = server.create(json!({}));
     let _second = server.create(json!({}));
-    let refused = match create() {
+    let refused = match create().map_err(|e| *e) {
         Err(ureq::Error::Status(429, r)) => r,
         other => panic!("expected 429, got {other:?}"),
     };
