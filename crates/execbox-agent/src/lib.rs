@@ -242,9 +242,14 @@ async fn serve(
         }
     });
 
+    let mut entrypoint_error = None;
     if !config.entrypoint.is_empty() {
         if let Err(e) = runner.start_entrypoint(&config.entrypoint) {
             tracing::warn!(error = %e, "entrypoint failed to start");
+            entrypoint_error = Some(format!(
+                "the entrypoint {:?} did not start: {e}",
+                config.entrypoint
+            ));
         }
     }
     crate::paths::set_default_cwd(config.workdir.as_deref());
@@ -271,7 +276,7 @@ async fn serve(
         state.clone(),
         config.context_idle_ttl_secs,
     ));
-    execbox_jail::process::signal_ready()?;
+    execbox_jail::process::signal_ready(entrypoint_error.as_deref())?;
     let app = router(state);
     axum::serve(listener, app).await?;
     execbox_jail::process::kill_everything();

@@ -332,11 +332,17 @@ pub fn set_cloexec(fd: RawFd) -> std::io::Result<()> {
     .map_err(std::io::Error::from)
 }
 
-/// Tells the host that the agent is ready (one byte on [`crate::spawn::READY_FD`]) and closes
-/// the descriptor.
-pub fn signal_ready() -> std::io::Result<()> {
+/// Tells the host that the agent is ready (one byte on [`crate::spawn::READY_FD`], then
+/// `note` when there is one: why the entrypoint did not start) and closes the descriptor. One
+/// write, within the pipe's atomic size, so the host reads it whole.
+pub fn signal_ready(note: Option<&str>) -> std::io::Result<()> {
     let fd = crate::spawn::READY_FD;
-    let result = sys::write_all(fd, b"r").map_err(errno_to_io);
+    let mut message = b"r".to_vec();
+    if let Some(note) = note {
+        let bytes = note.as_bytes();
+        message.extend_from_slice(&bytes[..bytes.len().min(crate::spawn::MAX_READY_NOTE)]);
+    }
+    let result = sys::write_all(fd, &message).map_err(errno_to_io);
     sys::close(fd);
     result
 }

@@ -21,6 +21,8 @@ use crate::sys::{self, Errno};
 
 /// Descriptor number, in the agent, of the readiness pipe.
 pub const READY_FD: RawFd = 3;
+/// Longest note the agent sends with its readiness (see [`Spawned::entrypoint_error`]).
+pub const MAX_READY_NOTE: usize = 1024;
 /// Descriptor number, in the agent, of the first descriptor of [`SpawnRequest::pass_fds`].
 pub const FIRST_PASSED_FD: RawFd = 4;
 const MAX_PASSED_FDS: usize = 24;
@@ -155,6 +157,8 @@ pub struct Spawned {
     pub pidfd: OwnedFd,
     /// The host end of the sandbox's network device, when it has one.
     pub tun: Option<OwnedFd>,
+    /// Why the sandbox's entrypoint did not start, as the agent said with its readiness.
+    pub entrypoint_error: Option<String>,
 }
 
 fn io(errno: Errno) -> std::io::Error {
@@ -507,6 +511,7 @@ pub fn spawn_sandbox(req: SpawnRequest<'_>) -> Result<Spawned, SpawnError> {
         pid,
         pidfd,
         tun: None,
+        entrypoint_error: None,
     };
 
     let result = (|| {
@@ -571,7 +576,8 @@ pub fn spawn_sandbox(req: SpawnRequest<'_>) -> Result<Spawned, SpawnError> {
                 source,
             })?);
         }
-        wait_ready(&ready_read, req.ready_timeout)
+        spawned.entrypoint_error = wait_ready(&ready_read, req.ready_timeout)?;
+        Ok(())
     })();
     match result {
         Ok(()) => Ok(spawned),
@@ -609,7 +615,8 @@ fn recv_fd(sock: &OwnedFd) -> std::io::Result<OwnedFd> {
     ))
 }
 
-fn wait_ready(ready: &OwnedFd, timeout: Duration) -> Result<(), SpawnError> {
+/// Waits for the agent's readiness byte; returns the note that came with it, if any.
+fn wait_ready(ready: &OwnedFd, timeout: Duration) -> Result<Option<String>, SpawnError> {
     let deadline = Instant::now() + timeout;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -635,12 +642,14 @@ fn wait_ready(ready: &OwnedFd, timeout: Duration) -> Result<(), SpawnError> {
         if n == 0 {
             continue;
         }
-        let mut byte = [0u8; 1];
-        return match sys::read(ready.as_raw_fd(), &mut byte) {
-            Ok(1) => Ok(()),
-            Ok(_) => Err(SpawnError::NotReady(
+        // The byte and its note come in one write (see `process::signal_ready`).
+        let mut message = [0u8; 1 + MAX_READY_NOTE];
+        return match sys::read(ready.as_raw_fd(), &mut message) {
+            Ok(0) => Err(SpawnError::NotReady(
                 "the agent exited during start-up".into(),
             )),
+            Ok(1) => Ok(None),
+            Ok(n) => Ok(Some(String::from_utf8_lossy(&message[1..n]).into_owned())),
             Err(e) => Err(SpawnError::NotReady(io(e).to_string())),
         };
     }

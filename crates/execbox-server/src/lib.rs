@@ -483,6 +483,24 @@ impl Server {
             )));
         }
         self.watch(&record.id, watched.pidfd, Some(watched.log));
+        // An entrypoint that did not start fails the sandbox, as a container whose command
+        // cannot run does; the status says why.
+        let record = match watched.entrypoint_error {
+            Some(message) => {
+                tracing::warn!(sandbox = %record.id, %message, "entrypoint failed");
+                let now = time::OffsetDateTime::now_utc();
+                match self.registry.update(&record.id, |r| {
+                    r.state = SandboxState::Failed;
+                    r.reason = Some("ENTRYPOINT_FAILED".into());
+                    r.message = Some(message.clone());
+                    r.last_transition_at = now;
+                }) {
+                    Some(Ok(updated)) => updated,
+                    _ => record,
+                }
+            }
+            None => record,
+        };
         if let (Some(policy), Some(tun)) = (network, watched.tun) {
             let net = execbox_net::SandboxNet::new(self.net_config.clone(), policy);
             if let Err(e) = execbox_net::start(tun, net.clone()) {

@@ -154,6 +154,8 @@ pub struct Watch {
     pub log: OwnedFd,
     /// The host end of the sandbox's network device, when it has one.
     pub tun: Option<OwnedFd>,
+    /// Why the entrypoint did not start, if it did not.
+    pub entrypoint_error: Option<String>,
 }
 
 /// A running sandbox as the backend tracks it (persisted in the sandbox record).
@@ -711,6 +713,7 @@ impl LocalBackend {
                 pidfd: spawned.pidfd,
                 log,
                 tun: spawned.tun,
+                entrypoint_error: spawned.entrypoint_error,
             }),
         ))
     }

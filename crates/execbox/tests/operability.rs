@@ -447,3 +447,25 @@ fn creates_beyond_the_maximum_are_429_with_retry_after() {
     assert_eq!(server.delete(&format!("/v1/sandboxes/{}", first.id)), 204);
     assert_eq!(create().map(|r| r.status()).ok(), Some(202));
 }
+
+#[test]
+fn an_entrypoint_that_cannot_start_fails_the_sandbox_with_its_reason() {
+    let server = common::TestServer::start_with_config("[policy]\nwarm_pool_size = 0\n");
+    let (status, v) = server.create_raw(
+        &json!({"image": {"uri": "default"}, "entrypoint": ["/nonexistent", "--flag"],
+                "resourceLimits": {"cpu": "1", "memory": "256Mi"}})
+        .to_string(),
+    );
+    assert_eq!(status, 202, "{v}");
+    assert_eq!(v["status"]["state"], "Failed", "{v}");
+    let id = v["id"].as_str().expect("id").to_string();
+    let (_, got) = server.get(&format!("/v1/sandboxes/{id}"));
+    assert_eq!(got["status"]["state"], "Failed", "{got}");
+    assert_eq!(got["status"]["reason"], "ENTRYPOINT_FAILED", "{got}");
+    let message = got["status"]["message"].as_str().unwrap_or("");
+    assert!(
+        message.contains("/nonexistent") && message.contains("No such file"),
+        "{got}"
+    );
+    assert_eq!(server.delete(&format!("/v1/sandboxes/{id}")), 204);
+}
