@@ -96,6 +96,18 @@ pub fn signal_ignored(sig: i32) -> bool {
     }
 }
 
+/// Gives signal `sig` its default action in this process (undoing an inherited `SIG_IGN`),
+/// so that processes started from here see it too.
+pub fn restore_default_signal(sig: i32) -> bool {
+    // SAFETY: installs the default action, no handler code; `action` is zeroed then set.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = libc::SIG_DFL;
+        libc::sigemptyset(&mut action.sa_mask);
+        libc::sigaction(sig, &action, std::ptr::null_mut()) == 0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

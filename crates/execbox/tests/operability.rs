@@ -277,6 +277,11 @@ fn sigterm_drains_requests_in_flight_then_removes_what_the_server_owns() {
 
 #[test]
 fn sigint_stops_the_same_way() {
+    // A harness started in the background has SIGINT ignored, and a server started with it
+    // ignored keeps ignoring it: give the server the default, as a terminal's would be.
+    assert!(execbox_jail::host::restore_default_signal(
+        nix::libc::SIGINT
+    ));
     stops_on(nix::sys::signal::Signal::SIGINT);
 }
 
