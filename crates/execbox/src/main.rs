@@ -317,6 +317,23 @@ fn doctor() -> ExitCode {
         };
         println!("{:<22} {:<20} {}", l.name, state, l.detail);
     }
+    // Disk-backed storage, tried for real in a scratch directory: optional (without it,
+    // writable layers live in memory), unless `[storage] medium = "disk"` asks for it.
+    let scratch = std::env::temp_dir().join(format!("execbox-doctor-{}", std::process::id()));
+    let storage = execbox_jail::storage::probe(&scratch);
+    let _ = std::fs::remove_dir_all(&scratch);
+    match storage {
+        Ok(()) => println!(
+            "{:<22} {:<20} {}",
+            "storage:disk",
+            "active",
+            "per-sandbox ext4 disks: loop devices, mke2fs, the new mount API, id-mapped mounts"
+        ),
+        Err(why) => println!(
+            "{:<22} {:<20} {why}: writable layers live in memory (refused with [storage] medium = \"disk\")",
+            "storage:disk", "missing (optional)"
+        ),
+    }
     if failed {
         println!("\nA required layer is missing: execbox refuses to create sandboxes.");
         ExitCode::from(1)
