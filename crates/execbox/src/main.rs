@@ -324,10 +324,8 @@ fn doctor() -> ExitCode {
     let _ = std::fs::remove_dir_all(&scratch);
     match storage {
         Ok(()) => println!(
-            "{:<22} {:<20} {}",
-            "storage:disk",
-            "active",
-            "per-sandbox ext4 disks: loop devices, mke2fs, the new mount API, id-mapped mounts"
+            "{:<22} {:<20} per-sandbox ext4 disks: loop devices, mke2fs, the new mount API, id-mapped mounts",
+            "storage:disk", "active"
         ),
         Err(why) => println!(
             "{:<22} {:<20} {why}: writable layers live in memory (refused with [storage] medium = \"disk\")",
