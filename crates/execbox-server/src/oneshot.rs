@@ -3,9 +3,7 @@
 
 use std::io::Write;
 
-use bytes::Bytes;
-use execbox_proto::execd::Event;
-use http_body_util::{BodyExt, Full};
+use execbox_proto::run::{RunEvent, RunRequest};
 
 use crate::local::{LocalBackend, LocalConfig, SandboxLimits, SandboxParams};
 
@@ -20,9 +18,11 @@ pub enum Lang {
     Bash,
 }
 
-fn shell_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', r"'\''"))
-}
+/// Output kept per stream beyond what is streamed through (the run API's cap).
+const MAX_OUTPUT_BYTES: u64 = 64 << 20;
+
+/// Exit status of a run stopped by `--timeout` (as `timeout(1)`).
+pub const TIMEOUT_EXIT: i32 = 124;
 
 /// Default `--memory` of `execbox run`.
 pub const DEFAULT_MEMORY: &str = "512Mi";
@@ -83,7 +83,15 @@ impl RunLimits {
 }
 
 /// Runs `code` and returns its exit code (128 + signal for a killed program).
-pub fn run(lang: Lang, code: &str, limits: &RunLimits) -> anyhow::Result<i32> {
+/// Runs `code` in `lang` with `stdin` (none: an empty input) in a fresh sandbox under
+/// `limits`, streaming its output to this process's; returns the exit status to pass on. A
+/// run stopped by the timeout or the memory limit says so on stderr.
+pub fn run(
+    lang: Lang,
+    code: &str,
+    stdin: Option<String>,
+    limits: &RunLimits,
+) -> anyhow::Result<i32> {
     let sandbox_limits = limits.sandbox_limits()?;
     let timeout_secs = limits.timeout_secs;
     let state_dir = std::env::temp_dir().join(format!("execbox-run-{}", nix::unistd::geteuid()));
@@ -118,71 +126,87 @@ pub fn run(lang: Lang, code: &str, limits: &RunLimits) -> anyhow::Result<i32> {
         template: None,
         volumes: &[],
     })?;
-    let command = match lang {
-        Lang::Python => format!("exec python3 -c {}", shell_quote(code)),
-        Lang::JavaScript => format!("exec node -e {}", shell_quote(code)),
-        Lang::Bash => code.to_string(),
+    let (program, flag) = match lang {
+        Lang::Python => ("python3", "-c"),
+        Lang::JavaScript => ("node", "-e"),
+        Lang::Bash => ("bash", "-c"),
+    };
+    let request = RunRequest {
+        argv: vec![program.into(), flag.into(), code.into()],
+        cwd: "/workspace".into(),
+        create_cwd: false,
+        env: Default::default(),
+        stdin,
+        timeout_ms: timeout_secs.saturating_mul(1000),
+        max_output_bytes: MAX_OUTPUT_BYTES,
+        files: Vec::new(),
+        file_roots: Vec::new(),
+        program: None,
+        output_paths: Vec::new(),
+        track_changes_under: None,
+        keep_background: false,
+        stream: true,
     };
     let socket = backend.socket_path(&id);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let result = rt.block_on(stream_command(&socket, &command, timeout_secs));
+    let result = rt.block_on(stream_run(&socket, &request, limits));
     backend.destroy(&id, &placement)?;
     result
 }
 
-async fn stream_command(
+async fn stream_run(
     socket: &std::path::Path,
-    command: &str,
-    timeout_secs: u64,
+    request: &RunRequest,
+    limits: &RunLimits,
 ) -> anyhow::Result<i32> {
-    let body = serde_json::json!({"command": command, "timeout": timeout_secs * 1000});
-    let req = http::Request::post("/command")
-        .header(http::header::HOST, "sandbox")
-        .header(http::header::CONTENT_TYPE, "application/json")
-        .body(Full::new(Bytes::from(body.to_string())))?;
-    let resp = crate::agent_client::send(socket, req).await?;
-    let mut body = resp.into_body();
-    let mut pending: Vec<u8> = Vec::new();
-    let mut exit = 0;
+    let mut events = crate::agent_run::run_stream(socket, request)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
-    while let Some(frame) = body.frame().await {
-        let Ok(data) = frame?.into_data() else {
-            continue;
-        };
-        pending.extend_from_slice(&data);
-        while let Some(pos) = pending.windows(2).position(|w| w == b"\n\n") {
-            let line: Vec<u8> = pending.drain(..pos + 2).collect();
-            let json = line.strip_prefix(b"data: ").unwrap_or(&line);
-            let Ok(ev) = serde_json::from_slice::<Event>(json) else {
-                continue;
-            };
-            let text = ev.text.unwrap_or_default();
-            let text = if text == "\n" { String::new() } else { text };
-            match ev.kind.as_str() {
-                "stdout" => writeln!(out, "{text}")?,
-                "stderr" => writeln!(err, "{text}")?,
-                "error" => {
-                    let e = ev
-                        .error
-                        .unwrap_or_else(|| execbox_proto::execd::EventError {
-                            ename: String::new(),
-                            evalue: "1".into(),
-                            traceback: Vec::new(),
-                        });
-                    exit = match e.evalue.parse::<i32>() {
-                        Ok(-1) => 137,
-                        Ok(c) => c,
-                        Err(_) => 1,
-                    };
-                    for line in e.traceback.iter().skip(1) {
-                        writeln!(err, "execbox: {line}")?;
-                    }
-                }
-                _ => {}
+    while let Some(event) = events.recv().await {
+        match event {
+            RunEvent::Stdout { data } => {
+                out.write_all(data.as_bytes())?;
+                out.flush()?;
             }
+            RunEvent::Stderr { data } => {
+                err.write_all(data.as_bytes())?;
+                err.flush()?;
+            }
+            RunEvent::Result { result } => {
+                if result.timed_out {
+                    writeln!(
+                        err,
+                        "execbox run: stopped after {} s, the time limit (--timeout)",
+                        limits.timeout_secs
+                    )?;
+                    return Ok(TIMEOUT_EXIT);
+                }
+                if result.oom_killed {
+                    writeln!(
+                        err,
+                        "execbox run: stopped: out of memory, the limit is {} (--memory)",
+                        limits.memory
+                    )?;
+                    return Ok(137);
+                }
+                if result.stdout_bytes > MAX_OUTPUT_BYTES || result.stderr_bytes > MAX_OUTPUT_BYTES
+                {
+                    writeln!(
+                        err,
+                        "execbox run: output past {} MiB per stream was dropped",
+                        MAX_OUTPUT_BYTES >> 20
+                    )?;
+                }
+                return Ok(match result.signal {
+                    Some(sig) => 128 + sig,
+                    None => result.exit_code,
+                });
+            }
+            RunEvent::Error { message } => anyhow::bail!("{message}"),
         }
     }
-    Ok(exit)
+    anyhow::bail!("the sandbox ended the run without a result")
 }

@@ -101,11 +101,15 @@ enum Command {
     },
     /// Run code once in a fresh sandbox, without a server.
     Run {
-        /// Language of CODE.
+        /// Language of the code.
         #[arg(long, value_enum, default_value = "python")]
         lang: Lang,
-        /// The code.
-        code: String,
+        /// The code (or `--file`).
+        #[arg(required_unless_present = "file", conflicts_with = "file")]
+        code: Option<String>,
+        /// A file holding the code.
+        #[arg(long)]
+        file: Option<PathBuf>,
         /// Memory limit (Kubernetes quantity, e.g. 512Mi, 2Gi).
         #[arg(long, default_value = execbox_server::oneshot::DEFAULT_MEMORY)]
         memory: String,
@@ -275,6 +279,7 @@ fn main() -> ExitCode {
         Command::Run {
             lang,
             code,
+            file,
             memory,
             cpus,
             pids,
@@ -291,7 +296,38 @@ fn main() -> ExitCode {
                 pids,
                 timeout_secs: timeout,
             };
-            match execbox_server::oneshot::run(lang, &code, &limits) {
+            let code = match (code, file) {
+                (Some(code), _) => code,
+                (None, Some(path)) => match std::fs::read_to_string(&path) {
+                    Ok(code) => code,
+                    Err(e) => {
+                        eprintln!("execbox run: cannot read {}: {e}", path.display());
+                        return ExitCode::from(125);
+                    }
+                },
+                (None, None) => {
+                    eprintln!("execbox run: give the code or --file");
+                    return ExitCode::from(125);
+                }
+            };
+            // Standard input goes to the program when it is not a terminal (a pipe, a file).
+            let stdin = {
+                use std::io::{IsTerminal, Read};
+                let input = std::io::stdin();
+                if input.is_terminal() {
+                    None
+                } else {
+                    let mut text = String::new();
+                    match input.lock().read_to_string(&mut text) {
+                        Ok(_) => Some(text),
+                        Err(e) => {
+                            eprintln!("execbox run: reading standard input: {e}");
+                            return ExitCode::from(125);
+                        }
+                    }
+                }
+            };
+            match execbox_server::oneshot::run(lang, &code, stdin, &limits) {
                 Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
                 Err(e) => {
                     eprintln!("execbox run: {e}");

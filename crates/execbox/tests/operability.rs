@@ -474,3 +474,68 @@ fn an_entrypoint_that_cannot_start_fails_the_sandbox_with_its_reason() {
     );
     assert_eq!(server.delete(&format!("/v1/sandboxes/{id}")), 204);
 }
+
+#[test]
+fn execbox_run_takes_stdin_and_files_and_says_why_it_stopped() {
+    use std::io::Write;
+    let exe = env!("CARGO_BIN_EXE_execbox");
+    // Standard input reaches the program.
+    let mut child = Command::new(exe)
+        .args([
+            "run",
+            "--lang",
+            "python",
+            "import sys; print(sys.stdin.read().upper(), end='')",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"piped in\n")
+        .expect("write");
+    let out = child.wait_with_output().expect("wait");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "PIPED IN\n");
+    // The code from a file.
+    let file = std::env::temp_dir().join(unique("execbox-run-file"));
+    std::fs::write(&file, "console.log(6 * 7)\n").unwrap();
+    let out = Command::new(exe)
+        .args(["run", "--lang", "javascript", "--file"])
+        .arg(&file)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run");
+    let _ = std::fs::remove_file(&file);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "42\n", "{out:?}");
+    // A timeout and an OOM are said in words, with their own exit codes.
+    let out = Command::new(exe)
+        .args(["run", "--timeout", "1", "--lang", "bash", "sleep 30"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(124), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("time limit (--timeout)"),
+        "{out:?}"
+    );
+    let out = Command::new(exe)
+        .args([
+            "run",
+            "--memory",
+            "64Mi",
+            "--lang",
+            "python",
+            "x = bytearray(1 << 30)",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(137), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("out of memory, the limit is 64Mi"),
+        "{out:?}"
+    );
+}
