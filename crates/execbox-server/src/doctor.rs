@@ -65,6 +65,25 @@ pub fn check(seccomp: bool, landlock: bool, cgroup_base: &str) -> Vec<Layer> {
 
     match CgroupDriver::detect_with_base(cgroup_base) {
         Ok(driver) => {
+            // What a create needs: making (and removing) a cgroup here, for real.
+            let probe = format!("doctor-probe-{}", std::process::id());
+            let writable = driver
+                .create(&probe, &Default::default())
+                .and_then(|cg| cg.remove());
+            layers.push(layer(
+                "cgroup:write",
+                writable.is_ok(),
+                true,
+                match &writable {
+                    Ok(()) => format!("sandbox cgroups can be made under {cgroup_base}"),
+                    Err(e) if root => format!("{e}"),
+                    Err(e) => format!(
+                        "{e}; hint: run execbox as root, or delegate a cgroup subtree to this \
+                         user (systemd: a unit or scope with Delegate=yes) and name it with \
+                         cgroup_base"
+                    ),
+                },
+            ));
             for f in driver.report() {
                 let required = matches!(f.name.as_str(), "memory" | "cpu" | "pids");
                 layers.push(layer(

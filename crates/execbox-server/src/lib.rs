@@ -910,6 +910,13 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServeError> {
     let server = tokio::task::spawn_blocking(move || Server::new(config))
         .await
         .map_err(|e| ServeError::Config(e.to_string()))?;
+    // Fail closed, at start: a server that cannot create sandboxes says why once, instead of
+    // answering every create with a 500.
+    if let Err(why) = &server.backend {
+        return Err(ServeError::Config(format!(
+            "{why} (execbox doctor shows every layer, with hints)"
+        )));
+    }
     if let Some(addr) = server.config.metrics.listen {
         match prometheus::install() {
             Some(handle) => {

@@ -539,3 +539,49 @@ fn execbox_run_takes_stdin_and_files_and_says_why_it_stopped() {
         "{out:?}"
     );
 }
+
+#[test]
+fn an_unprivileged_user_is_told_what_is_missing_and_serve_refuses_to_start() {
+    use std::os::unix::fs::PermissionsExt;
+    // The binary where `nobody` can run it.
+    let dir = std::env::temp_dir().join(unique("execbox-nobody"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let exe = dir.join("execbox");
+    std::fs::copy(env!("CARGO_BIN_EXE_execbox"), &exe).unwrap();
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let as_nobody = |args: &[&str]| {
+        Command::new("runuser")
+            .args(["-u", "nobody", "--"])
+            .arg(&exe)
+            .args(args)
+            .env_remove("EXECBOX_API_KEY")
+            .env_remove("EXECBOX_STATE_DIR")
+            .env_remove("EXECBOX_LISTEN")
+            .output()
+            .expect("runuser (util-linux)")
+    };
+    let doctor = as_nobody(&["doctor"]);
+    let report = String::from_utf8_lossy(&doctor.stdout);
+    assert_eq!(doctor.status.code(), Some(1), "{report}");
+    assert!(
+        report
+            .lines()
+            .any(|l| l.starts_with("cgroup:write") && l.contains("MISSING") && l.contains("hint:")),
+        "{report}"
+    );
+    let state = dir.join("state");
+    let serve = as_nobody(&[
+        "serve",
+        "--listen",
+        &format!("127.0.0.1:{}", free_port()),
+        "--state-dir",
+        state.to_str().unwrap(),
+    ]);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!serve.status.success(), "{serve:?}");
+    assert!(
+        String::from_utf8_lossy(&serve.stderr).contains("refusing to create sandboxes"),
+        "{serve:?}"
+    );
+}
