@@ -1015,6 +1015,7 @@ async fn acquire(
                 template: None,
                 volumes: Vec::new(),
                 named_volumes: Vec::new(),
+                renew_on_access_secs: None,
             })
             .await?;
             if let Err(bound) = lease.bind_runtime(plan.runtime.name()) {

@@ -341,6 +341,32 @@ impl Server {
             .map_err(|e| LifecycleError::Internal(e.to_string()))
     }
 
+    /// Traffic reached sandbox `rec` through the proxy: when it asked for it, its expiry moves
+    /// to at least `renew_on_access_secs` from now (within the tenant's maximum lifetime).
+    /// Written at most every few seconds, not on every request.
+    pub fn renew_on_access(&self, rec: &registry::SandboxRecord) {
+        let (Some(secs), Some(current)) = (rec.renew_on_access_secs, rec.expires_at) else {
+            return;
+        };
+        let now = time::OffsetDateTime::now_utc()
+            .replace_nanosecond(0)
+            .unwrap_or(time::OffsetDateTime::now_utc());
+        let mut wanted = now + time::Duration::seconds(secs as i64);
+        if let Some(max) = self.config.policy.for_tenant(&rec.tenant).max_lifetime_secs {
+            wanted = wanted.min(rec.created_at + time::Duration::seconds(max as i64));
+        }
+        if wanted <= current + time::Duration::seconds(RENEW_ON_ACCESS_STEP_SECS) {
+            return;
+        }
+        if let Some(Err(e)) = self.registry.update(&rec.id, |r| {
+            if r.expires_at.is_some_and(|e| e < wanted) {
+                r.expires_at = Some(wanted);
+            }
+        }) {
+            tracing::warn!(sandbox = %rec.id, error = %e, "extending the expiry on access");
+        }
+    }
+
     /// Removes the named volumes of `gone` (a sandbox just deleted) that asked to go with their
     /// sandbox and that no other sandbox uses.
     async fn release_volumes(&self, gone: &registry::SandboxRecord) {
@@ -386,6 +412,7 @@ impl Server {
                 images::RootSource::Template(_) => None,
             },
             volumes: spec.named_volumes.clone(),
+            renew_on_access_secs: spec.renew_on_access_secs,
             entrypoint: spec.entrypoint.clone(),
             env: spec.env.clone(),
             metadata: spec.metadata,
@@ -714,7 +741,13 @@ pub struct LaunchSpec {
     pub volumes: Vec<volumes::VolumeMount>,
     /// The named volumes among them.
     pub named_volumes: Vec<volumes::NamedVolumeRef>,
+    /// See [`registry::SandboxRecord::renew_on_access_secs`].
+    pub renew_on_access_secs: Option<u64>,
 }
+
+/// An expiry extended on access moves by at least this much, so that a busy sandbox's record
+/// is not written on every request.
+const RENEW_ON_ACCESS_STEP_SECS: i64 = 5;
 
 /// The network layer's settings from the server's configuration (checked at start).
 fn net_config(config: &ServerConfig) -> execbox_net::NetConfig {

@@ -283,6 +283,7 @@ pub async fn create(
             template,
             volumes,
             named_volumes,
+            renew_on_access_secs: v.renew_extend_secs,
         })
         .await?;
     let body = CreateSandboxResponse::from(record.to_api());

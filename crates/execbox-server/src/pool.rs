@@ -124,6 +124,7 @@ impl WarmPool {
             template: None,
             volumes: Vec::new(),
             named_volumes: Vec::new(),
+            renew_on_access_secs: None,
         }
     }
 

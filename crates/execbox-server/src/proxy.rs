@@ -61,6 +61,7 @@ async fn forward(server: Arc<Server>, req: Request) -> Result<Response, Lifecycl
         )
             .into_response());
     }
+    server.renew_on_access(&rec);
     let port: u16 = port.parse().map_err(|_| LifecycleError::Invalid {
         code: execbox_proto::lifecycle::ErrorCode::InvalidPort,
         message: format!("port: {port:?} is not a port number"),

@@ -24,6 +24,10 @@ pub struct SandboxRecord {
     /// Id of the OCI image its root is made of (keeps the image's layers while it lives).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_id: Option<String>,
+    /// Traffic through the proxy extends the expiry to at least this many seconds from now
+    /// (`extensions["access.renew.extend.seconds"]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renew_on_access_secs: Option<u64>,
     /// Named volumes it uses.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<crate::volumes::NamedVolumeRef>,

@@ -295,6 +295,7 @@ async fn open(server: &Arc<Server>, caller: &Caller, id: &str) -> Result<Lease, 
         template: None,
         volumes: Vec::new(),
         named_volumes: Vec::new(),
+        renew_on_access_secs: None,
     })
     .await?)
 }

@@ -377,3 +377,34 @@ fn a_sandbox_expires_at_its_timeout() {
         "expired sandbox left its cgroup"
     );
 }
+
+/// Seconds from now to the RFC 3339 time `t`.
+fn secs_until(t: &str) -> i64 {
+    let at = time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+        .expect("RFC 3339");
+    (at - time::OffsetDateTime::now_utc()).whole_seconds()
+}
+
+#[test]
+fn traffic_through_the_proxy_extends_the_expiry_when_asked() {
+    let server = TestServer::start();
+    let sbx = server.create(json!({
+        "timeout": 60,
+        "extensions": {"access.renew.extend.seconds": "300"},
+    }));
+    let (_, v) = server.get(&format!("/v1/sandboxes/{}", sbx.id));
+    let left = secs_until(v["expiresAt"].as_str().expect("expiresAt"));
+    assert!((50..=61).contains(&left), "{v}");
+    // One request through the proxy: the expiry is now about 300 s away.
+    let ping = sbx.execd("GET", "/ping").call().expect("ping");
+    assert_eq!(ping.status(), 200);
+    let (_, v) = server.get(&format!("/v1/sandboxes/{}", sbx.id));
+    let left = secs_until(v["expiresAt"].as_str().expect("expiresAt"));
+    assert!((290..=301).contains(&left), "{v}");
+    // Without the extension, traffic changes nothing.
+    let plain = server.create(json!({"timeout": 60}));
+    plain.execd("GET", "/ping").call().expect("ping");
+    let (_, v) = server.get(&format!("/v1/sandboxes/{}", plain.id));
+    let left = secs_until(v["expiresAt"].as_str().expect("expiresAt"));
+    assert!((50..=61).contains(&left), "{v}");
+}
