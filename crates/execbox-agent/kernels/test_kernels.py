@@ -31,6 +31,14 @@ JSHELL = shutil.which("jshell")
 NO_BUN = "BUN IS NOT INSTALLED (npm install -g bun): bun and TypeScript kernel tests SKIPPED"
 
 
+def _kernel_child_setup(cfd):
+    # The socket at fd 3, and SIGINT at its default as the agent starts kernels (a test run
+    # started in the background by a shell inherits SIGINT ignored, and a kernel started with
+    # it ignored cannot be interrupted).
+    os.dup2(cfd, 3)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Kernel:
     def __init__(self, argv, cwd, ready_timeout=60):
         t0 = time.monotonic()
@@ -44,7 +52,7 @@ class Kernel:
             stderr=subprocess.PIPE,
             # fd 3 must survive close_fds; dup2 makes the socket fd 3 (and inheritable).
             pass_fds=sorted({3, cfd}),
-            preexec_fn=lambda: os.dup2(cfd, 3),
+            preexec_fn=lambda: _kernel_child_setup(cfd),
             start_new_session=True,
         )
         child.close()
