@@ -368,6 +368,26 @@ fn doctor() -> ExitCode {
             "storage:disk", "missing (optional)"
         ),
     }
+    // What sandboxes of the host-runtimes template can run.
+    let runtimes = execbox_jail::runtimes::discover(None);
+    let names: Vec<String> = runtimes
+        .iter()
+        .map(|r| format!("{} ({})", r.name, r.executable.display()))
+        .collect();
+    println!(
+        "{:<22} {:<20} {}",
+        "runtimes",
+        if names.is_empty() {
+            "none found"
+        } else {
+            "found"
+        },
+        if names.is_empty() {
+            "no python3, node, java or bash on PATH: code contexts will be refused".to_string()
+        } else {
+            names.join(", ")
+        }
+    );
     if failed {
         println!("\nA required layer is missing: execbox refuses to create sandboxes.");
         ExitCode::from(1)

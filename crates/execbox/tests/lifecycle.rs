@@ -322,6 +322,13 @@ fn execbox_run_passes_output_and_exit_code_through() {
             .any(|l| l.starts_with("storage:disk") && l.contains("active")),
         "{report}"
     );
+    // The runtimes sandboxes get, with where they are.
+    assert!(
+        report
+            .lines()
+            .any(|l| l.starts_with("runtimes") && l.contains("python3 (/")),
+        "{report}"
+    );
 }
 
 #[test]
