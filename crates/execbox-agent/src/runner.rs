@@ -160,9 +160,9 @@ impl Runner {
         let fence = if config.landlock {
             let spec = FenceSpec {
                 read_only: vec![PathBuf::from("/")],
-                read_write: writable_roots(),
+                read_write: Vec::new(),
             };
-            let fence = landlock_fence::prepare(&spec)
+            let fence = landlock_fence::prepare_with(&spec, writable_roots()?)
                 .map_err(|e| std::io::Error::other(format!("landlock: {e}")))?;
             if fence.enforced_abi().is_none() {
                 return Err(std::io::Error::other(
@@ -386,20 +386,21 @@ pub fn leaf_stats(leaf: Option<&ExecLeaf>) -> Option<CgroupStats> {
 /// sandbox owns (its writable layer and volumes: `/home`, `/workspace`, `/tmp`, `/var`, `/srv`,
 /// `/mnt`, an image's own directories…), `/dev` and `/proc`; not the system directories (read
 /// only mounts of the host's or files of root in an image anyway) nor `/run`, where the agent
-/// keeps its own data.
-fn writable_roots() -> Vec<PathBuf> {
+/// keeps its own data. Each is opened by one name without following a link (an image's
+/// `/data -> /run/execbox` is no directory of the root): the rule is on what was checked.
+fn writable_roots() -> std::io::Result<Vec<OwnedFd>> {
     const SYSTEM: &[&str] = &[
         "usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc", "boot", "sys", "run",
         ".execbox",
     ];
-    let mut roots: Vec<PathBuf> = std::fs::read_dir("/")
+    let root = execbox_jail::fsroot::Dir::open_trusted(Path::new("/"))?;
+    let mut names = root.names()?;
+    names.sort();
+    Ok(names
         .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-        .filter(|e| !SYSTEM.iter().any(|s| e.file_name() == *s))
-        .map(|e| e.path())
-        .collect();
-    roots.sort();
-    roots
+        .filter(|name| !SYSTEM.iter().any(|s| name == *s))
+        // Not a directory (a file, a link): no rule.
+        .filter_map(|name| root.subdir(&name).ok())
+        .map(execbox_jail::fsroot::Dir::into_fd)
+        .collect())
 }

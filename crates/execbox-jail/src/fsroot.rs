@@ -105,6 +105,11 @@ impl Dir {
         Dir { fd }
     }
 
+    /// The descriptor, owned.
+    pub fn into_fd(self) -> OwnedFd {
+        self.fd
+    }
+
     /// The descriptor.
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()

@@ -184,6 +184,16 @@ fn open_path(path: &PathBuf) -> Result<Option<PathFd>, LandlockError> {
 /// Builds the ruleset for `spec` in the calling (parent) process, without
 /// restricting it. Apply it in the child with [`PreparedFence::restrict_raw`].
 pub fn prepare(spec: &FenceSpec) -> Result<PreparedFence, LandlockError> {
+    prepare_with(spec, Vec::new())
+}
+
+/// Like [`prepare`], with full access also below each directory already open in
+/// `read_write_dirs` (opened by the caller without following links, so the rule is on
+/// exactly what it checked).
+pub fn prepare_with(
+    spec: &FenceSpec,
+    read_write_dirs: Vec<OwnedFd>,
+) -> Result<PreparedFence, LandlockError> {
     let all = AccessFs::from_all(TARGET_ABI);
     let read = AccessFs::from_read(TARGET_ABI);
 
@@ -206,6 +216,10 @@ pub fn prepare(spec: &FenceSpec) -> Result<PreparedFence, LandlockError> {
                 }
             }
         }
+    }
+
+    for dir in read_write_dirs {
+        ruleset = ruleset.add_rule(PathBeneath::new(dir, all))?;
     }
 
     let fd: Option<OwnedFd> = ruleset.into();

@@ -22,6 +22,8 @@ struct Registry {
     addr: String,
     /// Its log: one line per request.
     log: PathBuf,
+    /// A file of the host that `test/hostile:1`'s `/etc/passwd` links to.
+    host_secret: PathBuf,
     /// Keeps the registry's wrapper alive: when this process ends its stdin closes, and it
     /// stops the registry and removes its directory.
     _wrapper: Mutex<Child>,
@@ -123,6 +125,24 @@ fn registry() -> &'static Registry {
         run(Command::new("umoci")
             .args(["repack", "--image", &oci("2")])
             .arg(&bundle));
+        // `hostile`: links that lead out of the image: `/etc/passwd` to a file of the host,
+        // `/agentdata` to the agent's own data, `/escape` to `/etc`.
+        let host_secret = dir.join("host-secret.txt");
+        std::fs::write(&host_secret, "host-secret-never-in-a-sandbox\n").expect("secret");
+        std::fs::remove_file(rootfs.join("etc/passwd")).expect("passwd");
+        std::os::unix::fs::symlink(&host_secret, rootfs.join("etc/passwd")).expect("link");
+        std::os::unix::fs::symlink("/run/execbox", rootfs.join("agentdata")).expect("link");
+        std::os::unix::fs::symlink("/etc", rootfs.join("escape")).expect("link");
+        run(Command::new("umoci")
+            .args(["repack", "--image", &oci("hostile")])
+            .arg(&bundle));
+        run(Command::new("skopeo").args([
+            "copy",
+            "--quiet",
+            "--dest-tls-verify=false",
+            &format!("oci:{}", oci("hostile")),
+            &format!("docker://{addr}/test/hostile:1"),
+        ]));
         for tag in ["1", "2"] {
             run(Command::new("skopeo").args([
                 "copy",
@@ -142,6 +162,7 @@ fn registry() -> &'static Registry {
         Registry {
             addr,
             log: dir.join("registry.log"),
+            host_secret,
             _wrapper: Mutex::new(wrapper),
         }
     })
@@ -393,4 +414,37 @@ fn an_image_without_a_runtime_refuses_it_clearly() {
     }
     // Commands still run, with the image's own shell.
     assert_eq!(sb.run("echo $0").out(), "/bin/sh");
+}
+
+#[test]
+fn links_in_an_image_lead_nowhere_outside_the_sandbox() {
+    let server = TestServer::start();
+    let claim = common::unique("escape").replace('_', "-");
+    let sb = server.create(json!({
+        "image": {"uri": format!("{}/test/hostile:1", registry().addr)},
+        "entrypoint": ["/bin/sh", "-c", "while :; do sleep 3600; done"],
+        // A mount path through the image's `/escape -> /etc`.
+        "volumes": [{"name": "v", "mountPath": format!("/escape/{claim}"),
+                     "pvc": {"claimName": claim, "deleteOnSandboxTermination": true}}],
+    }));
+    // The user database is built from the image's layers without following its link to the
+    // host (the lower layer's file is used instead).
+    let passwd = sb.run("cat /etc/passwd").out();
+    let secret = std::fs::read_to_string(&registry().host_secret).expect("secret");
+    assert!(!passwd.contains(secret.trim()), "{passwd}");
+    assert!(passwd.contains("user:x:1000"), "{passwd}");
+    // The volume is at the link's target inside the sandbox, never in the host's /etc.
+    let run = sb.run(&format!("grep -c ' /etc/{claim} ' /proc/self/mountinfo"));
+    assert_eq!(run.out(), "1", "{run:?}");
+    assert!(!Path::new("/etc").join(&claim).exists());
+    // The agent's data is not writable through the image's link, even by uid 0 (the fence
+    // is on the directories of the root, opened without following links).
+    let run =
+        sb.run_with(json!({"command": "(echo x > /agentdata/pwned) 2>&1; echo rc=$?", "uid": 0}));
+    assert!(run.out().ends_with("rc=1"), "{run:?}");
+    let run = sb.run_with(
+        json!({"command": "test -e /run/execbox/pwned && echo present || echo absent", "uid": 0}),
+    );
+    assert_eq!(run.out(), "absent", "{run:?}");
+    assert_eq!(server.delete(&format!("/v1/sandboxes/{}", sb.id)), 204);
 }
