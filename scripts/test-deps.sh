@@ -14,6 +14,10 @@ python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
 command -v skopeo >/dev/null || need_apt+=(skopeo)
 command -v umoci >/dev/null || need_apt+=(umoci)
 dpkg -s busybox-static >/dev/null 2>&1 || need_apt+=(busybox-static)
+# Disk-backed sandbox storage (tests/storage.rs, volumes): mke2fs formats the disks.
+[ -x /sbin/mke2fs ] || [ -x /usr/sbin/mke2fs ] || need_apt+=(e2fsprogs)
+# The unprivileged-user test of tests/operability.rs.
+command -v runuser >/dev/null || need_apt+=(util-linux)
 if ((${#need_apt[@]})); then
   apt-get update -qq && apt-get install -y -qq "${need_apt[@]}"
 fi
