@@ -61,19 +61,15 @@ enum ImageCommand {
     Gc,
 }
 
-fn init_tracing() {
-    // Per-layer logs would break the progress bars: warnings only unless RUST_LOG says more.
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+/// Ids of the images the sandboxes recorded in `state_dir` use: `rm` refuses them and `gc`
+/// keeps their layers (a running sandbox's root is made of them).
+fn in_use(state_dir: &std::path::Path) -> HashSet<String> {
+    execbox_server::images::in_use(&execbox_server::registry::Registry::load(state_dir).all())
 }
 
 pub fn run(args: ImageArgs) -> ExitCode {
-    init_tracing();
+    // Per-layer logs would break the progress bars: warnings only unless RUST_LOG says more.
+    crate::init_tracing_quiet();
     let root = args.state_dir.join("images");
     let mut config = StoreConfig::default();
     if let ImageCommand::Pull {
@@ -121,14 +117,16 @@ pub fn run(args: ImageArgs) -> ExitCode {
                 Err(e) => fail(e),
             }
         }
-        ImageCommand::Rm { reference } => match store.remove(&reference, &HashSet::new()) {
-            Ok(()) => {
-                println!("removed {reference} (its layers go at the next `execbox image gc`)");
-                ExitCode::SUCCESS
+        ImageCommand::Rm { reference } => {
+            match store.remove(&reference, &in_use(&args.state_dir)) {
+                Ok(()) => {
+                    println!("removed {reference} (its layers go at the next `execbox image gc`)");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
             }
-            Err(e) => fail(e),
-        },
-        ImageCommand::Gc => match store.gc(&HashSet::new()) {
+        }
+        ImageCommand::Gc => match store.gc(&in_use(&args.state_dir)) {
             Ok(r) => {
                 println!(
                     "removed {} layers and {} blobs, {} freed",

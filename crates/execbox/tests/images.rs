@@ -448,3 +448,37 @@ fn links_in_an_image_lead_nowhere_outside_the_sandbox() {
     assert_eq!(run.out(), "absent", "{run:?}");
     assert_eq!(server.delete(&format!("/v1/sandboxes/{}", sb.id)), 204);
 }
+
+#[test]
+fn the_command_line_keeps_images_that_sandboxes_use() {
+    let server = TestServer::start();
+    let reference = image("2");
+    let sb = create_from(&server, &reference);
+    let cli = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_execbox"))
+            .arg("image")
+            .args(args)
+            .arg("--state-dir")
+            .arg(&server.state_dir)
+            .output()
+            .expect("execbox image")
+    };
+    let layers = server.state_dir.join("images/layers");
+    let stored = entries(&layers).len();
+    assert!(stored >= 1, "{stored}");
+    // In use by a sandbox (its record in the state directory): not removed, layers kept.
+    let rm = cli(&["rm", &reference]);
+    assert!(!rm.status.success(), "{rm:?}");
+    assert!(
+        String::from_utf8_lossy(&rm.stderr).contains("in use"),
+        "{rm:?}"
+    );
+    assert!(cli(&["gc"]).status.success());
+    assert_eq!(entries(&layers).len(), stored);
+    assert_eq!(sb.run("cat /data/v2.txt").out(), "second layer");
+    // Once the sandbox is gone, both go.
+    assert_eq!(server.delete(&format!("/v1/sandboxes/{}", sb.id)), 204);
+    assert!(cli(&["rm", &reference]).status.success());
+    assert!(cli(&["gc"]).status.success());
+    assert!(entries(&layers).is_empty(), "{:?}", entries(&layers));
+}
