@@ -18,19 +18,28 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
+/// Whether this process records metrics (`[metrics] listen`): without it the request path
+/// does no metrics work at all.
+static ENABLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Installs the process's recorder (once). `None` when another recorder is installed already.
 pub fn install() -> Option<PrometheusHandle> {
-    PrometheusBuilder::new()
+    let handle = PrometheusBuilder::new()
         .set_buckets(LATENCY_BUCKETS)
         .ok()?
         .install_recorder()
         .inspect_err(|e| tracing::warn!(error = %e, "metrics recorder"))
-        .ok()
+        .ok()?;
+    ENABLED.store(true, std::sync::atomic::Ordering::Relaxed);
+    Some(handle)
 }
 
 /// One request served: its route (ids and ports replaced by placeholders, so that the number
 /// of series stays bounded), status and latency.
 pub fn request(method: &str, path: &str, status: u16, seconds: f64) {
+    if !ENABLED.load(std::sync::atomic::Ordering::Relaxed) {
+        return;
+    }
     metrics::histogram!(
         "execbox_http_request_duration_seconds",
         "method" => method.to_string(),

@@ -385,19 +385,11 @@ fn npm_registry_host() -> String {
 /// through isol8's `installPackages`, whose user code then has no network.
 #[test]
 fn package_installs_reach_the_registry_and_nothing_else() {
+    let pypi = common::pypi_registries_line();
     let hosts = pip_registry_hosts();
-    assert!(
-        !hosts.is_empty(),
-        "no package index found in the host's pip"
-    );
-    let list = hosts
-        .iter()
-        .map(|h| format!("\"{h}\""))
-        .collect::<Vec<_>>()
-        .join(", ");
     let npm = npm_registry_host();
     let server = TestServer::start_with_config(&format!(
-        "[network.registries]\npypi = [{list}]\nnpm = [\"{npm}\"]\n"
+        "[network.registries]\n{pypi}\nnpm = [\"{npm}\"]\n"
     ));
     // The host's own CA settings (a proxying network may need them), passed on as they are.
     let ca: serde_json::Map<String, Value> = [

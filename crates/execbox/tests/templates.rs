@@ -160,17 +160,10 @@ fn code_interpreter_sandboxes_have_the_data_stack_everywhere() {
 /// uses) is the one imported, not the template's version of it; the rest of the template stays.
 #[test]
 fn user_installs_are_not_shadowed_by_the_template() {
-    let hosts = pip_registry_hosts();
-    assert!(
-        !hosts.is_empty(),
-        "no package index found in the host's pip"
-    );
-    let list = hosts
-        .iter()
-        .map(|h| format!("\"{h}\""))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let server = TestServer::start_with_config(&format!("[network.registries]\npypi = [{list}]\n"));
+    let server = TestServer::start_with_config(&format!(
+        "[network.registries]\n{}\n",
+        pypi_registries_line()
+    ));
     // The host's own CA settings (a proxying network may need them), passed on as they are.
     let mut envs: serde_json::Map<String, Value> = [
         "PIP_CERT",

@@ -531,6 +531,22 @@ pub fn raise_fd_limit(want: u64) -> u64 {
 
 /// The hosts of the package index the host's own pip uses (its configuration, else pip's
 /// default index and file host), read here so that no registry's name is written in the repo.
+/// `pypi = ["host", …]` for `[network.registries]`: the package index hosts of the host's pip
+/// (there must be one).
+pub fn pypi_registries_line() -> String {
+    let hosts = pip_registry_hosts();
+    assert!(
+        !hosts.is_empty(),
+        "no package index found in the host's pip"
+    );
+    let list = hosts
+        .iter()
+        .map(|h| format!("\"{h}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!("pypi = [{list}]")
+}
+
 pub fn pip_registry_hosts() -> Vec<String> {
     let out = std::process::Command::new("python3")
         .args([
