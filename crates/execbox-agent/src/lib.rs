@@ -15,6 +15,7 @@
 mod code;
 mod command;
 mod drain;
+mod entrypoint;
 mod error;
 mod files;
 mod kernel;
@@ -61,6 +62,8 @@ pub(crate) struct AppState {
     pub metrics: metrics::Sampler,
     /// Largest accepted upload in bytes (0 = bounded only by the sandbox's disk).
     pub max_upload_bytes: u64,
+    /// The entrypoint's kept output.
+    pub entrypoint: Arc<entrypoint::EntrypointLog>,
 }
 
 /// The root file system's id and the sandbox's disk size, when the server said it.
@@ -96,6 +99,7 @@ fn router(state: Arc<AppState>) -> Router {
         .merge(files::routes())
         .merge(metrics::routes())
         .merge(run::routes())
+        .merge(entrypoint::routes())
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::not_found)
         // Every answer waits for its request body (see `drain`), except on the routes whose
@@ -243,8 +247,9 @@ async fn serve(
     });
 
     let mut entrypoint_error = None;
+    let entrypoint_log = Arc::new(entrypoint::EntrypointLog::default());
     if !config.entrypoint.is_empty() {
-        if let Err(e) = runner.start_entrypoint(&config.entrypoint) {
+        if let Err(e) = runner.start_entrypoint(&config.entrypoint, entrypoint_log.clone()) {
             tracing::warn!(error = %e, "entrypoint failed to start");
             entrypoint_error = Some(format!(
                 "the entrypoint {:?} did not start: {e}",
@@ -267,6 +272,7 @@ async fn serve(
         ptys: pty::Ptys::default(),
         metrics: metrics::Sampler::new(runner.clone(), config.cpu_millicores),
         max_upload_bytes: config.max_upload_bytes,
+        entrypoint: entrypoint_log,
     });
     if let Err(e) = kernel::install_scripts() {
         tracing::warn!(error = %e, "kernel scripts not installed: code contexts will fail");

@@ -323,21 +323,40 @@ impl Runner {
     }
 
     /// Starts the sandbox entrypoint in the background, output discarded.
-    pub fn start_entrypoint(&self, argv: &[String]) -> Result<(), RunError> {
+    pub fn start_entrypoint(
+        &self,
+        argv: &[String],
+        log: Arc<crate::entrypoint::EntrypointLog>,
+    ) -> Result<(), RunError> {
         let started = self.start(RunSpec {
             argv: argv.to_vec(),
             cwd: Path::new(SANDBOX_HOME),
             extra_env: Vec::new(),
             creds: None,
             groups: Vec::new(),
-            output: Output::Null,
+            output: Output::Combined,
             input: Input::Null,
             controlling_tty: false,
             inherit_fds: Vec::new(),
         })?;
+        log.started(argv);
+        let output = started
+            .stdout
+            .and_then(|fd| tokio::net::unix::pipe::Receiver::from_owned_fd(fd).ok());
+        let reader =
+            output.map(|pipe| tokio::spawn(crate::entrypoint::keep_output(log.clone(), pipe)));
         tokio::spawn(async move {
             let status = started.exit.await;
             tracing::info!(?status, "entrypoint exited");
+            // Its last words first (a child that kept the pipe open is not waited for long).
+            if let Some(reader) = reader {
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(1), reader).await;
+            }
+            log.ended(match status {
+                Ok(ExitInfo::Code(c)) => format!("exit code {c}"),
+                Ok(ExitInfo::Signal(s)) => format!("killed by signal {s}"),
+                Err(_) => "exit status unknown".into(),
+            });
             if let Some(leaf) = started.leaf {
                 let _ = leaf.remove();
             }

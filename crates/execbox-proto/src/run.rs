@@ -13,6 +13,8 @@ pub const WRITE_FILES_PATH: &str = "/execbox/files/write";
 pub const LIST_FILES_PATH: &str = "/execbox/files/list";
 /// Route of [`KillRequest`].
 pub const KILL_PATH: &str = "/execbox/kill";
+/// Route of the entrypoint's kept output, answered with [`EntrypointOutput`].
+pub const ENTRYPOINT_PATH: &str = "/execbox/entrypoint";
 /// [`KillRequest::pid`] meaning every process of the sandbox but its agent.
 pub const EVERY_PROCESS: i32 = -1;
 
@@ -238,4 +240,18 @@ mod tests {
         r.stdout_bytes = 3;
         assert!(r.truncated());
     }
+}
+
+/// `GET /execbox/entrypoint`: what the sandbox's entrypoint wrote (stdout and stderr together,
+/// the last bytes only when it wrote more than the agent keeps) and how it ended.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct EntrypointOutput {
+    /// The command, as started; empty when the sandbox has no entrypoint.
+    pub argv: Vec<String>,
+    /// Its output, as text (invalid UTF-8 replaced).
+    pub output: String,
+    /// Bytes written before the kept part (0: the output is whole).
+    pub dropped_bytes: u64,
+    /// How it ended (`exit code 0`, `killed by signal 9`); none while it runs.
+    pub ended: Option<String>,
 }

@@ -5,8 +5,9 @@ use std::path::Path;
 
 use bytes::Bytes;
 use execbox_proto::run::{
-    KillRequest, ListFilesResponse, RunError, RunEvent, RunRequest, RunResult, WriteFilesRequest,
-    WriteFilesResponse, KILL_PATH, LIST_FILES_PATH, RUN_PATH, WRITE_FILES_PATH,
+    EntrypointOutput, KillRequest, ListFilesResponse, RunError, RunEvent, RunRequest, RunResult,
+    WriteFilesRequest, WriteFilesResponse, ENTRYPOINT_PATH, KILL_PATH, LIST_FILES_PATH, RUN_PATH,
+    WRITE_FILES_PATH,
 };
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -86,6 +87,11 @@ async fn call<T: serde::de::DeserializeOwned>(
 
 fn json<T: serde::Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).unwrap_or_default()
+}
+
+/// The entrypoint's kept output and how it ended.
+pub async fn entrypoint_output(socket: &Path) -> Result<EntrypointOutput, AgentCallError> {
+    call(socket, Method::GET, ENTRYPOINT_PATH, Vec::new()).await
 }
 
 /// Runs to completion.

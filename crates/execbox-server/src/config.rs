@@ -63,6 +63,8 @@ pub struct ServerConfig {
     pub metrics: MetricsConfig,
     /// Where OCI images come from (`[image_store]`).
     pub image_store: ImageStoreConfig,
+    /// Endpoints handed to clients (`[endpoints]`).
+    pub endpoints: EndpointsConfig,
     /// Client connections open at once, WebSocket sessions included (at least 1). At the cap
     /// the server stops accepting and new connections wait in the kernel's listen backlog
     /// until one closes. Lowered at start to half the process's limit on open files, which
@@ -109,6 +111,24 @@ impl std::fmt::Debug for RegistryCredentials {
         f.debug_struct("RegistryCredentials")
             .field("username", &self.username)
             .finish_non_exhaustive()
+    }
+}
+
+/// Endpoints handed to clients (`[endpoints]`).
+#[derive(Clone, Default, serde::Deserialize, serde::Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EndpointsConfig {
+    /// Key signing expiring endpoint URLs (`?expires=`), at least 16 characters; servers
+    /// behind one address share it. Unset: a random key kept in the state directory
+    /// (`endpoint-signing.key`).
+    pub signing_key: Option<String>,
+}
+
+impl std::fmt::Debug for EndpointsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EndpointsConfig")
+            .field("signing_key", &self.signing_key.as_ref().map(|_| "***"))
+            .finish()
     }
 }
 
@@ -481,6 +501,7 @@ impl Default for ServerConfig {
             volumes: VolumesConfig::default(),
             metrics: MetricsConfig::default(),
             image_store: ImageStoreConfig::default(),
+            endpoints: EndpointsConfig::default(),
             max_connections: 10_000,
             header_read_timeout_secs: 10,
             idle_timeout_secs: 60,
@@ -527,6 +548,9 @@ impl ServerConfig {
             .credentials
             .values_mut()
             .for_each(|c| c.password = "***".into());
+        if let Some(key) = shown.endpoints.signing_key.as_mut() {
+            mask(key);
+        }
         toml::to_string(&shown).map_err(|e| e.to_string())
     }
 

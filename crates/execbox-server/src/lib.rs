@@ -9,6 +9,7 @@ pub mod agent_client;
 pub mod agent_run;
 pub mod concurrency;
 pub mod config;
+pub mod diagnostics;
 mod disk_pool;
 pub mod doctor;
 pub mod egress;
@@ -23,8 +24,10 @@ pub mod pool;
 pub mod prometheus;
 pub mod proxy;
 pub mod registry;
+pub mod sandbox_pools;
 pub mod session_exec;
 pub mod sessions;
+pub mod signed;
 pub mod templates;
 pub mod volumes;
 pub mod watch;
@@ -77,6 +80,12 @@ pub struct Server {
     pub images: Result<Arc<execbox_image::ImageStore>, String>,
     /// Named volumes and the rules for host ones.
     pub volumes: Arc<volumes::Volumes>,
+    /// Upstream's pools (`/v1/pools`).
+    pub sandbox_pools: sandbox_pools::SandboxPools,
+    /// What happened to each sandbox, for its diagnostics.
+    pub events: diagnostics::Events,
+    /// Signs expiring endpoint URLs, or why it cannot.
+    signer: Result<signed::EndpointSigner, String>,
     backend: Result<Arc<LocalBackend>, String>,
 }
 
@@ -121,7 +130,15 @@ impl Server {
             &config.state_dir,
             config.volumes.clone(),
         ));
+        let signer = signed::EndpointSigner::load(
+            &config.state_dir,
+            config.endpoints.signing_key.as_deref(),
+        )
+        .inspect_err(|e| tracing::error!(error = %e, "signed endpoints are unavailable"));
         let server = Arc::new_cyclic(|me| Self {
+            signer,
+            events: diagnostics::Events::default(),
+            sandbox_pools: sandbox_pools::SandboxPools::load(&config.state_dir),
             templates,
             volumes,
             config,
@@ -172,6 +189,8 @@ impl Server {
             how.as_deref().unwrap_or("exit status unknown")
         );
         tracing::warn!(sandbox = %id, %message, "sandbox failed");
+        self.events
+            .record(id, format!("Failed (AGENT_EXITED): {message}"));
         prometheus::agent_died();
         // The state first: clients see the truth at once, whatever the clean-up takes.
         let now = time::OffsetDateTime::now_utc();
@@ -276,6 +295,18 @@ impl Server {
         self.backend.as_ref().is_ok_and(|b| b.is_alive(p))
     }
 
+    /// Whether the server is stopping (nothing new is started for its own pools).
+    pub fn stopping(&self) -> bool {
+        self.pool.is_stopping()
+    }
+
+    /// The signer of expiring endpoints, or why there is none.
+    pub fn endpoint_signer(&self) -> Result<&signed::EndpointSigner, LifecycleError> {
+        self.signer
+            .as_ref()
+            .map_err(|e| LifecycleError::Unavailable(format!("signed endpoints: {e}")))
+    }
+
     /// Path of a sandbox's agent socket.
     pub fn socket_path(&self, id: &str) -> Result<PathBuf, LifecycleError> {
         Ok(self.backend()?.socket_path(id))
@@ -311,6 +342,10 @@ impl Server {
                     let _ = self.registry.update(&rec.id, |r| r.state = state);
                 }
                 tracing::info!(sandbox = %rec.id, "re-attached");
+                self.events.record(
+                    &rec.id,
+                    format!("re-attached by a starting server ({state})"),
+                );
             } else if rec.state == SandboxState::Failed && rec.owner.is_none() {
                 // Kept until deleted or expired, so that clients see why it failed.
             } else {
@@ -330,6 +365,13 @@ impl Server {
         reason: Option<&str>,
     ) -> Result<(), LifecycleError> {
         let now = time::OffsetDateTime::now_utc();
+        self.events.record(
+            id,
+            match reason {
+                Some(reason) => format!("{state} ({reason})"),
+                None => state.to_string(),
+            },
+        );
         self.registry
             .update(id, |r| {
                 r.state = state;
@@ -430,6 +472,7 @@ impl Server {
             limits: spec.limits,
             placement: None,
             owner: spec.owner,
+            pool: None,
             network: spec.network.as_ref().map(execbox_net::Policy::to_wire),
         };
         let limits = spec.limits;
@@ -520,6 +563,8 @@ impl Server {
         let record = match watched.entrypoint_error {
             Some(message) => {
                 tracing::warn!(sandbox = %record.id, %message, "entrypoint failed");
+                self.events
+                    .record(&record.id, format!("Failed (ENTRYPOINT_FAILED): {message}"));
                 let now = time::OffsetDateTime::now_utc();
                 match self.registry.update(&record.id, |r| {
                     r.state = SandboxState::Failed;
@@ -555,6 +600,14 @@ impl Server {
             network = record.network.is_some(),
             "sandbox created"
         );
+        self.events.record(
+            &record.id,
+            format!(
+                "created from {} with entrypoint {:?}; Running",
+                record.image_uri.as_deref().unwrap_or("default"),
+                record.entrypoint
+            ),
+        );
         prometheus::sandbox_created(record.owner.as_deref().unwrap_or("lifecycle"));
         Ok(record)
     }
@@ -567,6 +620,7 @@ impl Server {
             .ok_or_else(|| LifecycleError::NotFound(id.to_string()))?;
         let _ = self.set_state(id, SandboxState::Stopping, Some(reason));
         self.registry.remove(id);
+        self.events.forget(id);
         tracing::info!(
             sandbox = %id,
             tenant = %rec.tenant,
@@ -881,6 +935,32 @@ pub fn router(server: Arc<Server>) -> Router {
         .route("/v1/sandboxes/{id}/renew-expiration", post(l::renew))
         .route("/v1/sandboxes/{id}/endpoints/{port}", get(l::endpoint))
         .route(
+            "/v1/pools",
+            post(sandbox_pools::create).get(sandbox_pools::list),
+        )
+        .route(
+            "/v1/pools/{name}",
+            get(sandbox_pools::get)
+                .put(sandbox_pools::update)
+                .delete(sandbox_pools::delete),
+        )
+        .route(
+            "/v1/sandboxes/{id}/diagnostics/logs",
+            get(diagnostics::logs),
+        )
+        .route(
+            "/v1/sandboxes/{id}/diagnostics/events",
+            get(diagnostics::events),
+        )
+        .route(
+            "/v1/sandboxes/{id}/diagnostics/inspect",
+            get(diagnostics::inspect),
+        )
+        .route(
+            "/v1/sandboxes/{id}/diagnostics/summary",
+            get(diagnostics::summary),
+        )
+        .route(
             "/v1/sandboxes/{id}/snapshots",
             post(l::snapshots_unsupported),
         )
@@ -898,6 +978,18 @@ pub fn router(server: Arc<Server>) -> Router {
         .route("/v1/sandboxes/{id}/proxy/{port}", any(proxy::proxy))
         .route("/v1/sandboxes/{id}/proxy/{port}/", any(proxy::proxy))
         .route("/v1/sandboxes/{id}/proxy/{port}/{*rest}", any(proxy::proxy))
+        .route(
+            "/v1/sandboxes/{id}/signed/{port}/{expires}/{signature}",
+            any(proxy::signed_proxy),
+        )
+        .route(
+            "/v1/sandboxes/{id}/signed/{port}/{expires}/{signature}/",
+            any(proxy::signed_proxy),
+        )
+        .route(
+            "/v1/sandboxes/{id}/signed/{port}/{expires}/{signature}/{*rest}",
+            any(proxy::signed_proxy),
+        )
         .merge(lifecycle)
         .merge(isol8::routes(server.clone()))
         .merge(session_exec::routes(server.clone()))
@@ -972,6 +1064,7 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServeError> {
             tick.tick().await;
             reaper.reap_expired().await;
             reaper.retry_cleanups().await;
+            sandbox_pools::maintain(&reaper);
             let ttl = Duration::from_secs(reaper.config.policy.session_idle_ttl_secs);
             sessions::Sessions::prune(&reaper, ttl).await;
         }

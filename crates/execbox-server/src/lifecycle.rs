@@ -46,6 +46,12 @@ pub enum LifecycleError {
     /// 502: a service the request needed (an image registry) failed.
     #[error("{0}")]
     Upstream(String),
+    /// 401 on a signed endpoint: a wrong signature or a time past.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// 404 for an unknown pool.
+    #[error("pool {0} not found")]
+    PoolNotFound(String),
     /// 429: the server's or the tenant's maximum of sandboxes is reached.
     #[error("{0}")]
     TooMany(String),
@@ -145,6 +151,8 @@ impl IntoResponse for LifecycleError {
             Self::Upstream(_) => (StatusCode::BAD_GATEWAY, ErrorCode::UnknownError),
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::UnknownError),
             Self::TooMany(_) => (StatusCode::TOO_MANY_REQUESTS, ErrorCode::QuotaExceeded),
+            Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, ErrorCode::InvalidSignature),
+            Self::PoolNotFound(_) => (StatusCode::NOT_FOUND, ErrorCode::PoolNotFound),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::UnknownError),
         };
         if status.is_server_error() {
@@ -170,7 +178,11 @@ type Result<T> = std::result::Result<T, LifecycleError>;
 const RETRY_AFTER_SECS: &str = "5";
 
 /// Refuses a create beyond the server's or `tenant`'s maximum of sandboxes.
-fn check_capacity(server: &Server, tenant: &str, policy: &crate::config::Policy) -> Result<()> {
+pub(crate) fn check_capacity(
+    server: &Server,
+    tenant: &str,
+    policy: &crate::config::Policy,
+) -> Result<()> {
     let records = server.registry.all();
     let server_max = server.config.policy.max_sandboxes;
     if server_max > 0 && records.len() >= server_max {
@@ -178,6 +190,15 @@ fn check_capacity(server: &Server, tenant: &str, policy: &crate::config::Policy)
             "this server runs its maximum of {server_max} sandboxes; try again later"
         )));
     }
+    check_tenant_capacity(&records, tenant, policy)
+}
+
+/// Refuses one more lifecycle sandbox for `tenant` beyond its maximum.
+pub(crate) fn check_tenant_capacity(
+    records: &[SandboxRecord],
+    tenant: &str,
+    policy: &crate::config::Policy,
+) -> Result<()> {
     let tenant_max = policy.max_sandboxes_per_tenant;
     let mine = records
         .iter()
@@ -191,7 +212,7 @@ fn check_capacity(server: &Server, tenant: &str, policy: &crate::config::Policy)
     Ok(())
 }
 
-fn host_arch() -> &'static str {
+pub(crate) fn host_arch() -> &'static str {
     wire::normalize_arch(std::env::consts::ARCH)
 }
 
@@ -203,16 +224,45 @@ pub async fn create(
 ) -> Result<Response> {
     let req = wire::parse_create_request(&body)?;
     let v = req.validate(server.config.max_timeout_secs, host_arch())?;
+    let record = match &v.pool_ref {
+        Some(pool) => crate::sandbox_pools::acquire(&server, &tenant.0, &req, &v, pool).await?,
+        None => {
+            let spec = prepare(&server, &tenant.0, &req, &v, Capacity::Check).await?;
+            server.launch(spec).await?
+        }
+    };
+    let body = CreateSandboxResponse::from(record.to_api());
+    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+}
+
+/// Whether [`prepare`] checks the server's and the tenant's maximum of sandboxes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Capacity {
+    /// A create: refused at the maximum.
+    Check,
+    /// Only the request is checked (a pool's template when the pool is defined).
+    Ignore,
+}
+
+/// Everything a create request asks for, checked against `tenant`'s policy and resolved (the
+/// image pulled, the template built, the volumes found): what `Server::launch` starts.
+pub(crate) async fn prepare(
+    server: &Server,
+    tenant: &str,
+    req: &wire::CreateSandboxRequest,
+    v: &wire::ValidatedCreate,
+    capacity: Capacity,
+) -> Result<LaunchSpec> {
     let image = req.image.as_ref().map(|i| i.uri.clone());
     if req.snapshot_id.is_some() {
         return Err(LifecycleError::invalid(
             "snapshotId: snapshots are not supported by this server",
         ));
     }
-    let network = network_of(&server, &tenant.0, req.network_policy.as_ref())?;
+    let network = network_of(server, tenant, req.network_policy.as_ref())?;
     // The policy of the caller's tenant bounds every limit; an absent one gets the maximum (a
     // sandbox is never unbounded).
-    let policy = server.config.policy.for_tenant(&tenant.0);
+    let policy = server.config.policy.for_tenant(tenant);
     let disk_field = match req.resource_limits.as_ref() {
         Some(l) if l.contains_key("ephemeral-storage") => "resourceLimits.ephemeral-storage",
         _ => "resourceLimits.disk",
@@ -237,7 +287,9 @@ pub async fn create(
         ..Default::default()
     };
     let lifetime = policy.lifetime_secs("timeout", v.timeout_secs)?;
-    check_capacity(&server, &tenant.0, &policy)?;
+    if capacity == Capacity::Check {
+        check_capacity(server, tenant, &policy)?;
+    }
     // Last of the checks: an image may take minutes to pull, a template to build, the first
     // time.
     let root = match &req.image {
@@ -251,13 +303,13 @@ pub async fn create(
         None => crate::images::RootSource::Template(crate::templates::DEFAULT_TEMPLATE.into()),
     };
     let template = match &root {
-        crate::images::RootSource::Template(name) => prepare_template(&server, name).await?,
+        crate::images::RootSource::Template(name) => prepare_template(server, name).await?,
         crate::images::RootSource::Image(_) => None,
     };
     let (volumes, named_volumes) = match req.volumes.clone().filter(|v| !v.is_empty()) {
         Some(wanted) => {
             let volumes = server.volumes.clone();
-            let tenant_name = tenant.0.clone();
+            let tenant_name = tenant.to_string();
             tokio::task::spawn_blocking(move || volumes.resolve(&tenant_name, &wanted))
                 .await
                 .map_err(|e| LifecycleError::Internal(e.to_string()))?
@@ -265,29 +317,28 @@ pub async fn create(
         }
         None => (Vec::new(), Vec::new()),
     };
-    let now = OffsetDateTime::now_utc()
-        .replace_nanosecond(0)
-        .unwrap_or(OffsetDateTime::now_utc());
-    let record = server
-        .launch(LaunchSpec {
-            tenant: tenant.0.clone(),
-            owner: None,
-            image_uri: image,
-            root,
-            entrypoint: v.entrypoint.clone(),
-            env: req.env.clone().unwrap_or_default(),
-            metadata: req.metadata.clone().unwrap_or_default(),
-            limits,
-            expires_at: lifetime.map(|s| now + time::Duration::seconds(s as i64)),
-            network,
-            template,
-            volumes,
-            named_volumes,
-            renew_on_access_secs: v.renew_extend_secs,
-        })
-        .await?;
-    let body = CreateSandboxResponse::from(record.to_api());
-    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+    Ok(LaunchSpec {
+        tenant: tenant.to_string(),
+        owner: None,
+        image_uri: image,
+        root,
+        entrypoint: v.entrypoint.clone(),
+        env: req.env.clone().unwrap_or_default(),
+        metadata: req.metadata.clone().unwrap_or_default(),
+        limits,
+        expires_at: lifetime.map(expiry_in),
+        network,
+        template,
+        volumes,
+        named_volumes,
+        renew_on_access_secs: v.renew_extend_secs,
+    })
+}
+
+/// The time `secs` from now, in whole seconds.
+pub(crate) fn expiry_in(secs: u64) -> OffsetDateTime {
+    let now = OffsetDateTime::now_utc();
+    now.replace_nanosecond(0).unwrap_or(now) + time::Duration::seconds(secs as i64)
 }
 
 /// The built template `name`, waiting for its build; none for the host's runtimes.
@@ -305,7 +356,7 @@ async fn prepare_template(
 }
 
 /// The sandbox `id` if it belongs to `tenant`; another tenant's sandbox is as unknown.
-fn find(server: &Server, id: &str, tenant: &Tenant) -> Result<SandboxRecord> {
+pub(crate) fn find(server: &Server, id: &str, tenant: &Tenant) -> Result<SandboxRecord> {
     server
         .registry
         .get(id)
@@ -472,6 +523,9 @@ pub async fn renew(
         .update(&id, |r| r.expires_at = Some(req.expires_at))
         .ok_or_else(|| LifecycleError::NotFound(id.clone()))?
         .map_err(|e| LifecycleError::Internal(e.to_string()))?;
+    server
+        .events
+        .record(&id, format!("expiry renewed to {}", req.expires_at));
     Ok(Json(RenewExpirationResponse {
         expires_at: req.expires_at,
     })
@@ -497,7 +551,16 @@ pub async fn patch_metadata(
     Ok(Json(rec.to_api()).into_response())
 }
 
-/// `GET /v1/sandboxes/{id}/endpoints/{port}`.
+/// The query of `GET …/endpoints/{port}`.
+#[derive(Debug, Default, serde::Deserialize)]
+struct EndpointQuery {
+    use_server_proxy: Option<String>,
+    expires: Option<String>,
+}
+
+/// `GET /v1/sandboxes/{id}/endpoints/{port}`: always the server's proxy (execbox has no other
+/// route into a sandbox), so `use_server_proxy` changes nothing; with `expires` (Unix
+/// seconds), a signed route that needs no header until then (see `signed.rs`).
 pub async fn endpoint(
     State(server): State<Arc<Server>>,
     Extension(tenant): Extension<Tenant>,
@@ -514,15 +577,18 @@ pub async fn endpoint(
             code: ErrorCode::InvalidPort,
             message: format!("port: {port:?} is not a port number (1-65535)"),
         })?;
-    if q.as_deref()
-        .unwrap_or("")
-        .split('&')
-        .any(|kv| kv.starts_with("expires="))
-    {
-        return Err(LifecycleError::invalid(
-            "expires: signed endpoints are not supported",
-        ));
-    }
+    let query: EndpointQuery = serde_urlencoded::from_str(q.as_deref().unwrap_or(""))
+        .map_err(|e| LifecycleError::invalid(format!("query: {e}")))?;
+    let use_server_proxy = match query.use_server_proxy.as_deref() {
+        None => false,
+        Some(v) if v.eq_ignore_ascii_case("true") || v == "1" => true,
+        Some(v) if v.eq_ignore_ascii_case("false") || v == "0" => false,
+        Some(v) => {
+            return Err(LifecycleError::invalid(format!(
+                "use_server_proxy: {v:?} is not a boolean"
+            )))
+        }
+    };
     let host = server.config.public_address.clone().unwrap_or_else(|| {
         headers
             .get(http::header::HOST)
@@ -530,6 +596,21 @@ pub async fn endpoint(
             .map(str::to_string)
             .unwrap_or_else(|| server.config.listen.to_string())
     });
+    if let Some(expires) = query.expires {
+        if use_server_proxy {
+            return Err(LifecycleError::invalid(
+                "expires: cannot be combined with use_server_proxy=true",
+            ));
+        }
+        let expires_at = parse_expires(&expires, server.config.max_timeout_secs)?;
+        let expires_b36 = crate::signed::to_b36(expires_at);
+        let signature = server.endpoint_signer()?.sign(&id, port, &expires_b36);
+        return Ok(Json(Endpoint {
+            endpoint: format!("{host}/v1/sandboxes/{id}/signed/{port}/{expires_b36}/{signature}"),
+            headers: None,
+        })
+        .into_response());
+    }
     let mut h = BTreeMap::new();
     h.insert("X-EXECD-ACCESS-TOKEN".to_string(), rec.token);
     Ok(Json(Endpoint {
@@ -537,6 +618,32 @@ pub async fn endpoint(
         headers: Some(h),
     })
     .into_response())
+}
+
+/// The `expires` of an endpoint request: decimal Unix seconds, in the future and at most the
+/// server's longest lifetime from now.
+fn parse_expires(raw: &str, max_secs: u64) -> Result<u64> {
+    let canonical = !raw.is_empty()
+        && raw.len() <= 20
+        && raw.bytes().all(|b| b.is_ascii_digit())
+        && (raw == "0" || !raw.starts_with('0'));
+    let value: u64 = raw.parse().ok().filter(|_| canonical).ok_or_else(|| {
+        LifecycleError::invalid(format!(
+            "expires: {raw:?} is not a time in Unix seconds (a decimal integer)"
+        ))
+    })?;
+    let now = OffsetDateTime::now_utc().unix_timestamp().max(0) as u64;
+    if value <= now {
+        return Err(LifecycleError::invalid(
+            "expires: must be in the future (Unix seconds, not milliseconds)",
+        ));
+    }
+    if value - now > max_secs {
+        return Err(LifecycleError::invalid(format!(
+            "expires: at most {max_secs} seconds from now"
+        )));
+    }
+    Ok(value)
 }
 
 /// Snapshot routes: not supported.

@@ -64,6 +64,11 @@ impl WarmPool {
         }
     }
 
+    /// Whether [`WarmPool::stop`] was called: the server is stopping.
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Profile, Shelf>> {
         self.shelves.lock().unwrap_or_else(|p| p.into_inner())
     }

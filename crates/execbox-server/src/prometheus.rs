@@ -77,12 +77,12 @@ fn route_of(path: &str) -> String {
     while let Some(part) = parts.next() {
         out.push(part.to_string());
         match part {
-            "sandboxes" | "snapshots" | "sessions" | "contexts" => {
+            "sandboxes" | "snapshots" | "sessions" | "contexts" | "pools" => {
                 if let Some(_id) = parts.next() {
                     out.push("{id}".into());
                 }
             }
-            "proxy" | "endpoints" => {
+            "proxy" | "endpoints" | "signed" => {
                 if parts.next().is_some() {
                     out.push("{port}".into());
                 }

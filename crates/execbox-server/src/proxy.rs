@@ -41,6 +41,62 @@ pub async fn proxy(State(server): State<Arc<Server>>, req: Request) -> Response 
     }
 }
 
+/// Any method on a signed route, `/v1/sandboxes/{id}/signed/{port}/{expires}/{signature}…`:
+/// the route itself is the credential (see `signed.rs`), so no header is asked for.
+pub async fn signed_proxy(State(server): State<Arc<Server>>, req: Request) -> Response {
+    match forward_signed(server, req).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Splits `/v1/sandboxes/{id}/signed/{port}/{expires}/{signature}{rest}` into its parts.
+fn parse_signed_path(path: &str) -> Option<(&str, &str, &str, &str, &str)> {
+    let rest = path.strip_prefix("/v1/sandboxes/")?;
+    let (id, rest) = rest.split_once('/')?;
+    let rest = rest.strip_prefix("signed/")?;
+    let (port, rest) = rest.split_once('/')?;
+    let (expires, rest) = rest.split_once('/')?;
+    let (signature, tail) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, ""),
+    };
+    Some((id, port, expires, signature, tail))
+}
+
+async fn forward_signed(server: Arc<Server>, req: Request) -> Result<Response, LifecycleError> {
+    let path = req.uri().path().to_string();
+    let (id, port, expires, signature, tail) =
+        parse_signed_path(&path).ok_or_else(|| LifecycleError::NotFound(path.clone()))?;
+    let port_number = parse_port(port)?;
+    let now = time::OffsetDateTime::now_utc().unix_timestamp().max(0) as u64;
+    let signer = server.endpoint_signer()?;
+    signer
+        .verify(id, port_number, expires, signature, now)
+        .map_err(|e| match e {
+            crate::signed::SignedError::Malformed(why) => {
+                LifecycleError::invalid(format!("signed endpoint: {why}"))
+            }
+            e => LifecycleError::Unauthorized(e.to_string()),
+        })?;
+    let rec = server
+        .registry
+        .get(id)
+        .filter(|r| r.owner.is_none())
+        .ok_or_else(|| LifecycleError::NotFound(id.to_string()))?;
+    forward_to(server, rec, port, tail, req).await
+}
+
+fn parse_port(port: &str) -> Result<u16, LifecycleError> {
+    port.parse()
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| LifecycleError::Invalid {
+            code: execbox_proto::lifecycle::ErrorCode::InvalidPort,
+            message: format!("port: {port:?} is not a port number"),
+        })
+}
+
 async fn forward(server: Arc<Server>, req: Request) -> Result<Response, LifecycleError> {
     let path = req.uri().path().to_string();
     let (id, port, tail) =
@@ -61,11 +117,20 @@ async fn forward(server: Arc<Server>, req: Request) -> Result<Response, Lifecycl
         )
             .into_response());
     }
+    forward_to(server, rec, port, tail, req).await
+}
+
+/// Relays `req` to `port` of the sandbox `rec`, the caller being authorized.
+async fn forward_to(
+    server: Arc<Server>,
+    rec: crate::registry::SandboxRecord,
+    port: &str,
+    tail: &str,
+    req: Request,
+) -> Result<Response, LifecycleError> {
+    let id = rec.id.as_str();
     server.renew_on_access(&rec);
-    let port: u16 = port.parse().map_err(|_| LifecycleError::Invalid {
-        code: execbox_proto::lifecycle::ErrorCode::InvalidPort,
-        message: format!("port: {port:?} is not a port number"),
-    })?;
+    let port = parse_port(port)?;
     if rec.state == SandboxState::Failed {
         return Err(LifecycleError::Conflict {
             code: execbox_proto::lifecycle::ErrorCode::SandboxNotRunning,
@@ -251,5 +316,22 @@ mod tests {
             Some(("abc", "44772", ""))
         );
         assert_eq!(parse_path("/v1/sandboxes/abc/endpoints/1"), None);
+    }
+
+    #[test]
+    fn splits_signed_paths() {
+        assert_eq!(
+            parse_signed_path("/v1/sandboxes/a-b/signed/8080/x2qxvk/0f0f/index.html"),
+            Some(("a-b", "8080", "x2qxvk", "0f0f", "/index.html"))
+        );
+        assert_eq!(
+            parse_signed_path("/v1/sandboxes/a/signed/8080/x2qxvk/0f0f"),
+            Some(("a", "8080", "x2qxvk", "0f0f", ""))
+        );
+        assert_eq!(
+            parse_signed_path("/v1/sandboxes/a/signed/8080/x2qxvk"),
+            None
+        );
+        assert_eq!(parse_signed_path("/v1/sandboxes/a/proxy/8080/x/y"), None);
     }
 }

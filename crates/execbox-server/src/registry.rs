@@ -62,6 +62,9 @@ pub struct SandboxRecord {
     /// owners keep them in memory, removed when the server restarts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
+    /// The pool (`/v1/pools`) it was taken from, counted in that pool's `allocated`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
     /// The egress policy now, for a sandbox with network.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<execbox_proto::lifecycle::NetworkPolicy>,

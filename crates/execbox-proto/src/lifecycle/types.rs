@@ -547,6 +547,13 @@ pub enum ErrorCode {
     GeneralUnknownError,
     /// `SANDBOX::QUOTA_EXCEEDED` (429): the server's or the tenant's maximum of sandboxes.
     QuotaExceeded,
+    /// `SANDBOX::INVALID_SIGNATURE` (401): a signed endpoint whose signature is wrong or whose
+    /// time is past.
+    InvalidSignature,
+    /// `KUBERNETES::POOL_NOT_FOUND` (404), upstream's code for an unknown pool.
+    PoolNotFound,
+    /// `KUBERNETES::POOL_ALREADY_EXISTS` (409).
+    PoolAlreadyExists,
 }
 
 impl ErrorCode {
@@ -568,6 +575,9 @@ impl ErrorCode {
             ErrorCode::InvalidApiKey => "INVALID_API_KEY",
             ErrorCode::GeneralUnknownError => "GENERAL::UNKNOWN_ERROR",
             ErrorCode::QuotaExceeded => "SANDBOX::QUOTA_EXCEEDED",
+            ErrorCode::InvalidSignature => "SANDBOX::INVALID_SIGNATURE",
+            ErrorCode::PoolNotFound => "KUBERNETES::POOL_NOT_FOUND",
+            ErrorCode::PoolAlreadyExists => "KUBERNETES::POOL_ALREADY_EXISTS",
         }
     }
 
@@ -579,9 +589,12 @@ impl ErrorCode {
             | ErrorCode::InvalidMetadataFormat
             | ErrorCode::InvalidExpiration
             | ErrorCode::InvalidPort => 400,
-            ErrorCode::MissingApiKey | ErrorCode::InvalidApiKey => 401,
-            ErrorCode::SandboxNotFound => 404,
+            ErrorCode::MissingApiKey | ErrorCode::InvalidApiKey | ErrorCode::InvalidSignature => {
+                401
+            }
+            ErrorCode::SandboxNotFound | ErrorCode::PoolNotFound => 404,
             ErrorCode::SandboxNotRunning
+            | ErrorCode::PoolAlreadyExists
             | ErrorCode::SandboxNotPaused
             | ErrorCode::ExpirationNotExtended => 409,
             ErrorCode::UnknownError | ErrorCode::GeneralUnknownError => 500,

@@ -117,8 +117,27 @@ impl CreateSandboxRequest {
     ) -> Result<ValidatedCreate, ValidationError> {
         let mut out = ValidatedCreate::default();
 
+        // A pool reference first: with one, the pool defines the image, entrypoint and limits
+        // (upstream: the Pool's template), so the request need not name them.
+        if let Some(pool) = self.extensions.as_ref().and_then(|e| e.get(EXT_POOL_REF)) {
+            if pool.trim().is_empty() {
+                return Err(ValidationError::new(
+                    format!("extensions.{EXT_POOL_REF}"),
+                    "must not be empty",
+                ));
+            }
+            if self.snapshot_id.is_some() {
+                return Err(ValidationError::new(
+                    "snapshotId",
+                    "cannot be used together with extensions.poolRef",
+                ));
+            }
+            out.pool_ref = Some(pool.trim().to_string());
+        }
+
         // Startup source.
         match (&self.image, &self.snapshot_id) {
+            (None, None) if out.pool_ref.is_some() => {}
             (Some(_), Some(_)) | (None, None) => {
                 return Err(ValidationError::new(
                     "image",
@@ -154,7 +173,7 @@ impl CreateSandboxRequest {
                 }
                 ep.clone()
             }
-            None if self.image.is_some() => {
+            None if self.image.is_some() && out.pool_ref.is_none() => {
                 return Err(ValidationError::new(
                     "entrypoint",
                     "is required when image is given",
@@ -183,15 +202,6 @@ impl CreateSandboxRequest {
 
         // Extensions.
         if let Some(ext) = &self.extensions {
-            if let Some(pool) = ext.get(EXT_POOL_REF) {
-                if pool.trim().is_empty() {
-                    return Err(ValidationError::new(
-                        format!("extensions.{EXT_POOL_REF}"),
-                        "must not be empty",
-                    ));
-                }
-                out.pool_ref = Some(pool.clone());
-            }
             if let Some(v) = ext.get(EXT_RENEW_EXTEND_SECONDS) {
                 let secs = v
                     .parse::<u64>()
