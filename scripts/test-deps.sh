@@ -16,6 +16,8 @@ command -v umoci >/dev/null || need_apt+=(umoci)
 dpkg -s busybox-static >/dev/null 2>&1 || need_apt+=(busybox-static)
 # Disk-backed sandbox storage (tests/storage.rs, volumes): mke2fs formats the disks.
 [ -x /sbin/mke2fs ] || [ -x /usr/sbin/mke2fs ] || need_apt+=(e2fsprogs)
+# Go code contexts (tests/code_contexts.rs): Debian's Go toolchain.
+command -v go >/dev/null || need_apt+=(golang-go)
 # The unprivileged-user test of tests/operability.rs.
 command -v runuser >/dev/null || need_apt+=(util-linux)
 if ((${#need_apt[@]})); then

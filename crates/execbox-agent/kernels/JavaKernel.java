@@ -151,6 +151,15 @@ public class JavaKernel {
         }
     }
 
+    // Errors are named as upstream's Java kernel (IJava, on jupyter-jvm-basekernel) names them:
+    // ename is the simple class name of the exception IJava throws, evalue its message (""
+    // when it has none), traceback IJava's lines without their ANSI colours:
+    //   CompilationException            a snippet rejected or not defined (its diagnostics);
+    //   EvalException                   the code threw: evalue is the exception's message, the
+    //                                   traceback its stack trace under the real class name;
+    //   UnresolvedReferenceException    a method called before what it uses is declared;
+    //   IncompleteSourceException       the cell ends inside a snippet (evalue: that rest);
+    //   EvaluationInterruptedException  SIGINT (an interrupt or a timeout of the agent).
     private static void execute(String code, int n) {
         boolean ok = true;
         String value = null;
@@ -159,58 +168,46 @@ public class JavaKernel {
         running = true;
         try {
             SourceCodeAnalysis analysis = shell.sourceCodeAnalysis();
-            String rest = code;
+            // One cell may hold many snippets; jshell evaluates one at a time.
+            SourceCodeAnalysis.CompletionInfo info = analysis.analyzeCompletion(code);
             outer:
-            while (!rest.isBlank()) {
-                // One cell may hold many snippets; jshell evaluates one at a time.
-                SourceCodeAnalysis.CompletionInfo info = analysis.analyzeCompletion(rest);
-                String source;
-                switch (info.completeness()) {
-                    case COMPLETE:
-                    case COMPLETE_WITH_SEMI:
-                        source = info.source();
-                        rest = info.remaining();
-                        break;
-                    case EMPTY:
-                        break outer;
-                    default:
-                        // Incomplete or unparsable: evaluating it yields the compiler's errors.
-                        source = rest;
-                        rest = "";
-                }
+            while (info.completeness().isComplete()) {
+                String source = info.source();
                 value = null;
-                for (SnippetEvent event : shell.eval(source)) {
-                    if (interrupted) {
-                        error = errorEvent("Interrupted", "Execution interrupted by SIGINT",
-                                List.of("Interrupted: execution interrupted by SIGINT"));
-                        break outer;
-                    }
+                List<SnippetEvent> events = shell.eval(source);
+                for (SnippetEvent event : events) {
+                    if (interrupted) break;
                     if (event.causeSnippet() != null) continue; // side effects on other snippets
-                    if (event.status() == Snippet.Status.REJECTED) {
-                        error = compileError(event.snippet());
-                        break outer;
-                    }
                     if (event.exception() != null) {
                         error = runtimeError(event.exception());
                         break outer;
                     }
-                    if (event.status() == Snippet.Status.RECOVERABLE_DEFINED
-                            || event.status() == Snippet.Status.RECOVERABLE_NOT_DEFINED) {
-                        System.err.println("note: " + event.snippet().source().strip().lines().findFirst().orElse("")
-                                + " cannot be used until these are declared: "
-                                + unresolved(event.snippet()));
+                    if (!event.status().isDefined()) {
+                        error = compileError(event.snippet());
+                        break outer;
                     }
                     if (event.value() != null && producesValue(event.snippet())) value = event.value();
                 }
-                if (interrupted) {
-                    error = errorEvent("Interrupted", "Execution interrupted by SIGINT",
-                            List.of("Interrupted: execution interrupted by SIGINT"));
-                    break;
-                }
+                if (interrupted) break;
+                info = analysis.analyzeCompletion(info.remaining());
+            }
+            if (interrupted) {
+                String src = code.trim();
+                List<String> traceback = new ArrayList<>(src.lines().collect(Collectors.toList()));
+                traceback.add("Evaluation interrupted.");
+                error = errorEvent("EvaluationInterruptedException",
+                        "Evaluator was interrupted while executing: '" + src + "'", traceback);
+            } else if (error == null && info.completeness() != SourceCodeAnalysis.Completeness.EMPTY) {
+                String rest = info.remaining().trim();
+                List<String> traceback = new ArrayList<>();
+                traceback.add("Incomplete input:");
+                rest.lines().forEach(traceback::add);
+                error = errorEvent("IncompleteSourceException", rest, traceback);
             }
         } catch (RuntimeException e) {
             // JShell itself failed (e.g. IllegalStateException after an internal error).
-            error = errorEvent(e.getClass().getSimpleName(), String.valueOf(e.getMessage()), List.of(e.toString()));
+            error = errorEvent(e.getClass().getSimpleName(), e.getMessage() == null ? "" : e.getMessage(),
+                    List.of(e.toString()));
         } finally {
             running = false;
         }
@@ -240,52 +237,56 @@ public class JavaKernel {
         return s instanceof VarSnippet && s.subKind() == Snippet.SubKind.TEMP_VAR_EXPRESSION_SUBKIND;
     }
 
-    private static String unresolved(Snippet s) {
-        if (s instanceof jdk.jshell.DeclarationSnippet) {
-            return shell.unresolvedDependencies((jdk.jshell.DeclarationSnippet) s).collect(Collectors.joining(", "));
-        }
-        return "?";
-    }
-
+    // IJava's CompilationException: for each diagnostic, the snippet's lines up to the
+    // offending one with a caret under it, the message (without javac's "location:" line), a
+    // blank line; then the dependencies a declaration still lacks. The exception has no
+    // message: evalue is "".
     private static Map<String, Object> compileError(Snippet snippet) {
-        List<String> messages = new ArrayList<>();
         List<String> traceback = new ArrayList<>();
         String src = snippet.source();
         for (Diag d : (Iterable<Diag>) shell.diagnostics(snippet)::iterator) {
-            if (!d.isError()) continue;
-            // The class of a snippet has no name: drop javac's empty "location: class" line.
-            String msg = d.getMessage(Locale.ROOT).replaceAll("\n\\s*location: class\\s*$", "");
-            messages.add(msg);
-            traceback.add("Error:");
-            msg.lines().forEach(traceback::add);
-            // The offending line and a caret, like jshell prints them.
-            int start = (int) Math.max(0, Math.min(src.length(), d.getStartPosition()));
-            int lineStart = src.lastIndexOf('\n', start - 1) + 1;
-            int lineEnd = src.indexOf('\n', start);
-            if (lineEnd < 0) lineEnd = src.length();
-            traceback.add(src.substring(lineStart, lineEnd));
-            traceback.add(" ".repeat(start - lineStart) + "^");
+            if (d.getStartPosition() >= 0) {
+                int start = (int) Math.min(src.length(), d.getStartPosition());
+                int lineStart = src.lastIndexOf('\n', start - 1) + 1;
+                int lineEnd = src.indexOf('\n', start);
+                if (lineEnd < 0) lineEnd = src.length();
+                traceback.add(src.substring(lineStart, lineEnd));
+                traceback.add(" ".repeat(start - lineStart) + "^");
+            } else {
+                src.lines().forEach(traceback::add);
+            }
+            for (String line : d.getMessage(Locale.ROOT).split("\\R")) {
+                if (!line.trim().startsWith("location:")) traceback.add(line);
+            }
+            traceback.add("");
         }
-        if (messages.isEmpty()) messages.add("snippet rejected: " + src.strip());
-        return errorEvent("CompilationError", String.join("\n", messages), traceback);
+        if (snippet instanceof jdk.jshell.DeclarationSnippet) {
+            List<String> deps = shell.unresolvedDependencies((jdk.jshell.DeclarationSnippet) snippet)
+                    .collect(Collectors.toList());
+            if (!deps.isEmpty()) {
+                src.lines().forEach(traceback::add);
+                traceback.add("Unresolved dependencies:");
+                deps.forEach(dep -> traceback.add("   - " + dep));
+            }
+        }
+        return errorEvent("CompilationException", "", traceback);
     }
 
     private static Map<String, Object> runtimeError(Exception e) {
-        String ename;
-        if (e instanceof EvalException) {
-            String cls = ((EvalException) e).getExceptionClassName();
-            ename = cls == null ? "Exception" : cls.substring(cls.lastIndexOf('.') + 1);
-        } else {
-            ename = e.getClass().getSimpleName();
-        }
+        String ename = e.getClass().getSimpleName();
         String evalue = e.getMessage() == null ? "" : e.getMessage();
         if (e instanceof UnresolvedReferenceException) {
             // A method or class declared earlier still refers to something undeclared.
             jdk.jshell.DeclarationSnippet d = ((UnresolvedReferenceException) e).getSnippet();
-            evalue = d.name() + " cannot be used until these are declared: " + unresolved(d);
-            return errorEvent(ename, evalue, List.of(ename + ": " + evalue));
+            List<String> traceback = new ArrayList<>(d.source().lines().collect(Collectors.toList()));
+            traceback.add("Unresolved dependencies:");
+            shell.unresolvedDependencies(d).forEach(dep -> traceback.add("   - " + dep));
+            return errorEvent(ename, evalue, traceback);
         }
+        // EvalException: the stack trace under the class name of what the code threw, as IJava
+        // prints it (below a rule, like the base kernel's).
         List<String> traceback = new ArrayList<>();
+        traceback.add("---------------------------------------------------------------------------");
         Throwable t = e;
         String prefix = "";
         while (t != null) {

@@ -1,7 +1,7 @@
 //! Code contexts (§5): persistent interpreters, one process per context, served through the
 //! execd `/code` routes here and through the Leap0 routes in `leap0.rs`.
 //!
-//! A context is a kernel ([`crate::kernel`]) for Python, JavaScript, TypeScript and Java, or a
+//! A context is a kernel ([`crate::kernel`]) for Python, JavaScript, TypeScript, Java and Go, or a
 //! long-lived bash ([`crate::session`]) for Bash. Each language has a default context, created on
 //! first use. One execution runs at a time per context; another one gets a busy error.
 
@@ -49,8 +49,9 @@ impl Language {
             "javascript" => Language::Kernel(KernelLanguage::JavaScript),
             "typescript" => Language::Kernel(KernelLanguage::TypeScript),
             "java" => Language::Kernel(KernelLanguage::Java),
+            "go" => Language::Kernel(KernelLanguage::Go),
             "bash" => Language::Bash,
-            "go" | "sql" => return Err(format!("language {name} is not supported by execbox")),
+            "sql" => return Err(format!("language {name} is not supported by execbox")),
             other => return Err(format!("unknown language: {other}")),
         })
     }
@@ -62,6 +63,7 @@ impl Language {
             Language::Kernel(KernelLanguage::JavaScript) => "javascript",
             Language::Kernel(KernelLanguage::TypeScript) => "typescript",
             Language::Kernel(KernelLanguage::Java) => "java",
+            Language::Kernel(KernelLanguage::Go) => "go",
             Language::Bash => "bash",
         }
     }

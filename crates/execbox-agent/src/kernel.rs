@@ -7,7 +7,9 @@
 //! `done`. The kernel flushes its output before each message, and the agent drains the output
 //! pipes before handling one, which keeps output and results in order.
 //!
-//! The kernel scripts are part of the agent binary and written to [`KERNEL_DIR`] at start.
+//! The kernel scripts are part of the agent binary and written to [`KERNEL_DIR`] at start. The
+//! Go kernel is a Go program: it is built inside the sandbox, as the sandbox user, when a Go
+//! context starts (see [`GO_LAUNCH`]).
 
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
@@ -32,6 +34,15 @@ pub const KERNEL_DIR: &str = "/run/execbox/kernels";
 const PYTHON_KERNEL: &str = include_str!("../kernels/python_kernel.py");
 const JS_KERNEL: &str = include_str!("../kernels/js_kernel.js");
 const JAVA_KERNEL: &str = include_str!("../kernels/JavaKernel.java");
+const GO_KERNEL: &str = include_str!("../kernels/go_kernel.go");
+
+/// How a Go kernel starts (`sh -c GO_LAUNCH go-kernel <go> <kernel source>`): a private work
+/// directory, the kernel built into it by the sandbox's own toolchain, then the kernel in place
+/// of the shell (so that the agent's signals reach it). The kernel removes the directory at
+/// exit, and its own binary as soon as it runs.
+const GO_LAUNCH: &str = r#"d=$(mktemp -d "${TMPDIR:-/tmp}/execbox-go.XXXXXX") || exit 1
+"$1" build -o "$d/kernel" "$2" || { rm -rf "$d"; exit 1; }
+exec "$d/kernel" "$d""#;
 
 /// After SIGINT for a timeout, how long the kernel has to finish the execution before it is
 /// killed and restarted.
@@ -49,6 +60,8 @@ pub enum KernelLanguage {
     TypeScript,
     /// jshell's API in a JVM.
     Java,
+    /// Each cell compiled with the context's kept declarations and run (`kernels/go_kernel.go`).
+    Go,
 }
 
 /// Writes the kernel scripts to [`KERNEL_DIR`].
@@ -66,6 +79,7 @@ pub fn install_scripts() -> std::io::Result<()> {
         ("python_kernel.py", PYTHON_KERNEL),
         ("js_kernel.js", JS_KERNEL),
         ("JavaKernel.java", JAVA_KERNEL),
+        ("go_kernel.go", GO_KERNEL),
     ] {
         let path = Path::new(KERNEL_DIR).join(name);
         std::fs::write(&path, text)?;
@@ -90,10 +104,12 @@ pub fn find_program(name: &str, env: &[(String, String)]) -> Option<PathBuf> {
         })
 }
 
-/// How a kernel is started: its command line, and whether the agent erases the types of each
-/// cell before sending it.
+/// How a kernel is started: its command line, its own environment, and whether the agent
+/// erases the types of each cell before sending it.
 struct Launch {
     argv: Vec<String>,
+    /// Set after the context's own environment: these win.
+    env: Vec<(String, String)>,
     strip_types: bool,
 }
 
@@ -115,6 +131,7 @@ impl KernelLanguage {
         let script = |name: &str| format!("{KERNEL_DIR}/{name}");
         let plain = |argv| Launch {
             argv,
+            env: Vec::new(),
             strip_types: false,
         };
         Ok(match self {
@@ -138,6 +155,7 @@ impl KernelLanguage {
                         "typescript".into(),
                         "stripped".into(),
                     ],
+                    env: Vec::new(),
                     strip_types: true,
                 },
                 (Err(_), Ok(bun)) => plain(vec![bun, script("js_kernel.js"), "typescript".into()]),
@@ -153,6 +171,25 @@ impl KernelLanguage {
                 need("jshell")?;
                 plain(vec![need("java")?, script("JavaKernel.java")])
             }
+            KernelLanguage::Go => {
+                // go first: a sandbox without it hears about go, not sh.
+                let go = need("go")?;
+                let sh = need("sh").map_err(|_| {
+                    "go contexts need sh, which is not installed in this sandbox".to_string()
+                })?;
+                Launch {
+                    argv: vec![
+                        sh,
+                        "-c".into(),
+                        GO_LAUNCH.into(),
+                        "go-kernel".into(),
+                        go,
+                        script("go_kernel.go"),
+                    ],
+                    env: go_env(env),
+                    strip_types: false,
+                }
+            }
         })
     }
 
@@ -160,9 +197,46 @@ impl KernelLanguage {
         match self {
             // The JVM compiles the kernel source at start.
             KernelLanguage::Java => Duration::from_secs(60),
+            // The kernel is built first; with a cold build cache and a toolchain that ships no
+            // compiled standard library (Go 1.20 on), that compiles go/types and its
+            // dependencies.
+            KernelLanguage::Go => Duration::from_secs(180),
             _ => Duration::from_secs(20),
         }
     }
+}
+
+/// The Go toolchain's environment in a Go context. Never the network: no module proxy, no
+/// checksum database, no toolchain download, no change to a module graph. No cgo unless the
+/// context asks (it needs a C compiler, and the kernel's programs never do). The build cache
+/// and GOPATH go where Go would put them (under `$HOME`), or under `/tmp` without a home.
+fn go_env(env: &[(String, String)]) -> Vec<(String, String)> {
+    let get = |k: &str| {
+        env.iter()
+            .rev()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.as_str())
+    };
+    let base = get("HOME").filter(|h| !h.is_empty()).unwrap_or("/tmp");
+    let mut out = Vec::new();
+    let mut default = |k: &str, v: String| {
+        if get(k).is_none_or(str::is_empty) {
+            out.push((k.to_string(), v));
+        }
+    };
+    default("GOCACHE", format!("{base}/.cache/go-build"));
+    default("GOPATH", format!("{base}/go"));
+    default("CGO_ENABLED", "0".into());
+    for (k, v) in [
+        ("GOPROXY", "off"),
+        ("GOSUMDB", "off"),
+        ("GOTOOLCHAIN", "local"),
+        ("GOFLAGS", "-mod=readonly"),
+        ("GOTELEMETRY", "off"),
+    ] {
+        out.push((k.to_string(), v.to_string()));
+    }
+    out
 }
 
 /// What an execution produces, in order.
@@ -321,8 +395,13 @@ impl Kernel {
         extra_env: Vec<(String, String)>,
     ) -> Result<(Kernel, KernelHandle), KernelError> {
         let env = runner.env_with(&extra_env);
-        let Launch { argv, strip_types } =
-            language.launch(&env).map_err(KernelError::Unavailable)?;
+        let Launch {
+            argv,
+            env: kernel_env,
+            strip_types,
+        } = language.launch(&env).map_err(KernelError::Unavailable)?;
+        let mut extra_env = extra_env;
+        extra_env.extend(kernel_env);
         let (agent_end, kernel_end) = std::os::unix::net::UnixStream::pair()
             .map_err(|e| KernelError::Start(e.to_string()))?;
         let started = runner

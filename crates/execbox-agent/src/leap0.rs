@@ -134,26 +134,29 @@ fn required_code(m: &Map<String, Value>) -> Result<String, Leap0Error> {
 
 /// Leap0 language aliases. The JavaScript family is one language, TypeScript (a superset of
 /// JavaScript, as upstream's Bun runs it): on Node with the types erased by the agent, on Bun
-/// where there is no Node.
+/// where there is no Node. Go (`go`, `golang`) is an execbox extension: a context of the Go
+/// kernel, language number 3.
 fn parse_language(alias: &str) -> Result<Language, Leap0Error> {
     match alias {
         "python" | "py" | "python3" => Ok(Language::Kernel(KernelLanguage::Python)),
         "typescript" | "ts" | "javascript" | "js" | "bun" | "node" => {
             Ok(Language::Kernel(KernelLanguage::TypeScript))
         }
+        "go" | "golang" => Ok(Language::Kernel(KernelLanguage::Go)),
         other => Err(invalid(
             "language",
-            format!("unsupported language {other:?}: use python or typescript"),
+            format!("unsupported language {other:?}: use python, typescript or go"),
         )),
     }
 }
 
-/// The Leap0 integer of a language (1 Python, 2 TypeScript/JavaScript); others are not Leap0
-/// contexts.
+/// The Leap0 integer of a language (1 Python, 2 TypeScript/JavaScript, 3 Go, an execbox
+/// extension); others are not Leap0 contexts.
 fn language_number(language: Language) -> Option<u8> {
     match language {
         Language::Kernel(KernelLanguage::Python) => Some(1),
         Language::Kernel(KernelLanguage::JavaScript | KernelLanguage::TypeScript) => Some(2),
+        Language::Kernel(KernelLanguage::Go) => Some(3),
         _ => None,
     }
 }
@@ -471,6 +474,13 @@ async fn execute_stream(
     };
     let argv = match language {
         Language::Kernel(KernelLanguage::Python) => vec![program("python3")?, "-c".into(), code],
+        // A Go cell is not a program: only a context's kernel makes one of it.
+        Language::Kernel(KernelLanguage::Go) => {
+            return Err(invalid(
+                "language",
+                "go runs in contexts (/execute), not in /execute/async",
+            ))
+        }
         // The JavaScript family, as in contexts: Node with the types erased here, Bun where
         // there is no Node.
         _ => match program("node") {

@@ -90,7 +90,7 @@ const ETC_MASKED: &[&str] = &["shadow", "gshadow", "shadow-", "gshadow-"];
 /// A language runtime found on the host and made visible inside the sandbox.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Runtime {
-    /// Name users type (`python`, `python3`, `pip`, `node`, `java`, `bun`, `deno`, `bash`).
+    /// Name users type (`python`, `python3`, `pip`, `node`, `java`, `bun`, `deno`, `go`, `bash`).
     pub name: String,
     /// Absolute path of the real executable (symlinks and shims resolved).
     pub executable: PathBuf,

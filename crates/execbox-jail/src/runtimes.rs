@@ -88,7 +88,9 @@ pub fn discover(python: Option<&Path>) -> Vec<Runtime> {
             }
         }
     }
-    for name in ["node", "bun", "deno", "java", "javac", "jshell", "bash"] {
+    for name in [
+        "node", "bun", "deno", "java", "javac", "jshell", "go", "gofmt", "bash",
+    ] {
         let Some(p) = find_in_path(name) else {
             continue;
         };

@@ -1637,3 +1637,218 @@ fn implicit_leap0_contexts_expire_when_idle() {
     );
     assert_eq!(get(&sb, &format!("/contexts/{explicit}")).status, 200);
 }
+
+/// Go contexts (the Go kernel, built and run inside the sandbox as its user): a variable, a
+/// function, a type and an import declared in one cell are there in the next; each cell's
+/// output is only its own; a compile error and a panic are `error` events named as upstream's
+/// Go kernel (GoNB) names them, `ERROR`; an interrupt stops an endless loop and the context goes
+/// on; a Leap0 timeout too. Skipped, saying so, where the host has no `go`.
+#[test]
+fn go_contexts_keep_declarations_and_values() {
+    if !have_host_program("go") {
+        println!(
+            "GO IS NOT INSTALLED on this host (apt-get install golang-go): Go context test SKIPPED"
+        );
+        return;
+    }
+    let server = TestServer::start();
+    let sb = server.create(json!({"resourceLimits": {"cpu": "2", "memory": "2Gi"}}));
+    let go = new_context(&sb, "go");
+
+    let evs = run_code(
+        &sb,
+        in_ctx(
+            "import \"fmt\"\nimport \"strings\"\ntype point struct{ x, y int }\nx := 40\nfunc add(a, b int) int { return a + b }\np := &point{1, 2}\nfmt.Println(\"first\")",
+            "go",
+            &go,
+        ),
+    );
+    assert_ok(&evs);
+    assert_eq!(evs[0]["text"], go.as_str());
+    assert_eq!(stdout_of(&evs), "first\n", "{evs:?}");
+    assert!(results_of(&evs).is_empty(), "{evs:?}");
+
+    // The function, the variable (its value carried), the type and the import; only this
+    // cell's output.
+    let evs = run_code(
+        &sb,
+        in_ctx(
+            "x = add(x, 2)\np.y++\nfmt.Println(strings.Repeat(\"a\", 2), x, *p)",
+            "go",
+            &go,
+        ),
+    );
+    assert_ok(&evs);
+    assert_eq!(stdout_of(&evs), "aa 42 {1 3}\n", "{evs:?}");
+    let evs = run_code(&sb, in_ctx("fmt.Println(x, p.y)", "go", &go));
+    assert_eq!(stdout_of(&evs), "42 3\n", "{evs:?}");
+
+    // A compile error: ERROR, the compiler's message naming the cell; nothing of it is kept.
+    let evs = run_code(
+        &sb,
+        in_ctx("func notKept() {}\ny := undefinedThing + 1", "go", &go),
+    );
+    let e = the_error(&evs);
+    assert_eq!(e["ename"], "ERROR", "{evs:?}");
+    let evalue = e["evalue"].as_str().unwrap_or("");
+    assert!(evalue.contains("undefined: undefinedThing"), "{e}");
+    assert!(evalue.starts_with("cell["), "{e}");
+    assert_eq!(evs.last().unwrap()["type"], "execution_complete", "{evs:?}");
+    let evs = run_code(&sb, in_ctx("notKept()", "go", &go));
+    assert!(
+        the_error(&evs)["evalue"]
+            .as_str()
+            .is_some_and(|v| v.contains("undefined: notKept")),
+        "{evs:?}"
+    );
+
+    // A panic: ERROR with the panic's message; its goroutine dump names the cell.
+    let evs = run_code(
+        &sb,
+        in_ctx(
+            "fmt.Println(\"before\")\nvar empty []int\n_ = empty[5]",
+            "go",
+            &go,
+        ),
+    );
+    let e = the_error(&evs);
+    assert_eq!(e["ename"], "ERROR", "{evs:?}");
+    assert!(
+        e["evalue"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("panic: runtime error: index out of range")),
+        "{e}"
+    );
+    assert!(
+        e["traceback"].as_array().is_some_and(|t| t
+            .iter()
+            .any(|l| l.as_str().is_some_and(|l| l.contains("cell[")))),
+        "{e}"
+    );
+    assert_eq!(stdout_of(&evs), "before\n", "{evs:?}");
+
+    // Interrupt an endless loop; the context keeps its state.
+    let resp = sb
+        .execd("POST", "/code")
+        .timeout(T)
+        .set("Content-Type", "application/json")
+        .send_string(&in_ctx("fmt.Println(\"started\")\nfor {}", "go", &go).to_string())
+        .expect("long cell");
+    let mut reader = BufReader::new(resp.into_reader());
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(
+            reader.read_line(&mut line).expect("read") > 0,
+            "ended early"
+        );
+        if line.contains("\"stdout\"") {
+            break;
+        }
+    }
+    let t = Instant::now();
+    delete(&sb, &format!("/code?id={go}")).assert_empty_ok();
+    let mut rest = String::new();
+    reader.read_to_string(&mut rest).expect("rest");
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    // The rest of the stream starts at the blank line that ended the stdout frame.
+    let evs = code_events(frames(rest.trim_start_matches('\n').as_bytes()));
+    let e = the_error(&evs);
+    assert_eq!(e["ename"], "ERROR", "{evs:?}");
+    assert_eq!(e["evalue"], "interrupted", "{evs:?}");
+    let evs = run_code(&sb, in_ctx("fmt.Println(x + 1)", "go", &go));
+    assert_eq!(stdout_of(&evs), "43\n", "state kept: {evs:?}");
+
+    // The default Go context, and the Leap0 API: language 3, a timeout that stops the loop.
+    let evs = run_code(
+        &sb,
+        json!({"code": "import \"fmt\"\nfmt.Println(\"default\")", "context": {"language": "go"}}),
+    );
+    assert_eq!(stdout_of(&evs), "default\n", "{evs:?}");
+    let r = post_json(&sb, "/contexts", json!({"language": "golang"}));
+    assert_eq!(r.status, 201, "{}", r.text());
+    let ctx = r.json();
+    assert_eq!(ctx["language"], 3, "{ctx}");
+    let cid = ctx["id"].as_str().expect("id").to_string();
+    let v = execute(
+        &sb,
+        json!({"code": "import \"fmt\"\nn := 6 * 7\nfmt.Println(n)", "context_id": cid}),
+    );
+    assert!(no_error(&v), "{v}");
+    assert_eq!(v["logs"]["stdout"], json!(["42"]), "{v}");
+    let t = Instant::now();
+    let v = execute(
+        &sb,
+        json!({"code": "for {}", "context_id": cid, "timeout_ms": 1500}),
+    );
+    assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
+    assert_eq!(v["error"]["name"], "TimeoutError", "{v}");
+    let v = execute(
+        &sb,
+        json!({"code": "fmt.Println(n + 1)", "context_id": cid, "language": "go"}),
+    );
+    assert_eq!(v["logs"]["stdout"], json!(["43"]), "{v}");
+}
+
+/// Where the sandbox has no `go`, a Go context is a quick 400 naming the language, never a
+/// hang: here a sandbox whose `PATH` leads nowhere.
+#[test]
+fn go_context_without_a_toolchain_is_a_400() {
+    let server = TestServer::start();
+    let sb = server.create(json!({
+        "env": {"PATH": "/nonexistent"},
+        "entrypoint": ["/usr/bin/tail", "-f", "/dev/null"],
+    }));
+    let t = Instant::now();
+    let r = post_json(&sb, "/code/context", json!({"language": "go"}));
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    let msg = r.assert_error(400, "INVALID_REQUEST_BODY");
+    assert!(
+        msg.contains("language go") && msg.contains("go is not installed"),
+        "{msg}"
+    );
+    post_json(&sb, "/contexts", json!({"language": "go"})).assert_invalid("language");
+}
+
+/// Java errors are named as upstream's Java kernel (IJava) names them: `EvalException` with the
+/// exception's message and its stack trace under the real class name, `CompilationException`
+/// with an empty value and the compiler's diagnostics, `EvaluationInterruptedException` for an
+/// interrupt. Skipped, saying so, where the host has no JDK.
+#[test]
+fn java_errors_are_named_as_upstream() {
+    if !have_host_program("jshell") {
+        println!("NO JDK (jshell) on this host: Java error names test SKIPPED");
+        return;
+    }
+    let server = TestServer::start();
+    let sb = server.create(json!({"resourceLimits": {"cpu": "2", "memory": "2Gi"}}));
+    let jv = new_context(&sb, "java");
+    let evs = run_code(&sb, in_ctx("int y = 1 / 0;", "java", &jv));
+    let e = the_error(&evs);
+    assert_eq!(e["ename"], "EvalException", "{e}");
+    assert_eq!(e["evalue"], "/ by zero", "{e}");
+    assert!(
+        e["traceback"].as_array().is_some_and(|t| t
+            .iter()
+            .any(|l| l == "java.lang.ArithmeticException: / by zero")),
+        "{e}"
+    );
+    let evs = run_code(&sb, in_ctx("int z = undefinedThing + 1;", "java", &jv));
+    let e = the_error(&evs);
+    assert_eq!(e["ename"], "CompilationException", "{e}");
+    assert_eq!(e["evalue"], "", "{e}");
+    assert!(
+        e["traceback"]
+            .as_array()
+            .is_some_and(|t| t.iter().any(|l| l == "cannot find symbol")),
+        "{e}"
+    );
+    let evs = run_code(&sb, in_ctx("int q = (1 +", "java", &jv));
+    assert_eq!(
+        the_error(&evs)["ename"],
+        "IncompleteSourceException",
+        "{evs:?}"
+    );
+    let evs = run_code(&sb, in_ctx("40 + 2", "java", &jv));
+    assert_eq!(result_texts(&evs), ["42"], "{evs:?}");
+}
