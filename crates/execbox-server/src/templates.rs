@@ -152,3 +152,37 @@ mod tests {
         assert_eq!(merged_env(vec![], None), vec![]);
     }
 }
+
+/// Every template a sandbox may ask for under `config`, and whether it is built (for
+/// `execbox doctor`): the host's runtimes, then each known recipe, then the operator's aliases.
+pub fn describe(config: &ServerConfig) -> Vec<String> {
+    let mut out = vec![format!(
+        "{DEFAULT_TEMPLATE} (the host's runtimes, nothing to build)"
+    )];
+    let store = store(config);
+    let python = Python::discover(config.python.as_deref());
+    for name in Recipe::known() {
+        let state = match (&python, Recipe::named(name)) {
+            (Ok(python), Ok(recipe)) => match store.find(&recipe, python) {
+                Some(t) => format!(
+                    "built, {} packages, {} MiB in {}",
+                    t.manifest.installed.len(),
+                    t.manifest.size_bytes >> 20,
+                    t.dir.display()
+                ),
+                None => format!(
+                    "not built yet: built at its first use, or now with `execbox template build {name}`"
+                ),
+            },
+            (Err(e), _) => format!("cannot be built: {e}"),
+            (_, Err(e)) => e.to_string(),
+        };
+        out.push(format!("{name} ({state})"));
+    }
+    for (alias, target) in &config.images {
+        if alias != target && alias != DEFAULT_TEMPLATE {
+            out.push(format!("{alias} → {target}"));
+        }
+    }
+    out
+}

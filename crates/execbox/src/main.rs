@@ -123,8 +123,12 @@ enum Command {
         #[arg(long, default_value_t = execbox_server::oneshot::DEFAULT_TIMEOUT_SECS)]
         timeout: u64,
     },
-    /// Show every isolation layer: active, missing or degraded.
-    Doctor,
+    /// Show every isolation layer (active, missing or degraded), the runtimes and the
+    /// templates sandboxes get, for the configuration in force.
+    Doctor {
+        #[command(flatten)]
+        settings: Settings,
+    },
     /// Manage the image store (OCI images): ls, pull, import, rm, gc.
     Image(image_cli::ImageArgs),
     /// Manage named volumes: ls, rm.
@@ -210,7 +214,13 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Doctor => doctor(),
+        Command::Doctor { settings } => match settings.resolve() {
+            Ok(cfg) => doctor(&cfg),
+            Err(e) => {
+                eprintln!("execbox: {e}");
+                ExitCode::from(2)
+            }
+        },
         Command::Image(args) => image_cli::run(args),
         Command::Volume(args) => volume_cli::run(args),
         Command::Completions { shell } => {
@@ -338,8 +348,9 @@ fn main() -> ExitCode {
     }
 }
 
-fn doctor() -> ExitCode {
-    let layers = execbox_server::doctor::check(true, false, "execbox");
+fn doctor(cfg: &execbox_server::ServerConfig) -> ExitCode {
+    let layers =
+        execbox_server::doctor::check(cfg.require_seccomp, cfg.require_landlock, &cfg.cgroup_base);
     let mut failed = false;
     for l in &layers {
         let state = match (l.ok, l.degraded) {
@@ -387,6 +398,12 @@ fn doctor() -> ExitCode {
         } else {
             names.join(", ")
         }
+    );
+    println!(
+        "{:<22} {:<20} {}",
+        "templates",
+        "found",
+        execbox_server::templates::describe(cfg).join(", ")
     );
     if failed {
         println!("\nA required layer is missing: execbox refuses to create sandboxes.");

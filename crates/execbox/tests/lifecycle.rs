@@ -304,8 +304,11 @@ fn execbox_run_passes_output_and_exit_code_through() {
         .output()
         .expect("run");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "42\n");
+    // With the test servers' templates directory, where the code-interpreter template is
+    // built by the tests that use it (or not yet: both are reported).
     let out = std::process::Command::new(exe)
         .arg("doctor")
+        .env("EXECBOX_TEMPLATES_DIR", common::TEST_TEMPLATES_DIR)
         .output()
         .expect("doctor");
     assert!(
@@ -328,6 +331,24 @@ fn execbox_run_passes_output_and_exit_code_through() {
             .lines()
             .any(|l| l.starts_with("runtimes") && l.contains("python3 (/")),
         "{report}"
+    );
+    // The templates sandboxes may ask for, and whether each is built.
+    let templates = report
+        .lines()
+        .find(|l| l.starts_with("templates"))
+        .unwrap_or_else(|| panic!("{report}"));
+    assert!(
+        templates.contains("default (the host's runtimes"),
+        "{templates}"
+    );
+    assert!(
+        templates.contains("code-interpreter (built, ")
+            || templates.contains("code-interpreter (not built yet"),
+        "{templates}"
+    );
+    assert!(
+        templates.contains("opensandbox/code-interpreter → code-interpreter"),
+        "{templates}"
     );
 }
 
