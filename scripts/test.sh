@@ -3,5 +3,6 @@
 # Arguments go to `cargo test` (e.g. `bash scripts/test.sh --test network`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bash scripts/toolchain.sh
 bash scripts/test-deps.sh
 cargo test --workspace --no-fail-fast "$@"
