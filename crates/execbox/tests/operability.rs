@@ -421,6 +421,82 @@ fn config_show_prints_the_effective_configuration_with_secrets_masked() {
     assert!(text.contains("bot") && text.contains("***"), "{text}");
 }
 
+/// Every key the server knows is in `docs/configuration.md`, under its table's heading: the
+/// keys are read from `execbox config show` of a file that sets the optional ones too.
+#[test]
+fn every_configuration_key_is_documented() {
+    let dir = std::env::temp_dir().join(unique("execbox-config-doc"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("execbox.toml");
+    std::fs::write(
+        &file,
+        "public_address = \"example.com\"\npython = \"/usr/bin/python3\"\n\
+         [templates]\ndir = \"/tmp/t\"\n[policy]\nmax_lifetime_secs = 600\n\
+         [policy.tenants.acme]\nmax_pids = 100\n[metrics]\nlisten = \"127.0.0.1:9464\"\n\
+         [endpoints]\nsigning_key = \"0123456789abcdef0123\"\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_execbox"))
+        .args(["config", "show", "--config"])
+        .arg(&file)
+        .output()
+        .expect("config show");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(out.status.success(), "{out:?}");
+    let shown: toml::Value = toml::from_str(&String::from_utf8_lossy(&out.stdout)).expect("TOML");
+    let doc = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../docs/configuration.md"
+    ))
+    .expect("docs/configuration.md");
+    // The documented keys of each table: the rows under its heading.
+    let section = |title: &str| -> String {
+        let start = doc
+            .find(&format!("\n## {title}\n"))
+            .unwrap_or_else(|| panic!("no section {title} in docs/configuration.md"));
+        let rest = &doc[start + 1..];
+        let end = rest[3..].find("\n## ").map_or(rest.len(), |i| i + 3);
+        rest[..end].to_string()
+    };
+    // Tables whose keys are the operator's own names (aliases, tenants, hosts…).
+    let open_maps = ["tenants", "images", "hosts", "registries", "credentials"];
+    let mut missing = Vec::new();
+    let mut check = |title: &str, table: &toml::value::Table| {
+        let text = section(title);
+        // A nested table is a section of its own; an open map is a key of its table.
+        let keys = table
+            .iter()
+            .filter(|(k, v)| !v.is_table() || open_maps.contains(&k.as_str()))
+            .map(|(k, _)| k);
+        for key in keys {
+            if !text.contains(&format!("| `{key}` |")) {
+                missing.push(format!("{title}: {key}"));
+            }
+        }
+    };
+    let top = shown.as_table().expect("table");
+    check("Top level", top);
+    for (name, value) in top {
+        let Some(table) = value.as_table() else {
+            continue;
+        };
+        if open_maps.contains(&name.as_str()) {
+            continue;
+        }
+        check(&format!("`[{name}]`"), table);
+        for (inner, v) in table {
+            if let (Some(t), false) = (v.as_table(), open_maps.contains(&inner.as_str())) {
+                if name == "policy" && inner == "tenants" {
+                    for per in t.values().filter_map(toml::Value::as_table) {
+                        check("`[policy.tenants.<tenant>]`", per);
+                    }
+                }
+            }
+        }
+    }
+    assert!(missing.is_empty(), "undocumented keys: {missing:?}");
+}
+
 #[test]
 fn creates_beyond_the_maximum_are_429_with_retry_after() {
     let server = common::TestServer::start_with_config(
