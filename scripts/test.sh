@@ -13,6 +13,9 @@ trap 'rm -rf "$install_root"' EXIT
 CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}" \
     cargo install --quiet --path crates/execbox --root "$install_root" --debug --locked
 "$install_root/bin/execbox" --version
-"$install_root/bin/execbox" completions bash | grep -q "serve" || { echo "install check: no completions" >&2; exit 1; }
-"$install_root/bin/execbox" config show | grep -q '^listen = ' || { echo "install check: config show failed" >&2; exit 1; }
+# Read whole before matching: `grep -q` closing the pipe early would fail the pipeline.
+completions=$("$install_root/bin/execbox" completions bash)
+[[ "$completions" == *serve* ]] || { echo "install check: no completions" >&2; exit 1; }
+shown=$("$install_root/bin/execbox" config show)
+[[ "$shown" == *"listen = "* ]] || { echo "install check: config show failed" >&2; exit 1; }
 echo "install check: cargo install --path crates/execbox works"
