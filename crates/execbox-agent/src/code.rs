@@ -621,7 +621,7 @@ struct RunCodeRequest {
     description = "Runs code in a context (the language's default one when none is named); streamed.",
     request_body = crate::openapi::schemas::CodeRun,
     responses(
-        (status = 200, description = "Server-sent events (`data: {json}` frames of `ExecdEvent`).", content_type = "text/event-stream", body = String),
+        (status = 200, description = "Server-sent events (`data: {json}` frames of `ExecdEvent`).", content_type = "text/event-stream", body = serde_json::Value),
         (status = 400, description = "`INVALID_REQUEST_BODY` or `MISSING_QUERY`: the message names what is wrong.", body = execbox_proto::execd::ExecdError),
         (status = 404, description = "`CONTEXT_NOT_FOUND`.", body = execbox_proto::execd::ExecdError),
         (status = 500, description = "`RUNTIME_ERROR`: the agent failed.", body = execbox_proto::execd::ExecdError),

@@ -273,7 +273,7 @@ fn resolve_cwd(
     description = "Runs `bash -c command` and streams its events (or starts it in the background).",
     request_body = execbox_proto::execd::RunCommandRequest,
     responses(
-        (status = 200, description = "Server-sent events (`data: {json}` frames of `ExecdEvent`).", content_type = "text/event-stream", body = String),
+        (status = 200, description = "Server-sent events (`data: {json}` frames of `ExecdEvent`).", content_type = "text/event-stream", body = serde_json::Value),
         (status = 400, description = "`INVALID_REQUEST_BODY` or `MISSING_QUERY`: the message names what is wrong.", body = execbox_proto::execd::ExecdError),
         (status = 500, description = "`RUNTIME_ERROR`: the agent failed.", body = execbox_proto::execd::ExecdError),
     )
@@ -694,7 +694,7 @@ pub struct IdQuery {
     responses(
         (status = 200, description = "Interrupted."),
         (status = 400, description = "`INVALID_REQUEST_BODY` or `MISSING_QUERY`: the message names what is wrong.", body = execbox_proto::execd::ExecdError),
-        (status = 404, description = "Unknown command.", body = execbox_proto::execd::ExecdError),
+        (status = 500, description = "`RUNTIME_ERROR`: an unknown or finished id (upstream execd's answer, kept for wire compatibility), or the agent failed.", body = execbox_proto::execd::ExecdError),
     )
 )]
 pub async fn interrupt(
@@ -719,7 +719,7 @@ pub async fn interrupt(
     ),
     responses(
         (status = 200, description = "Interrupted."),
-        (status = 404, description = "Unknown command.", body = execbox_proto::execd::ExecdError),
+        (status = 500, description = "`RUNTIME_ERROR`: an unknown or finished id (upstream execd's answer, kept for wire compatibility), or the agent failed.", body = execbox_proto::execd::ExecdError),
     )
 )]
 pub async fn interrupt_path(

@@ -330,7 +330,7 @@ fn healthz_doc() {}
         crate::pty::remove,
         crate::pty::attach,
     ),
-    components(schemas(execbox_proto::execd::Event)),
+    components(schemas(execbox_proto::execd::Event, schemas::Replaced)),
     tags((name = "execd", description = "OpenSandbox execd API."))
 )]
 struct ExecdDoc;

@@ -336,7 +336,7 @@ struct RunRequest {
     ),
     request_body = crate::openapi::schemas::SessionRun,
     responses(
-        (status = 200, description = "Server-sent events (`data: {json}` frames of `ExecdEvent`).", content_type = "text/event-stream", body = String),
+        (status = 200, description = "Server-sent events (`data: {json}` frames of `ExecdEvent`).", content_type = "text/event-stream", body = serde_json::Value),
         (status = 400, description = "`INVALID_REQUEST_BODY` or `MISSING_QUERY`: the message names what is wrong.", body = execbox_proto::execd::ExecdError),
         (status = 404, description = "`CONTEXT_NOT_FOUND`.", body = execbox_proto::execd::ExecdError),
         (status = 500, description = "`RUNTIME_ERROR`: the agent failed.", body = execbox_proto::execd::ExecdError),

@@ -267,7 +267,7 @@ pub(crate) mod doc {
         ),
         security(("access_token" = []), ("api_key" = []), ())
     )]
-fn egress_health() {}
+    fn egress_health() {}
 
     #[utoipa::path(
         get,
@@ -286,7 +286,7 @@ fn egress_health() {}
         ),
         security(("access_token" = []), ("api_key" = []), ())
     )]
-fn get_policy() {}
+    fn get_policy() {}
 
     #[utoipa::path(
         method(post, put),
@@ -308,7 +308,7 @@ fn get_policy() {}
         ),
         security(("access_token" = []), ("api_key" = []), ())
     )]
-fn set_policy() {}
+    fn set_policy() {}
 
     #[utoipa::path(
         patch,
@@ -330,7 +330,7 @@ fn set_policy() {}
         ),
         security(("access_token" = []), ("api_key" = []), ())
     )]
-fn patch_policy() {}
+    fn patch_policy() {}
 
     #[utoipa::path(
         delete,
@@ -352,5 +352,5 @@ fn patch_policy() {}
         ),
         security(("access_token" = []), ("api_key" = []), ())
     )]
-fn delete_rules() {}
+    fn delete_rules() {}
 }

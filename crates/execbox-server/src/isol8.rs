@@ -1138,7 +1138,7 @@ async fn execute(
     description = "Runs code once and streams its events as SSE (`data: {\"type\",\"data\",\"phase\"}` frames); a `sessionId` is ignored.",
     request_body = ExecuteBody,
     responses(
-        (status = 200, description = "Server-sent events, one `StreamEvent` per frame.", content_type = "text/event-stream", body = String),
+        (status = 200, description = "Server-sent events, one `StreamEvent` per frame.", content_type = "text/event-stream", body = serde_json::Value),
         (status = 400, description = "The request is invalid or asks for more than the policy allows; the message names the option.", body = ErrorBody),
         (status = 401, description = "No `Authorization` header while the server has keys.", body = ErrorBody),
         (status = 403, description = "A key the server does not know.", body = ErrorBody),

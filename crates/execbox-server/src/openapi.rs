@@ -310,7 +310,10 @@ fn proxy_response(status: &str) -> Option<(String, Value)> {
             "The proxy: no valid `X-EXECD-ACCESS-TOKEN` (nor a key of the sandbox's tenant).",
             json!({"$ref": "#/components/schemas/ProxyUnauthorized"}),
         ),
-        "404" => ("The proxy: no such sandbox (`DOCKER::SANDBOX_NOT_FOUND`).", envelope),
+        "404" => (
+            "The proxy: no such sandbox (`DOCKER::SANDBOX_NOT_FOUND`).",
+            envelope,
+        ),
         "409" => (
             "The proxy: the sandbox has failed or is paused (`DOCKER::SANDBOX_NOT_RUNNING`).",
             envelope,
@@ -424,7 +427,10 @@ fn merge_agent(merged: &mut Value, agent: &Value) {
 pub fn merged() -> Value {
     let mut doc = to_json(ServerDoc::openapi());
     // The agent's routes are reached through the proxy, whose errors are the lifecycle's.
-    for agent in [execbox_agent::openapi::execd(), execbox_agent::openapi::leap0()] {
+    for agent in [
+        execbox_agent::openapi::execd(),
+        execbox_agent::openapi::leap0(),
+    ] {
         merge_agent(&mut doc, &to_json(agent));
     }
     let version = env!("CARGO_PKG_VERSION");
@@ -454,7 +460,10 @@ pub fn agent_doc(doc: utoipa::openapi::OpenApi) -> Value {
             json!([{"access_token": []}, {"api_key": []}, {}]),
         );
         if let Some(info) = root.get_mut("info").and_then(Value::as_object_mut) {
-            info.insert("version".into(), Value::String(env!("CARGO_PKG_VERSION").into()));
+            info.insert(
+                "version".into(),
+                Value::String(env!("CARGO_PKG_VERSION").into()),
+            );
             info.remove("license");
             info.remove("contact");
         }

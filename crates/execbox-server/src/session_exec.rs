@@ -378,7 +378,7 @@ fn argv_of(server: &Server, program: Program) -> Result<(Vec<String>, Option<Str
     description = "Runs `code` (JavaScript/TypeScript on Bun) or `command` (bash) in the caller's session `sessionId` (opened on first use). With `stream: true` the answer is SSE: `stdout`/`stderr` (`{data}`), then `result` (the `ExecuteResponse`) or `error` (the `ErrorBody`).",
     request_body = crate::openapi::schemas::SessionExecuteBody,
     responses(
-        (status = 200, description = "The result (`application/json`), or its events (`text/event-stream`) when `stream` is true.", content((ExecuteResponse = "application/json"), (String = "text/event-stream"))),
+        (status = 200, description = "The result (`application/json`), or its events (`text/event-stream`) when `stream` is true.", content((ExecuteResponse = "application/json"), (serde_json::Value = "text/event-stream"))),
         (status = 400, description = "`INVALID_REQUEST`: malformed JSON or a field breaking a rule; the message names it.", body = ErrorBody),
         (status = 401, description = "`UNAUTHORIZED`: no or an unknown bearer key (only when the server has keys).", body = ErrorBody),
         (status = 413, description = "`PAYLOAD_TOO_LARGE`: a file or the body is over its limit.", body = ErrorBody),

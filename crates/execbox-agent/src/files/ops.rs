@@ -358,9 +358,10 @@ fn replace_one(lexical: &Path, old: &str, new: &str) -> Result<usize, ApiError> 
     operation_id = "execdReplaceInFiles",
     tag = "execd",
     description = "Replaces text in files.",
+    params(("verbose" = Option<bool>, Query, description = "Answer with the counts per file.")),
     request_body = BTreeMap<String, crate::openapi::schemas::ReplaceItem>,
     responses(
-        (status = 200, description = "Replaced.", body = crate::openapi::schemas::Replaced),
+        (status = 200, description = "Replaced: an empty body, or with `?verbose=true` the counts per file (path to `Replaced`)."),
         (status = 400, description = "`INVALID_REQUEST_BODY` or `MISSING_QUERY`: the message names what is wrong.", body = execbox_proto::execd::ExecdError),
         (status = 404, description = "`FILE_NOT_FOUND`.", body = execbox_proto::execd::ExecdError),
         (status = 413, description = "The sandbox's storage is full.", body = execbox_proto::execd::ExecdError),
