@@ -527,6 +527,21 @@ async fn execute_stream(
 ) -> Result<Response, Leap0Error> {
     let m = read_json(body).await?;
     let code = required_code(&m)?;
+    // The code becomes one argument of a fresh process: what exec would refuse is the
+    // client's mistake, said up front (not a 500 when the process cannot start).
+    if code.contains('\0') {
+        return Err(invalid("code", "must not contain NUL characters"));
+    }
+    if code.len() > execbox_proto::limits::MAX_ARG_BYTES {
+        return Err(invalid(
+            "code",
+            format!(
+                "{} bytes, over the limit of {} for one process's code",
+                code.len(),
+                execbox_proto::limits::MAX_ARG_BYTES
+            ),
+        ));
+    }
     let language = opt_str(&m, "language")?.map(parse_language).transpose()?;
     let timeout = Duration::from_millis(timeout_ms(&m)?);
     let ctx = named_context(&app, &m, language)?;

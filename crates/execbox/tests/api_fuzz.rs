@@ -136,6 +136,13 @@ fn the_api_survives_schemathesis() {
         10,
         60,
     );
+    // Found by this test: code with a NUL byte on `/execute/async` was a 500 (the process
+    // could not start); it is the client's 400 now.
+    let r = ureq::post(&format!("{base}/execute/async"))
+        .set("X-EXECD-ACCESS-TOKEN", &sandbox.token)
+        .send_string(r#"{"code":"print(1)\u0000"}"#);
+    let (status, body) = common::into_pair(r);
+    assert_eq!(status, 400, "{body}");
     fuzz(
         "leap0",
         &server.url("/openapi/leap0.json"),
