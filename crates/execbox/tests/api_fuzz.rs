@@ -50,6 +50,9 @@ fn fuzz(
 ) {
     let started = Instant::now();
     let report_dir = std::env::temp_dir().join(common::unique("execbox-fuzz-report"));
+    // schemathesis keeps a cache (`.schemathesis/`) in its working directory: not the
+    // repository's.
+    std::fs::create_dir_all(&report_dir).expect("create the report directory");
     let mut cmd = Command::new(schemathesis());
     cmd.arg("run")
         .arg(schema_url)
@@ -77,6 +80,7 @@ fn fuzz(
             "HYPOTHESIS_STORAGE_DIRECTORY",
             report_dir.join("hypothesis"),
         )
+        .current_dir(&report_dir)
         .stdin(Stdio::null());
     let out = cmd.output().expect("run schemathesis");
     let stdout = String::from_utf8_lossy(&out.stdout);
