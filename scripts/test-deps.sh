@@ -8,6 +8,8 @@ command -v python3 >/dev/null || need_apt+=(python3)
 command -v node >/dev/null || need_apt+=(nodejs)
 command -v npm >/dev/null || need_apt+=(npm)
 python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
+# Virtualenvs (the SDK tests', schemathesis').
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_apt+=(python3-venv)
 # Image store tests (execbox-image): a real registry, image tools and a static busybox to put
 # in the images they build.
 [ -x /usr/bin/docker-registry ] || need_apt+=(docker-registry)
@@ -30,3 +32,13 @@ fi
 
 # isol8's and session-execute's bun runtime.
 command -v bun >/dev/null || npm install -g --silent bun
+
+# The API fuzzer of tests/api_fuzz.rs: schemathesis from PyPI, pinned, in a virtualenv of its
+# own (its dependencies stay out of the system Python's).
+SCHEMATHESIS_VERSION=4.32.5
+SCHEMATHESIS_VENV=/opt/execbox-test/schemathesis
+if ! "$SCHEMATHESIS_VENV/bin/schemathesis" --version 2>/dev/null | grep -qF "$SCHEMATHESIS_VERSION"; then
+  python3 -m venv "$SCHEMATHESIS_VENV"
+  "$SCHEMATHESIS_VENV/bin/python" -m pip install -q --disable-pip-version-check --no-input \
+    "schemathesis==$SCHEMATHESIS_VERSION"
+fi

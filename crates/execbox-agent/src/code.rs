@@ -448,6 +448,19 @@ pub fn prepare_cwd(app: &AppState, raw: Option<&str>) -> Result<PathBuf, ApiErro
 }
 
 /// `POST /code/context`.
+#[utoipa::path(
+    post,
+    path = "/code/context",
+    operation_id = "execdCreateContext",
+    tag = "execd",
+    description = "Starts a code context (an interpreter).",
+    request_body = crate::openapi::schemas::CodeContextCreate,
+    responses(
+        (status = 200, description = "Created.", body = crate::openapi::schemas::CodeContext),
+        (status = 400, description = "`INVALID_REQUEST_BODY` or `MISSING_QUERY`: the message names what is wrong.", body = execbox_proto::execd::ExecdError),
+        (status = 500, description = "`RUNTIME_ERROR`: the agent failed.", body = execbox_proto::execd::ExecdError),
+    )
+)]
 async fn create_context(
     State(app): State<Arc<AppState>>,
     body: Bytes,
@@ -471,6 +484,20 @@ fn unsupported_listing(name: &str) -> Option<ApiError> {
 }
 
 /// `GET /code/contexts[?language=]`.
+#[utoipa::path(
+    get,
+    path = "/code/contexts",
+    operation_id = "execdListContexts",
+    tag = "execd",
+    description = "Code contexts, of one language if asked.",
+    params(
+        ("language" = Option<String>, Query, description = "Language."),
+    ),
+    responses(
+        (status = 200, description = "Contexts.", body = Vec<crate::openapi::schemas::CodeContext>),
+        (status = 400, description = "`INVALID_REQUEST_BODY` or `MISSING_QUERY`: the message names what is wrong.", body = execbox_proto::execd::ExecdError),
+    )
+)]
 async fn list_contexts(
     State(app): State<Arc<AppState>>,
     Query(q): Query<LanguageQuery>,
@@ -491,6 +518,20 @@ async fn list_contexts(
 }
 
 /// `DELETE /code/contexts?language=`.
+#[utoipa::path(
+    delete,
+    path = "/code/contexts",
+    operation_id = "execdDeleteContexts",
+    tag = "execd",
+    description = "Removes every context of a language.",
+    params(
+        ("language" = String, Query, description = "Language."),
+    ),
+    responses(
+        (status = 200, description = "Removed."),
+        (status = 400, description = "`INVALID_REQUEST_BODY` or `MISSING_QUERY`: the message names what is wrong.", body = execbox_proto::execd::ExecdError),
+    )
+)]
 async fn delete_contexts_by_language(
     State(app): State<Arc<AppState>>,
     Query(q): Query<LanguageQuery>,
@@ -511,6 +552,20 @@ async fn delete_contexts_by_language(
 }
 
 /// `GET /code/contexts/{id}`.
+#[utoipa::path(
+    get,
+    path = "/code/contexts/{id}",
+    operation_id = "execdGetContext",
+    tag = "execd",
+    description = "One code context.",
+    params(
+        ("id" = String, Path, description = "Id."),
+    ),
+    responses(
+        (status = 200, description = "The context.", body = crate::openapi::schemas::CodeContext),
+        (status = 404, description = "`CONTEXT_NOT_FOUND`.", body = execbox_proto::execd::ExecdError),
+    )
+)]
 async fn get_context(
     State(app): State<Arc<AppState>>,
     UrlPath(id): UrlPath<String>,
@@ -522,6 +577,20 @@ async fn get_context(
 }
 
 /// `DELETE /code/contexts/{id}`.
+#[utoipa::path(
+    delete,
+    path = "/code/contexts/{id}",
+    operation_id = "execdDeleteContext",
+    tag = "execd",
+    description = "Removes a code context.",
+    params(
+        ("id" = String, Path, description = "Id."),
+    ),
+    responses(
+        (status = 200, description = "Removed."),
+        (status = 404, description = "`CONTEXT_NOT_FOUND`.", body = execbox_proto::execd::ExecdError),
+    )
+)]
 async fn delete_context(
     State(app): State<Arc<AppState>>,
     UrlPath(id): UrlPath<String>,
@@ -546,6 +615,20 @@ struct RunCodeRequest {
 }
 
 /// `POST /code`.
+#[utoipa::path(
+    post,
+    path = "/code",
+    operation_id = "execdRunCode",
+    tag = "execd",
+    description = "Runs code in a context (the language's default one when none is named); streamed.",
+    request_body = crate::openapi::schemas::CodeRun,
+    responses(
+        (status = 200, description = "Server-sent events (`data: {json}` frames of `ExecdEvent`).", content_type = "text/event-stream", body = serde_json::Value),
+        (status = 400, description = "`INVALID_REQUEST_BODY` or `MISSING_QUERY`: the message names what is wrong.", body = execbox_proto::execd::ExecdError),
+        (status = 404, description = "`CONTEXT_NOT_FOUND`.", body = execbox_proto::execd::ExecdError),
+        (status = 500, description = "`RUNTIME_ERROR`: the agent failed.", body = execbox_proto::execd::ExecdError),
+    )
+)]
 async fn run(State(app): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
     let req: RunCodeRequest = parse_json(&body)?;
     let code = req.code.filter(|c| !c.is_empty()).ok_or_else(|| {

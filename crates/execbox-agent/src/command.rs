@@ -265,6 +265,19 @@ fn resolve_cwd(
 }
 
 /// `POST /command`.
+#[utoipa::path(
+    post,
+    path = "/command",
+    operation_id = "execdRunCommand",
+    tag = "execd",
+    description = "Runs `bash -c command` and streams its events (or starts it in the background).",
+    request_body = execbox_proto::execd::RunCommandRequest,
+    responses(
+        (status = 200, description = "Server-sent events (`data: {json}` frames of `ExecdEvent`).", content_type = "text/event-stream", body = serde_json::Value),
+        (status = 400, description = "`INVALID_REQUEST_BODY` or `MISSING_QUERY`: the message names what is wrong.", body = execbox_proto::execd::ExecdError),
+        (status = 500, description = "`RUNTIME_ERROR`: the agent failed.", body = execbox_proto::execd::ExecdError),
+    )
+)]
 pub async fn run(State(app): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
     let req = parse_body(&body)?;
     let command = req.command.filter(|c| !c.is_empty()).ok_or_else(|| {
@@ -550,6 +563,20 @@ impl Execution {
 }
 
 /// `GET /command/status/{id}`.
+#[utoipa::path(
+    get,
+    path = "/command/status/{id}",
+    operation_id = "execdCommandStatus",
+    tag = "execd",
+    description = "A command's state.",
+    params(
+        ("id" = String, Path, description = "Id."),
+    ),
+    responses(
+        (status = 200, description = "The state.", body = execbox_proto::execd::CommandStatus),
+        (status = 404, description = "Unknown command.", body = execbox_proto::execd::ExecdError),
+    )
+)]
 pub async fn status(
     State(app): State<Arc<AppState>>,
     UrlPath(id): UrlPath<String>,
@@ -575,6 +602,22 @@ pub struct LogsQuery {
 }
 
 /// `GET /command/{id}/logs?cursor=N`.
+#[utoipa::path(
+    get,
+    path = "/command/{id}/logs",
+    operation_id = "execdCommandLogs",
+    tag = "execd",
+    description = "A background command's output from `cursor` on; `EXECD-COMMANDS-TAIL-CURSOR` gives the next.",
+    params(
+        ("id" = String, Path, description = "Id."),
+        ("cursor" = Option<u64>, Query, description = "Byte offset to start from."),
+    ),
+    responses(
+        (status = 200, description = "Output.", content_type = "text/plain", body = String),
+        (status = 400, description = "A malformed query (axum's plain-text answer).", body = String),
+        (status = 404, description = "Unknown command.", body = execbox_proto::execd::ExecdError),
+    )
+)]
 pub async fn logs(
     State(app): State<Arc<AppState>>,
     UrlPath(id): UrlPath<String>,
@@ -639,6 +682,21 @@ pub struct IdQuery {
 
 /// `DELETE /command?id=`: SIGTERM to the command's process group, SIGKILL to its whole cgroup
 /// after a grace period.
+#[utoipa::path(
+    delete,
+    path = "/command",
+    operation_id = "execdInterruptCommand",
+    tag = "execd",
+    description = "Interrupts a command (or a code execution).",
+    params(
+        ("id" = String, Query, description = "Command id."),
+    ),
+    responses(
+        (status = 200, description = "Interrupted."),
+        (status = 400, description = "`INVALID_REQUEST_BODY` or `MISSING_QUERY`: the message names what is wrong.", body = execbox_proto::execd::ExecdError),
+        (status = 500, description = "`RUNTIME_ERROR`: an unknown or finished id (upstream execd's answer, kept for wire compatibility), or the agent failed.", body = execbox_proto::execd::ExecdError),
+    )
+)]
 pub async fn interrupt(
     State(app): State<Arc<AppState>>,
     Query(q): Query<IdQuery>,
@@ -650,6 +708,20 @@ pub async fn interrupt(
 }
 
 /// `DELETE /command/{id}`.
+#[utoipa::path(
+    delete,
+    path = "/command/{id}",
+    operation_id = "execdInterruptCommandById",
+    tag = "execd",
+    description = "Interrupts a command.",
+    params(
+        ("id" = String, Path, description = "Id."),
+    ),
+    responses(
+        (status = 200, description = "Interrupted."),
+        (status = 500, description = "`RUNTIME_ERROR`: an unknown or finished id (upstream execd's answer, kept for wire compatibility), or the agent failed.", body = execbox_proto::execd::ExecdError),
+    )
+)]
 pub async fn interrupt_path(
     State(app): State<Arc<AppState>>,
     UrlPath(id): UrlPath<String>,

@@ -222,6 +222,20 @@ async fn create(
 }
 
 /// `POST /contexts`.
+#[utoipa::path(
+    post,
+    path = "/contexts",
+    operation_id = "leap0CreateContext",
+    tag = "leap0",
+    description = "Starts a context.",
+    request_body = crate::openapi::schemas::Leap0ContextCreate,
+    responses(
+        (status = 201, description = "Created.", body = crate::openapi::schemas::Leap0Context),
+        (status = 400, description = "Invalid request.", body = crate::openapi::schemas::Leap0Invalid),
+        (status = 413, description = "Body over 10 MiB.", body = crate::openapi::schemas::Leap0Message),
+        (status = 500, description = "The agent failed.", body = crate::openapi::schemas::Leap0Message),
+    )
+)]
 async fn create_context(
     State(app): State<Arc<AppState>>,
     body: Body,
@@ -233,6 +247,16 @@ async fn create_context(
 }
 
 /// `GET /contexts`.
+#[utoipa::path(
+    get,
+    path = "/contexts",
+    operation_id = "leap0ListContexts",
+    tag = "leap0",
+    description = "Contexts.",
+    responses(
+        (status = 200, description = "Contexts.", body = crate::openapi::schemas::Leap0Contexts),
+    )
+)]
 async fn list_contexts(State(app): State<Arc<AppState>>) -> Json<Value> {
     let mut items: Vec<Value> = app
         .contexts
@@ -252,6 +276,20 @@ fn leap0_context(app: &AppState, id: &str) -> Option<Arc<Context>> {
 }
 
 /// `GET /contexts/{id}`.
+#[utoipa::path(
+    get,
+    path = "/contexts/{id}",
+    operation_id = "leap0GetContext",
+    tag = "leap0",
+    description = "One context.",
+    params(
+        ("id" = String, Path, description = "Id."),
+    ),
+    responses(
+        (status = 200, description = "The context.", body = crate::openapi::schemas::Leap0Context),
+        (status = 404, description = "Not found.", body = crate::openapi::schemas::Leap0Message),
+    )
+)]
 async fn get_context(
     State(app): State<Arc<AppState>>,
     UrlPath(id): UrlPath<String>,
@@ -262,6 +300,19 @@ async fn get_context(
 }
 
 /// `DELETE /contexts/{id}`: 204 whether or not it existed.
+#[utoipa::path(
+    delete,
+    path = "/contexts/{id}",
+    operation_id = "leap0DeleteContext",
+    tag = "leap0",
+    description = "Removes a context; idempotent.",
+    params(
+        ("id" = String, Path, description = "Id."),
+    ),
+    responses(
+        (status = 204, description = "Removed."),
+    )
+)]
 async fn delete_context(
     State(app): State<Arc<AppState>>,
     UrlPath(id): UrlPath<String>,
@@ -339,6 +390,21 @@ fn lines(text: &str) -> Vec<String> {
 }
 
 /// `POST /execute`: runs in the named context, or in a new one whose id is returned.
+#[utoipa::path(
+    post,
+    path = "/execute",
+    operation_id = "leap0Execute",
+    tag = "leap0",
+    description = "Runs code in the named context, or in a new one.",
+    request_body = crate::openapi::schemas::Leap0Execute,
+    responses(
+        (status = 200, description = "The execution.", body = crate::openapi::schemas::Leap0Execution),
+        (status = 400, description = "Invalid request.", body = crate::openapi::schemas::Leap0Invalid),
+        (status = 409, description = "The context is running another execution.", body = crate::openapi::schemas::Leap0Message),
+        (status = 413, description = "Body over 10 MiB.", body = crate::openapi::schemas::Leap0Message),
+        (status = 500, description = "The interpreter died; the execution so far.", body = crate::openapi::schemas::Leap0Execution),
+    )
+)]
 async fn execute(State(app): State<Arc<AppState>>, body: Body) -> Result<Response, Leap0Error> {
     let m = read_json(body).await?;
     let code = required_code(&m)?;
@@ -444,12 +510,41 @@ async fn execute(State(app): State<Arc<AppState>>, body: Body) -> Result<Respons
 
 /// `POST /execute/async`: a fresh process per request (as upstream), streamed as integer-typed
 /// events, one line each.
+#[utoipa::path(
+    post,
+    path = "/execute/async",
+    operation_id = "leap0ExecuteStream",
+    tag = "leap0",
+    description = "Runs code in a fresh process; one JSON event per line.",
+    request_body = crate::openapi::schemas::Leap0Execute,
+    responses(
+        (status = 200, description = "Events, one per line.", content_type = "application/x-ndjson", body = String),
+        (status = 400, description = "Invalid request.", body = crate::openapi::schemas::Leap0Invalid),
+        (status = 413, description = "Body over 10 MiB.", body = crate::openapi::schemas::Leap0Message),
+        (status = 500, description = "The agent failed.", body = crate::openapi::schemas::Leap0Message),
+    )
+)]
 async fn execute_stream(
     State(app): State<Arc<AppState>>,
     body: Body,
 ) -> Result<Response, Leap0Error> {
     let m = read_json(body).await?;
     let code = required_code(&m)?;
+    // The code becomes one argument of a fresh process: what exec would refuse is the
+    // client's mistake, said up front (not a 500 when the process cannot start).
+    if code.contains('\0') {
+        return Err(invalid("code", "must not contain NUL characters"));
+    }
+    if code.len() > execbox_proto::limits::MAX_ARG_BYTES {
+        return Err(invalid(
+            "code",
+            format!(
+                "{} bytes, over the limit of {} for one process's code",
+                code.len(),
+                execbox_proto::limits::MAX_ARG_BYTES
+            ),
+        ));
+    }
     let language = opt_str(&m, "language")?.map(parse_language).transpose()?;
     let timeout = Duration::from_millis(timeout_ms(&m)?);
     let ctx = named_context(&app, &m, language)?;

@@ -21,6 +21,7 @@ mod files;
 mod kernel;
 mod leap0;
 mod metrics;
+pub mod openapi;
 mod paths;
 mod port_proxy;
 mod pty;

@@ -132,6 +132,17 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/metrics/watch", get(watch))
 }
 
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    operation_id = "execdMetrics",
+    tag = "execd",
+    description = "CPU and memory of the sandbox.",
+    responses(
+        (status = 200, description = "Metrics.", body = crate::openapi::schemas::Metrics),
+        (status = 500, description = "`RUNTIME_ERROR`: the agent failed.", body = execbox_proto::execd::ExecdError),
+    )
+)]
 async fn metrics(State(app): State<Arc<AppState>>) -> Result<Json<Metrics>, ApiError> {
     app.metrics.read().map(Json)
 }
@@ -147,6 +158,16 @@ fn watch_line(app: &AppState) -> Bytes {
 
 /// `GET /metrics/watch`: one object per second until the client goes away (the body stream is
 /// dropped with the connection, which ends the loop).
+#[utoipa::path(
+    get,
+    path = "/metrics/watch",
+    operation_id = "execdWatchMetrics",
+    tag = "execd",
+    description = "Metrics every second, one JSON object per line.",
+    responses(
+        (status = 200, description = "NDJSON.", content_type = "application/x-ndjson", body = String),
+    )
+)]
 async fn watch(State(app): State<Arc<AppState>>) -> Response {
     let mut interval = tokio::time::interval(WATCH_EVERY);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -904,6 +904,19 @@ fn parse_create(body: &[u8]) -> Result<CreateRequest, ApiError> {
 }
 
 /// `POST /pty`.
+#[utoipa::path(
+    post,
+    path = "/pty",
+    operation_id = "execdCreatePty",
+    tag = "execd",
+    description = "Starts a command (default: a login shell) on a pseudo-terminal.",
+    request_body = crate::openapi::schemas::PtyCreate,
+    responses(
+        (status = 201, description = "Created.", body = crate::openapi::schemas::PtyCreated),
+        (status = 400, description = "`INVALID_REQUEST_BODY` or `MISSING_QUERY`: the message names what is wrong.", body = execbox_proto::execd::ExecdError),
+        (status = 500, description = "`RUNTIME_ERROR`: the agent failed.", body = execbox_proto::execd::ExecdError),
+    )
+)]
 async fn create(
     State(app): State<Arc<AppState>>,
     body: Bytes,
@@ -927,6 +940,20 @@ async fn create(
 }
 
 /// `GET /pty/{id}`.
+#[utoipa::path(
+    get,
+    path = "/pty/{id}",
+    operation_id = "execdPtyStatus",
+    tag = "execd",
+    description = "A PTY session's state.",
+    params(
+        ("id" = String, Path, description = "Id."),
+    ),
+    responses(
+        (status = 200, description = "State.", body = crate::openapi::schemas::PtyStatus),
+        (status = 404, description = "`CONTEXT_NOT_FOUND`.", body = execbox_proto::execd::ExecdError),
+    )
+)]
 async fn status(
     State(app): State<Arc<AppState>>,
     UrlPath(id): UrlPath<String>,
@@ -941,6 +968,20 @@ async fn status(
 }
 
 /// `DELETE /pty/{id}`.
+#[utoipa::path(
+    delete,
+    path = "/pty/{id}",
+    operation_id = "execdDeletePty",
+    tag = "execd",
+    description = "Ends a PTY session.",
+    params(
+        ("id" = String, Path, description = "Id."),
+    ),
+    responses(
+        (status = 200, description = "Ended."),
+        (status = 404, description = "`CONTEXT_NOT_FOUND`.", body = execbox_proto::execd::ExecdError),
+    )
+)]
 async fn remove(
     State(app): State<Arc<AppState>>,
     UrlPath(id): UrlPath<String>,
@@ -978,6 +1019,22 @@ impl WsQuery {
 }
 
 /// `GET /pty/{id}/ws`: 404 and 409 are answered before the upgrade.
+#[utoipa::path(
+    get,
+    path = "/pty/{id}/ws",
+    operation_id = "execdAttachPty",
+    tag = "execd",
+    description = "WebSocket to a PTY session.",
+    params(
+        ("id" = String, Path, description = "Id."),
+    ),
+    responses(
+        (status = 101, description = "Switched to the WebSocket protocol."),
+        (status = 400, description = "Not a WebSocket upgrade, or a bad query.", body = String),
+        (status = 404, description = "`CONTEXT_NOT_FOUND`.", body = execbox_proto::execd::ExecdError),
+        (status = 409, description = "`ALREADY_CONNECTED`: a client is attached.", body = execbox_proto::execd::ExecdError),
+    )
+)]
 async fn attach(
     State(app): State<Arc<AppState>>,
     UrlPath(id): UrlPath<String>,

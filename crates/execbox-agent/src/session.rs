@@ -156,6 +156,19 @@ struct CreateSession {
 }
 
 /// `POST /session`.
+#[utoipa::path(
+    post,
+    path = "/session",
+    operation_id = "execdCreateSession",
+    tag = "execd",
+    description = "Starts a long-lived bash session.",
+    request_body = crate::openapi::schemas::SessionCreate,
+    responses(
+        (status = 200, description = "Created.", body = crate::openapi::schemas::SessionCreated),
+        (status = 400, description = "`INVALID_REQUEST_BODY` or `MISSING_QUERY`: the message names what is wrong.", body = execbox_proto::execd::ExecdError),
+        (status = 500, description = "`RUNTIME_ERROR`: the agent failed.", body = execbox_proto::execd::ExecdError),
+    )
+)]
 async fn create(
     State(app): State<Arc<AppState>>,
     body: Bytes,
@@ -312,6 +325,23 @@ struct RunRequest {
 }
 
 /// `POST /session/{id}/run`.
+#[utoipa::path(
+    post,
+    path = "/session/{id}/run",
+    operation_id = "execdRunInSession",
+    tag = "execd",
+    description = "Runs a command in a bash session; streamed.",
+    params(
+        ("id" = String, Path, description = "Id."),
+    ),
+    request_body = crate::openapi::schemas::SessionRun,
+    responses(
+        (status = 200, description = "Server-sent events (`data: {json}` frames of `ExecdEvent`).", content_type = "text/event-stream", body = serde_json::Value),
+        (status = 400, description = "`INVALID_REQUEST_BODY` or `MISSING_QUERY`: the message names what is wrong.", body = execbox_proto::execd::ExecdError),
+        (status = 404, description = "`CONTEXT_NOT_FOUND`.", body = execbox_proto::execd::ExecdError),
+        (status = 500, description = "`RUNTIME_ERROR`: the agent failed.", body = execbox_proto::execd::ExecdError),
+    )
+)]
 async fn run(
     State(app): State<Arc<AppState>>,
     UrlPath(id): UrlPath<String>,
@@ -624,6 +654,20 @@ fn styled_line(line: String, style: Style) -> Option<String> {
 }
 
 /// `DELETE /session/{id}`.
+#[utoipa::path(
+    delete,
+    path = "/session/{id}",
+    operation_id = "execdDeleteSession",
+    tag = "execd",
+    description = "Ends a bash session.",
+    params(
+        ("id" = String, Path, description = "Id."),
+    ),
+    responses(
+        (status = 200, description = "Ended."),
+        (status = 404, description = "`CONTEXT_NOT_FOUND`.", body = execbox_proto::execd::ExecdError),
+    )
+)]
 async fn remove(
     State(app): State<Arc<AppState>>,
     UrlPath(id): UrlPath<String>,

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 /// Error envelope of execd: `{"code","message"}`, each omitted when empty.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ExecdError {
     /// Error code such as `INVALID_REQUEST_BODY`.
     #[serde(skip_serializing_if = "String::is_empty", default)]
@@ -42,6 +43,8 @@ pub mod codes {
 
 /// `POST /command` request body.
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = ExecdRunCommandRequest))]
 pub struct RunCommandRequest {
     /// Shell command, run as `bash -c <command>`.
     #[serde(default)]
@@ -68,6 +71,8 @@ pub struct RunCommandRequest {
 
 /// Error details of an `error` event.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = ExecdEventError))]
 pub struct EventError {
     /// Error name (`CommandExecError` for commands).
     pub ename: String,
@@ -79,6 +84,8 @@ pub struct EventError {
 
 /// One streamed execd event; every field but `type` and `timestamp` is omitted when empty.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = ExecdEvent))]
 pub struct Event {
     /// Event type (`init`, `stdout`, `stderr`, `result`, `error`, `execution_complete`, …).
     #[serde(rename = "type")]
@@ -158,6 +165,8 @@ impl Event {
 
 /// `GET /command/status/{id}` response.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = ExecdCommandStatus))]
 pub struct CommandStatus {
     /// Command id.
     pub id: String,

@@ -7,6 +7,8 @@ use serde_json::Value;
 
 /// Body of `POST /execute` and `POST /execute/stream`.
 #[derive(Debug, Clone, serde::Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = Isol8ExecuteBody))]
 #[serde(rename_all = "camelCase")]
 pub struct ExecuteBody {
     /// What to run.
@@ -20,6 +22,8 @@ pub struct ExecuteBody {
 
 /// `request` (§3).
 #[derive(Debug, Clone, Default, serde::Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = Isol8ExecutionRequest))]
 #[serde(rename_all = "camelCase")]
 pub struct ExecutionRequest {
     /// Source for the runtime.
@@ -60,6 +64,8 @@ pub struct ExecutionRequest {
 
 /// `options.security`.
 #[derive(Debug, Clone, Default, serde::Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = Isol8Security))]
 #[serde(rename_all = "camelCase")]
 pub struct Security {
     /// `strict`, `unconfined` or `custom`.
@@ -70,6 +76,8 @@ pub struct Security {
 
 /// `options` (§4).
 #[derive(Debug, Clone, Default, serde::Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = Isol8Options))]
 #[serde(rename_all = "camelCase")]
 pub struct Options {
     /// Forced by the server.
@@ -118,6 +126,8 @@ pub struct Options {
 
 /// `ExecutionResult` (§5), with execbox's `timedOut` and `oomKilled`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = Isol8ExecutionResult))]
 #[serde(rename_all = "camelCase")]
 pub struct ExecutionResult {
     /// Standard output, trailing whitespace trimmed.
@@ -150,6 +160,8 @@ pub struct ExecutionResult {
 
 /// A stream event: `{"type","data","phase"?}`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = Isol8StreamEvent))]
 pub struct StreamEvent {
     /// `stdout`, `stderr`, `exit` or `error`.
     #[serde(rename = "type")]
@@ -173,6 +185,8 @@ impl StreamEvent {
 
 /// The error envelope `{"error":"…"}`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = Isol8Error))]
 pub struct ErrorBody {
     /// Message.
     pub error: String,
@@ -180,6 +194,8 @@ pub struct ErrorBody {
 
 /// Body of `POST /file`.
 #[derive(Debug, Clone, serde::Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = Isol8PutFileBody))]
 #[serde(rename_all = "camelCase")]
 pub struct PutFileBody {
     /// Session.

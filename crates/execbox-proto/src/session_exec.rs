@@ -35,6 +35,8 @@ pub const SSE_PING: &str = ": ping\n\n";
 
 /// The `code` of an error envelope.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = SessionExecErrorCode))]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum ErrorCode {
     /// 400: malformed JSON, a missing or invalid field, a count or timeout limit exceeded.
@@ -72,6 +74,8 @@ impl ErrorCode {
 
 /// Body of every non-2xx answer, and the payload of the `error` stream event.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = SessionExecError))]
 pub struct ErrorBody {
     /// Human-readable message naming the field at fault.
     pub error: String,
@@ -90,6 +94,8 @@ fn invalid(msg: impl Into<String>) -> Invalid {
 
 /// How a file's `content` is encoded.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = SessionExecEncoding))]
 #[serde(rename_all = "lowercase")]
 pub enum Encoding {
     /// The content is the text itself.
@@ -349,6 +355,8 @@ impl KillRequest {
 
 /// A signal a client may send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = SessionExecSignal))]
 pub enum Signal {
     /// `SIGKILL` (9), the default.
     #[serde(rename = "SIGKILL")]
@@ -400,6 +408,8 @@ impl Signal {
 
 /// Answer of `POST /api/execute`, and the payload of the `result` stream event.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = SessionExecuteResponse))]
 #[serde(rename_all = "camelCase")]
 pub struct ExecuteResponse {
     /// Standard output.
@@ -449,6 +459,8 @@ impl ExecuteResponse {
 
 /// Answer of `POST /api/files`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = SessionWriteFilesResponse))]
 #[serde(rename_all = "camelCase")]
 pub struct WriteFilesResponse {
     /// Absolute paths, in request order.
@@ -457,6 +469,8 @@ pub struct WriteFilesResponse {
 
 /// One entry of a listing.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = SessionFileEntry))]
 #[serde(rename_all = "camelCase")]
 pub struct FileEntry {
     /// Absolute path.
@@ -474,6 +488,8 @@ pub struct FileEntry {
 
 /// Answer of `GET /api/files`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = SessionListFilesResponse))]
 pub struct ListFilesResponse {
     /// The listed path.
     pub path: String,
@@ -504,6 +520,8 @@ impl From<crate::run::ListFilesResponse> for ListFilesResponse {
 
 /// Answer of `POST /api/processes/kill`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = SessionKillResponse))]
 pub struct KillResponse {
     /// Always true.
     pub killed: bool,
@@ -515,6 +533,8 @@ pub struct KillResponse {
 
 /// Payload of the `stdout` and `stderr` stream events.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = SessionOutputChunk))]
 pub struct OutputChunk {
     /// Output as produced.
     pub data: String,

@@ -18,6 +18,7 @@ use time::OffsetDateTime;
 use crate::lifecycle::LifecycleError;
 use crate::registry::SandboxRecord;
 use crate::{Server, Tenant};
+use execbox_proto::lifecycle::ErrorEnvelope;
 
 /// Events kept per sandbox (the oldest go first).
 const EVENTS_KEPT: usize = 256;
@@ -108,9 +109,9 @@ fn count(
 }
 
 /// The stable descriptor of upstream's Diagnostics API, always delivered inline.
-#[derive(Debug, serde::Serialize)]
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct DiagnosticContent {
+pub struct DiagnosticContent {
     sandbox_id: String,
     kind: &'static str,
     scope: String,
@@ -253,6 +254,25 @@ fn unknown_scope(scope: &str, known: &str) -> LifecycleError {
 
 /// `GET /v1/sandboxes/{id}/diagnostics/logs`: the entrypoint's output (`container`), the
 /// lifecycle events (`lifecycle`), or both (`all`).
+#[utoipa::path(
+    get,
+    path = "/v1/sandboxes/{id}/diagnostics/logs",
+    operation_id = "getDiagnosticLogs",
+    tag = "lifecycle",
+    description = "The sandbox's entrypoint output and lifecycle events.",
+    params(
+        ("id" = String, Path, description = "Sandbox id."),
+        ("scope" = Option<String>, Query, description = "`container` (the entrypoint's output), `lifecycle` or `all`; absent: the older plain text."),
+        ("tail" = Option<u32>, Query, description = "Last lines of plain text (1-10000, default 100)."),
+    ),
+    responses(
+        (status = 200, description = "With `scope`: the descriptor (delivered inline); without: plain text (`Deprecation: true`).", body = DiagnosticContent, content_type = "application/json"),
+        (status = 400, description = "A parameter is out of range; the message names it.", body = ErrorEnvelope),
+        (status = 401, description = "No or an unknown `OPEN-SANDBOX-API-KEY` (only when the server has keys): `MISSING_API_KEY` or `INVALID_API_KEY`.", body = ErrorEnvelope),
+        (status = 404, description = "No such sandbox for this tenant: `DOCKER::SANDBOX_NOT_FOUND`.", body = ErrorEnvelope),
+    ),
+    security(("api_key" = []), ())
+)]
 pub async fn logs(
     State(server): State<Arc<Server>>,
     Extension(tenant): Extension<Tenant>,
@@ -278,6 +298,25 @@ pub async fn logs(
 }
 
 /// `GET /v1/sandboxes/{id}/diagnostics/events`: what happened to the sandbox.
+#[utoipa::path(
+    get,
+    path = "/v1/sandboxes/{id}/diagnostics/events",
+    operation_id = "getDiagnosticEvents",
+    tag = "lifecycle",
+    description = "What happened to the sandbox.",
+    params(
+        ("id" = String, Path, description = "Sandbox id."),
+        ("scope" = Option<String>, Query, description = "`lifecycle`, `runtime` or `all`; absent: the older plain text."),
+        ("limit" = Option<u32>, Query, description = "Last events of plain text (1-500, default 50)."),
+    ),
+    responses(
+        (status = 200, description = "With `scope`: the descriptor (delivered inline); without: plain text (`Deprecation: true`).", body = DiagnosticContent, content_type = "application/json"),
+        (status = 400, description = "A parameter is out of range; the message names it.", body = ErrorEnvelope),
+        (status = 401, description = "No or an unknown `OPEN-SANDBOX-API-KEY` (only when the server has keys): `MISSING_API_KEY` or `INVALID_API_KEY`.", body = ErrorEnvelope),
+        (status = 404, description = "No such sandbox for this tenant: `DOCKER::SANDBOX_NOT_FOUND`.", body = ErrorEnvelope),
+    ),
+    security(("api_key" = []), ())
+)]
 pub async fn events(
     State(server): State<Arc<Server>>,
     Extension(tenant): Extension<Tenant>,
@@ -302,6 +341,23 @@ pub async fn events(
 }
 
 /// `GET /v1/sandboxes/{id}/diagnostics/inspect`: the sandbox's record, as text.
+#[utoipa::path(
+    get,
+    path = "/v1/sandboxes/{id}/diagnostics/inspect",
+    operation_id = "getDiagnosticInspect",
+    tag = "lifecycle",
+    description = "The sandbox's record, as text.",
+    params(
+        ("id" = String, Path, description = "Sandbox id."),
+    ),
+    responses(
+        (status = 200, description = "Plain text.", body = String, content_type = "text/plain"),
+        (status = 400, description = "A parameter is out of range; the message names it.", body = ErrorEnvelope),
+        (status = 401, description = "No or an unknown `OPEN-SANDBOX-API-KEY` (only when the server has keys): `MISSING_API_KEY` or `INVALID_API_KEY`.", body = ErrorEnvelope),
+        (status = 404, description = "No such sandbox for this tenant: `DOCKER::SANDBOX_NOT_FOUND`.", body = ErrorEnvelope),
+    ),
+    security(("api_key" = []), ())
+)]
 pub async fn inspect(
     State(server): State<Arc<Server>>,
     Extension(tenant): Extension<Tenant>,
@@ -323,6 +379,25 @@ fn inspect_text(rec: &SandboxRecord) -> String {
 
 /// `GET /v1/sandboxes/{id}/diagnostics/summary`: the record, the events and the last lines of
 /// the entrypoint's output, in one text.
+#[utoipa::path(
+    get,
+    path = "/v1/sandboxes/{id}/diagnostics/summary",
+    operation_id = "getDiagnosticSummary",
+    tag = "lifecycle",
+    description = "Record, events and the last lines of output in one text.",
+    params(
+        ("id" = String, Path, description = "Sandbox id."),
+        ("tail" = Option<u32>, Query, description = "Lines of output (1-10000, default 50)."),
+        ("event_limit" = Option<u32>, Query, description = "Events (1-500, default 20)."),
+    ),
+    responses(
+        (status = 200, description = "Plain text.", body = String, content_type = "text/plain"),
+        (status = 400, description = "A parameter is out of range; the message names it.", body = ErrorEnvelope),
+        (status = 401, description = "No or an unknown `OPEN-SANDBOX-API-KEY` (only when the server has keys): `MISSING_API_KEY` or `INVALID_API_KEY`.", body = ErrorEnvelope),
+        (status = 404, description = "No such sandbox for this tenant: `DOCKER::SANDBOX_NOT_FOUND`.", body = ErrorEnvelope),
+    ),
+    security(("api_key" = []), ())
+)]
 pub async fn summary(
     State(server): State<Arc<Server>>,
     Extension(tenant): Extension<Tenant>,

@@ -242,3 +242,115 @@ fn mode_allowed(
         ))
     }
 }
+
+/// The routes above as OpenAPI operations: [`handle`] dispatches them itself, so these
+/// functions exist only to carry their documentation (never called).
+#[allow(dead_code)]
+pub(crate) mod doc {
+    use super::*;
+    use execbox_proto::lifecycle::ErrorEnvelope;
+
+    #[utoipa::path(
+        get,
+        path = "/v1/sandboxes/{id}/proxy/18080/healthz",
+        operation_id = "egressHealth",
+        tag = "egress",
+        description = "The egress API is up.",
+        params(
+            ("id" = String, Path, description = "Sandbox id."),
+        ),
+        responses(
+            (status = 200, description = "Up."),
+            (status = 401, description = "No valid `X-EXECD-ACCESS-TOKEN` (nor a key of the sandbox's tenant).", body = crate::openapi::schemas::ProxyUnauthorized),
+            (status = 404, description = "No such sandbox: `DOCKER::SANDBOX_NOT_FOUND`.", body = ErrorEnvelope),
+            (status = 409, description = "The sandbox has failed or is paused: `DOCKER::SANDBOX_NOT_RUNNING`.", body = ErrorEnvelope),
+        ),
+        security(("access_token" = []), ("api_key" = []), ())
+    )]
+    fn egress_health() {}
+
+    #[utoipa::path(
+        get,
+        path = "/v1/sandboxes/{id}/proxy/18080/policy",
+        operation_id = "getEgressPolicy",
+        tag = "egress",
+        description = "The sandbox's egress policy (`deny_all` for a sandbox without network).",
+        params(
+            ("id" = String, Path, description = "Sandbox id."),
+        ),
+        responses(
+            (status = 200, description = "The policy now in force.", body = crate::openapi::schemas::EgressStatus),
+            (status = 401, description = "No valid `X-EXECD-ACCESS-TOKEN` (nor a key of the sandbox's tenant).", body = crate::openapi::schemas::ProxyUnauthorized),
+            (status = 404, description = "No such sandbox: `DOCKER::SANDBOX_NOT_FOUND`.", body = ErrorEnvelope),
+            (status = 409, description = "The sandbox has failed or is paused: `DOCKER::SANDBOX_NOT_RUNNING`.", body = ErrorEnvelope),
+        ),
+        security(("access_token" = []), ("api_key" = []), ())
+    )]
+    fn get_policy() {}
+
+    #[utoipa::path(
+        method(post, put),
+        path = "/v1/sandboxes/{id}/proxy/18080/policy",
+        operation_id = "setEgressPolicy",
+        tag = "egress",
+        description = "Replaces the policy (`{}` or `null` is deny-all); `?closeExisting=true` also closes open connections.",
+        params(
+            ("id" = String, Path, description = "Sandbox id."),
+        ),
+        request_body(content = Option<NetworkPolicy>, description = "The whole new policy."),
+        responses(
+            (status = 200, description = "The policy now in force.", body = crate::openapi::schemas::EgressStatus),
+            (status = 400, description = "A malformed body or a rule breaking the policy; the reason names the field.", body = crate::openapi::schemas::EgressError),
+            (status = 413, description = "The body is over 1 MiB.", body = crate::openapi::schemas::EgressError),
+            (status = 401, description = "No valid `X-EXECD-ACCESS-TOKEN` (nor a key of the sandbox's tenant).", body = crate::openapi::schemas::ProxyUnauthorized),
+            (status = 404, description = "No such sandbox: `DOCKER::SANDBOX_NOT_FOUND`.", body = ErrorEnvelope),
+            (status = 409, description = "The sandbox has failed or is paused (`DOCKER::SANDBOX_NOT_RUNNING`), or has no network to change (created without `networkPolicy`).", body = crate::openapi::schemas::EgressConflict),
+        ),
+        security(("access_token" = []), ("api_key" = []), ())
+    )]
+    fn set_policy() {}
+
+    #[utoipa::path(
+        patch,
+        path = "/v1/sandboxes/{id}/proxy/18080/policy",
+        operation_id = "patchEgressPolicy",
+        tag = "egress",
+        description = "Merges rules in front of the policy's.",
+        params(
+            ("id" = String, Path, description = "Sandbox id."),
+        ),
+        request_body(content = Vec<EgressRule>, description = "Rules to add."),
+        responses(
+            (status = 200, description = "The policy now in force.", body = crate::openapi::schemas::EgressStatus),
+            (status = 400, description = "A malformed body or a rule breaking the policy; the reason names the field.", body = crate::openapi::schemas::EgressError),
+            (status = 413, description = "The body is over 1 MiB.", body = crate::openapi::schemas::EgressError),
+            (status = 401, description = "No valid `X-EXECD-ACCESS-TOKEN` (nor a key of the sandbox's tenant).", body = crate::openapi::schemas::ProxyUnauthorized),
+            (status = 404, description = "No such sandbox: `DOCKER::SANDBOX_NOT_FOUND`.", body = ErrorEnvelope),
+            (status = 409, description = "The sandbox has failed or is paused (`DOCKER::SANDBOX_NOT_RUNNING`), or has no network to change (created without `networkPolicy`).", body = crate::openapi::schemas::EgressConflict),
+        ),
+        security(("access_token" = []), ("api_key" = []), ())
+    )]
+    fn patch_policy() {}
+
+    #[utoipa::path(
+        delete,
+        path = "/v1/sandboxes/{id}/proxy/18080/policy",
+        operation_id = "deleteEgressRules",
+        tag = "egress",
+        description = "Removes the rules of the given targets.",
+        params(
+            ("id" = String, Path, description = "Sandbox id."),
+        ),
+        request_body(content = Vec<String>, description = "Targets whose rules go."),
+        responses(
+            (status = 200, description = "The policy now in force.", body = crate::openapi::schemas::EgressStatus),
+            (status = 400, description = "A malformed body or a rule breaking the policy; the reason names the field.", body = crate::openapi::schemas::EgressError),
+            (status = 413, description = "The body is over 1 MiB.", body = crate::openapi::schemas::EgressError),
+            (status = 401, description = "No valid `X-EXECD-ACCESS-TOKEN` (nor a key of the sandbox's tenant).", body = crate::openapi::schemas::ProxyUnauthorized),
+            (status = 404, description = "No such sandbox: `DOCKER::SANDBOX_NOT_FOUND`.", body = ErrorEnvelope),
+            (status = 409, description = "The sandbox has failed or is paused (`DOCKER::SANDBOX_NOT_RUNNING`), or has no network to change (created without `networkPolicy`).", body = crate::openapi::schemas::EgressConflict),
+        ),
+        security(("access_token" = []), ("api_key" = []), ())
+    )]
+    fn delete_rules() {}
+}

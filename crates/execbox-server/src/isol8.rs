@@ -1074,6 +1074,25 @@ fn to_result(plan: &Plan, r: RunResult, sandbox: &str) -> ExecutionResult {
 }
 
 /// `POST /execute`.
+#[utoipa::path(
+    post,
+    path = "/execute",
+    operation_id = "isol8Execute",
+    tag = "isol8",
+    description = "Runs code once (a sandbox of the warm pool) or in the caller's persistent session (`sessionId`).",
+    request_body = ExecuteBody,
+    responses(
+        (status = 200, description = "The run's result (a failed install or setup script is a result too).", body = ExecutionResult),
+        (status = 400, description = "The request is invalid or asks for more than the policy allows; the message names the option.", body = ErrorBody),
+        (status = 401, description = "No `Authorization` header while the server has keys.", body = ErrorBody),
+        (status = 403, description = "A key the server does not know.", body = ErrorBody),
+        (status = 404, description = "No such session, or a file the run needs is missing.", body = ErrorBody),
+        (status = 413, description = "The body is larger than the server accepts.", body = ErrorBody),
+        (status = 429, description = "The tenant's runs or sessions are at their cap.", body = ErrorBody),
+        (status = 500, description = "execbox failed.", body = ErrorBody),
+    ),
+    security(("bearer" = []), ())
+)]
 async fn execute(
     State(server): State<Arc<Server>>,
     Extension(tenant): Extension<Tenant>,
@@ -1111,6 +1130,24 @@ async fn execute(
 }
 
 /// `POST /execute/stream`: always one-shot (a `sessionId` is ignored, as upstream).
+#[utoipa::path(
+    post,
+    path = "/execute/stream",
+    operation_id = "isol8ExecuteStream",
+    tag = "isol8",
+    description = "Runs code once and streams its events as SSE (`data: {\"type\",\"data\",\"phase\"}` frames); a `sessionId` is ignored.",
+    request_body = ExecuteBody,
+    responses(
+        (status = 200, description = "Server-sent events, one `StreamEvent` per frame.", content_type = "text/event-stream", body = serde_json::Value),
+        (status = 400, description = "The request is invalid or asks for more than the policy allows; the message names the option.", body = ErrorBody),
+        (status = 401, description = "No `Authorization` header while the server has keys.", body = ErrorBody),
+        (status = 403, description = "A key the server does not know.", body = ErrorBody),
+        (status = 413, description = "The body is larger than the server accepts.", body = ErrorBody),
+        (status = 429, description = "The tenant's runs are at their cap.", body = ErrorBody),
+        (status = 500, description = "execbox failed.", body = ErrorBody),
+    ),
+    security(("bearer" = []), ())
+)]
 async fn execute_stream(
     State(server): State<Arc<Server>>,
     Extension(tenant): Extension<Tenant>,
@@ -1257,6 +1294,22 @@ fn admit(server: &Arc<Server>, tenant: &Tenant) -> Result<crate::concurrency::Ru
 /// of the one-shot run is then one message, and the socket closes with 1000 `Execution
 /// complete`. `stdin` and `signal` messages are accepted and ignored, as upstream; invalid JSON
 /// gets an `error` event and close code 1003.
+#[utoipa::path(
+    get,
+    path = "/execute/ws",
+    operation_id = "isol8ExecuteWebSocket",
+    tag = "isol8",
+    description = "WebSocket: the first text message is `{\"type\":\"execute\",\"request\",…}`; each event of the one-shot run is then one message.",
+    responses(
+        (status = 101, description = "Switched to the WebSocket protocol."),
+        (status = 400, description = "Not a WebSocket upgrade request.", content_type = "text/plain", body = String),
+        (status = 401, description = "No `Authorization` header while the server has keys.", body = ErrorBody),
+        (status = 403, description = "A key the server does not know.", body = ErrorBody),
+        (status = 405, description = "Not a GET (axum's answer)."),
+        (status = 426, description = "An upgrade other than WebSocket was asked for.", content_type = "text/plain", body = String),
+    ),
+    security(("bearer" = []), ())
+)]
 async fn execute_ws(
     State(server): State<Arc<Server>>,
     Extension(tenant): Extension<Tenant>,
@@ -1364,6 +1417,24 @@ async fn session_lease(server: &Arc<Server>, tenant: &Tenant, id: &str) -> Resul
 }
 
 /// `POST /file`.
+#[utoipa::path(
+    post,
+    path = "/file",
+    operation_id = "isol8PutFile",
+    tag = "isol8",
+    description = "Writes one file (base64 content) into a session's sandbox.",
+    request_body = PutFileBody,
+    responses(
+        (status = 200, description = "Written.", body = crate::openapi::schemas::Isol8Ok),
+        (status = 400, description = "The request is invalid or asks for more than the policy allows; the message names the option.", body = ErrorBody),
+        (status = 401, description = "No `Authorization` header while the server has keys.", body = ErrorBody),
+        (status = 403, description = "A key the server does not know.", body = ErrorBody),
+        (status = 404, description = "No such session.", body = ErrorBody),
+        (status = 413, description = "The body is larger than the server accepts.", body = ErrorBody),
+        (status = 500, description = "execbox failed.", body = ErrorBody),
+    ),
+    security(("bearer" = []), ())
+)]
 async fn put_file(
     State(server): State<Arc<Server>>,
     Extension(tenant): Extension<Tenant>,
@@ -1407,6 +1478,26 @@ struct FileQuery {
 }
 
 /// `GET /file?sessionId=&path=`.
+#[utoipa::path(
+    get,
+    path = "/file",
+    operation_id = "isol8GetFile",
+    tag = "isol8",
+    description = "Reads one file of a session's sandbox, base64.",
+    params(
+        ("sessionId" = String, Query, description = "Session id."),
+        ("path" = String, Query, description = "Absolute path inside the sandbox."),
+    ),
+    responses(
+        (status = 200, description = "The content.", body = crate::openapi::schemas::Isol8FileContent),
+        (status = 400, description = "`sessionId` or `path` missing, or a path over the kernel's limits.", body = ErrorBody),
+        (status = 401, description = "No `Authorization` header while the server has keys.", body = ErrorBody),
+        (status = 403, description = "A key the server does not know.", body = ErrorBody),
+        (status = 404, description = "No such session or file.", body = ErrorBody),
+        (status = 500, description = "execbox failed.", body = ErrorBody),
+    ),
+    security(("bearer" = []), ())
+)]
 async fn get_file(
     State(server): State<Arc<Server>>,
     Extension(tenant): Extension<Tenant>,
@@ -1430,6 +1521,19 @@ async fn get_file(
 }
 
 /// `GET /sessions`: the caller's sessions only.
+#[utoipa::path(
+    get,
+    path = "/sessions",
+    operation_id = "isol8ListSessions",
+    tag = "isol8",
+    description = "The caller's sessions.",
+    responses(
+        (status = 200, description = "The sessions.", body = crate::openapi::schemas::Isol8Sessions),
+        (status = 401, description = "No `Authorization` header while the server has keys.", body = ErrorBody),
+        (status = 403, description = "A key the server does not know.", body = ErrorBody),
+    ),
+    security(("bearer" = []), ())
+)]
 async fn list_sessions(
     State(server): State<Arc<Server>>,
     Extension(tenant): Extension<Tenant>,
@@ -1446,6 +1550,22 @@ async fn list_sessions(
 }
 
 /// `DELETE /session/{id}`: idempotent; another tenant's session is left alone.
+#[utoipa::path(
+    delete,
+    path = "/session/{id}",
+    operation_id = "isol8DeleteSession",
+    tag = "isol8",
+    description = "Ends a session and removes its sandbox; idempotent.",
+    params(
+        ("id" = String, Path, description = "Session id."),
+    ),
+    responses(
+        (status = 200, description = "Gone (or was never there).", body = crate::openapi::schemas::Isol8Ok),
+        (status = 401, description = "No `Authorization` header while the server has keys.", body = ErrorBody),
+        (status = 403, description = "A key the server does not know.", body = ErrorBody),
+    ),
+    security(("bearer" = []), ())
+)]
 async fn delete_session(
     State(server): State<Arc<Server>>,
     Extension(tenant): Extension<Tenant>,
@@ -1456,6 +1576,27 @@ async fn delete_session(
 }
 
 /// `POST /session/{id}/signal` (`{"signal":"SIGTERM"}`): to every process of the session.
+#[utoipa::path(
+    post,
+    path = "/session/{id}/signal",
+    operation_id = "isol8SignalSession",
+    tag = "isol8",
+    description = "Sends a signal (default `SIGTERM`) to every process of a session.",
+    params(
+        ("id" = String, Path, description = "Session id."),
+    ),
+    request_body(content = crate::openapi::schemas::Isol8SignalBody, description = "An empty body means `SIGTERM`."),
+    responses(
+        (status = 200, description = "Sent.", body = crate::openapi::schemas::Isol8Signalled),
+        (status = 400, description = "An unknown signal, or no running sandbox for the session.", body = ErrorBody),
+        (status = 401, description = "No `Authorization` header while the server has keys.", body = ErrorBody),
+        (status = 403, description = "A key the server does not know.", body = ErrorBody),
+        (status = 404, description = "No such session.", body = ErrorBody),
+        (status = 413, description = "The body is larger than the server accepts.", body = ErrorBody),
+        (status = 500, description = "execbox failed.", body = ErrorBody),
+    ),
+    security(("bearer" = []), ())
+)]
 async fn signal_session(
     State(server): State<Arc<Server>>,
     Extension(tenant): Extension<Tenant>,

@@ -19,6 +19,7 @@ pub mod lifecycle;
 pub mod listener;
 pub mod local;
 pub mod oneshot;
+pub mod openapi;
 pub mod policy;
 pub mod pool;
 pub mod prometheus;
@@ -975,6 +976,10 @@ pub fn router(server: Arc<Server>) -> Router {
         ));
     Router::new()
         .route("/health", get(health))
+        // Public like `/health`: the documents describe the code, not this server's data.
+        .route("/openapi.json", get(openapi::serve_merged))
+        .route("/openapi/execd.json", get(openapi::serve_execd))
+        .route("/openapi/leap0.json", get(openapi::serve_leap0))
         .route("/v1/sandboxes/{id}/proxy/{port}", any(proxy::proxy))
         .route("/v1/sandboxes/{id}/proxy/{port}/", any(proxy::proxy))
         .route("/v1/sandboxes/{id}/proxy/{port}/{*rest}", any(proxy::proxy))

@@ -12,6 +12,9 @@ use execbox_proto::lifecycle::{
     self as wire, CreateSandboxResponse, Endpoint, ErrorCode, ErrorEnvelope, ListSandboxesQuery,
     ListSandboxesResponse, Pagination, RenewExpirationResponse, SandboxState,
 };
+// Named in the OpenAPI attributes only.
+#[allow(unused_imports)]
+use execbox_proto::lifecycle::{CreateSandboxRequest, RenewExpirationRequest, Sandbox};
 use time::OffsetDateTime;
 
 use crate::local::SandboxLimits;
@@ -217,6 +220,24 @@ pub(crate) fn host_arch() -> &'static str {
 }
 
 /// `POST /v1/sandboxes`.
+#[utoipa::path(
+    post,
+    path = "/v1/sandboxes",
+    operation_id = "createSandbox",
+    tag = "lifecycle",
+    description = "Creates a sandbox; answers as soon as it runs (or has failed).",
+    request_body = CreateSandboxRequest,
+    responses(
+        (status = 202, description = "Created.", body = CreateSandboxResponse),
+        (status = 400, description = "A field breaks a rule or exceeds the tenant's policy; the message names it.", body = ErrorEnvelope),
+        (status = 401, description = "No or an unknown `OPEN-SANDBOX-API-KEY` (only when the server has keys): `MISSING_API_KEY` or `INVALID_API_KEY`.", body = ErrorEnvelope),
+        (status = 429, description = "The server's or the tenant's maximum of sandboxes is reached: `SANDBOX::QUOTA_EXCEEDED`, with `Retry-After`.", body = ErrorEnvelope),
+        (status = 500, description = "The server failed: `SANDBOX::UNKNOWN_ERROR`.", body = ErrorEnvelope),
+        (status = 502, description = "The image registry failed.", body = ErrorEnvelope),
+        (status = 503, description = "A template the image needs cannot be built now.", body = ErrorEnvelope),
+    ),
+    security(("api_key" = []), ())
+)]
 pub async fn create(
     State(server): State<Arc<Server>>,
     Extension(tenant): Extension<Tenant>,
@@ -365,6 +386,22 @@ pub(crate) fn find(server: &Server, id: &str, tenant: &Tenant) -> Result<Sandbox
 }
 
 /// `GET /v1/sandboxes/{id}`.
+#[utoipa::path(
+    get,
+    path = "/v1/sandboxes/{id}",
+    operation_id = "getSandbox",
+    tag = "lifecycle",
+    description = "One sandbox.",
+    params(
+        ("id" = String, Path, description = "Sandbox id."),
+    ),
+    responses(
+        (status = 200, description = "The sandbox.", body = Sandbox),
+        (status = 401, description = "No or an unknown `OPEN-SANDBOX-API-KEY` (only when the server has keys): `MISSING_API_KEY` or `INVALID_API_KEY`.", body = ErrorEnvelope),
+        (status = 404, description = "No such sandbox for this tenant: `DOCKER::SANDBOX_NOT_FOUND`.", body = ErrorEnvelope),
+    ),
+    security(("api_key" = []), ())
+)]
 pub async fn get(
     State(server): State<Arc<Server>>,
     Extension(tenant): Extension<Tenant>,
@@ -374,6 +411,25 @@ pub async fn get(
 }
 
 /// `GET /v1/sandboxes`.
+#[utoipa::path(
+    get,
+    path = "/v1/sandboxes",
+    operation_id = "listSandboxes",
+    tag = "lifecycle",
+    description = "The tenant's sandboxes, filtered and paged.",
+    params(
+        ("state" = Option<Vec<String>>, Query, description = "States to keep (OR-ed); any string is accepted."),
+        ("metadata" = Option<String>, Query, description = "`key=value` pairs joined by `&` (URL-encoded), all of which must match."),
+        ("page" = Option<i64>, Query, description = "1-based page number."),
+        ("pageSize" = Option<i64>, Query, description = "Items per page."),
+    ),
+    responses(
+        (status = 200, description = "A page of sandboxes.", body = ListSandboxesResponse),
+        (status = 400, description = "A malformed filter or page.", body = ErrorEnvelope),
+        (status = 401, description = "No or an unknown `OPEN-SANDBOX-API-KEY` (only when the server has keys): `MISSING_API_KEY` or `INVALID_API_KEY`.", body = ErrorEnvelope),
+    ),
+    security(("api_key" = []), ())
+)]
 pub async fn list(
     State(server): State<Arc<Server>>,
     Extension(tenant): Extension<Tenant>,
@@ -406,6 +462,23 @@ pub async fn list(
 }
 
 /// `DELETE /v1/sandboxes/{id}`.
+#[utoipa::path(
+    delete,
+    path = "/v1/sandboxes/{id}",
+    operation_id = "deleteSandbox",
+    tag = "lifecycle",
+    description = "Deletes a sandbox and everything it holds.",
+    params(
+        ("id" = String, Path, description = "Sandbox id."),
+    ),
+    responses(
+        (status = 204, description = "Deleted."),
+        (status = 401, description = "No or an unknown `OPEN-SANDBOX-API-KEY` (only when the server has keys): `MISSING_API_KEY` or `INVALID_API_KEY`.", body = ErrorEnvelope),
+        (status = 404, description = "No such sandbox for this tenant: `DOCKER::SANDBOX_NOT_FOUND`.", body = ErrorEnvelope),
+        (status = 500, description = "The server failed: `SANDBOX::UNKNOWN_ERROR`.", body = ErrorEnvelope),
+    ),
+    security(("api_key" = []), ())
+)]
 pub async fn delete(
     State(server): State<Arc<Server>>,
     Extension(tenant): Extension<Tenant>,
@@ -460,6 +533,24 @@ async fn transition(
 }
 
 /// `POST /v1/sandboxes/{id}/pause`.
+#[utoipa::path(
+    post,
+    path = "/v1/sandboxes/{id}/pause",
+    operation_id = "pauseSandbox",
+    tag = "lifecycle",
+    description = "Freezes a running sandbox.",
+    params(
+        ("id" = String, Path, description = "Sandbox id."),
+    ),
+    responses(
+        (status = 202, description = "Paused."),
+        (status = 401, description = "No or an unknown `OPEN-SANDBOX-API-KEY` (only when the server has keys): `MISSING_API_KEY` or `INVALID_API_KEY`.", body = ErrorEnvelope),
+        (status = 404, description = "No such sandbox for this tenant: `DOCKER::SANDBOX_NOT_FOUND`.", body = ErrorEnvelope),
+        (status = 409, description = "The sandbox is not running: `DOCKER::SANDBOX_NOT_RUNNING`.", body = ErrorEnvelope),
+        (status = 500, description = "The server failed: `SANDBOX::UNKNOWN_ERROR`.", body = ErrorEnvelope),
+    ),
+    security(("api_key" = []), ())
+)]
 pub async fn pause(
     State(server): State<Arc<Server>>,
     Extension(tenant): Extension<Tenant>,
@@ -469,6 +560,24 @@ pub async fn pause(
 }
 
 /// `POST /v1/sandboxes/{id}/resume`.
+#[utoipa::path(
+    post,
+    path = "/v1/sandboxes/{id}/resume",
+    operation_id = "resumeSandbox",
+    tag = "lifecycle",
+    description = "Thaws a paused sandbox.",
+    params(
+        ("id" = String, Path, description = "Sandbox id."),
+    ),
+    responses(
+        (status = 202, description = "Resumed."),
+        (status = 401, description = "No or an unknown `OPEN-SANDBOX-API-KEY` (only when the server has keys): `MISSING_API_KEY` or `INVALID_API_KEY`.", body = ErrorEnvelope),
+        (status = 404, description = "No such sandbox for this tenant: `DOCKER::SANDBOX_NOT_FOUND`.", body = ErrorEnvelope),
+        (status = 409, description = "The sandbox is not paused: `DOCKER::SANDBOX_NOT_PAUSED`.", body = ErrorEnvelope),
+        (status = 500, description = "The server failed: `SANDBOX::UNKNOWN_ERROR`.", body = ErrorEnvelope),
+    ),
+    security(("api_key" = []), ())
+)]
 pub async fn resume(
     State(server): State<Arc<Server>>,
     Extension(tenant): Extension<Tenant>,
@@ -478,6 +587,25 @@ pub async fn resume(
 }
 
 /// `POST /v1/sandboxes/{id}/renew-expiration`.
+#[utoipa::path(
+    post,
+    path = "/v1/sandboxes/{id}/renew-expiration",
+    operation_id = "renewSandboxExpiration",
+    tag = "lifecycle",
+    description = "Sets a new expiry (any future time within the server's and the tenant's bounds).",
+    params(
+        ("id" = String, Path, description = "Sandbox id."),
+    ),
+    request_body = RenewExpirationRequest,
+    responses(
+        (status = 200, description = "The new expiry.", body = RenewExpirationResponse),
+        (status = 400, description = "A malformed body or an expiry out of bounds: `DOCKER::INVALID_EXPIRATION`.", body = ErrorEnvelope),
+        (status = 401, description = "No or an unknown `OPEN-SANDBOX-API-KEY` (only when the server has keys): `MISSING_API_KEY` or `INVALID_API_KEY`.", body = ErrorEnvelope),
+        (status = 404, description = "No such sandbox for this tenant: `DOCKER::SANDBOX_NOT_FOUND`.", body = ErrorEnvelope),
+        (status = 500, description = "The server failed: `SANDBOX::UNKNOWN_ERROR`.", body = ErrorEnvelope),
+    ),
+    security(("api_key" = []), ())
+)]
 pub async fn renew(
     State(server): State<Arc<Server>>,
     Extension(tenant): Extension<Tenant>,
@@ -533,6 +661,25 @@ pub async fn renew(
 }
 
 /// `PATCH /v1/sandboxes/{id}/metadata`.
+#[utoipa::path(
+    patch,
+    path = "/v1/sandboxes/{id}/metadata",
+    operation_id = "patchSandboxMetadata",
+    tag = "lifecycle",
+    description = "JSON merge patch of the sandbox's metadata: a string sets a key, `null` removes it.",
+    params(
+        ("id" = String, Path, description = "Sandbox id."),
+    ),
+    request_body(content = BTreeMap<String, Option<String>>, content_type = "application/json", description = "Keys to set (strings) or remove (`null`)."),
+    responses(
+        (status = 200, description = "The sandbox with its new metadata.", body = Sandbox),
+        (status = 400, description = "Not an object, or a label breaking Kubernetes' rules.", body = ErrorEnvelope),
+        (status = 401, description = "No or an unknown `OPEN-SANDBOX-API-KEY` (only when the server has keys): `MISSING_API_KEY` or `INVALID_API_KEY`.", body = ErrorEnvelope),
+        (status = 404, description = "No such sandbox for this tenant: `DOCKER::SANDBOX_NOT_FOUND`.", body = ErrorEnvelope),
+        (status = 500, description = "The server failed: `SANDBOX::UNKNOWN_ERROR`.", body = ErrorEnvelope),
+    ),
+    security(("api_key" = []), ())
+)]
 pub async fn patch_metadata(
     State(server): State<Arc<Server>>,
     Extension(tenant): Extension<Tenant>,
@@ -561,6 +708,26 @@ struct EndpointQuery {
 /// `GET /v1/sandboxes/{id}/endpoints/{port}`: always the server's proxy (execbox has no other
 /// route into a sandbox), so `use_server_proxy` changes nothing; with `expires` (Unix
 /// seconds), a signed route that needs no header until then (see `signed.rs`).
+#[utoipa::path(
+    get,
+    path = "/v1/sandboxes/{id}/endpoints/{port}",
+    operation_id = "getSandboxEndpoint",
+    tag = "lifecycle",
+    description = "Where a port of the sandbox is reached (through this server's proxy), and the headers to send.",
+    params(
+        ("id" = String, Path, description = "Sandbox id."),
+        ("port" = String, Path, description = "Port inside the sandbox (1-65535)."),
+        ("use_server_proxy" = Option<bool>, Query, description = "Accepted; execbox always answers with its proxy."),
+        ("expires" = Option<String>, Query, description = "Unix seconds: a signed route, reachable without headers until then."),
+    ),
+    responses(
+        (status = 200, description = "The endpoint.", body = Endpoint),
+        (status = 400, description = "Not a port number (`DOCKER::INVALID_PORT`), a bad `expires` or `use_server_proxy`, or both `expires` and `use_server_proxy=true`.", body = ErrorEnvelope),
+        (status = 401, description = "No or an unknown `OPEN-SANDBOX-API-KEY` (only when the server has keys): `MISSING_API_KEY` or `INVALID_API_KEY`.", body = ErrorEnvelope),
+        (status = 404, description = "No such sandbox for this tenant: `DOCKER::SANDBOX_NOT_FOUND`.", body = ErrorEnvelope),
+    ),
+    security(("api_key" = []), ())
+)]
 pub async fn endpoint(
     State(server): State<Arc<Server>>,
     Extension(tenant): Extension<Tenant>,
@@ -647,6 +814,18 @@ fn parse_expires(raw: &str, max_secs: u64) -> Result<u64> {
 }
 
 /// Snapshot routes: not supported.
+#[utoipa::path(
+    get,
+    path = "/v1/snapshots",
+    operation_id = "listSnapshots",
+    tag = "lifecycle",
+    description = "Snapshots are not supported by this server (also `POST /v1/sandboxes/{id}/snapshots`, `GET` and `DELETE /v1/snapshots/{sid}`).",
+    responses(
+        (status = 501, description = "`SANDBOX::API_NOT_SUPPORTED`.", body = ErrorEnvelope),
+        (status = 401, description = "No or an unknown `OPEN-SANDBOX-API-KEY` (only when the server has keys): `MISSING_API_KEY` or `INVALID_API_KEY`.", body = ErrorEnvelope),
+    ),
+    security(("api_key" = []), ())
+)]
 pub async fn snapshots_unsupported() -> LifecycleError {
     LifecycleError::NotSupported("snapshots are not supported by this server".into())
 }

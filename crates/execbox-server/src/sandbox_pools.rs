@@ -20,7 +20,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use execbox_proto::lifecycle::{self as wire, ErrorCode};
+use execbox_proto::lifecycle::{self as wire, ErrorCode, ErrorEnvelope};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use time::OffsetDateTime;
@@ -35,7 +35,7 @@ const MAX_BUFFER: u32 = 64;
 const IDLE_OWNER_PREFIX: &str = "lifecycle-pool:";
 
 /// `capacitySpec`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CapacitySpec {
     /// Most idle sandboxes.
@@ -76,23 +76,30 @@ impl CapacitySpec {
 }
 
 /// `POST /v1/pools` body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct CreatePoolRequest {
+pub struct CreatePoolRequest {
+    /// Lowercase letters, digits and `-`, at most 253 characters.
     name: String,
+    /// A Kubernetes pod template (its first container's `image`, `command`, `args`, `env`,
+    /// `resources.limits`), or a create request's `image`, `entrypoint`, `resourceLimits`,
+    /// `env`, `networkPolicy`.
+    #[schema(value_type = Object)]
     template: Value,
+    /// How many sandboxes the pool keeps.
     capacity_spec: CapacitySpec,
 }
 
 /// `PUT /v1/pools/{name}` body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct UpdatePoolRequest {
+pub struct UpdatePoolRequest {
+    /// The new capacity.
     capacity_spec: CapacitySpec,
 }
 
 /// A pool as answered.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PoolResponse {
     name: String,
@@ -103,7 +110,7 @@ pub struct PoolResponse {
 }
 
 /// A pool's sandboxes now.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct PoolStatus {
     total: u32,
     allocated: u32,
@@ -112,7 +119,7 @@ pub struct PoolStatus {
 }
 
 /// `GET /v1/pools`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ListPoolsResponse {
     items: Vec<PoolResponse>,
 }
@@ -385,6 +392,22 @@ fn response(pool: &Pool, records: &[SandboxRecord]) -> PoolResponse {
 }
 
 /// `POST /v1/pools` → 201.
+#[utoipa::path(
+    post,
+    path = "/v1/pools",
+    operation_id = "createPool",
+    tag = "pools",
+    description = "Defines a pool; its idle sandboxes start in the background.",
+    request_body = CreatePoolRequest,
+    responses(
+        (status = 201, description = "Created.", body = PoolResponse),
+        (status = 400, description = "A field breaks a rule; the message names it.", body = ErrorEnvelope),
+        (status = 409, description = "A pool of that name exists: `KUBERNETES::POOL_ALREADY_EXISTS`.", body = ErrorEnvelope),
+        (status = 502, description = "The template's image registry failed.", body = ErrorEnvelope),
+        (status = 401, description = "No or an unknown `OPEN-SANDBOX-API-KEY` (only when the server has keys): `MISSING_API_KEY` or `INVALID_API_KEY`.", body = ErrorEnvelope),
+    ),
+    security(("api_key" = []), ())
+)]
 pub async fn create(
     State(server): State<Arc<Server>>,
     Extension(tenant): Extension<Tenant>,
@@ -435,6 +458,18 @@ pub async fn create(
 }
 
 /// `GET /v1/pools`.
+#[utoipa::path(
+    get,
+    path = "/v1/pools",
+    operation_id = "listPools",
+    tag = "pools",
+    description = "The tenant's pools.",
+    responses(
+        (status = 200, description = "The pools.", body = ListPoolsResponse),
+        (status = 401, description = "No or an unknown `OPEN-SANDBOX-API-KEY` (only when the server has keys): `MISSING_API_KEY` or `INVALID_API_KEY`.", body = ErrorEnvelope),
+    ),
+    security(("api_key" = []), ())
+)]
 pub async fn list(
     State(server): State<Arc<Server>>,
     Extension(tenant): Extension<Tenant>,
@@ -451,6 +486,22 @@ pub async fn list(
 }
 
 /// `GET /v1/pools/{name}`.
+#[utoipa::path(
+    get,
+    path = "/v1/pools/{name}",
+    operation_id = "getPool",
+    tag = "pools",
+    description = "One pool and its sandboxes now.",
+    params(
+        ("name" = String, Path, description = "Pool name."),
+    ),
+    responses(
+        (status = 200, description = "The pool.", body = PoolResponse),
+        (status = 404, description = "No such pool for this tenant: `KUBERNETES::POOL_NOT_FOUND`.", body = ErrorEnvelope),
+        (status = 401, description = "No or an unknown `OPEN-SANDBOX-API-KEY` (only when the server has keys): `MISSING_API_KEY` or `INVALID_API_KEY`.", body = ErrorEnvelope),
+    ),
+    security(("api_key" = []), ())
+)]
 pub async fn get(
     State(server): State<Arc<Server>>,
     Extension(tenant): Extension<Tenant>,
@@ -465,6 +516,24 @@ pub async fn get(
 }
 
 /// `PUT /v1/pools/{name}`: a new capacity (the template stays).
+#[utoipa::path(
+    put,
+    path = "/v1/pools/{name}",
+    operation_id = "updatePool",
+    tag = "pools",
+    description = "A new capacity; the template stays.",
+    params(
+        ("name" = String, Path, description = "Pool name."),
+    ),
+    request_body = UpdatePoolRequest,
+    responses(
+        (status = 200, description = "The pool.", body = PoolResponse),
+        (status = 400, description = "A field breaks a rule; the message names it.", body = ErrorEnvelope),
+        (status = 404, description = "No such pool for this tenant: `KUBERNETES::POOL_NOT_FOUND`.", body = ErrorEnvelope),
+        (status = 401, description = "No or an unknown `OPEN-SANDBOX-API-KEY` (only when the server has keys): `MISSING_API_KEY` or `INVALID_API_KEY`.", body = ErrorEnvelope),
+    ),
+    security(("api_key" = []), ())
+)]
 pub async fn update(
     State(server): State<Arc<Server>>,
     Extension(tenant): Extension<Tenant>,
@@ -496,6 +565,22 @@ pub async fn update(
 }
 
 /// `DELETE /v1/pools/{name}`: its idle sandboxes go; those taken stay the callers'.
+#[utoipa::path(
+    delete,
+    path = "/v1/pools/{name}",
+    operation_id = "deletePool",
+    tag = "pools",
+    description = "Removes the pool and its idle sandboxes; sandboxes taken from it stay.",
+    params(
+        ("name" = String, Path, description = "Pool name."),
+    ),
+    responses(
+        (status = 204, description = "Deleted."),
+        (status = 404, description = "No such pool for this tenant: `KUBERNETES::POOL_NOT_FOUND`.", body = ErrorEnvelope),
+        (status = 401, description = "No or an unknown `OPEN-SANDBOX-API-KEY` (only when the server has keys): `MISSING_API_KEY` or `INVALID_API_KEY`.", body = ErrorEnvelope),
+    ),
+    security(("api_key" = []), ())
+)]
 pub async fn delete(
     State(server): State<Arc<Server>>,
     Extension(tenant): Extension<Tenant>,

@@ -370,6 +370,23 @@ fn argv_of(server: &Server, program: Program) -> Result<(Vec<String>, Option<Str
 }
 
 /// `POST /api/execute`.
+#[utoipa::path(
+    post,
+    path = "/api/execute",
+    operation_id = "sessionExecute",
+    tag = "session-execute",
+    description = "Runs `code` (JavaScript/TypeScript on Bun) or `command` (bash) in the caller's session `sessionId` (opened on first use). With `stream: true` the answer is SSE: `stdout`/`stderr` (`{data}`), then `result` (the `ExecuteResponse`) or `error` (the `ErrorBody`).",
+    request_body = crate::openapi::schemas::SessionExecuteBody,
+    responses(
+        (status = 200, description = "The result (`application/json`), or its events (`text/event-stream`) when `stream` is true.", content((ExecuteResponse = "application/json"), (serde_json::Value = "text/event-stream"))),
+        (status = 400, description = "`INVALID_REQUEST`: malformed JSON or a field breaking a rule; the message names it.", body = ErrorBody),
+        (status = 401, description = "`UNAUTHORIZED`: no or an unknown bearer key (only when the server has keys).", body = ErrorBody),
+        (status = 413, description = "`PAYLOAD_TOO_LARGE`: a file or the body is over its limit.", body = ErrorBody),
+        (status = 429, description = "`TOO_MANY_REQUESTS`: the session cap or the tenant's concurrent runs are reached.", body = ErrorBody),
+        (status = 500, description = "`INTERNAL`: execbox failed.", body = ErrorBody),
+    ),
+    security(("bearer" = []), ())
+)]
 async fn execute(
     State(server): State<Arc<Server>>,
     caller: Caller,
@@ -481,6 +498,23 @@ async fn forward(client: &mut Option<mpsc::Sender<Bytes>>, frame: String) {
 }
 
 /// `POST /api/files`.
+#[utoipa::path(
+    post,
+    path = "/api/files",
+    operation_id = "sessionWriteFiles",
+    tag = "session-execute",
+    description = "Writes files into the caller's session (opened on first use); paths are relative to `/workspace` or absolute under `/workspace` or `/tmp`.",
+    request_body = crate::openapi::schemas::SessionWriteFilesBody,
+    responses(
+        (status = 200, description = "Written.", body = WriteFilesResponse),
+        (status = 400, description = "`INVALID_REQUEST`: malformed JSON or a field breaking a rule; the message names it.", body = ErrorBody),
+        (status = 401, description = "`UNAUTHORIZED`: no or an unknown bearer key (only when the server has keys).", body = ErrorBody),
+        (status = 413, description = "`PAYLOAD_TOO_LARGE`: a file or the body is over its limit.", body = ErrorBody),
+        (status = 429, description = "`TOO_MANY_REQUESTS`: the session cap is reached.", body = ErrorBody),
+        (status = 500, description = "`INTERNAL`: execbox failed.", body = ErrorBody),
+    ),
+    security(("bearer" = []), ())
+)]
 async fn write_files(
     State(server): State<Arc<Server>>,
     caller: Caller,
@@ -506,6 +540,26 @@ async fn write_files(
 }
 
 /// `GET /api/files?sessionId=&path=&recursive=`.
+#[utoipa::path(
+    get,
+    path = "/api/files",
+    operation_id = "sessionListFiles",
+    tag = "session-execute",
+    description = "Lists a directory of an existing session.",
+    params(
+        ("sessionId" = String, Query, description = "Session id."),
+        ("path" = Option<String>, Query, description = "Directory (default `/workspace`)."),
+        ("recursive" = Option<bool>, Query, description = "The whole tree rather than direct children."),
+    ),
+    responses(
+        (status = 200, description = "The listing.", body = ListFilesResponse),
+        (status = 400, description = "`INVALID_REQUEST`: malformed JSON or a field breaking a rule; the message names it.", body = ErrorBody),
+        (status = 401, description = "`UNAUTHORIZED`: no or an unknown bearer key (only when the server has keys).", body = ErrorBody),
+        (status = 404, description = "`SESSION_NOT_FOUND` or `FILE_NOT_FOUND`.", body = ErrorBody),
+        (status = 500, description = "`INTERNAL`: execbox failed.", body = ErrorBody),
+    ),
+    security(("bearer" = []), ())
+)]
 async fn list_files(
     State(server): State<Arc<Server>>,
     caller: Caller,
@@ -527,6 +581,23 @@ async fn list_files(
 }
 
 /// `POST /api/processes/kill`.
+#[utoipa::path(
+    post,
+    path = "/api/processes/kill",
+    operation_id = "sessionKillProcess",
+    tag = "session-execute",
+    description = "Signals a process of an existing session.",
+    request_body = crate::openapi::schemas::SessionKillBody,
+    responses(
+        (status = 200, description = "Signalled.", body = KillResponse),
+        (status = 400, description = "`INVALID_REQUEST`: malformed JSON or a field breaking a rule; the message names it.", body = ErrorBody),
+        (status = 401, description = "`UNAUTHORIZED`: no or an unknown bearer key (only when the server has keys).", body = ErrorBody),
+        (status = 404, description = "`SESSION_NOT_FOUND` or `PROCESS_NOT_FOUND`.", body = ErrorBody),
+        (status = 413, description = "`PAYLOAD_TOO_LARGE`: a file or the body is over its limit.", body = ErrorBody),
+        (status = 500, description = "`INTERNAL`: execbox failed.", body = ErrorBody),
+    ),
+    security(("bearer" = []), ())
+)]
 async fn kill(
     State(server): State<Arc<Server>>,
     caller: Caller,

@@ -294,6 +294,24 @@ fn set(headers: &mut HeaderMap, name: header::HeaderName, value: &str) {
 }
 
 /// `GET /files/download?path=<p>[&offset=N&limit=M]`.
+#[utoipa::path(
+    get,
+    path = "/files/download",
+    operation_id = "execdDownloadFile",
+    tag = "execd",
+    description = "A file's bytes (`Range` supported).",
+    params(
+        ("path" = String, Query, description = "File."),
+    ),
+    responses(
+        (status = 200, description = "The bytes.", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 206, description = "The range asked for.", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 400, description = "`INVALID_REQUEST_BODY` or `MISSING_QUERY`: the message names what is wrong.", body = execbox_proto::execd::ExecdError),
+        (status = 404, description = "`FILE_NOT_FOUND`.", body = execbox_proto::execd::ExecdError),
+        (status = 416, description = "`UNKNOWN`: an unparsable or unsatisfiable range.", body = execbox_proto::execd::ExecdError),
+        (status = 500, description = "`RUNTIME_ERROR`: the agent failed.", body = execbox_proto::execd::ExecdError),
+    )
+)]
 pub async fn download(
     State(app): State<Arc<AppState>>,
     RawQuery(raw): RawQuery,

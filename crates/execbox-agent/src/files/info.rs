@@ -110,6 +110,22 @@ pub fn file_info(path: &Path, md: &Metadata, names: &Names) -> FileInfo {
 pub use crate::users::Names;
 
 /// `GET /files/info?path=A&path=B`: FileInfo per requested path, keyed as requested.
+#[utoipa::path(
+    get,
+    path = "/files/info",
+    operation_id = "execdFileInfo",
+    tag = "execd",
+    description = "Information on paths.",
+    params(
+        ("path" = Vec<String>, Query, description = "Absolute path (repeatable)."),
+    ),
+    responses(
+        (status = 200, description = "Path to information.", body = BTreeMap<String, crate::openapi::schemas::FileInfo>),
+        (status = 400, description = "`INVALID_REQUEST_BODY` or `MISSING_QUERY`: the message names what is wrong.", body = execbox_proto::execd::ExecdError),
+        (status = 404, description = "`FILE_NOT_FOUND`.", body = execbox_proto::execd::ExecdError),
+        (status = 500, description = "`RUNTIME_ERROR`: the agent failed.", body = execbox_proto::execd::ExecdError),
+    )
+)]
 pub async fn info(
     State(app): State<Arc<AppState>>,
     RawQuery(raw): RawQuery,

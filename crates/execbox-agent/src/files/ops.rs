@@ -33,6 +33,22 @@ fn io_err<'a>(what: &str, path: &'a Path) -> impl Fn(io::Error) -> ApiError + 'a
 
 /// `DELETE /files?path=…`: removes regular files (and symlinks themselves); missing ones are
 /// fine; a directory is a 400 (`DELETE /directories` removes those).
+#[utoipa::path(
+    delete,
+    path = "/files",
+    operation_id = "execdDeleteFiles",
+    tag = "execd",
+    description = "Removes files.",
+    params(
+        ("path" = Vec<String>, Query, description = "Absolute path (repeatable)."),
+    ),
+    responses(
+        (status = 200, description = "Removed."),
+        (status = 400, description = "`INVALID_REQUEST_BODY` or `MISSING_QUERY`: the message names what is wrong.", body = execbox_proto::execd::ExecdError),
+        (status = 404, description = "`FILE_NOT_FOUND`.", body = execbox_proto::execd::ExecdError),
+        (status = 500, description = "`RUNTIME_ERROR`: the agent failed.", body = execbox_proto::execd::ExecdError),
+    )
+)]
 pub async fn delete_files(
     State(app): State<Arc<AppState>>,
     RawQuery(raw): RawQuery,
@@ -95,6 +111,20 @@ fn apply_permission(lexical: &Path, perm: &Permission, names: &Names) -> Result<
 }
 
 /// `POST /files/permissions`: `{"<path>": Permission}`.
+#[utoipa::path(
+    post,
+    path = "/files/permissions",
+    operation_id = "execdSetPermissions",
+    tag = "execd",
+    description = "Sets owners and modes.",
+    request_body = BTreeMap<String, crate::openapi::schemas::Permission>,
+    responses(
+        (status = 200, description = "Set."),
+        (status = 400, description = "`INVALID_REQUEST_BODY` or `MISSING_QUERY`: the message names what is wrong.", body = execbox_proto::execd::ExecdError),
+        (status = 404, description = "`FILE_NOT_FOUND`.", body = execbox_proto::execd::ExecdError),
+        (status = 500, description = "`RUNTIME_ERROR`: the agent failed.", body = execbox_proto::execd::ExecdError),
+    )
+)]
 pub async fn permissions(
     State(app): State<Arc<AppState>>,
     body: Bytes,
@@ -199,6 +229,22 @@ fn move_one(
 }
 
 /// `POST /files/mv`: `[{"src","dest"}]`, in order; the destination's parent is created.
+#[utoipa::path(
+    post,
+    path = "/files/mv",
+    operation_id = "execdMoveFiles",
+    tag = "execd",
+    description = "Moves files.",
+    request_body = Vec<crate::openapi::schemas::MoveItem>,
+    responses(
+        (status = 200, description = "Moved."),
+        (status = 400, description = "`INVALID_REQUEST_BODY` or `MISSING_QUERY`: the message names what is wrong.", body = execbox_proto::execd::ExecdError),
+        (status = 404, description = "`FILE_NOT_FOUND`.", body = execbox_proto::execd::ExecdError),
+        (status = 409, description = "The destination exists, or a directory is not empty.", body = execbox_proto::execd::ExecdError),
+        (status = 413, description = "The sandbox's storage is full.", body = execbox_proto::execd::ExecdError),
+        (status = 500, description = "`RUNTIME_ERROR`: the agent failed.", body = execbox_proto::execd::ExecdError),
+    )
+)]
 pub async fn move_files(
     State(app): State<Arc<AppState>>,
     body: Bytes,
@@ -306,6 +352,22 @@ fn replace_one(lexical: &Path, old: &str, new: &str) -> Result<usize, ApiError> 
 }
 
 /// `POST /files/replace[?verbose=true]`: `{"<path>":{"old","new"}}`.
+#[utoipa::path(
+    post,
+    path = "/files/replace",
+    operation_id = "execdReplaceInFiles",
+    tag = "execd",
+    description = "Replaces text in files.",
+    params(("verbose" = Option<bool>, Query, description = "Answer with the counts per file.")),
+    request_body = BTreeMap<String, crate::openapi::schemas::ReplaceItem>,
+    responses(
+        (status = 200, description = "Replaced: an empty body, or with `?verbose=true` the counts per file (path to `Replaced`)."),
+        (status = 400, description = "`INVALID_REQUEST_BODY` or `MISSING_QUERY`: the message names what is wrong.", body = execbox_proto::execd::ExecdError),
+        (status = 404, description = "`FILE_NOT_FOUND`.", body = execbox_proto::execd::ExecdError),
+        (status = 413, description = "The sandbox's storage is full.", body = execbox_proto::execd::ExecdError),
+        (status = 500, description = "`RUNTIME_ERROR`: the agent failed.", body = execbox_proto::execd::ExecdError),
+    )
+)]
 pub async fn replace(
     State(app): State<Arc<AppState>>,
     RawQuery(raw): RawQuery,

@@ -113,6 +113,23 @@ fn base_name_glob(pattern: &str) -> Result<GlobMatcher, ApiError> {
 }
 
 /// `GET /files/search?path=<root>&pattern=<glob>`.
+#[utoipa::path(
+    get,
+    path = "/files/search",
+    operation_id = "execdSearchFiles",
+    tag = "execd",
+    description = "Files under `path` whose name matches `pattern` (a glob).",
+    params(
+        ("path" = String, Query, description = "Directory."),
+        ("pattern" = Option<String>, Query, description = "Glob."),
+    ),
+    responses(
+        (status = 200, description = "Matches.", body = Vec<crate::openapi::schemas::FileInfo>),
+        (status = 400, description = "`INVALID_REQUEST_BODY` or `MISSING_QUERY`: the message names what is wrong.", body = execbox_proto::execd::ExecdError),
+        (status = 404, description = "`FILE_NOT_FOUND`.", body = execbox_proto::execd::ExecdError),
+        (status = 500, description = "`RUNTIME_ERROR`: the agent failed.", body = execbox_proto::execd::ExecdError),
+    )
+)]
 pub async fn search(
     State(app): State<Arc<AppState>>,
     RawQuery(raw): RawQuery,
@@ -163,6 +180,22 @@ fn parse_depth(raw: Option<&str>) -> Result<usize, ApiError> {
 }
 
 /// `GET /directories/list?path=<dir>[&depth=N]`.
+#[utoipa::path(
+    get,
+    path = "/directories/list",
+    operation_id = "execdListDirectory",
+    tag = "execd",
+    description = "A directory's entries.",
+    params(
+        ("path" = String, Query, description = "Directory."),
+    ),
+    responses(
+        (status = 200, description = "Entries.", body = Vec<crate::openapi::schemas::FileInfo>),
+        (status = 400, description = "`INVALID_REQUEST_BODY` or `MISSING_QUERY`: the message names what is wrong.", body = execbox_proto::execd::ExecdError),
+        (status = 404, description = "`FILE_NOT_FOUND`.", body = execbox_proto::execd::ExecdError),
+        (status = 500, description = "`RUNTIME_ERROR`: the agent failed.", body = execbox_proto::execd::ExecdError),
+    )
+)]
 pub async fn list(
     State(app): State<Arc<AppState>>,
     RawQuery(raw): RawQuery,
@@ -206,6 +239,22 @@ pub async fn list(
 
 /// `POST /directories`: `{"<dir>": Permission}`; mkdir -p, then the Permission on a directory
 /// that did not exist before.
+#[utoipa::path(
+    post,
+    path = "/directories",
+    operation_id = "execdMakeDirectories",
+    tag = "execd",
+    description = "Creates directories (with parents).",
+    request_body = BTreeMap<String, crate::openapi::schemas::Permission>,
+    responses(
+        (status = 200, description = "Created."),
+        (status = 400, description = "`INVALID_REQUEST_BODY` or `MISSING_QUERY`: the message names what is wrong.", body = execbox_proto::execd::ExecdError),
+        (status = 404, description = "`FILE_NOT_FOUND`.", body = execbox_proto::execd::ExecdError),
+        (status = 409, description = "The destination exists, or a directory is not empty.", body = execbox_proto::execd::ExecdError),
+        (status = 413, description = "The sandbox's storage is full.", body = execbox_proto::execd::ExecdError),
+        (status = 500, description = "`RUNTIME_ERROR`: the agent failed.", body = execbox_proto::execd::ExecdError),
+    )
+)]
 pub async fn make_directories(
     State(app): State<Arc<AppState>>,
     body: Bytes,
@@ -227,6 +276,22 @@ pub async fn make_directories(
 
 /// `DELETE /directories?path=…`: `rm -rf` of each path; missing ones are fine. A symlink is
 /// removed itself, never what it points to.
+#[utoipa::path(
+    delete,
+    path = "/directories",
+    operation_id = "execdRemoveDirectories",
+    tag = "execd",
+    description = "Removes directories with their content.",
+    params(
+        ("path" = Vec<String>, Query, description = "Absolute path (repeatable)."),
+    ),
+    responses(
+        (status = 200, description = "Removed."),
+        (status = 400, description = "`INVALID_REQUEST_BODY` or `MISSING_QUERY`: the message names what is wrong.", body = execbox_proto::execd::ExecdError),
+        (status = 404, description = "`FILE_NOT_FOUND`.", body = execbox_proto::execd::ExecdError),
+        (status = 500, description = "`RUNTIME_ERROR`: the agent failed.", body = execbox_proto::execd::ExecdError),
+    )
+)]
 pub async fn remove_directories(
     State(app): State<Arc<AppState>>,
     RawQuery(raw): RawQuery,

@@ -248,6 +248,21 @@ async fn receive(
 }
 
 /// `POST /files/upload`.
+#[utoipa::path(
+    post,
+    path = "/files/upload",
+    operation_id = "execdUploadFiles",
+    tag = "execd",
+    description = "Uploads files: `metadata` parts (JSON `{path, owner?, group?, mode?}`) each followed by its `file` part.",
+    request_body(content = String, content_type = "multipart/form-data"),
+    responses(
+        (status = 200, description = "Written."),
+        (status = 400, description = "`INVALID_FILE`, `INVALID_FILE_CONTENT` or `INVALID_FILE_METADATA`.", body = execbox_proto::execd::ExecdError),
+        (status = 404, description = "`FILE_NOT_FOUND`.", body = execbox_proto::execd::ExecdError),
+        (status = 413, description = "Over the upload limit, or the storage is full.", body = execbox_proto::execd::ExecdError),
+        (status = 500, description = "`RUNTIME_ERROR`: the agent failed.", body = execbox_proto::execd::ExecdError),
+    )
+)]
 pub async fn upload(
     State(app): State<Arc<AppState>>,
     form: Result<Multipart, MultipartRejection>,

@@ -19,6 +19,7 @@ pub const EXT_RENEW_EXTEND_SECONDS: &str = "access.renew.extend.seconds";
 
 /// Body of `POST /v1/sandboxes`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct CreateSandboxRequest {
     /// Container image to start from (exactly one of `image` / `snapshot_id`).
@@ -64,6 +65,7 @@ pub struct CreateSandboxRequest {
 
 /// Image reference `{uri, auth?}`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct ImageSpec {
     /// Image reference, e.g. `python:3.11`.
@@ -85,6 +87,7 @@ impl ImageSpec {
 
 /// Registry credentials of an [`ImageSpec`]. `Debug` redacts the password.
 #[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct ImageAuth {
     /// Registry user name.
@@ -106,6 +109,7 @@ impl fmt::Debug for ImageAuth {
 
 /// Platform constraint `{os, arch}` (`"linux"`/`"windows"`, `"amd64"`/`"arm64"`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct Platform {
     /// Operating system.
@@ -118,6 +122,7 @@ pub struct Platform {
 
 /// Allow or deny, for network policies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum NetworkAction {
     /// `"allow"`.
@@ -128,6 +133,7 @@ pub enum NetworkAction {
 
 /// Egress policy `{defaultAction?, egress?}`; rules are evaluated in order.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct NetworkPolicy {
     /// Action when no rule matches; absent means deny.
@@ -140,6 +146,7 @@ pub struct NetworkPolicy {
 
 /// One egress rule `{action, target}`; target is a host name or `*.domain`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct EgressRule {
     /// What to do with matching traffic.
@@ -150,6 +157,7 @@ pub struct EgressRule {
 
 /// Credential proxy settings `{enabled}`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct CredentialProxy {
     /// Whether the proxy is enabled (default false).
@@ -159,6 +167,7 @@ pub struct CredentialProxy {
 
 /// A volume mount with exactly one backend (`host`, `pvc` or `ossfs`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct Volume {
     /// Volume name (DNS label, ≤ 63 characters).
@@ -184,6 +193,7 @@ pub struct Volume {
 
 /// Host-path volume backend `{path}`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct HostVolume {
     /// Absolute path on the host.
@@ -192,6 +202,7 @@ pub struct HostVolume {
 
 /// PVC volume backend.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct PvcVolume {
     /// Claim name.
@@ -215,6 +226,7 @@ pub struct PvcVolume {
 
 /// OSSFS volume backend. `Debug` redacts the secret.
 #[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct OssfsVolume {
     /// Bucket name.
@@ -248,6 +260,7 @@ impl fmt::Debug for OssfsVolume {
 
 /// Lifecycle state of a sandbox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum SandboxState {
     /// Being provisioned.
     Pending,
@@ -325,6 +338,7 @@ impl FromStr for SandboxState {
 
 /// `status` of a sandbox.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct SandboxStatus {
     /// Current state.
@@ -358,6 +372,7 @@ impl SandboxStatus {
 
 /// The Sandbox object (`GET /v1/sandboxes/{id}`, list items, metadata PATCH response).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct Sandbox {
     /// Sandbox id.
@@ -393,6 +408,7 @@ pub struct Sandbox {
 
 /// 202 body of `POST /v1/sandboxes` (no `image` / `snapshotId`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct CreateSandboxResponse {
     /// Sandbox id.
@@ -436,6 +452,7 @@ impl From<Sandbox> for CreateSandboxResponse {
 
 /// 200 body of `GET /v1/sandboxes`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct ListSandboxesResponse {
     /// The page's sandboxes.
@@ -446,6 +463,7 @@ pub struct ListSandboxesResponse {
 
 /// Paging information; all five fields are always present.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct Pagination {
     /// 1-based page number.
@@ -487,6 +505,7 @@ impl Pagination {
 
 /// Body of `POST …/renew-expiration`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct RenewExpirationRequest {
     /// Requested new expiry (converted to UTC).
@@ -496,6 +515,7 @@ pub struct RenewExpirationRequest {
 
 /// 200 body of `POST …/renew-expiration`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct RenewExpirationResponse {
     /// The new expiry.
@@ -505,6 +525,7 @@ pub struct RenewExpirationResponse {
 
 /// 200 body of `GET …/endpoints/{port}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct Endpoint {
     /// `host[:port][/path]`, no scheme.
@@ -612,6 +633,7 @@ impl fmt::Display for ErrorCode {
 
 /// Body of every non-2xx response: `{"code","message"}`, both always present.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorEnvelope {
     /// Namespaced code, normally one of [`ErrorCode`].
     pub code: String,
