@@ -101,7 +101,8 @@ impl WarmPool {
             });
             match claimed {
                 Some(Ok(rec)) if rec.placement.as_ref().is_some_and(|p| server.is_alive(p)) => {
-                    return Ok(rec)
+                    crate::prometheus::pool_acquired("warm", true);
+                    return Ok(rec);
                 }
                 // Died while waiting: remove it and try the next.
                 _ => {
@@ -109,6 +110,7 @@ impl WarmPool {
                 }
             }
         }
+        crate::prometheus::pool_acquired("warm", false);
         server
             .launch(Self::spec(profile, tenant, ONESHOT_OWNER))
             .await

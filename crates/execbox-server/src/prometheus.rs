@@ -65,6 +65,17 @@ pub fn sandbox_deleted(reason: &str) {
         .increment(1);
 }
 
+/// A sandbox asked of a pool (`pool`: `warm` for one-shot runs, `lifecycle` for `/v1/pools`):
+/// `hit` when one was ready, else it had to be started.
+pub fn pool_acquired(pool: &'static str, hit: bool) {
+    metrics::counter!(
+        "execbox_pool_acquisitions_total",
+        "pool" => pool,
+        "result" => if hit { "hit" } else { "miss" },
+    )
+    .increment(1);
+}
+
 /// A sandbox's agent died on its own.
 pub fn agent_died() {
     metrics::counter!("execbox_agent_deaths_total").increment(1);
@@ -135,7 +146,9 @@ async fn render(State((handle, server)): State<(PrometheusHandle, Arc<Server>)>)
         metrics::gauge!("execbox_sandboxes", "state" => state, "tenant" => tenant).set(n as f64);
     }
     drop(seen);
-    metrics::gauge!("execbox_pool_ready").set(server.pool.ready_total() as f64);
+    metrics::gauge!("execbox_pool_ready", "pool" => "warm").set(server.pool.ready_total() as f64);
+    metrics::gauge!("execbox_pool_ready", "pool" => "lifecycle")
+        .set(server.sandbox_pools.idle_total() as f64);
     metrics::gauge!("execbox_open_connections").set(crate::listener::open_connections() as f64);
     handle.render()
 }

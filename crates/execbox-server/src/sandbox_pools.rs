@@ -648,6 +648,7 @@ pub async fn acquire(
             (pool.idle.pop(), pool.request.clone())
         };
         let Some(id) = idle else {
+            crate::prometheus::pool_acquired("lifecycle", false);
             return cold_start(server, tenant, name, &template, req, v, expires_at).await;
         };
         let now = OffsetDateTime::now_utc();
@@ -661,6 +662,7 @@ pub async fn acquire(
         });
         match claimed {
             Some(Ok(rec)) if rec.placement.as_ref().is_some_and(|p| server.is_alive(p)) => {
+                crate::prometheus::pool_acquired("lifecycle", true);
                 server.events.record(
                     &rec.id,
                     format!("taken from pool {name} by tenant {tenant}"),

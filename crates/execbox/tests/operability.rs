@@ -330,7 +330,28 @@ fn metrics_are_served_on_their_own_listener() {
         "{text}"
     );
     assert!(value_of("execbox_open_connections").is_some(), "{text}");
-    assert!(value_of("execbox_pool_ready").is_some(), "{text}");
+    assert!(
+        value_of("execbox_pool_ready{pool=\"warm\"}").is_some(),
+        "{text}"
+    );
+    assert!(
+        value_of("execbox_pool_ready{pool=\"lifecycle\"}").is_some(),
+        "{text}"
+    );
+    // A one-shot run takes its sandbox from the warm pool (or starts one): counted either way.
+    let run = json!({"request": {"code": "print(1)", "runtime": "python"}});
+    assert_eq!(post(&server.base, "/execute", &run), 200);
+    let text = ureq::get(&format!("http://127.0.0.1:{metrics_port}/metrics"))
+        .call()
+        .expect("metrics")
+        .into_string()
+        .expect("text");
+    let acquired: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("execbox_pool_acquisitions_total{pool=\"warm\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(acquired, 1.0, "{text}");
     server.stop();
 }
 
