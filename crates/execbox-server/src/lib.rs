@@ -895,7 +895,7 @@ async fn access_log(req: Request, next: Next) -> Response {
     tracing::info!(
         target: "execbox::access",
         method = %method,
-        path = %path,
+        path = %signed::redact(&path),
         status = resp.status().as_u16(),
         latency_ms = started.elapsed().as_secs_f64() * 1e3,
         tenant = %tenant.as_deref().unwrap_or("-"),

@@ -150,6 +150,23 @@ fn hex(bytes: &[u8]) -> String {
     })
 }
 
+/// `path` with the signature of a signed route masked, for logs: the route is a credential.
+pub fn redact(path: &str) -> std::borrow::Cow<'_, str> {
+    let Some(at) = path.find("/signed/") else {
+        return path.into();
+    };
+    // `/signed/{port}/{expires}/{signature}…`: the fourth segment from there.
+    let rest = &path[at + "/signed/".len()..];
+    let mut segments = rest.splitn(3, '/');
+    let (Some(port), Some(expires), Some(tail)) =
+        (segments.next(), segments.next(), segments.next())
+    else {
+        return path.into();
+    };
+    let after = tail.find('/').map_or("", |i| &tail[i..]);
+    format!("{}/signed/{port}/{expires}/***{after}", &path[..at]).into()
+}
+
 /// `n` in base 36, lowercase, no leading zeros (`0` for zero), as OSEP-0011 writes expiries.
 pub fn to_b36(mut n: u64) -> String {
     const DIGITS: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
@@ -203,6 +220,22 @@ mod tests {
         ] {
             assert_eq!(from_b36(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn logs_never_show_a_signature() {
+        assert_eq!(
+            redact("/v1/sandboxes/a/signed/80/x2qxvk/0123abcd/index.html"),
+            "/v1/sandboxes/a/signed/80/x2qxvk/***/index.html"
+        );
+        assert_eq!(
+            redact("/v1/sandboxes/a/signed/80/x2qxvk/0123abcd"),
+            "/v1/sandboxes/a/signed/80/x2qxvk/***"
+        );
+        assert_eq!(
+            redact("/v1/sandboxes/a/proxy/80/x"),
+            "/v1/sandboxes/a/proxy/80/x"
+        );
     }
 
     #[test]
