@@ -728,7 +728,7 @@ async fn cold_start(
 /// after every change and by the reaper every second (which also notices idle sandboxes that
 /// died).
 pub fn maintain(server: &Arc<Server>) {
-    if server.stopping() {
+    if server.stopping() || server.sandbox_pools.lock().is_empty() {
         return;
     }
     let records = server.registry.all();
