@@ -121,7 +121,10 @@ impl From<crate::policy::LimitError> for Isol8Error {
 
 impl From<crate::lifecycle::LifecycleError> for Isol8Error {
     fn from(e: crate::lifecycle::LifecycleError) -> Self {
-        Self::Internal(e.to_string())
+        match e {
+            crate::lifecycle::LifecycleError::TooMany(m) => Self::TooMany(m),
+            e => Self::Internal(e.to_string()),
+        }
     }
 }
 

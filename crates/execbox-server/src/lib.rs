@@ -446,6 +446,14 @@ impl Server {
         spec: LaunchSpec,
     ) -> Result<registry::SandboxRecord, LifecycleError> {
         let backend = self.backend()?;
+        // The server's maximum holds for every surface (one-shot, session and pool sandboxes
+        // too), whatever checked the request before.
+        let server_max = self.config.policy.max_sandboxes;
+        if server_max > 0 && self.registry.all().len() >= server_max {
+            return Err(LifecycleError::TooMany(format!(
+                "this server runs its maximum of {server_max} sandboxes; try again later"
+            )));
+        }
         let id = uuid::Uuid::new_v4().to_string();
         let now = time::OffsetDateTime::now_utc()
             .replace_nanosecond(0)

@@ -769,6 +769,13 @@ pub async fn endpoint(
                 "expires: cannot be combined with use_server_proxy=true",
             ));
         }
+        // The egress API decides what the sandbox may reach: only the sandbox's token or a
+        // key of its tenant opens it, never a URL that may be handed around.
+        if port == crate::proxy::EGRESS_PORT {
+            return Err(LifecycleError::invalid(format!(
+                "expires: port {port} (the egress API) has no signed endpoint"
+            )));
+        }
         let expires_at = parse_expires(&expires, server.config.max_timeout_secs)?;
         let expires_b36 = crate::signed::to_b36(expires_at);
         let signature = server.endpoint_signer()?.sign(&id, port, &expires_b36);

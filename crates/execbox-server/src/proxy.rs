@@ -18,8 +18,16 @@ pub const AGENT_PORT: u16 = 44772;
 /// The egress-policy port the SDKs look up.
 pub const EGRESS_PORT: u16 = 18080;
 
-/// Server credentials never enter a sandbox.
-const CREDENTIALS: &[&str] = &["authorization", "cookie", "open-sandbox-api-key", "host"];
+/// Credentials never enter a sandbox: the server's keys, and the sandbox's own access token
+/// (with it, code inside could call the proxy for its own sandbox, its egress API included, if
+/// it can reach the server; the agent does not need it: only the server talks to it).
+const CREDENTIALS: &[&str] = &[
+    "authorization",
+    "cookie",
+    "open-sandbox-api-key",
+    "x-execd-access-token",
+    "host",
+];
 
 /// Splits `/v1/sandboxes/{id}/proxy/{port}{rest}` into its parts.
 fn parse_path(path: &str) -> Option<(&str, &str, &str)> {

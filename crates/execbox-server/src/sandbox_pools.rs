@@ -659,6 +659,9 @@ pub async fn acquire(
             r.expires_at = expires_at;
             r.renew_on_access_secs = v.renew_extend_secs;
             r.last_transition_at = now;
+            // The caller's sandbox starts now: its lifetime bound counts from here, not from
+            // when it was started to wait in the pool.
+            r.created_at = now.replace_nanosecond(0).unwrap_or(now);
         });
         match claimed {
             Some(Ok(rec)) if rec.placement.as_ref().is_some_and(|p| server.is_alive(p)) => {

@@ -140,6 +140,7 @@ impl From<SessionError> for ApiError {
     fn from(e: SessionError) -> Self {
         match e {
             SessionError::TooMany(_) => Self::TooMany(e.to_string()),
+            SessionError::Sandbox(crate::lifecycle::LifecycleError::TooMany(m)) => Self::TooMany(m),
             SessionError::Sandbox(e) => {
                 Self::Internal(format!("starting the session's sandbox failed: {e}"))
             }

@@ -550,6 +550,33 @@ fn creates_beyond_the_maximum_are_429_with_retry_after() {
     assert_eq!(create().map(|r| r.status()).ok(), Some(202));
 }
 
+/// `max_sandboxes` counts every surface's sandboxes: a one-shot run that needs one more is
+/// refused with its surface's 429, not a 500.
+#[test]
+fn the_server_maximum_holds_for_one_shot_runs_too() {
+    let server =
+        common::TestServer::start_with_config("[policy]\nwarm_pool_size = 0\nmax_sandboxes = 1\n");
+    let run = json!({"request": {"code": "print(1)", "runtime": "python"}}).to_string();
+    let execute = || {
+        common::into_pair(
+            ureq::post(&server.url("/execute"))
+                .set("Content-Type", "application/json")
+                .send_string(&run),
+        )
+    };
+    let (s, v) = execute();
+    assert_eq!(s, 200, "room for one: {v}");
+    let held = server.create(json!({}));
+    let (s, v) = execute();
+    assert_eq!(s, 429, "{v}");
+    assert!(
+        v["error"].as_str().unwrap_or("").contains("maximum of 1"),
+        "{v}"
+    );
+    assert_eq!(server.delete(&format!("/v1/sandboxes/{}", held.id)), 204);
+    assert_eq!(execute().0, 200);
+}
+
 #[test]
 fn an_entrypoint_that_cannot_start_fails_the_sandbox_with_its_reason() {
     let server = common::TestServer::start_with_config("[policy]\nwarm_pool_size = 0\n");

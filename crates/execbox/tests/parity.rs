@@ -100,6 +100,13 @@ fn signed_endpoints_open_one_port_of_one_sandbox_until_their_time() {
         );
     }
 
+    // The egress API (what the sandbox may reach) has no signed endpoint.
+    let r = get_reply(&server.url(&format!(
+        "/v1/sandboxes/{}/endpoints/18080?expires={expires}",
+        a.id
+    )));
+    assert_eq!(r.status, 400, "{}", r.text());
+
     // A route whose time has passed is refused.
     let soon = now_secs() + 2;
     let (_, v) = server.get(&format!(
@@ -472,4 +479,53 @@ fn into_put(server: &common::TestServer, path: &str, body: Value) -> (u16, Value
             .set("Content-Type", "application/json")
             .send_string(&body.to_string()),
     )
+}
+
+/// The sandbox's access token opens its data plane from outside; it never reaches what runs
+/// inside (where code could use it to call the proxy, egress API included).
+#[test]
+fn the_access_token_never_enters_the_sandbox() {
+    let server = common::TestServer::start_with_config("[policy]\nwarm_pool_size = 0\n");
+    let sb = server.create(json!({}));
+    // A service inside that answers with the headers it received.
+    let script = r#"import http.server
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = str(self.headers).encode()
+        self.send_response(200)
+        self.send_header('Content-Length', str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+http.server.HTTPServer(('127.0.0.1', 8123), H).serve_forever()
+"#;
+    let wrote = sb.run_with(json!({
+        "command": format!("cat > /tmp/echo.py <<'EOF'\n{script}EOF"),
+    }));
+    assert_eq!(wrote.exit_code, Some(0), "{:?}", wrote.events);
+    sb.run_with(json!({"command": "exec python3 /tmp/echo.py", "background": true}));
+    let url = format!("{}/v1/sandboxes/{}/proxy/8123/", server.base, sb.id);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let seen = loop {
+        let r = common::reply(
+            ureq::get(&url)
+                .set("X-EXECD-ACCESS-TOKEN", &sb.token)
+                .set("X-Custom", "passes")
+                .call(),
+        );
+        if r.status == 200 {
+            break r.text();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "service never answered: {}",
+            r.text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(seen.to_ascii_lowercase().contains("x-custom: passes"), "{seen}");
+    assert!(
+        !seen.to_ascii_lowercase().contains("x-execd-access-token"),
+        "{seen}"
+    );
+    assert!(!seen.contains(&sb.token), "{seen}");
 }
