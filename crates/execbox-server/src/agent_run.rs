@@ -181,7 +181,11 @@ pub async fn kill(socket: &Path, pid: i32, signal: i32) -> Result<(), AgentCallE
 }
 
 /// Reads a whole file through the execd download route; `None` when it does not exist.
-pub async fn read_file(socket: &Path, path: &str) -> Result<Option<Bytes>, AgentCallError> {
+pub async fn read_file(
+    socket: &Path,
+    path: &str,
+    max_bytes: u64,
+) -> Result<Option<Bytes>, AgentCallError> {
     let uri = format!("/files/download?path={}", query_value(path));
     let req = Request::builder()
         .method(Method::GET)
@@ -193,7 +197,25 @@ pub async fn read_file(socket: &Path, path: &str) -> Result<Option<Bytes>, Agent
         .await
         .map_err(|e| AgentCallError::Failed(e.to_string()))?;
     match resp.status() {
-        s if s.is_success() => collect(resp).await.map(Some),
+        s if s.is_success() => {
+            // Held whole in the server's memory (the answer is one JSON value): bounded.
+            let limited = http_body_util::Limited::new(resp.into_body(), max_bytes as usize);
+            match limited.collect().await {
+                Ok(body) => Ok(Some(body.to_bytes())),
+                Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                    Err(AgentCallError::Refused(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        RunError {
+                            kind: "too_large".into(),
+                            message: format!("{path}: the file is larger than {max_bytes} bytes"),
+                        },
+                    ))
+                }
+                Err(e) => Err(AgentCallError::Failed(format!(
+                    "reading the agent's answer: {e}"
+                ))),
+            }
+        }
         StatusCode::NOT_FOUND => Ok(None),
         s => {
             let body = collect(resp).await.unwrap_or_default();

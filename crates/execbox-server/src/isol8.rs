@@ -107,6 +107,9 @@ impl From<AgentCallError> for Isol8Error {
             AgentCallError::Refused(s, err) if s == StatusCode::NOT_FOUND => {
                 Self::NotFound(err.message)
             }
+            AgentCallError::Refused(s, err) if s == StatusCode::PAYLOAD_TOO_LARGE => {
+                Self::TooLarge(err.message)
+            }
             AgentCallError::Refused(_, err) => Self::BadRequest(err.message),
             AgentCallError::Failed(m) => Self::Internal(m),
         }
@@ -1497,6 +1500,7 @@ struct FileQuery {
         (status = 401, description = "No `Authorization` header while the server has keys.", body = ErrorBody),
         (status = 403, description = "A key the server does not know.", body = ErrorBody),
         (status = 404, description = "No such session or file.", body = ErrorBody),
+        (status = 413, description = "The file is larger than the tenant's `max_file_bytes`.", body = ErrorBody),
         (status = 500, description = "execbox failed.", body = ErrorBody),
     ),
     security(("bearer" = []), ())
@@ -1517,7 +1521,8 @@ async fn get_file(
     too_long("path", &path)?;
     let lease = session_lease(&server, &tenant, &id).await?;
     let socket = server.socket_path(&lease.sandbox)?;
-    match agent_run::read_file(&socket, &path).await? {
+    let max = server.config.policy.for_tenant(&tenant.0).max_file_bytes;
+    match agent_run::read_file(&socket, &path, max).await? {
         Some(data) => Ok(Json(serde_json::json!({"content": b64(&data)}))),
         None => Err(Isol8Error::NotFound("File not found".into())),
     }

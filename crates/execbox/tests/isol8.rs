@@ -392,6 +392,16 @@ fn sessions_keep_files_and_processes_but_not_variables() {
     assert_eq!((s, v), (200, json!({"content": "a2VwdA=="})));
     let (s, v) = server.get("/file?sessionId=s-1&path=/sandbox/nothing");
     assert_eq!((s, v), (404, json!({"error": "File not found"})));
+    // A file beyond `max_file_bytes` (10 MB by default) is refused, not held in the server.
+    let big = ok(
+        &server,
+        json!({"sessionId": sid, "request": {"runtime": "python",
+            "code": "open('/sandbox/big.bin','wb').write(b'x' * 10_000_001)\nprint('made')"}}),
+    );
+    assert_eq!(big["stdout"], "made", "{big}");
+    let (s, v) = server.get("/file?sessionId=s-1&path=/sandbox/big.bin");
+    assert_eq!(s, 413, "{v}");
+    assert!(v["error"].as_str().unwrap_or("").contains("10000000 bytes"), "{v}");
     let (s, v) = server.get("/file?sessionId=s-1");
     assert_eq!((s, v), (400, json!({"error": "Missing sessionId or path"})));
     let (s, v) = server.get("/file?sessionId=nope&path=/sandbox/up.bin");

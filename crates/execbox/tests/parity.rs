@@ -522,7 +522,10 @@ http.server.HTTPServer(('127.0.0.1', 8123), H).serve_forever()
         );
         std::thread::sleep(Duration::from_millis(200));
     };
-    assert!(seen.to_ascii_lowercase().contains("x-custom: passes"), "{seen}");
+    assert!(
+        seen.to_ascii_lowercase().contains("x-custom: passes"),
+        "{seen}"
+    );
     assert!(
         !seen.to_ascii_lowercase().contains("x-execd-access-token"),
         "{seen}"
