@@ -664,12 +664,24 @@ fn install_phase(
 }
 
 /// Sets the egress of the sandbox `id` for the next phase (deny-all for none).
-fn set_network(server: &Server, id: &str, policy: Option<&execbox_net::Policy>) {
-    if let Some(net) = server.net_of(id) {
-        let policy = policy
-            .cloned()
-            .unwrap_or_else(execbox_net::Policy::deny_all);
-        net.update(|p| *p = policy, true);
+/// Sets what sandbox `id` may reach for the next phase (`None`: nothing). A sandbox started
+/// without a network device (a session's first call asked for none) cannot be given one: a
+/// request that needs the network there is refused rather than run without it.
+fn set_network(server: &Server, id: &str, policy: Option<&execbox_net::Policy>) -> Result<()> {
+    match server.net_of(id) {
+        Some(net) => {
+            let policy = policy
+                .cloned()
+                .unwrap_or_else(execbox_net::Policy::deny_all);
+            net.update(|p| *p = policy, true);
+            Ok(())
+        }
+        None if policy.is_some() => Err(Isol8Error::BadRequest(
+            "network: this session's sandbox was started without network (its first request \
+             asked for none); use a new sessionId for requests that need the network"
+                .into(),
+        )),
+        None => Ok(()),
     }
 }
 
@@ -1113,16 +1125,16 @@ async fn execute(
     let slot = acquire(&server, &tenant, &plan, body.session_id.as_deref()).await?;
     let socket = server.socket_path(slot.sandbox())?;
     if let Some((install, registries)) = &plan.install {
-        set_network(&server, slot.sandbox(), Some(registries));
+        set_network(&server, slot.sandbox(), Some(registries))?;
         let r = agent_run::run(&socket, install).await?;
         if r.exit_code != 0 {
-            set_network(&server, slot.sandbox(), None);
+            set_network(&server, slot.sandbox(), None)?;
             let mut result = to_result(&plan, r, slot.sandbox());
             result.stderr.push_str("\n--- PACKAGE INSTALL FAILED ---");
             return Ok(Json(result));
         }
     }
-    set_network(&server, slot.sandbox(), plan.network.as_ref());
+    set_network(&server, slot.sandbox(), plan.network.as_ref())?;
     if let Some(setup) = &plan.setup {
         let r = agent_run::run(&socket, setup).await?;
         if r.exit_code != 0 {
@@ -1254,10 +1266,10 @@ async fn stream_run(
     let slot = acquire(server, tenant, plan, None).await?;
     let socket = server.socket_path(slot.sandbox())?;
     if let Some((install, registries)) = &plan.install {
-        set_network(server, slot.sandbox(), Some(registries));
+        set_network(server, slot.sandbox(), Some(registries))?;
         let r = stream_phase(&socket, install, "install", &plan.secrets, out).await?;
         if r.exit_code != 0 {
-            set_network(server, slot.sandbox(), None);
+            set_network(server, slot.sandbox(), None)?;
             out.send(
                 "error",
                 format!("package install failed with exit code {}", r.exit_code),
@@ -1267,7 +1279,7 @@ async fn stream_run(
             return Ok(());
         }
     }
-    set_network(server, slot.sandbox(), plan.network.as_ref());
+    set_network(server, slot.sandbox(), plan.network.as_ref())?;
     if let Some(setup) = &plan.setup {
         let r = stream_phase(&socket, setup, "setup", &plan.secrets, out).await?;
         if r.exit_code != 0 {

@@ -401,7 +401,10 @@ fn sessions_keep_files_and_processes_but_not_variables() {
     assert_eq!(big["stdout"], "made", "{big}");
     let (s, v) = server.get("/file?sessionId=s-1&path=/sandbox/big.bin");
     assert_eq!(s, 413, "{v}");
-    assert!(v["error"].as_str().unwrap_or("").contains("10000000 bytes"), "{v}");
+    assert!(
+        v["error"].as_str().unwrap_or("").contains("10000000 bytes"),
+        "{v}"
+    );
     let (s, v) = server.get("/file?sessionId=s-1");
     assert_eq!((s, v), (400, json!({"error": "Missing sessionId or path"})));
     let (s, v) = server.get("/file?sessionId=nope&path=/sandbox/up.bin");

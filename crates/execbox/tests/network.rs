@@ -446,6 +446,30 @@ fn package_installs_reach_the_registry_and_nothing_else() {
     );
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["stdout"], "six\nblocked", "{v}");
+    // A session whose sandbox started without network cannot be given one later: refused,
+    // naming the field, rather than run without it.
+    let first =
+        json!({"sessionId": "no-net", "request": {"runtime": "python", "code": "print(1)"}});
+    let (s, v) = into_pair(
+        ureq::post(&server.url("/execute"))
+            .set("Content-Type", "application/json")
+            .send_string(&first.to_string()),
+    );
+    assert_eq!(s, 200, "{v}");
+    let mut later = body.clone();
+    later["sessionId"] = json!("no-net");
+    let (s, v) = into_pair(
+        ureq::post(&server.url("/execute"))
+            .set("Content-Type", "application/json")
+            .send_string(&later.to_string()),
+    );
+    assert_eq!(s, 400, "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("network:")),
+        "{v}"
+    );
     // A server that names no registry refuses installs, naming the field.
     let bare = TestServer::start();
     let (s, v) = into_pair(
