@@ -282,7 +282,17 @@ impl Policy {
                 merged.push(r);
             }
         }
+        // Bounded whatever the callers check: the newest rules (in front) are kept.
+        merged.truncate(MAX_RULES);
         self.rules = merged;
+    }
+
+    /// How many rules [`Policy::patch`] with `incoming` would leave.
+    pub fn patched_len(&self, incoming: &[Rule]) -> usize {
+        let mut texts: std::collections::HashSet<&str> =
+            incoming.iter().map(|r| r.text.as_str()).collect();
+        texts.extend(self.rules.iter().map(|r| r.text.as_str()));
+        texts.len()
     }
 
     /// `DELETE /policy`: removes the rules whose target is one of `targets`.
@@ -467,6 +477,33 @@ mod tests {
         assert_eq!(
             public.decide_connection(ip, 443, &["evil.example".into()]),
             Action::Deny
+        );
+    }
+
+    #[test]
+    fn patches_never_grow_a_policy_past_its_maximum() {
+        let many = |from: usize, n: usize| -> Vec<Rule> {
+            (from..from + n)
+                .map(|i| rule(Action::Allow, &format!("h{i}.example.com")))
+                .collect()
+        };
+        let mut p = Policy {
+            default: Action::Deny,
+            rules: many(0, MAX_RULES),
+        };
+        let more = many(MAX_RULES, 10);
+        assert_eq!(p.patched_len(&more), MAX_RULES + 10);
+        assert_eq!(
+            p.patched_len(&many(0, 10)),
+            MAX_RULES,
+            "duplicates count once"
+        );
+        p.patch(more);
+        assert_eq!(p.rules.len(), MAX_RULES);
+        assert_eq!(
+            p.rules[0].text,
+            format!("h{MAX_RULES}.example.com"),
+            "newest kept"
         );
     }
 

@@ -153,10 +153,19 @@ async fn answer(
                     let rules: Vec<EgressRule> = parse(&body, "rules")?;
                     let rules = expand_presets(&rules, &server.config.network.registries, "rules")
                         .map_err(|e| error(StatusCode::BAD_REQUEST, e))?;
-                    Change::Patch(
-                        execbox_net::policy::parse_rules(&rules, "rules")
-                            .map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string()))?,
-                    )
+                    let rules = execbox_net::policy::parse_rules(&rules, "rules")
+                        .map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string()))?;
+                    let total = net.policy().patched_len(&rules);
+                    if total > execbox_net::policy::MAX_RULES {
+                        return Err(error(
+                            StatusCode::BAD_REQUEST,
+                            format!(
+                                "rules: the policy would hold {total} rules, at most {} are kept",
+                                execbox_net::policy::MAX_RULES
+                            ),
+                        ));
+                    }
+                    Change::Patch(rules)
                 }
                 Method::DELETE => Change::Remove(parse::<Vec<String>>(&body, "targets")?),
                 _ => return Err(error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")),
