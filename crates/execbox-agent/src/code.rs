@@ -331,9 +331,11 @@ impl Contexts {
             )));
         }
         let ctx = Context::new(language, cwd, env);
-        ctx.warm_up(app)
-            .await
-            .map_err(|e| ApiError::Runtime(format!("error creating code context. {e}")))?;
+        ctx.warm_up(app).await.map_err(|e| match e {
+            // A working directory the user cannot enter is the request's mistake.
+            RunError::Cwd(m) => ApiError::BadRequest(m),
+            e => ApiError::Runtime(format!("error creating code context. {e}")),
+        })?;
         self.lock().insert(ctx.id.clone(), ctx.clone());
         Ok(ctx)
     }

@@ -466,6 +466,21 @@ fn finding_2_working_directories_are_entered_as_the_user_and_never_through_magic
         "root may enter its own directory: {}",
         r.text()
     );
+    // The same for a code context and a session: the user's mistake, a 400, never a 500.
+    for (route, body) in [
+        (
+            "/code/context",
+            json!({"language": "python", "cwd": "/tmp/locked"}),
+        ),
+        (
+            "/contexts",
+            json!({"language": "python", "cwd": "/tmp/locked"}),
+        ),
+        ("/session", json!({"cwd": "/tmp/locked"})),
+    ] {
+        let r = post(&sb, route, body);
+        assert_eq!(r.status, 400, "{route}: {}", r.text());
+    }
     secret.assert_intact();
 }
 
