@@ -515,10 +515,10 @@ async fn execute(State(app): State<Arc<AppState>>, body: Body) -> Result<Respons
     path = "/execute/async",
     operation_id = "leap0ExecuteStream",
     tag = "leap0",
-    description = "Runs code in a fresh process; one JSON event per line.",
+    description = "Runs code in a fresh process; server-sent events (`data: {json}` frames), one per output.",
     request_body = crate::openapi::schemas::Leap0Execute,
     responses(
-        (status = 200, description = "Events, one per line.", content_type = "application/x-ndjson", body = String),
+        (status = 200, description = "Server-sent events (`data: {json}` frames).", content_type = "text/event-stream", body = serde_json::Value),
         (status = 400, description = "Invalid request.", body = crate::openapi::schemas::Leap0Invalid),
         (status = 413, description = "Body over 10 MiB.", body = crate::openapi::schemas::Leap0Message),
         (status = 500, description = "The agent failed.", body = crate::openapi::schemas::Leap0Message),
