@@ -275,6 +275,13 @@ pub(crate) async fn prepare(
     capacity: Capacity,
 ) -> Result<LaunchSpec> {
     let image = req.image.as_ref().map(|i| i.uri.clone());
+    // Upstream's credential proxy injects secrets into outbound requests; execbox has none, and
+    // a sandbox that expects one must not start believing it is there.
+    if req.credential_proxy.as_ref().is_some_and(|c| c.enabled) {
+        return Err(LifecycleError::invalid(
+            "credentialProxy.enabled: the credential proxy is not supported by this server",
+        ));
+    }
     if req.snapshot_id.is_some() {
         return Err(LifecycleError::invalid(
             "snapshotId: snapshots are not supported by this server",

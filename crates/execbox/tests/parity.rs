@@ -532,3 +532,30 @@ http.server.HTTPServer(('127.0.0.1', 8123), H).serve_forever()
     );
     assert!(!seen.contains(&sb.token), "{seen}");
 }
+
+/// A feature execbox does not have is refused by name, never accepted and ignored.
+#[test]
+fn an_enabled_credential_proxy_is_refused_by_name() {
+    let server = common::TestServer::start_with_config("[policy]\nwarm_pool_size = 0\n");
+    let (s, v) = server.create_raw(
+        &json!({"image": {"uri": "default"}, "entrypoint": ["tail", "-f", "/dev/null"],
+                "resourceLimits": {"cpu": "1", "memory": "256Mi"},
+                "networkPolicy": {"defaultAction": "deny", "egress": []},
+                "credentialProxy": {"enabled": true}})
+        .to_string(),
+    );
+    assert_eq!(s, 400, "{v}");
+    assert_eq!(v["code"], "SANDBOX::INVALID_PARAMETER");
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("credentialProxy.enabled"),
+        "{v}"
+    );
+    let (_, list) = server.get("/v1/sandboxes");
+    assert_eq!(
+        list["pagination"]["totalItems"], 0,
+        "nothing was started: {list}"
+    );
+}
