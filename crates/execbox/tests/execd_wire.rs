@@ -1246,7 +1246,9 @@ fn metrics_and_port_proxy() {
         let m = get(&sb, "/metrics").json();
         let pct = m["cpu_used_pct"].as_f64().expect("cpu_used_pct");
         delete(&sb, &format!("/command?id={busy}")).assert_empty_ok();
-        assert!(pct > 50.0, "a busy loop shows: {m}");
+        // Well above idle (0-1%), with room for a host busy with other work: the loop gets
+        // what the scheduler gives it, not always most of a core.
+        assert!(pct > 20.0, "a busy loop shows: {m}");
         assert!(pct <= 100.0, "{m}");
     }
 
