@@ -113,15 +113,13 @@ async fn answer(
                         "status": "ok",
                         "mode": "deny_all",
                         "enforcementMode": "dns+nft",
-                        "reason": "this sandbox has no network (it was created without \
-                                   networkPolicy): nothing leaves it",
+                        "reason": why_no_network(rec),
                         "policy": execbox_net::Policy::deny_all().to_wire(),
                     }))
                     .into_response()),
                     _ => Err(error(
                         StatusCode::CONFLICT,
-                        "this sandbox has no network (it was created without networkPolicy); \
-                         create it with a networkPolicy to change its egress",
+                        format!("{}; its egress cannot be changed", why_no_network(rec)),
                     )),
                 };
             };
@@ -189,6 +187,17 @@ async fn answer(
             Ok(status(&now))
         }
         _ => Err(error(StatusCode::NOT_FOUND, format!("no route {path}"))),
+    }
+}
+
+/// Why sandbox `rec` has no network device: it never asked for one, or it had one and lost it
+/// when the server restarted (the device's server end does not survive a restart).
+fn why_no_network(rec: &crate::registry::SandboxRecord) -> &'static str {
+    if rec.network.is_some() {
+        "this sandbox lost its network when the server restarted (it keeps running without \
+         one): nothing leaves it; create a new sandbox for network access"
+    } else {
+        "this sandbox has no network (it was created without networkPolicy): nothing leaves it"
     }
 }
 

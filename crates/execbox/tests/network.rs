@@ -575,3 +575,42 @@ fn another_sandbox_is_unreachable() {
         "another sandbox, the gateway, the name server and loopback"
     );
 }
+
+/// A sandbox re-attached by a restarted server keeps running but has lost its network device
+/// (its server end lived in the old process): the egress API says so, and refuses changes.
+#[test]
+fn a_reattached_sandbox_says_it_lost_its_network() {
+    let state = std::env::temp_dir().join(common::unique("execbox-net-restart"));
+    let port = common::free_port();
+    let server = TestServer::start_on(state, port, None);
+    let sb = server.create(json!({"networkPolicy": {"defaultAction": "deny", "egress": []}}));
+    let (id, token) = (sb.id.clone(), sb.token.clone());
+    drop(sb);
+    let state = server.crash();
+    let again = TestServer::start_on(state, port, None);
+    let sb = Sandbox {
+        server: &again,
+        id: id.clone(),
+        endpoint: format!("{}/v1/sandboxes/{id}/proxy/44772", again.base),
+        token,
+    };
+    assert_eq!(sb.run("echo alive").out(), "alive");
+    let (s, v) = egress(&again, &sb, "GET", None);
+    assert_eq!(s, 200, "{v}");
+    assert!(
+        v["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("lost its network"),
+        "{v}"
+    );
+    let (s, v) = egress(
+        &again,
+        &sb,
+        "PATCH",
+        Some(json!([{"action": "allow", "target": "example.com"}])),
+    );
+    assert_eq!(s, 409, "{v}");
+    assert!(v.to_string().contains("lost its network"), "{v}");
+    assert_eq!(again.delete(&format!("/v1/sandboxes/{id}")), 204);
+}
