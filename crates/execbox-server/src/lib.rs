@@ -914,6 +914,34 @@ async fn access_log(req: Request, next: Next) -> Response {
     resp
 }
 
+/// A body over the framework's limit is refused before any handler runs, in plain text: on the
+/// lifecycle API it gets the API's envelope, like every other refusal.
+async fn lifecycle_body_limit_envelope(req: Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    let plain = resp
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/plain"));
+    if resp.status() != StatusCode::PAYLOAD_TOO_LARGE || !plain {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    // The framework's own short message, kept as the envelope's detail.
+    let detail = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+    let mut out = (
+        StatusCode::PAYLOAD_TOO_LARGE,
+        Json(ErrorEnvelope::new(
+            execbox_proto::lifecycle::ErrorCode::InvalidParameter,
+            format!("body: {}", String::from_utf8_lossy(&detail).trim()),
+        )),
+    )
+        .into_response();
+    if let Some(id) = parts.headers.get("x-request-id") {
+        out.headers_mut().insert("x-request-id", id.clone());
+    }
+    out
+}
+
 async fn health() -> Json<serde_json::Value> {
     Json(serde_json::json!({"status": "ok", "version": env!("CARGO_PKG_VERSION")}))
 }
@@ -981,7 +1009,8 @@ pub fn router(server: Arc<Server>) -> Router {
         .route_layer(middleware::from_fn_with_state(
             server.clone(),
             lifecycle_auth,
-        ));
+        ))
+        .route_layer(middleware::from_fn(lifecycle_body_limit_envelope));
     Router::new()
         .route("/health", get(health))
         // Public like `/health`: the documents describe the code, not this server's data.

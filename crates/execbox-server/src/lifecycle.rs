@@ -231,6 +231,7 @@ pub(crate) fn host_arch() -> &'static str {
         (status = 202, description = "Created.", body = CreateSandboxResponse),
         (status = 400, description = "A field breaks a rule or exceeds the tenant's policy; the message names it.", body = ErrorEnvelope),
         (status = 401, description = "No or an unknown `OPEN-SANDBOX-API-KEY` (only when the server has keys): `MISSING_API_KEY` or `INVALID_API_KEY`.", body = ErrorEnvelope),
+        (status = 413, description = "The body is over 2 MiB.", body = ErrorEnvelope),
         (status = 429, description = "The server's or the tenant's maximum of sandboxes is reached: `SANDBOX::QUOTA_EXCEEDED`, with `Retry-After`.", body = ErrorEnvelope),
         (status = 500, description = "The server failed: `SANDBOX::UNKNOWN_ERROR`.", body = ErrorEnvelope),
         (status = 502, description = "The image registry failed.", body = ErrorEnvelope),

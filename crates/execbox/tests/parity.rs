@@ -559,3 +559,29 @@ fn an_enabled_credential_proxy_is_refused_by_name() {
         "nothing was started: {list}"
     );
 }
+
+/// A body over the size limit is refused in the lifecycle API's envelope, like every other
+/// refusal, and nothing is created.
+#[test]
+fn an_oversized_body_gets_the_envelope() {
+    let server = common::TestServer::start_with_config("[policy]\nwarm_pool_size = 0\n");
+    let huge = "x".repeat(3 << 20);
+    let body = json!({"image": {"uri": "default"}, "entrypoint": ["true"],
+                      "resourceLimits": {"cpu": "1", "memory": "256Mi"},
+                      "metadata": {"big": huge}})
+    .to_string();
+    let r = common::reply(
+        ureq::post(&server.url("/v1/sandboxes"))
+            .set("Content-Type", "application/json")
+            .send_string(&body),
+    );
+    assert_eq!(r.status, 413, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["code"], "SANDBOX::INVALID_PARAMETER", "{v}");
+    assert!(
+        v["message"].as_str().unwrap_or("").starts_with("body"),
+        "{v}"
+    );
+    let (_, list) = server.get("/v1/sandboxes");
+    assert_eq!(list["pagination"]["totalItems"], 0, "{list}");
+}
