@@ -24,6 +24,15 @@ const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
 /// Frames in flight between the connection and the handler.
 const IN_FLIGHT: usize = 4;
 
+/// [`read_body_to_end`] for a route that also takes WebSocket upgrades: an upgrade's
+/// connection becomes the session (nothing to drain), anything else is drained as usual.
+pub async fn read_body_to_end_unless_upgrade(req: Request, next: Next) -> Response {
+    if req.headers().contains_key(axum::http::header::UPGRADE) {
+        return next.run(req).await;
+    }
+    read_body_to_end(req, next).await
+}
+
 /// The middleware: the handler sees the body as it arrives; whatever it leaves unread is read
 /// and dropped before its answer is sent.
 pub async fn read_body_to_end(req: Request, next: Next) -> Response {

@@ -108,6 +108,11 @@ fn router(state: Arc<AppState>) -> Router {
         .layer(axum::middleware::from_fn(drain::read_body_to_end))
         .merge(
             pty::routes()
+                // A PTY's WebSocket is a connection of its own; a plain request to the same
+                // routes (a refusal) still waits for its body.
+                .layer(axum::middleware::from_fn(
+                    drain::read_body_to_end_unless_upgrade,
+                ))
                 .merge(port_proxy::routes())
                 .method_not_allowed_fallback(error::not_found),
         )

@@ -442,3 +442,29 @@ fn output_never_waits_for_a_client() {
     assert!(String::from_utf8_lossy(bytes).ends_with("xx\r\nEND\r\n"));
     assert_eq!(seen.text("exit").map(|e| &e["exit_code"]), Some(&json!(0)));
 }
+
+/// A plain request with a body to a PTY route is answered as itself (a refusal), never as a
+/// proxy failure: the agent reads the body before it answers, as on every other route.
+#[test]
+fn a_plain_request_with_a_body_to_a_pty_route_gets_its_answer() {
+    let server = TestServer::start();
+    let sb = server.create(json!({}));
+    let body = "x".repeat(4 << 20);
+    for (method, path) in [
+        ("GET", "/pty"),
+        ("GET", "/pty/nope/ws"),
+        ("PUT", "/pty/nope"),
+    ] {
+        let r = reply(
+            sb.execd(method, path)
+                .set("Content-Type", "application/json")
+                .send_string(&body),
+        );
+        assert!(
+            (400..500).contains(&r.status),
+            "{method} {path}: {} {}",
+            r.status,
+            r.text()
+        );
+    }
+}
