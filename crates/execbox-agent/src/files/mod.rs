@@ -6,12 +6,12 @@
 //! single-threaded); uploads and downloads stream through a blocking worker per transfer.
 
 pub(crate) mod direct;
-mod download;
-mod info;
-mod ops;
-mod resolve;
-mod tree;
-mod upload;
+pub(crate) mod download;
+pub(crate) mod info;
+pub(crate) mod ops;
+pub(crate) mod resolve;
+pub(crate) mod tree;
+pub(crate) mod upload;
 
 use std::sync::Arc;
 
