@@ -13,7 +13,6 @@ use common::{reply, Reply, Sandbox, TestServer};
 use serde_json::{json, Value};
 
 const PROCESS: &str = "/e2b/envd/process.Process";
-#[allow(dead_code)]
 const FS: &str = "/e2b/envd/filesystem.Filesystem";
 
 fn b64(data: &[u8]) -> String {
@@ -464,4 +463,357 @@ fn pty_processes_take_input_and_resize() {
     assert!(out.contains("30 100"), "{out:?}");
     assert!(out.contains("/dev/pts/"), "{out:?}");
     assert!(run.stdout.is_empty());
+}
+
+fn multipart(parts: &[(&str, &str, &[u8])]) -> (String, Vec<u8>) {
+    let boundary = "e2b-test-boundary";
+    let mut body = Vec::new();
+    for (name, filename, data) in parts {
+        body.extend(
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{filename}\"\r\nContent-Type: application/octet-stream\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        body.extend_from_slice(data);
+        body.extend(b"\r\n");
+    }
+    body.extend(format!("--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+#[test]
+fn files_rest_and_filesystem_rpcs() {
+    let server = TestServer::start();
+    let sb = server.create(json!({}));
+
+    let r = reply(sb.execd("GET", "/e2b/envd/health").call());
+    assert_eq!(r.status, 204);
+
+    // Raw body with `path`; parents created; relative to the user's home.
+    let r = reply(
+        sb.execd("POST", "/e2b/envd/files?path=data/a.txt")
+            .set("Content-Type", "application/octet-stream")
+            .send_bytes(b"hello"),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.json(),
+        json!([{"name": "a.txt", "type": "file", "path": "/home/user/data/a.txt"}])
+    );
+    let r = reply(
+        sb.execd("GET", "/e2b/envd/files?path=%2Fhome%2Fuser%2Fdata%2Fa.txt")
+            .call(),
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, b"hello");
+    assert!(r
+        .header("content-disposition")
+        .unwrap()
+        .starts_with("inline;"));
+
+    // Multipart: each part's filename is its path when `path` is absent.
+    let (ct, body) = multipart(&[
+        ("file", "/tmp/up/one.txt", b"1"),
+        ("other", "ignored", b"x"),
+        ("file", "two.txt", b"22"),
+    ]);
+    let r = reply(
+        sb.execd("POST", "/e2b/envd/files")
+            .set("Content-Type", &ct)
+            .send_bytes(&body),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.json(),
+        json!([
+            {"name": "one.txt", "type": "file", "path": "/tmp/up/one.txt"},
+            {"name": "two.txt", "type": "file", "path": "/home/user/two.txt"}
+        ])
+    );
+    // With `path`: the single part goes there.
+    let (ct, body) = multipart(&[("file", "blob", b"333")]);
+    let r = reply(
+        sb.execd("POST", "/e2b/envd/files?path=%2Ftmp%2Fnamed.txt")
+            .set("Content-Type", &ct)
+            .send_bytes(&body),
+    );
+    assert_eq!(r.json()[0]["path"], "/tmp/named.txt", "{}", r.text());
+    let r = reply(
+        sb.execd("GET", "/e2b/envd/files?path=/tmp/named.txt")
+            .call(),
+    );
+    assert_eq!(r.body, b"333");
+    // Two parts to one path.
+    let (ct, body) = multipart(&[("file", "/tmp/d.txt", b"1"), ("file", "/tmp/d.txt", b"2")]);
+    let r = reply(
+        sb.execd("POST", "/e2b/envd/files")
+            .set("Content-Type", &ct)
+            .send_bytes(&body),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+
+    // Errors: `{"code":<int>,"message"}`.
+    let r = reply(sb.execd("GET", "/e2b/envd/files?path=/nope").call());
+    assert_eq!(r.status, 404);
+    assert_eq!(r.json()["code"], 404);
+    assert!(r.json()["message"].is_string());
+    let r = reply(sb.execd("GET", "/e2b/envd/files?path=/tmp").call());
+    assert_eq!((r.status, r.json()["code"].clone()), (400, json!(400)));
+    let r = reply(
+        sb.execd(
+            "GET",
+            "/e2b/envd/files?path=/tmp/named.txt&username=mallory",
+        )
+        .call(),
+    );
+    assert_eq!((r.status, r.json()["code"].clone()), (401, json!(401)));
+    let r = reply(
+        sb.execd("GET", "/e2b/envd/files?path=/proc/self/status")
+            .call(),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+
+    // As root: owned by root, relative to /root.
+    let r = reply(
+        sb.execd("POST", "/e2b/envd/files?path=r.txt&username=root")
+            .set("Content-Type", "application/octet-stream")
+            .send_bytes(b"r"),
+    );
+    assert_eq!(r.json()[0]["path"], "/root/r.txt", "{}", r.text());
+
+    // Stat.
+    let r = unary(
+        &sb,
+        &format!("{FS}/Stat"),
+        json!({"path": "data/a.txt"}),
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let e = &r.json()["entry"];
+    assert_eq!(e["name"], "a.txt");
+    assert_eq!(e["type"], "FILE_TYPE_FILE");
+    assert_eq!(e["path"], "/home/user/data/a.txt");
+    assert_eq!(e["size"], "5");
+    assert_eq!(e["owner"], "user");
+    assert!(e["permissions"].as_str().unwrap().starts_with("-rw"), "{e}");
+    assert!(e["modifiedTime"].as_str().unwrap().contains('T'), "{e}");
+    let r = unary(
+        &sb,
+        &format!("{FS}/Stat"),
+        json!({"path": "/root/r.txt"}),
+        None,
+    );
+    assert_eq!(r.json()["entry"]["owner"], "root", "{}", r.text());
+    unary(&sb, &format!("{FS}/Stat"), json!({"path": "/nope"}), None)
+        .assert_error(404, "not_found");
+    unary(
+        &sb,
+        &format!("{FS}/Stat"),
+        json!({"path": "/proc/1/status"}),
+        None,
+    )
+    .assert_error(400, "invalid_argument");
+
+    // MakeDir.
+    let r = unary(
+        &sb,
+        &format!("{FS}/MakeDir"),
+        json!({"path": "/tmp/m/n"}),
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["entry"]["type"], "FILE_TYPE_DIRECTORY");
+    assert!(r.json()["entry"]["permissions"]
+        .as_str()
+        .unwrap()
+        .starts_with("drwx"));
+    unary(
+        &sb,
+        &format!("{FS}/MakeDir"),
+        json!({"path": "/tmp/m/n"}),
+        None,
+    )
+    .assert_error(409, "already_exists");
+    unary(
+        &sb,
+        &format!("{FS}/MakeDir"),
+        json!({"path": "/tmp/named.txt"}),
+        None,
+    )
+    .assert_error(400, "invalid_argument");
+
+    // Move: destination parents created.
+    let r = unary(
+        &sb,
+        &format!("{FS}/Move"),
+        json!({"source": "/tmp/named.txt", "destination": "/tmp/m/moved/x.txt"}),
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["entry"]["path"], "/tmp/m/moved/x.txt");
+    unary(
+        &sb,
+        &format!("{FS}/Move"),
+        json!({"source": "/tmp/none", "destination": "/tmp/y"}),
+        None,
+    )
+    .assert_error(404, "not_found");
+
+    // ListDir: depth 0 is 1; the root is excluded.
+    let names = |r: Reply| -> Vec<String> {
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["path"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(
+        names(unary(
+            &sb,
+            &format!("{FS}/ListDir"),
+            json!({"path": "/tmp/m"}),
+            None
+        )),
+        ["/tmp/m/moved", "/tmp/m/n"]
+    );
+    assert_eq!(
+        names(unary(
+            &sb,
+            &format!("{FS}/ListDir"),
+            json!({"path": "/tmp/m", "depth": 3}),
+            None
+        )),
+        ["/tmp/m/moved", "/tmp/m/moved/x.txt", "/tmp/m/n"]
+    );
+    unary(
+        &sb,
+        &format!("{FS}/ListDir"),
+        json!({"path": "/tmp/m/moved/x.txt"}),
+        None,
+    )
+    .assert_error(400, "invalid_argument");
+    unary(
+        &sb,
+        &format!("{FS}/ListDir"),
+        json!({"path": "/tmp/zz"}),
+        None,
+    )
+    .assert_error(404, "not_found");
+
+    // Remove: recursive; a missing path is fine.
+    let r = unary(
+        &sb,
+        &format!("{FS}/Remove"),
+        json!({"path": "/tmp/m"}),
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = unary(
+        &sb,
+        &format!("{FS}/Remove"),
+        json!({"path": "/tmp/m"}),
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    unary(&sb, &format!("{FS}/Stat"), json!({"path": "/tmp/m"}), None)
+        .assert_error(404, "not_found");
+
+    // The polled watcher.
+    unary(
+        &sb,
+        &format!("{FS}/MakeDir"),
+        json!({"path": "/tmp/w"}),
+        None,
+    );
+    let r = unary(
+        &sb,
+        &format!("{FS}/CreateWatcher"),
+        json!({"path": "/tmp/w"}),
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let id = r.json()["watcherId"].as_str().unwrap().to_string();
+    start(
+        &sb,
+        json!({"process": bash("echo x > /tmp/w/new.txt")}),
+        &[],
+    );
+    std::thread::sleep(Duration::from_millis(600));
+    let r = unary(
+        &sb,
+        &format!("{FS}/GetWatcherEvents"),
+        json!({"watcherId": id}),
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let events = r.json()["events"].clone();
+    assert!(
+        events
+            .as_array()
+            .unwrap()
+            .contains(&json!({"name": "new.txt", "type": "EVENT_TYPE_CREATE"})),
+        "{events}"
+    );
+    let r = unary(
+        &sb,
+        &format!("{FS}/GetWatcherEvents"),
+        json!({"watcherId": id}),
+        None,
+    );
+    assert_eq!(r.json()["events"], json!([]));
+    let r = unary(
+        &sb,
+        &format!("{FS}/RemoveWatcher"),
+        json!({"watcherId": id}),
+        None,
+    );
+    assert_eq!(r.status, 200);
+    unary(
+        &sb,
+        &format!("{FS}/GetWatcherEvents"),
+        json!({"watcherId": id}),
+        None,
+    )
+    .assert_error(404, "not_found");
+    unary(
+        &sb,
+        &format!("{FS}/CreateWatcher"),
+        json!({"path": "/tmp/nowhere"}),
+        None,
+    )
+    .assert_error(404, "not_found");
+
+    // The streaming watcher, bounded by its Connect-Timeout-Ms.
+    let endpoint = sb.endpoint.clone();
+    let token = sb.token.clone();
+    let watcher = std::thread::spawn(move || {
+        reply(
+            ureq::post(&format!("{endpoint}{FS}/WatchDir"))
+                .set("X-EXECD-ACCESS-TOKEN", &token)
+                .set("Content-Type", "application/connect+json")
+                .set("Connect-Timeout-Ms", "2500")
+                .send_bytes(&envelope(0, br#"{"path":"/tmp/w","recursive":true}"#)),
+        )
+    });
+    std::thread::sleep(Duration::from_millis(800));
+    start(
+        &sb,
+        json!({"process": bash("mkdir /tmp/w/d && echo y > /tmp/w/d/deep.txt")}),
+        &[],
+    );
+    let r = watcher.join().unwrap();
+    let evs = envelopes(&r.body);
+    assert_eq!(evs[0], (0, json!({"start": {}})));
+    let got: Vec<Value> = evs
+        .iter()
+        .filter_map(|(_, v)| v.get("filesystem").cloned())
+        .collect();
+    assert!(
+        got.contains(&json!({"name": "d/deep.txt", "type": "EVENT_TYPE_CREATE"})),
+        "{got:?}"
+    );
+    assert_eq!(evs.last().unwrap().1["error"]["code"], "deadline_exceeded");
 }

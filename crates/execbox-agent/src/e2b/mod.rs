@@ -14,6 +14,7 @@
 
 pub(crate) mod connect;
 mod files;
+mod filesystem;
 mod process;
 
 use std::path::{Component, Path, PathBuf};
@@ -33,12 +34,18 @@ use connect::{Code, RpcError};
 pub(crate) struct E2bState {
     /// The process table of `process.Process`.
     pub procs: process::Procs,
+    /// The polled watchers of `filesystem.Filesystem`.
+    pub watchers: filesystem::Watchers,
 }
 
 /// Routes of the E2B data plane.
 pub fn routes() -> Router<Arc<AppState>> {
     Router::new()
         .route("/e2b/envd/process.Process/{method}", post(process::rpc))
+        .route(
+            "/e2b/envd/filesystem.Filesystem/{method}",
+            post(filesystem::rpc),
+        )
         .route(
             "/e2b/envd/files",
             get(files::download)
