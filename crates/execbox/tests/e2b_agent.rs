@@ -9,7 +9,7 @@ use std::io::Read;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use common::{reply, Reply, Sandbox, TestServer};
+use common::{reply, Reply, Sandbox, TestServer, CODE_INTERPRETER_IMAGE};
 use serde_json::{json, Value};
 
 const PROCESS: &str = "/e2b/envd/process.Process";
@@ -816,4 +816,150 @@ fn files_rest_and_filesystem_rpcs() {
         "{got:?}"
     );
     assert_eq!(evs.last().unwrap().1["error"]["code"], "deadline_exceeded");
+}
+
+/// `POST /e2b/ci/execute`, read to its end: one JSON object per line.
+fn execute(sb: &Sandbox, body: Value) -> Vec<Value> {
+    let r = reply(
+        sb.execd("POST", "/e2b/ci/execute")
+            .set("Content-Type", "application/json")
+            .send_string(&body.to_string()),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let text = r.text();
+    assert!(text.ends_with('\n'), "{text:?}");
+    let lines: Vec<Value> = text
+        .split_terminator('\n')
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("line {l:?}")))
+        .collect();
+    assert_eq!(
+        lines.last().unwrap(),
+        &json!({"type": "end_of_execution"}),
+        "{lines:?}"
+    );
+    lines
+}
+
+fn of_type<'a>(lines: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    lines.iter().filter(|l| l["type"] == kind).collect()
+}
+
+#[test]
+fn code_interpreter_execute_and_contexts() {
+    let server = TestServer::start();
+    let sb = server.create(json!({"image": {"uri": CODE_INTERPRETER_IMAGE},
+        "resourceLimits": {"cpu": "2", "memory": "2Gi"}}));
+
+    // The default Python context (Python's SDK sends nulls).
+    let lines = execute(
+        &sb,
+        json!({"code": "x = 1 + 1\nprint('hi')\nx", "context_id": null, "language": null, "env_vars": null}),
+    );
+    let out = of_type(&lines, "stdout");
+    assert_eq!(out.len(), 1, "{lines:?}");
+    assert_eq!(out[0]["text"], "hi\n");
+    assert!(out[0]["timestamp"].as_str().unwrap().contains('T'));
+    let results = of_type(&lines, "result");
+    assert_eq!(results.len(), 1, "{lines:?}");
+    assert_eq!(results[0]["text"], "2");
+    assert_eq!(results[0]["is_main_result"], true);
+    assert_eq!(results[0]["extra"], json!({}));
+    let count = of_type(&lines, "number_of_executions");
+    assert!(
+        count[0]["execution_count"].as_u64().unwrap() >= 1,
+        "{lines:?}"
+    );
+
+    // State persists; env_vars apply to the run; strings lose one layer of quotes.
+    let lines = execute(
+        &sb,
+        json!({"code": "import os\nos.environ['FOO'] + str(x)", "env_vars": {"FOO": "bar"}}),
+    );
+    assert_eq!(of_type(&lines, "result")[0]["text"], "bar2", "{lines:?}");
+
+    // Errors.
+    let lines = execute(&sb, json!({"code": "1/0"}));
+    let err = of_type(&lines, "error");
+    assert_eq!(err.len(), 1, "{lines:?}");
+    assert_eq!(err[0]["name"], "ZeroDivisionError");
+    assert_eq!(err[0]["value"], "division by zero");
+    assert!(err[0]["traceback"].is_string());
+
+    // A matplotlib figure shown: a display result with a PNG.
+    let lines = execute(
+        &sb,
+        json!({"code": "import matplotlib.pyplot as plt\nplt.plot([1, 2, 3])\nplt.show()"}),
+    );
+    let results = of_type(&lines, "result");
+    let png = results
+        .iter()
+        .find(|r| r.get("png").is_some())
+        .unwrap_or_else(|| panic!("{lines:?}"));
+    assert_eq!(png["is_main_result"], false);
+    assert!(unb64(png["png"].as_str().unwrap()).starts_with(b"\x89PNG"));
+
+    // Contexts: create, use, list, restart (same id, state lost), delete.
+    let r = reply(
+        sb.execd("POST", "/e2b/ci/contexts")
+            .set("Content-Type", "application/json")
+            .send_string(r#"{"language": "js"}"#),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let ctx = r.json();
+    assert_eq!(ctx["language"], "javascript");
+    assert_eq!(ctx["cwd"], "/home/user");
+    let id = ctx["id"].as_str().unwrap().to_string();
+    let lines = execute(&sb, json!({"code": "var a = 5; a * 2", "context_id": id}));
+    assert_eq!(of_type(&lines, "result")[0]["text"], "10", "{lines:?}");
+    let r = reply(sb.execd("GET", "/e2b/ci/contexts").call());
+    assert!(
+        r.json()
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["id"] == id.as_str()),
+        "{}",
+        r.text()
+    );
+    let r = reply(
+        sb.execd("POST", &format!("/e2b/ci/contexts/{id}/restart"))
+            .send_string(""),
+    );
+    assert_eq!((r.status, r.text()), (200, "null".to_string()));
+    let lines = execute(&sb, json!({"code": "typeof a", "context_id": id}));
+    assert_eq!(
+        of_type(&lines, "result")[0]["text"],
+        "undefined",
+        "{lines:?}"
+    );
+    let r = reply(sb.execd("DELETE", &format!("/e2b/ci/contexts/{id}")).call());
+    assert_eq!((r.status, r.text()), (200, "null".to_string()));
+    let r = reply(sb.execd("DELETE", &format!("/e2b/ci/contexts/{id}")).call());
+    assert_eq!(
+        (r.status, r.text()),
+        (404, format!("Context {id} not found"))
+    );
+
+    // Plain-text errors.
+    let r = reply(
+        sb.execd("POST", "/e2b/ci/execute")
+            .send_string(r#"{"code": "1", "context_id": "x", "language": "python"}"#),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    let r = reply(
+        sb.execd("POST", "/e2b/ci/execute")
+            .send_string(r#"{"code": "1", "context_id": "nope"}"#),
+    );
+    assert_eq!(
+        (r.status, r.text()),
+        (404, "Context nope not found".to_string())
+    );
+
+    // Bash, on execbox's bash contexts.
+    let lines = execute(
+        &sb,
+        json!({"code": "echo hi; echo err >&2", "language": "bash"}),
+    );
+    assert_eq!(of_type(&lines, "stdout")[0]["text"], "hi\n", "{lines:?}");
+    assert_eq!(of_type(&lines, "stderr")[0]["text"], "err\n", "{lines:?}");
 }

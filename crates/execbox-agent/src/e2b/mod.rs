@@ -15,13 +15,14 @@
 pub(crate) mod connect;
 mod files;
 mod filesystem;
+mod interpreter;
 mod process;
 
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
 use axum::http::HeaderMap;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::Router;
 use base64::Engine as _;
 use execbox_jail::process::Credentials;
@@ -55,6 +56,16 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/e2b/envd/health", get(files::health))
         .route("/e2b/envd/envs", get(files::envs))
         .route("/e2b/envd/metrics", get(files::metrics))
+        .route("/e2b/ci/execute", post(interpreter::execute))
+        .route(
+            "/e2b/ci/contexts",
+            get(interpreter::list_contexts).post(interpreter::create_context),
+        )
+        .route("/e2b/ci/contexts/{id}", delete(interpreter::delete_context))
+        .route(
+            "/e2b/ci/contexts/{id}/restart",
+            post(interpreter::restart_context),
+        )
         .route("/e2b/ci/health", get(files::health))
 }
 
