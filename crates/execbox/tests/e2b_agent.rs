@@ -512,6 +512,28 @@ fn files_rest_and_filesystem_rpcs() {
         .unwrap()
         .starts_with("inline;"));
 
+    // A gzip-encoded raw body (the SDKs' `gzip=True`).
+    const GZ: &[u8] = &[
+        31, 139, 8, 0, 0, 0, 0, 0, 2, 3, 203, 72, 205, 201, 201, 87, 72, 175, 202, 44, 224, 2, 0,
+        57, 124, 99, 86, 11, 0, 0, 0,
+    ];
+    let r = reply(
+        sb.execd("POST", "/e2b/envd/files?path=/tmp/gz.txt")
+            .set("Content-Type", "application/octet-stream")
+            .set("Content-Encoding", "gzip")
+            .send_bytes(GZ),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = reply(sb.execd("GET", "/e2b/envd/files?path=/tmp/gz.txt").call());
+    assert_eq!(r.body, b"hello gzip\n");
+    let r = reply(
+        sb.execd("POST", "/e2b/envd/files?path=/tmp/bad.txt")
+            .set("Content-Type", "application/octet-stream")
+            .set("Content-Encoding", "gzip")
+            .send_bytes(b"not gzip"),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+
     // Multipart: each part's filename is its path when `path` is absent.
     let (ct, body) = multipart(&[
         ("file", "/tmp/up/one.txt", b"1"),
@@ -596,7 +618,8 @@ fn files_rest_and_filesystem_rpcs() {
     assert_eq!(e["path"], "/home/user/data/a.txt");
     assert_eq!(e["size"], "5");
     assert_eq!(e["owner"], "user");
-    assert!(e["permissions"].as_str().unwrap().starts_with("-rw"), "{e}");
+    assert_eq!(e["permissions"], "-rw-r--r--", "{e}");
+    assert_eq!(e["mode"], 0o644, "{e}");
     assert!(e["modifiedTime"].as_str().unwrap().contains('T'), "{e}");
     let r = unary(
         &sb,

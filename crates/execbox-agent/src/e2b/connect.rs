@@ -296,6 +296,25 @@ pub fn timeout(headers: &HeaderMap) -> Option<Duration> {
         .map(Duration::from_millis)
 }
 
+/// Runs a unary call within its `Connect-Timeout-Ms`: past it, `deadline_exceeded`.
+pub async fn within<T>(
+    deadline: Option<Duration>,
+    call: impl std::future::Future<Output = Result<T, RpcError>>,
+) -> Result<T, RpcError> {
+    match deadline {
+        None => call.await,
+        Some(d) => tokio::time::timeout(d, call).await.unwrap_or_else(|_| {
+            Err(RpcError::new(
+                Code::DeadlineExceeded,
+                format!(
+                    "the call took longer than its timeout of {} ms",
+                    d.as_millis()
+                ),
+            ))
+        }),
+    }
+}
+
 /// Default keepalive interval of a stream.
 const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(90);
 
@@ -489,6 +508,19 @@ mod tests {
         assert_eq!(decode_bytes("aGk").unwrap(), b"hi");
         assert_eq!(decode_bytes("_-8").unwrap(), vec![0xff, 0xef]);
         assert_eq!(encode_bytes(b"hi"), "aGk=");
+    }
+
+    #[tokio::test]
+    async fn unary_calls_end_at_their_deadline() {
+        let slow = async {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            Ok::<_, RpcError>(())
+        };
+        let e = within(Some(Duration::from_millis(20)), slow)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, Code::DeadlineExceeded);
+        assert_eq!(within(None, async { Ok::<_, RpcError>(1) }).await, Ok(1));
     }
 
     #[test]

@@ -23,6 +23,9 @@ use crate::files::upload::{self, Chunks};
 use crate::files::{blocking, Permission, Query};
 use crate::AppState;
 
+/// Mode of a file `/files` creates: envd's `0666` under the usual umask `022`.
+const NEW_FILE_MODE: u32 = 0o644;
+
 /// An envd REST error.
 #[derive(Debug)]
 pub(crate) struct RestError {
@@ -118,17 +121,55 @@ pub async fn download(
     Ok(resp)
 }
 
-/// A whole request body as upload chunks.
-struct BodyChunks(axum::body::BodyDataStream);
+/// A whole request body as upload chunks, gunzipped on the way when it came gzip-encoded
+/// (`Content-Encoding: gzip`, the SDKs' `gzip=True`).
+struct BodyChunks {
+    body: axum::body::BodyDataStream,
+    gunzip: Option<flate2::write::GzDecoder<Vec<u8>>>,
+    /// The body has ended (it must not be polled again).
+    ended: bool,
+}
 
 impl Chunks for BodyChunks {
     async fn next_chunk(&mut self) -> Result<Option<Bytes>, ApiError> {
-        match self.0.next().await {
-            None => Ok(None),
-            Some(Ok(b)) => Ok(Some(b)),
-            Some(Err(e)) => Err(ApiError::InvalidFile(format!(
-                "error reading the request body. {e}"
-            ))),
+        use std::io::Write;
+        let bad = |e: std::io::Error| ApiError::InvalidFile(format!("invalid gzip body. {e}"));
+        loop {
+            if self.ended {
+                return Ok(None);
+            }
+            let next = match self.body.next().await {
+                None => {
+                    self.ended = true;
+                    None
+                }
+                Some(Ok(b)) => Some(b),
+                Some(Err(e)) => {
+                    self.ended = true;
+                    return Err(ApiError::InvalidFile(format!(
+                        "error reading the request body. {e}"
+                    )));
+                }
+            };
+            let Some(gz) = self.gunzip.as_mut() else {
+                return Ok(next);
+            };
+            match next {
+                Some(b) => {
+                    gz.write_all(&b).map_err(bad)?;
+                    let out = std::mem::take(gz.get_mut());
+                    if !out.is_empty() {
+                        return Ok(Some(Bytes::from(out)));
+                    }
+                }
+                None => {
+                    let Some(gz) = self.gunzip.take() else {
+                        return Ok(None);
+                    };
+                    let rest = gz.finish().map_err(bad)?;
+                    return Ok((!rest.is_empty()).then(|| Bytes::from(rest)));
+                }
+            }
         }
     }
 }
@@ -157,16 +198,21 @@ pub async fn upload(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_ascii_lowercase();
-    if headers
+    let gzip = match headers
         .get(header::CONTENT_ENCODING)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|e| !e.eq_ignore_ascii_case("identity"))
+        .map(|e| e.trim().to_ascii_lowercase())
     {
-        return Err(RestError::new(
-            StatusCode::BAD_REQUEST,
-            "Content-Encoding is not supported by execbox: send the file uncompressed",
-        ));
-    }
+        None => false,
+        Some(e) if e.is_empty() || e == "identity" => false,
+        Some(e) if e == "gzip" => true,
+        Some(e) => {
+            return Err(RestError::new(
+                StatusCode::BAD_REQUEST,
+                format!("Content-Encoding {e} is not supported: use gzip or none"),
+            ))
+        }
+    };
     let mut written = Vec::new();
     let mut total = 0u64;
     if !ct.starts_with("multipart/") {
@@ -176,12 +222,24 @@ pub async fn upload(
         let path = path_of(&user, raw_path)?;
         let shown = path.clone();
         let creds = user.creds;
-        let target =
-            blocking(move || upload::prepare(shown, &Permission::default(), creds)).await?;
-        let mut chunks = BodyChunks(body.into_data_stream());
+        let target = blocking(move || {
+            upload::prepare_with_mode(shown, &Permission::default(), creds, NEW_FILE_MODE)
+        })
+        .await?;
+        let mut chunks = BodyChunks {
+            body: body.into_data_stream(),
+            gunzip: gzip.then(|| flate2::write::GzDecoder::new(Vec::new())),
+            ended: false,
+        };
         upload::receive(&mut chunks, target, &mut total, app.max_upload_bytes).await?;
         written.push(entry_json(&path));
         return Ok(Json(Value::Array(written)).into_response());
+    }
+    if gzip {
+        return Err(RestError::new(
+            StatusCode::BAD_REQUEST,
+            "a gzip-encoded body must be application/octet-stream with path",
+        ));
     }
     let mut req = axum::http::Request::new(body);
     if let Some(v) = headers.get(header::CONTENT_TYPE) {
@@ -223,8 +281,10 @@ pub async fn upload(
         }
         let shown = path.clone();
         let creds = user.creds;
-        let target =
-            blocking(move || upload::prepare(shown, &Permission::default(), creds)).await?;
+        let target = blocking(move || {
+            upload::prepare_with_mode(shown, &Permission::default(), creds, NEW_FILE_MODE)
+        })
+        .await?;
         upload::receive(&mut field, target, &mut total, app.max_upload_bytes).await?;
         written.push(entry_json(&path));
     }

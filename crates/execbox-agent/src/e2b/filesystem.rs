@@ -121,7 +121,7 @@ pub async fn rpc(
             ))
         }
     };
-    let result = async {
+    let call = async {
         let user = User::of_rpc(&app, &headers)?;
         match method.as_str() {
             "Stat" => stat(&user, &headers, &bytes).await,
@@ -138,9 +138,9 @@ pub async fn rpc(
                 format!("filesystem.Filesystem/{other} is not implemented"),
             )),
         }
-    }
-    .await;
-    result.unwrap_or_else(fail)
+    };
+    let deadline = connect::timeout(&headers).filter(|_| !streaming);
+    connect::within(deadline, call).await.unwrap_or_else(fail)
 }
 
 fn required_path(user: &User, raw: &str, field: &str) -> Result<PathBuf, RpcError> {

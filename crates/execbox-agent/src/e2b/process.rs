@@ -33,8 +33,9 @@ use crate::AppState;
 
 /// Largest data chunk of one event.
 const CHUNK: usize = 32 * 1024;
-/// Events a stream may fall behind before it is cut.
-const EVENT_BUFFER: usize = 1024;
+/// Events a stream may fall behind before it is cut (each up to 32 KiB as base64: the most one
+/// slow stream holds is about 11 MiB of the agent's memory).
+const EVENT_BUFFER: usize = 256;
 /// Ended processes kept for `Connect`.
 const MAX_ENDED: usize = 256;
 /// How long an ended process is kept.
@@ -362,20 +363,24 @@ pub async fn rpc(
             ))
         }
     };
-    let result = match method.as_str() {
-        "Start" => start(&app, &headers, &bytes),
-        "Connect" => connect_stream(&app, &headers, &bytes),
-        "List" => list(&app, &headers, &bytes),
-        "SendInput" => send_input(&app, &headers, &bytes).await,
-        "SendSignal" => send_signal(&app, &headers, &bytes),
-        "Update" => update(&app, &headers, &bytes),
-        "CloseStdin" => close_stdin(&app, &headers, &bytes).await,
-        other => Err(RpcError::new(
-            Code::Unimplemented,
-            format!("process.Process/{other} is not implemented"),
-        )),
+    let call = async {
+        match method.as_str() {
+            "Start" => start(&app, &headers, &bytes),
+            "Connect" => connect_stream(&app, &headers, &bytes),
+            "List" => list(&app, &headers, &bytes),
+            "SendInput" => send_input(&app, &headers, &bytes).await,
+            "SendSignal" => send_signal(&app, &headers, &bytes),
+            "Update" => update(&app, &headers, &bytes),
+            "CloseStdin" => close_stdin(&app, &headers, &bytes).await,
+            other => Err(RpcError::new(
+                Code::Unimplemented,
+                format!("process.Process/{other} is not implemented"),
+            )),
+        }
     };
-    result.unwrap_or_else(fail)
+    // On streams the timeout is the process's lifetime or the stream's bound (handled there).
+    let deadline = connect::timeout(&headers).filter(|_| !streaming);
+    connect::within(deadline, call).await.unwrap_or_else(fail)
 }
 
 fn spawn_error(e: crate::runner::RunError) -> RpcError {

@@ -95,12 +95,22 @@ pub(crate) fn prepare(
     perm: &Permission,
     user: Credentials,
 ) -> Result<Target, ApiError> {
+    prepare_with_mode(shown, perm, user, DEFAULT_MODE)
+}
+
+/// [`prepare`], a new file getting `new_mode` when the request names none.
+pub(crate) fn prepare_with_mode(
+    shown: PathBuf,
+    perm: &Permission,
+    user: Credentials,
+    new_mode: u32,
+) -> Result<Target, ApiError> {
     let wanted = perm.resolve(&Names::load())?;
     let (dir, name) =
         resolve::for_create(&shown, parent_owner(user)).map_err(|e| e.into_api(&shown))?;
     let err = |e: io::Error| ApiError::from_io(&format!("error writing {}", shown.display()), &e);
     // Without a requested mode, a file being overwritten keeps its mode, as with truncate.
-    let mut default_mode = DEFAULT_MODE;
+    let mut default_mode = new_mode;
     match dir.lstat(&name) {
         Ok(md) if md.is_dir() => {
             return Err(ApiError::BadRequest(format!(
