@@ -394,6 +394,15 @@ fn background_processes_list_connect_input_signal_and_close_stdin() {
     );
     let run = start(&sb, json!({"process": bash("pgrep -c sleep || true")}), &[]);
     assert_eq!(String::from_utf8_lossy(&run.stdout).trim(), "0");
+    // What a command leaves running in the background outlives it, as under envd.
+    let run = start(
+        &sb,
+        json!({"process": bash("sleep 1000 >/dev/null 2>&1 &")}),
+        &[],
+    );
+    assert_eq!(run.end.unwrap()["status"], "exit status 0");
+    let run = start(&sb, json!({"process": bash("pgrep -c sleep || true")}), &[]);
+    assert_eq!(String::from_utf8_lossy(&run.stdout).trim(), "1");
 
     // Unknown processes, methods and codecs.
     unary(
@@ -935,20 +944,42 @@ fn code_interpreter_execute_and_contexts() {
     let lines = execute(&sb, json!({"code": "var a = 5; a * 2", "context_id": id}));
     assert_eq!(of_type(&lines, "result")[0]["text"], "10", "{lines:?}");
     let r = reply(sb.execd("GET", "/e2b/ci/contexts").call());
-    assert!(
-        r.json()
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|c| c["id"] == id.as_str()),
-        "{}",
-        r.text()
-    );
+    let listed = r.json();
+    let listed = listed.as_array().unwrap();
+    assert!(listed.iter().any(|c| c["id"] == id.as_str()), "{listed:?}");
+    // The default contexts are listed too.
+    for lang in ["python", "javascript"] {
+        assert!(
+            listed
+                .iter()
+                .any(|c| c["language"] == lang && c["id"] != id.as_str()),
+            "{listed:?}"
+        );
+    }
+    // A restart during a run ends it with ContextRestarting.
+    let endpoint = sb.endpoint.clone();
+    let token = sb.token.clone();
+    let ctx_id = id.clone();
+    let running = std::thread::spawn(move || {
+        reply(
+            ureq::post(&format!("{endpoint}/e2b/ci/execute"))
+                .set("X-EXECD-ACCESS-TOKEN", &token)
+                .send_string(&json!({"code": "while (true) {}", "context_id": ctx_id}).to_string()),
+        )
+        .text()
+    });
+    std::thread::sleep(Duration::from_millis(800));
     let r = reply(
         sb.execd("POST", &format!("/e2b/ci/contexts/{id}/restart"))
             .send_string(""),
     );
     assert_eq!((r.status, r.text()), (200, "null".to_string()));
+    let text = running.join().unwrap();
+    assert!(text.contains(r#""name":"ContextRestarting""#), "{text}");
+    assert!(
+        text.ends_with("{\"type\":\"end_of_execution\"}\n"),
+        "{text}"
+    );
     let lines = execute(&sb, json!({"code": "typeof a", "context_id": id}));
     assert_eq!(
         of_type(&lines, "result")[0]["text"],

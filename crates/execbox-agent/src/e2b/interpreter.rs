@@ -105,8 +105,14 @@ pub async fn create_context(
     Ok(Json(context_json(&ctx)))
 }
 
-/// `GET /contexts`.
+/// `GET /contexts`: with the default Python and JavaScript contexts, made on first use as
+/// upstream makes them at start (a language whose runtime is missing is left out).
 pub async fn list_contexts(State(app): State<Arc<AppState>>) -> Json<Value> {
+    for lang in [KernelLanguage::Python, KernelLanguage::JavaScript] {
+        if let Err(e) = app.contexts.default_for(&app, Language::Kernel(lang)).await {
+            tracing::debug!(error = %e, "no default context");
+        }
+    }
     let mut all = app.contexts.all();
     all.sort_by(|a, b| a.id.cmp(&b.id));
     Json(Value::Array(all.iter().map(|c| context_json(c)).collect()))
@@ -129,10 +135,18 @@ pub async fn restart_context(
     UrlPath(id): UrlPath<String>,
 ) -> Result<Json<Value>, TextError> {
     let ctx = app.contexts.get(&id).ok_or_else(|| not_found(&id))?;
-    ctx.restart(&app)
-        .await
-        .map_err(|e| TextError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    restarting(&app).insert(id.clone());
+    let result = ctx.restart(&app).await;
+    restarting(&app).remove(&id);
+    result.map_err(|e| TextError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     Ok(Json(Value::Null))
+}
+
+fn restarting(app: &AppState) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+    match app.e2b.restarting.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -346,7 +360,18 @@ async fn run_kernel(
                 return;
             }
         };
-        let Some(out) = out else { break };
+        let Some(mut out) = out else { break };
+        if let KernelOutput::Died(why) = &out {
+            if restarting(app).contains(&ctx.id) {
+                out = KernelOutput::Error {
+                    ename: "ContextRestarting".into(),
+                    evalue: "the context was restarted during the execution".into(),
+                    traceback: vec![why.clone()],
+                };
+                let _ = tx.send(line(kernel_lines(out, &mut count).remove(0))).await;
+                break;
+            }
+        }
         let done = matches!(out, KernelOutput::Done { .. } | KernelOutput::Died(_));
         for l in kernel_lines(out, &mut count) {
             if tx.send(line(l)).await.is_err() {

@@ -37,6 +37,8 @@ pub(crate) struct E2bState {
     pub procs: process::Procs,
     /// The polled watchers of `filesystem.Filesystem`.
     pub watchers: filesystem::Watchers,
+    /// Code contexts being restarted (their running execution ends with `ContextRestarting`).
+    pub restarting: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// Routes of the E2B data plane.

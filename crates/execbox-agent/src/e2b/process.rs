@@ -44,6 +44,8 @@ const ENDED_KEPT: Duration = Duration::from_secs(600);
 const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(100);
 /// How long one input write may wait for a process that does not read its stdin.
 const INPUT_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often the cgroup leaf of an ended process is checked for what it left running.
+const LEAF_SWEEP: Duration = Duration::from_secs(5);
 /// Terminal size when the request gives none.
 const DEFAULT_PTY: (u16, u16) = (80, 24);
 
@@ -412,7 +414,8 @@ fn start(app: &Arc<AppState>, headers: &HeaderMap, body: &[u8]) -> Result<Respon
     }
     let cwd = match config.cwd.as_deref().filter(|c| !c.is_empty()) {
         Some(c) => user.path(c)?,
-        None => user.home.clone(),
+        // The sandbox's default workdir for every user, as envd's `defaults.Workdir`.
+        None => crate::paths::default_cwd(),
     };
     if !crate::files::is_dir(&cwd) {
         return Err(RpcError::new(
@@ -563,10 +566,28 @@ async fn pump(
     proc.input.lock().await.take();
     proc.finish(end_event(status.flatten()), timed_out);
     tracing::info!(pid = proc.pid, "e2b process ended");
+    // What it left running in the background (`cmd &`) lives on, as under envd: its cgroup leaf
+    // is removed once empty, looked at every [`LEAF_SWEEP`]. `SendSignal` SIGKILL and a passed
+    // lifetime kill the whole leaf.
     if let Some(leaf) = proc.leaf.clone() {
-        tokio::task::spawn_blocking(move || {
-            let _ = leaf.kill_all();
-            let _ = leaf.remove();
+        tokio::spawn(async move {
+            loop {
+                let l = leaf.clone();
+                let removed = tokio::task::spawn_blocking(move || {
+                    match l.pids() {
+                        Ok(p) if p.is_empty() => l.remove().is_ok(),
+                        Ok(_) => false,
+                        // Gone already, or unreadable: nothing more to do.
+                        Err(_) => true,
+                    }
+                })
+                .await
+                .unwrap_or(true);
+                if removed {
+                    return;
+                }
+                tokio::time::sleep(LEAF_SWEEP).await;
+            }
         });
     }
 }
