@@ -479,12 +479,16 @@ async fn poll(
     mut last: Snapshot,
     mut each: impl FnMut(Vec<Value>) -> bool,
 ) {
+    let mut pause = POLL_EVERY;
     loop {
-        tokio::time::sleep(POLL_EVERY).await;
+        tokio::time::sleep(pause).await;
         let p = path.clone();
+        let began = Instant::now();
         let Ok(next) = blocking(move || snapshot(&p, recursive)).await else {
             return;
         };
+        // A big tree is looked at less often: the walk takes at most a fifth of the time.
+        pause = POLL_EVERY.max(began.elapsed() * 4);
         let events = diff(&last, &next);
         last = next;
         if !each(events) {
