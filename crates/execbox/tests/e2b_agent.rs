@@ -994,6 +994,20 @@ fn code_interpreter_execute_and_contexts() {
         (404, format!("Context {id} not found"))
     );
 
+    // A client that goes away interrupts its run: the next one in the context does not wait.
+    {
+        let resp = sb
+            .execd("POST", "/e2b/ci/execute")
+            .send_string(r#"{"code": "import time\ntime.sleep(60)"}"#)
+            .expect("execute");
+        std::thread::sleep(Duration::from_millis(800));
+        drop(resp);
+    }
+    let t = Instant::now();
+    let lines = execute(&sb, json!({"code": "'after'"}));
+    assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+    assert_eq!(of_type(&lines, "result")[0]["text"], "after", "{lines:?}");
+
     // Plain-text errors.
     let r = reply(
         sb.execd("POST", "/e2b/ci/execute")
