@@ -203,6 +203,29 @@ impl Context {
         }
     }
 
+    /// Kills the interpreter and starts a fresh one under the same id (state lost); a running
+    /// execution ends as its kernel dies.
+    pub async fn restart(&self, app: &AppState) -> Result<(), RunError> {
+        self.shut_down();
+        if let Engine::Kernel { kernel, handle } = &self.engine {
+            // Waits for a running execution to see its kernel gone.
+            let mut guard = kernel.lock().await;
+            *guard = None;
+            store_handle(handle, None);
+        }
+        self.restarted
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        self.warm_up(app).await
+    }
+
+    /// The persistent bash of a bash context.
+    pub fn bash_session(&self) -> Option<&Arc<Session>> {
+        match &self.engine {
+            Engine::Bash(s) => Some(s),
+            Engine::Kernel { .. } => None,
+        }
+    }
+
     /// Runs `code` in a kernel context, sending its output to the returned channel; the
     /// execution goes on when the receiver is dropped.
     pub fn execute_kernel(

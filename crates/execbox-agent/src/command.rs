@@ -204,7 +204,7 @@ fn outcome(exit: Option<ExitInfo>, timed_out: bool, oom: bool, elapsed_ms: u64) 
 
 /// The text Go's `syscall.Signal.String()` gives, which upstream's wait errors carry
 /// (`signal: killed`, `signal: terminated`).
-fn go_signal_name(sig: i32) -> String {
+pub(crate) fn go_signal_name(sig: i32) -> String {
     let name = match sig {
         libc::SIGHUP => "hangup",
         libc::SIGINT => "interrupt",

@@ -15,6 +15,7 @@
 mod code;
 mod command;
 mod drain;
+mod e2b;
 mod entrypoint;
 mod error;
 mod files;
@@ -65,6 +66,8 @@ pub(crate) struct AppState {
     pub max_upload_bytes: u64,
     /// The entrypoint's kept output.
     pub entrypoint: Arc<entrypoint::EntrypointLog>,
+    /// The E2B data plane's processes and watchers.
+    pub e2b: e2b::E2bState,
 }
 
 /// The root file system's id and the sandbox's disk size, when the server said it.
@@ -101,6 +104,7 @@ fn router(state: Arc<AppState>) -> Router {
         .merge(metrics::routes())
         .merge(run::routes())
         .merge(entrypoint::routes())
+        .merge(e2b::routes())
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::not_found)
         // Every answer waits for its request body (see `drain`), except on the routes whose
@@ -279,6 +283,7 @@ async fn serve(
         metrics: metrics::Sampler::new(runner.clone(), config.cpu_millicores),
         max_upload_bytes: config.max_upload_bytes,
         entrypoint: entrypoint_log,
+        e2b: e2b::E2bState::default(),
     });
     if let Err(e) = kernel::install_scripts() {
         tracing::warn!(error = %e, "kernel scripts not installed: code contexts will fail");

@@ -187,7 +187,7 @@ fn if_range_allows(value: &str, mtime: SystemTime) -> bool {
 }
 
 /// Opens the file to download: regular files only.
-fn open(lexical: &Path) -> Result<(File, Metadata), ApiError> {
+pub(crate) fn open(lexical: &Path) -> Result<(File, Metadata), ApiError> {
     let entry = resolve::existing(lexical, true).map_err(|e| e.into_api(lexical))?;
     let err = |e: io::Error| ApiError::from_io(&format!("error opening {}", lexical.display()), &e);
     let file = entry.open_read().map_err(err)?;
@@ -209,7 +209,7 @@ fn open(lexical: &Path) -> Result<(File, Metadata), ApiError> {
 
 /// Streams `len` bytes from `start` through a blocking reader that stays `READ_AHEAD` chunks
 /// ahead; it stops when the client goes away.
-fn stream_bytes(file: File, start: u64, len: u64) -> Body {
+pub(crate) fn stream_bytes(file: File, start: u64, len: u64) -> Body {
     let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(READ_AHEAD);
     tokio::task::spawn_blocking(move || {
         let (mut pos, end) = (start, start + len);

@@ -9,7 +9,7 @@ pub(crate) mod direct;
 pub(crate) mod download;
 pub(crate) mod info;
 pub(crate) mod ops;
-mod resolve;
+pub(crate) mod resolve;
 pub(crate) mod tree;
 pub(crate) mod upload;
 

@@ -197,10 +197,13 @@ fn copy_entry(
     }
 }
 
-fn move_one(
+/// Moves `src` to `dest`, creating the destination's parents; an existing destination is
+/// refused unless `replace` (then a file or empty directory there is replaced, as `rename(2)`).
+pub(crate) fn move_one(
     src: &Path,
     dest: &Path,
     user: execbox_jail::process::Credentials,
+    replace: bool,
 ) -> Result<(), ApiError> {
     let what = format!("error moving {} to {}", src.display(), dest.display());
     let err = |e: io::Error| ApiError::from_io(&what, &e);
@@ -209,7 +212,11 @@ fn move_one(
     let (ddir, dname) =
         resolve::for_create(dest, parent_owner(user)).map_err(|e| e.into_api(dest))?;
     // RENAME_NOREPLACE: the kernel refuses an existing destination, whatever appeared there.
-    match from.dir.fs().rename(&from.name, ddir.fs(), &dname, true) {
+    match from
+        .dir
+        .fs()
+        .rename(&from.name, ddir.fs(), &dname, !replace)
+    {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Err(ApiError::Exists(format!(
             "{what}. destination already exists"
@@ -268,7 +275,7 @@ pub async fn move_files(
     blocking(move || {
         items
             .iter()
-            .try_for_each(|(src, dest)| move_one(src, dest, user))
+            .try_for_each(|(src, dest)| move_one(src, dest, user, false))
     })
     .await?;
     Ok(StatusCode::OK)

@@ -32,7 +32,7 @@ struct Frame {
 /// Depth-first walk below `root` without following symlinks: entries in bytewise order, each
 /// directory's children right after it. `visit` gets the shown path, lstat and level (1 = a
 /// child of the root) and says whether to descend into a directory.
-fn walk_tree(
+pub(crate) fn walk_tree(
     root: Dir,
     shown: &Path,
     mut visit: impl FnMut(&Path, &Metadata, usize) -> bool,

@@ -51,7 +51,7 @@ enum Msg {
 }
 
 /// A temporary file ready to receive one upload.
-struct Target {
+pub(crate) struct Target {
     shown: PathBuf,
     dir: Dir,
     name: OsString,
@@ -90,13 +90,27 @@ async fn read_metadata(field: &mut Field<'_>) -> Result<Vec<u8>, ApiError> {
 
 /// Resolves the destination (creating parents), validates the Permission and opens the
 /// temporary file.
-fn prepare(shown: PathBuf, perm: &Permission, user: Credentials) -> Result<Target, ApiError> {
+pub(crate) fn prepare(
+    shown: PathBuf,
+    perm: &Permission,
+    user: Credentials,
+) -> Result<Target, ApiError> {
+    prepare_with_mode(shown, perm, user, DEFAULT_MODE)
+}
+
+/// [`prepare`], a new file getting `new_mode` when the request names none.
+pub(crate) fn prepare_with_mode(
+    shown: PathBuf,
+    perm: &Permission,
+    user: Credentials,
+    new_mode: u32,
+) -> Result<Target, ApiError> {
     let wanted = perm.resolve(&Names::load())?;
     let (dir, name) =
         resolve::for_create(&shown, parent_owner(user)).map_err(|e| e.into_api(&shown))?;
     let err = |e: io::Error| ApiError::from_io(&format!("error writing {}", shown.display()), &e);
     // Without a requested mode, a file being overwritten keeps its mode, as with truncate.
-    let mut default_mode = DEFAULT_MODE;
+    let mut default_mode = new_mode;
     match dir.lstat(&name) {
         Ok(md) if md.is_dir() => {
             return Err(ApiError::BadRequest(format!(
@@ -185,8 +199,20 @@ fn write_target(target: Target, mut rx: mpsc::Receiver<Msg>) -> Result<(), ApiEr
 
 /// Streams one `file` part to its destination. `total` counts file bytes of the whole request
 /// against `limit` (0 = none).
-async fn receive(
-    field: &mut Field<'_>,
+/// A source of body chunks: a multipart part, or a whole request body.
+pub(crate) trait Chunks {
+    /// The next chunk; `None` at the end.
+    async fn next_chunk(&mut self) -> Result<Option<Bytes>, ApiError>;
+}
+
+impl Chunks for Field<'_> {
+    async fn next_chunk(&mut self) -> Result<Option<Bytes>, ApiError> {
+        self.chunk().await.map_err(form_error)
+    }
+}
+
+pub(crate) async fn receive(
+    field: &mut impl Chunks,
     target: Target,
     total: &mut u64,
     limit: u64,
@@ -197,7 +223,7 @@ async fn receive(
     // Set when the request side fails; the writer then aborts because no commit comes.
     let mut failure = None;
     loop {
-        match field.chunk().await {
+        match field.next_chunk().await {
             Ok(Some(chunk)) => {
                 *total += chunk.len() as u64;
                 if limit > 0 && *total > limit {
@@ -232,7 +258,7 @@ async fn receive(
                 break;
             }
             Err(e) => {
-                failure = Some(form_error(e));
+                failure = Some(e);
                 break;
             }
         }
