@@ -131,28 +131,6 @@ pub fn merged_env(
     env
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_template_adds_to_the_clients_environment() {
-        let t = Prepared {
-            name: "t".into(),
-            host_dir: PathBuf::from("/x"),
-            env: vec![
-                ("PYTHONPATH".into(), "/opt/execbox/template/site".into()),
-                ("EXECBOX_TEMPLATE".into(), "/opt/execbox/template".into()),
-            ],
-        };
-        let env = merged_env(vec![("A".into(), "1".into())], Some(&t));
-        assert_eq!(env.len(), 3);
-        let env = merged_env(vec![("PYTHONPATH".into(), "/mine".into())], Some(&t));
-        assert_eq!(env[0].1, "/mine:/opt/execbox/template/site");
-        assert_eq!(merged_env(vec![], None), vec![]);
-    }
-}
-
 /// Every template a sandbox may ask for under `config`, and whether it is built (for
 /// `execbox doctor`): the host's runtimes, then each known recipe, then the operator's aliases.
 pub fn describe(config: &ServerConfig) -> Vec<String> {
@@ -185,4 +163,26 @@ pub fn describe(config: &ServerConfig) -> Vec<String> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_template_adds_to_the_clients_environment() {
+        let t = Prepared {
+            name: "t".into(),
+            host_dir: PathBuf::from("/x"),
+            env: vec![
+                ("PYTHONPATH".into(), "/opt/execbox/template/site".into()),
+                ("EXECBOX_TEMPLATE".into(), "/opt/execbox/template".into()),
+            ],
+        };
+        let env = merged_env(vec![("A".into(), "1".into())], Some(&t));
+        assert_eq!(env.len(), 3);
+        let env = merged_env(vec![("PYTHONPATH".into(), "/mine".into())], Some(&t));
+        assert_eq!(env[0].1, "/mine:/opt/execbox/template/site");
+        assert_eq!(merged_env(vec![], None), vec![]);
+    }
 }
