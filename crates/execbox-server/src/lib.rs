@@ -12,6 +12,7 @@ pub mod config;
 pub mod diagnostics;
 mod disk_pool;
 pub mod doctor;
+pub mod e2b;
 pub mod egress;
 pub mod images;
 pub mod isol8;
@@ -473,6 +474,7 @@ impl Server {
             placement: None,
             owner: spec.owner,
             pool: None,
+            e2b_template: None,
             network: spec.network.as_ref().map(execbox_net::Policy::to_wire),
         };
         let limits = spec.limits;
@@ -973,7 +975,7 @@ pub fn router(server: Arc<Server>) -> Router {
             server.clone(),
             lifecycle_auth,
         ));
-    Router::new()
+    let routes = Router::new()
         .route("/health", get(health))
         .route("/v1/sandboxes/{id}/proxy/{port}", any(proxy::proxy))
         .route("/v1/sandboxes/{id}/proxy/{port}/", any(proxy::proxy))
@@ -993,9 +995,15 @@ pub fn router(server: Arc<Server>) -> Router {
         .merge(lifecycle)
         .merge(isol8::routes(server.clone()))
         .merge(session_exec::routes(server.clone()))
+        .merge(e2b::routes(server.clone()))
         .fallback(not_found)
+        .with_state(server.clone());
+    // The E2B data plane is recognised before any route (its `/health`, `/files` and
+    // `/execute` are the sandbox's, not this server's or isol8's).
+    Router::new()
+        .fallback_service(routes)
+        .layer(middleware::from_fn_with_state(server, e2b::intercept))
         .layer(middleware::from_fn(access_log))
-        .with_state(server)
 }
 
 /// Errors of [`serve`].

@@ -65,6 +65,10 @@ pub struct SandboxRecord {
     /// The pool (`/v1/pools`) it was taken from, counted in that pool's `allocated`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool: Option<String>,
+    /// The E2B template it was created from (`base`, `code-interpreter-v1`…), for a sandbox
+    /// created through the E2B API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub e2b_template: Option<String>,
     /// The egress policy now, for a sandbox with network.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<execbox_proto::lifecycle::NetworkPolicy>,
