@@ -72,7 +72,7 @@ impl From<LifecycleError> for E2bError {
 
 impl IntoResponse for E2bError {
     fn into_response(self) -> Response {
-        if self.status.is_server_error() {
+        if self.status.is_server_error() && self.status != StatusCode::NOT_IMPLEMENTED {
             tracing::error!(status = self.status.as_u16(), error = %self.message, "E2B request failed");
         } else {
             tracing::info!(status = self.status.as_u16(), error = %self.message, "E2B request refused");

@@ -1,0 +1,61 @@
+"""Data plane, envd processes (needs the agent's /e2b/envd routes)."""
+
+import time
+
+import pytest
+from e2b.exceptions import CommandExitException
+
+
+def test_run_streams_stdout_and_sees_envs(sbx):
+    seen = []
+    result = sbx.commands.run(
+        "echo one; echo two; echo $A-$B", envs={"B": "2"}, on_stdout=seen.append
+    )
+    assert result.exit_code == 0
+    assert result.stdout.splitlines()[:2] == ["one", "two"]
+    assert "".join(seen).splitlines()[:2] == ["one", "two"]
+
+
+def test_sandbox_env_vars_reach_commands():
+    from e2b import Sandbox
+
+    sbx = Sandbox.create(timeout=120, envs={"A": "from-create"})
+    try:
+        assert sbx.commands.run("echo $A").stdout.strip() == "from-create"
+    finally:
+        sbx.kill()
+
+
+def test_nonzero_exit_raises(sbx):
+    with pytest.raises(CommandExitException) as e:
+        sbx.commands.run("echo oops >&2; exit 3")
+    assert e.value.exit_code == 3
+    assert "oops" in e.value.stderr
+
+
+def test_cwd_and_user(sbx):
+    assert sbx.commands.run("pwd", cwd="/tmp").stdout.strip() == "/tmp"
+    assert sbx.commands.run("whoami", user="root").stdout.strip() == "root"
+
+
+def test_background_wait_and_kill(sbx):
+    handle = sbx.commands.run("sleep 0.5; echo done", background=True)
+    assert handle.pid > 0
+    result = handle.wait()
+    assert result.stdout.strip() == "done"
+
+    sleeper = sbx.commands.run("sleep 600", background=True)
+    assert sleeper.pid in [p.pid for p in sbx.commands.list()]
+    assert sleeper.kill() is True
+    with pytest.raises(CommandExitException):
+        sleeper.wait()
+
+
+def test_send_stdin(sbx):
+    handle = sbx.commands.run("head -n 1", background=True, stdin=True)
+    sbx.commands.send_stdin(handle.pid, "hello\n")
+    assert handle.wait().stdout.strip() == "hello"
+
+
+def test_is_running(sbx):
+    assert sbx.is_running() is True
