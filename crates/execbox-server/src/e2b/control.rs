@@ -727,14 +727,62 @@ async fn connect_or_resume(
     Ok((status, Json(sandbox_object(&server, &rec))).into_response())
 }
 
-/// `GET /sandboxes/{id}/metrics`: `[]` (the SDK accepts no samples).
+/// `GET /sandboxes/{id}/metrics`: one sample, now, from the agent's own metrics (CPU and
+/// memory of the sandbox's cgroup); `[]` when the sandbox does not run or the agent has none.
 pub async fn metrics(
     State(server): State<Arc<Server>>,
     Extension(tenant): Extension<Tenant>,
     Path(id): Path<String>,
 ) -> Result<Response> {
-    find(&server, &id, &tenant)?;
-    Ok(Json(Vec::<wire::SandboxMetric>::new()).into_response())
+    let rec = find(&server, &id, &tenant)?;
+    let samples: Vec<wire::SandboxMetric> = match rec.state {
+        SandboxState::Running => sample(&server, &rec).await.into_iter().collect(),
+        _ => Vec::new(),
+    };
+    Ok(Json(samples).into_response())
+}
+
+/// The agent's `/metrics` as one E2B sample.
+async fn sample(server: &Server, rec: &SandboxRecord) -> Option<wire::SandboxMetric> {
+    use http_body_util::BodyExt;
+    let socket = server.socket_path(&rec.id).ok()?;
+    let req = http::Request::get("/metrics")
+        .header(http::header::HOST, "sandbox")
+        .body(axum::body::Body::empty())
+        .ok()?;
+    let resp = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        crate::agent_client::send(&socket, req),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    if resp.status() != StatusCode::OK {
+        return None;
+    }
+    let body = http_body_util::Limited::new(resp.into_body(), 64 * 1024)
+        .collect()
+        .await
+        .ok()?
+        .to_bytes();
+    let m: serde_json::Value = serde_json::from_slice(&body).ok()?;
+    let mib = |k: &str| (m[k].as_f64().unwrap_or(0.0) * 1024.0 * 1024.0) as u64;
+    let now = OffsetDateTime::now_utc();
+    Some(wire::SandboxMetric {
+        timestamp: lwire::timestamp::format_rfc3339(now),
+        timestamp_unix: now.unix_timestamp(),
+        cpu_count: m["cpu_count"].as_u64().unwrap_or(1),
+        cpu_used_pct: m["cpu_used_pct"].as_f64().unwrap_or(0.0),
+        mem_used: mib("mem_used_mib"),
+        mem_total: mib("mem_total_mib"),
+        mem_cache: 0,
+        disk_used: 0,
+        disk_total: rec
+            .limits
+            .sandbox_bytes
+            .or(rec.limits.disk_bytes)
+            .unwrap_or(0),
+    })
 }
 
 /// `PUT /sandboxes/{id}/network`: replaces the egress rules of a sandbox created with a

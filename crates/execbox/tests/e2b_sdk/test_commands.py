@@ -3,7 +3,7 @@
 import time
 
 import pytest
-from e2b.exceptions import CommandExitException
+from e2b import CommandExitException
 
 
 def test_run_streams_stdout_and_sees_envs(sbx):

@@ -152,5 +152,8 @@ def test_internet_access_false_is_a_deny_all_network():
         sbx.kill()
 
 
-def test_metrics_are_a_list(sbx):
-    assert isinstance(sbx.get_metrics(), list)
+def test_metrics_are_one_sample_of_the_sandbox(sbx):
+    metrics = sbx.get_metrics()
+    assert len(metrics) == 1
+    assert metrics[0].mem_total > 0
+    assert metrics[0].cpu_count >= 1
