@@ -287,6 +287,24 @@ fn e2b_control_plane_http() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["metadata"]["bar"], "e2b x");
 
+    // The code interpreter's templates are execbox's code-interpreter template.
+    ensure_code_interpreter_template();
+    for template in ["code-interpreter-v1", "code-interpreter:default"] {
+        let (ci, _) = create(&server, json!({"templateID": template, "timeout": 120}));
+        let r = common::reply(
+            ureq::get(&server.url(&format!("/sandboxes/{ci}")))
+                .set("X-API-Key", KEY)
+                .call(),
+        );
+        assert_eq!(r.json()["templateID"], template);
+        let r = common::reply(
+            ureq::get(&server.url(&format!("/v1/sandboxes/{ci}")))
+                .set("OPEN-SANDBOX-API-KEY", KEY)
+                .call(),
+        );
+        assert_eq!(r.json()["image"]["uri"], "code-interpreter", "{}", r.text());
+    }
+
     // Unsupported fields are named; unknown templates are 404; timeouts are bounded.
     for (body, status, needle) in [
         (
