@@ -887,9 +887,13 @@ async fn access_log(req: Request, next: Next) -> Response {
     let path = req.uri().path().to_string();
     let mut resp = next.run(req).await;
     let tenant = resp.extensions().get::<Tenant>().map(|t| t.0.clone());
+    let route = resp
+        .extensions()
+        .get::<prometheus::MetricsRoute>()
+        .map_or(path.as_str(), |r| r.0);
     prometheus::request(
         method.as_str(),
-        &path,
+        route,
         resp.status().as_u16(),
         started.elapsed().as_secs_f64(),
     );

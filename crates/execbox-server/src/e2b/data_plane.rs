@@ -168,10 +168,19 @@ fn signed_of<'a>(
 
 /// Serves one data-plane request.
 pub async fn handle(server: Arc<Server>, target: Target, req: Request) -> Response {
-    match serve(server, target, req).await {
+    let route = match target.port.trim().parse::<u16>() {
+        Ok(wire::ENVD_PORT) => "/e2b/envd",
+        Ok(wire::CODE_INTERPRETER_PORT) => "/e2b/ci",
+        _ => "/e2b/port",
+    };
+    let mut resp = match serve(server, target, req).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
-    }
+    };
+    // The sandbox's paths are its own: one series per kind of port, not per path.
+    resp.extensions_mut()
+        .insert(crate::prometheus::MetricsRoute(route));
+    resp
 }
 
 async fn serve(server: Arc<Server>, target: Target, req: Request) -> Result<Response, DataError> {

@@ -26,7 +26,12 @@ use crate::Server;
 pub async fn intercept(State(server): State<Arc<Server>>, req: Request, next: Next) -> Response {
     match data_plane::classify(server.config.e2b.domain.as_deref(), &req) {
         Some(Ok(target)) => data_plane::handle(server, target, req).await,
-        Some(Err(e)) => e.into_response(),
+        Some(Err(e)) => {
+            let mut resp = e.into_response();
+            resp.extensions_mut()
+                .insert(crate::prometheus::MetricsRoute("/e2b"));
+            resp
+        }
         None => next.run(req).await,
     }
 }
