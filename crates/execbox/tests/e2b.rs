@@ -339,6 +339,16 @@ fn e2b_control_plane_http() {
             "template 'mcp-gateway' not found",
         ),
         (json!({}), 400, "templateID"),
+        (
+            json!({"templateID": "base", "envVars": {"A": "x".repeat(200_000)}}),
+            400,
+            "envVars",
+        ),
+        (
+            json!({"templateID": "base", "envVars": {"A=B": "1"}}),
+            400,
+            "envVars.A=B",
+        ),
     ] {
         let r = common::reply(
             ureq::post(&server.url("/v2/sandboxes"))

@@ -373,23 +373,38 @@ async fn create(
         network_policy(req.allow_internet_access, req.network.as_ref()).as_ref(),
         "network",
     )?;
-    let lreq = lwire::CreateSandboxRequest {
+    // What the lifecycle API checks of a create (the environment's size against one exec…),
+    // then the E2B-only parts: metadata values are free text here, and v1's 15 s default is
+    // below the lifecycle API's minimum timeout.
+    let mut lreq = lwire::CreateSandboxRequest {
         image: Some(lwire::ImageSpec {
             uri: target,
             auth: None,
         }),
+        entrypoint: Some(
+            lwire::DEFAULT_ENTRYPOINT
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+        ),
+        resource_limits: Some(BTreeMap::new()),
         env: Some(env),
-        metadata: Some(metadata),
         ..Default::default()
     };
-    let v = lwire::ValidatedCreate {
-        timeout_secs: Some(secs),
-        entrypoint: lwire::DEFAULT_ENTRYPOINT
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
-        ..Default::default()
-    };
+    let mut v = lreq
+        .validate(
+            server.config.max_timeout_secs,
+            crate::lifecycle::host_arch(),
+        )
+        .map_err(|e| {
+            let field = match e.field.strip_prefix("env") {
+                Some(rest) => format!("envVars{rest}"),
+                None => e.field.clone(),
+            };
+            E2bError::bad_request(format!("{field}: {}", e.message))
+        })?;
+    lreq.metadata = Some(metadata);
+    v.timeout_secs = Some(secs);
     let mut spec =
         crate::lifecycle::prepare(&server, &tenant.0, &lreq, &v, Capacity::Check).await?;
     // Always an expiry: E2B sandboxes end at their timeout.
