@@ -613,6 +613,82 @@ fn e2b_host_names_route_to_sandboxes() {
     assert_eq!(r.json()["status"], "ok");
 }
 
+#[test]
+fn e2b_network_maps_onto_the_egress_policy() {
+    let server = common::TestServer::start_with_key(KEY);
+    let policy = |id: &str, token: &str| {
+        let r = common::reply(
+            ureq::get(&server.url(&format!("/v1/sandboxes/{id}/proxy/18080/policy")))
+                .set("X-EXECD-ACCESS-TOKEN", token)
+                .call(),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()
+    };
+    // allowOut with a denyOut of everything: deny by default, those destinations allowed.
+    let (id, token) = create(
+        &server,
+        json!({"templateID": "base", "timeout": 120,
+               "network": {"allowOut": ["example.com", "1.1.1.1"], "denyOut": ["0.0.0.0/0"]}}),
+    );
+    let p = policy(&id, &token);
+    assert_eq!(p["policy"]["defaultAction"], "deny", "{p}");
+    let targets: Vec<&str> = p["policy"]["egress"]
+        .as_array()
+        .expect("rules")
+        .iter()
+        .map(|r| r["target"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(targets, ["example.com", "1.1.1.1"], "{p}");
+    let r = common::reply(
+        ureq::get(&server.url(&format!("/sandboxes/{id}")))
+            .set("X-API-Key", KEY)
+            .call(),
+    );
+    assert_eq!(r.json()["allowInternetAccess"], false);
+    // PUT …/network replaces the rules.
+    let r = common::reply(
+        ureq::put(&server.url(&format!("/sandboxes/{id}/network")))
+            .set("X-API-Key", KEY)
+            .send_json(json!({"allowOut": ["pypi.org"]})),
+    );
+    assert_eq!(r.status, 204, "{}", r.text());
+    let p = policy(&id, &token);
+    assert_eq!(p["policy"]["egress"][0]["target"], "pypi.org", "{p}");
+    assert_eq!(
+        p["policy"]["egress"].as_array().map(Vec::len),
+        Some(1),
+        "{p}"
+    );
+
+    // allow_internet_access: false: no egress at all.
+    let (id, token) = create(
+        &server,
+        json!({"templateID": "base", "timeout": 120, "allow_internet_access": false}),
+    );
+    let p = policy(&id, &token);
+    assert_eq!(p["mode"], "deny_all", "{p}");
+
+    // Without either: no network device (execbox's default), and one cannot be added later.
+    let (id, _) = create(&server, json!({"templateID": "base", "timeout": 120}));
+    let r = common::reply(
+        ureq::put(&server.url(&format!("/sandboxes/{id}/network")))
+            .set("X-API-Key", KEY)
+            .send_json(json!({"allowOut": ["pypi.org"]})),
+    );
+    let message = assert_e2b_error(&r, 400);
+    assert!(message.contains("without network"), "{message}");
+
+    // An allow-by-default network needs the `public` mode, which the default policy refuses.
+    let r = common::reply(
+        ureq::post(&server.url("/v2/sandboxes"))
+            .set("X-API-Key", KEY)
+            .send_json(json!({"templateID": "base", "allow_internet_access": true})),
+    );
+    let message = assert_e2b_error(&r, 400);
+    assert!(message.starts_with("network:"), "{message}");
+}
+
 // The groups below need the agent's `/e2b/envd` and `/e2b/ci` routes (the in-sandbox half of
 // the E2B API).
 
