@@ -153,13 +153,6 @@ impl NewSandbox {
                 "autoResume.enabled: resuming on traffic is not supported by execbox".into(),
             );
         }
-        if self.auto_pause == Some(true) {
-            return Some(
-                "autoPause: pausing at the timeout is not supported by execbox (the sandbox is \
-                 killed at its end)"
-                    .into(),
-            );
-        }
         if self.auto_pause_memory == Some(false) {
             return Some("autoPauseMemory: a pause always keeps memory in execbox".into());
         }

@@ -475,6 +475,7 @@ impl Server {
             owner: spec.owner,
             pool: None,
             e2b_template: None,
+            pause_on_expiry: false,
             network: spec.network.as_ref().map(execbox_net::Policy::to_wire),
         };
         let limits = spec.limits;
@@ -723,6 +724,16 @@ impl Server {
         let now = time::OffsetDateTime::now_utc();
         for rec in self.registry.all() {
             if rec.expires_at.is_some_and(|t| t <= now) {
+                // E2B's `autoPause`: frozen instead of killed, until resumed or the longest
+                // lifetime this server grants from now.
+                if rec.pause_on_expiry && rec.state == SandboxState::Running {
+                    match e2b::control::pause_at_expiry(self, &rec).await {
+                        Ok(()) => continue,
+                        Err(e) => {
+                            tracing::warn!(sandbox = %rec.id, error = ?e, "pausing at expiry failed")
+                        }
+                    }
+                }
                 tracing::info!(sandbox = %rec.id, "expired");
                 if let Err(e) = self.destroy(&rec.id, "ttl_expiry").await {
                     tracing::warn!(sandbox = %rec.id, error = %e, "expiry failed");

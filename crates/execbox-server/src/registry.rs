@@ -69,6 +69,9 @@ pub struct SandboxRecord {
     /// created through the E2B API.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub e2b_template: Option<String>,
+    /// At its expiry the sandbox is paused instead of deleted (E2B's `autoPause`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pause_on_expiry: bool,
     /// The egress policy now, for a sandbox with network.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<execbox_proto::lifecycle::NetworkPolicy>,

@@ -313,9 +313,9 @@ fn e2b_control_plane_http() {
             "volumeMounts",
         ),
         (
-            json!({"templateID": "base", "autoPause": true}),
+            json!({"templateID": "base", "autoPause": true, "autoPauseMemory": false}),
             400,
-            "autoPause",
+            "autoPauseMemory",
         ),
         (
             json!({"templateID": "base", "network": {"rules": {"x": []}}}),

@@ -306,7 +306,7 @@ fn detail(server: &Server, rec: &SandboxRecord, detail: bool) -> wire::SandboxDe
         }),
         lifecycle: detail.then(|| wire::Lifecycle {
             auto_resume: false,
-            on_timeout: "kill".into(),
+            on_timeout: if rec.pause_on_expiry { "pause" } else { "kill" }.into(),
         }),
         volume_mounts: Vec::new(),
     }
@@ -413,10 +413,11 @@ async fn create(
     }
     spec.network = network;
     let rec = server.launch(spec).await?;
-    let rec = match server
-        .registry
-        .update(&rec.id, |r| r.e2b_template = Some(template_id.clone()))
-    {
+    let pause_on_expiry = req.auto_pause == Some(true);
+    let rec = match server.registry.update(&rec.id, |r| {
+        r.e2b_template = Some(template_id.clone());
+        r.pause_on_expiry = pause_on_expiry;
+    }) {
         Some(Ok(r)) => r,
         _ => rec,
     };
@@ -655,6 +656,25 @@ async fn freeze(server: &Server, id: &str, pause: bool) -> Result<()> {
         SandboxState::Running
     };
     server.set_state(id, state, None)?;
+    Ok(())
+}
+
+/// E2B's `autoPause` at the sandbox's expiry: frozen, and kept until resumed or for the
+/// longest lifetime this server grants (`max_timeout_secs`, within the tenant's maximum
+/// lifetime), then deleted.
+pub(crate) async fn pause_at_expiry(server: &Server, rec: &SandboxRecord) -> Result<()> {
+    freeze(server, &rec.id, true).await?;
+    let mut keep = crate::lifecycle::expiry_in(server.config.max_timeout_secs);
+    if let Some(life) = server
+        .config
+        .policy
+        .for_tenant(&rec.tenant)
+        .max_lifetime_secs
+    {
+        keep = keep.min(rec.created_at + time::Duration::seconds(life as i64));
+    }
+    set_expiry(server, &rec.id, keep)?;
+    tracing::info!(sandbox = %rec.id, until = %keep, "paused at its timeout (autoPause)");
     Ok(())
 }
 

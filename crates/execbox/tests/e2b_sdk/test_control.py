@@ -157,3 +157,19 @@ def test_metrics_are_one_sample_of_the_sandbox(sbx):
     assert len(metrics) == 1
     assert metrics[0].mem_total > 0
     assert metrics[0].cpu_count >= 1
+
+
+def test_on_timeout_pause_pauses_instead_of_killing():
+    import time
+
+    sbx = Sandbox.create(timeout=2, lifecycle={"on_timeout": "pause"})
+    try:
+        assert sbx.get_info().lifecycle["on_timeout"] == "pause"
+        deadline = time.time() + 15
+        while sbx.get_info().state != SandboxState.PAUSED:
+            assert time.time() < deadline, "not paused at its timeout"
+            time.sleep(0.5)
+        resumed = Sandbox.connect(sbx.sandbox_id, timeout=60)
+        assert resumed.get_info().state == SandboxState.RUNNING
+    finally:
+        sbx.kill()
