@@ -540,7 +540,7 @@ pub async fn list_v1(
         .registry
         .all()
         .iter()
-        .filter(|r| r.tenant == tenant.0 && r.owner.is_none())
+        .filter(|r| r.tenant == tenant.0 && r.owner.is_none() && r.state != SandboxState::Paused)
         .map(|r| detail(&server, r, false))
         .collect();
     Ok(Json(items).into_response())
