@@ -59,3 +59,26 @@ def test_send_stdin(sbx):
 
 def test_is_running(sbx):
     assert sbx.is_running() is True
+
+
+def test_stream_input_and_close_stdin(sbx):
+    handle = sbx.commands.run("cat", background=True, stdin=True)
+    sbx.commands.stream_input(handle.pid, iter(["a\n", "b\n"]))
+    sbx.commands.close_stdin(handle.pid)
+    assert handle.wait().stdout == "a\nb\n"
+
+
+def test_connect_to_a_running_command(sbx):
+    handle = sbx.commands.run("sleep 1; echo late", background=True)
+    again = sbx.commands.connect(handle.pid)
+    assert again.wait().stdout.strip() == "late"
+
+
+def test_pty(sbx):
+    from e2b import PtySize
+
+    out = bytearray()
+    pty = sbx.pty.create(PtySize(rows=24, cols=80))
+    sbx.pty.send_stdin(pty.pid, b"echo $TERM; exit\n")
+    pty.wait(on_pty=out.extend)
+    assert b"xterm-256color" in bytes(out)

@@ -48,3 +48,24 @@ def test_signed_upload_and_download_urls(sbx):
     # A signature for another path is refused.
     bad = down.replace("up.txt", "other.txt")
     assert httpx.get(bad).status_code == 401
+
+
+def test_files_as_root_and_watch(sbx):
+    sbx.files.write("/root/secret.txt", "r", user="root")
+    assert sbx.files.read("/root/secret.txt", user="root") == "r"
+    assert sbx.commands.run("stat -c %U /root/secret.txt", user="root").stdout.strip() == "root"
+
+    sbx.files.make_dir("/home/user/watched")
+    watcher = sbx.files.watch_dir("/home/user/watched")
+    try:
+        sbx.files.write("/home/user/watched/new.txt", "x")
+        import time
+
+        deadline = time.time() + 10
+        names = set()
+        while "new.txt" not in names:
+            assert time.time() < deadline, names
+            names |= {e.name for e in watcher.get_new_events()}
+            time.sleep(0.3)
+    finally:
+        watcher.stop()
