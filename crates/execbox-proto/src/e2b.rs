@@ -148,9 +148,11 @@ impl NewSandbox {
         if set(&self.iam) {
             return Some("iam: not supported by execbox".into());
         }
-        if self.auto_resume.as_ref().is_some_and(|a| a.enabled) {
+        if self.auto_resume.as_ref().is_some_and(|a| a.enabled) && self.auto_pause != Some(true) {
             return Some(
-                "autoResume.enabled: resuming on traffic is not supported by execbox".into(),
+                "autoResume.enabled: resuming on traffic needs autoPause (a sandbox is paused at \
+                 its timeout only then)"
+                    .into(),
             );
         }
         if self.auto_pause_memory == Some(false) {

@@ -474,8 +474,7 @@ impl Server {
             placement: None,
             owner: spec.owner,
             pool: None,
-            e2b_template: None,
-            pause_on_expiry: false,
+            e2b: None,
             network: spec.network.as_ref().map(execbox_net::Policy::to_wire),
         };
         let limits = spec.limits;
@@ -726,7 +725,7 @@ impl Server {
             if rec.expires_at.is_some_and(|t| t <= now) {
                 // E2B's `autoPause`: frozen instead of killed, until resumed or the longest
                 // lifetime this server grants from now.
-                if rec.pause_on_expiry && rec.state == SandboxState::Running {
+                if rec.pauses_at_expiry() && rec.state == SandboxState::Running {
                     match e2b::control::pause_at_expiry(self, &rec).await {
                         Ok(()) => continue,
                         Err(e) => {

@@ -340,6 +340,11 @@ fn e2b_control_plane_http() {
         ),
         (json!({}), 400, "templateID"),
         (
+            json!({"templateID": "base", "autoResume": {"enabled": true}}),
+            400,
+            "autoResume.enabled",
+        ),
+        (
             json!({"templateID": "base", "envVars": {"A": "x".repeat(200_000)}}),
             400,
             "envVars",
@@ -611,6 +616,40 @@ fn e2b_host_names_route_to_sandboxes() {
     // Any other host is the server's own.
     let r = common::reply(ureq::get(&server.url("/health")).call());
     assert_eq!(r.json()["status"], "ok");
+}
+
+#[test]
+fn e2b_auto_pause_and_auto_resume() {
+    let server = common::TestServer::start_with_key(KEY);
+    let (id, _) = create(
+        &server,
+        json!({"templateID": "base", "timeout": 2, "autoPause": true,
+               "autoResume": {"enabled": true}}),
+    );
+    let state = || {
+        let r = common::reply(
+            ureq::get(&server.url(&format!("/sandboxes/{id}")))
+                .set("X-API-Key", KEY)
+                .call(),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()
+    };
+    let v = state();
+    assert_eq!(
+        v["lifecycle"],
+        json!({"autoResume": true, "onTimeout": "pause"})
+    );
+    // Paused, not deleted, at its timeout.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while state()["state"] != "paused" {
+        assert!(Instant::now() < deadline, "not paused at its timeout");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // Any data-plane request resumes it, for its create's timeout.
+    let r = common::reply(data(&server, "GET", "/health", &id, "49983").call());
+    assert_ne!(r.status, 502, "{}", r.text());
+    assert_eq!(state()["state"], "running");
 }
 
 #[test]

@@ -260,8 +260,9 @@ fn sandbox_object(server: &Server, rec: &SandboxRecord) -> wire::Sandbox {
 
 /// The E2B template of a sandbox: the one it was created from, else its image.
 fn template_of(rec: &SandboxRecord) -> String {
-    rec.e2b_template
-        .clone()
+    rec.e2b
+        .as_ref()
+        .map(|e| e.template.clone())
         .or_else(|| rec.image_uri.clone())
         .unwrap_or_else(|| crate::templates::DEFAULT_TEMPLATE.to_string())
 }
@@ -305,8 +306,13 @@ fn detail(server: &Server, rec: &SandboxRecord, detail: bool) -> wire::SandboxDe
                 .is_some_and(|n| n.default_action == Some(lwire::NetworkAction::Allow))
         }),
         lifecycle: detail.then(|| wire::Lifecycle {
-            auto_resume: false,
-            on_timeout: if rec.pause_on_expiry { "pause" } else { "kill" }.into(),
+            auto_resume: rec.e2b.as_ref().is_some_and(|e| e.auto_resume),
+            on_timeout: if rec.pauses_at_expiry() {
+                "pause"
+            } else {
+                "kill"
+            }
+            .into(),
         }),
         volume_mounts: Vec::new(),
     }
@@ -413,11 +419,13 @@ async fn create(
     }
     spec.network = network;
     let rec = server.launch(spec).await?;
-    let pause_on_expiry = req.auto_pause == Some(true);
-    let rec = match server.registry.update(&rec.id, |r| {
-        r.e2b_template = Some(template_id.clone());
-        r.pause_on_expiry = pause_on_expiry;
-    }) {
+    let settings = crate::registry::E2bSettings {
+        template: template_id.clone(),
+        timeout_secs: secs,
+        auto_pause: req.auto_pause == Some(true),
+        auto_resume: req.auto_resume.as_ref().is_some_and(|a| a.enabled),
+    };
+    let rec = match server.registry.update(&rec.id, |r| r.e2b = Some(settings)) {
         Some(Ok(r)) => r,
         _ => rec,
     };
@@ -676,6 +684,28 @@ pub(crate) async fn pause_at_expiry(server: &Server, rec: &SandboxRecord) -> Res
     set_expiry(server, &rec.id, keep)?;
     tracing::info!(sandbox = %rec.id, until = %keep, "paused at its timeout (autoPause)");
     Ok(())
+}
+
+/// E2B's `autoResume`: a data-plane request for the paused sandbox `rec` thaws it, for its
+/// create's `timeout` from now.
+pub(crate) async fn resume_on_traffic(
+    server: &Server,
+    rec: &SandboxRecord,
+) -> Result<SandboxRecord> {
+    let secs = rec
+        .e2b
+        .as_ref()
+        .map_or(wire::DEFAULT_TIMEOUT_SECS, |e| e.timeout_secs);
+    let end = bounded_expiry(server, rec, secs)?;
+    if let Err(e) = freeze(server, &rec.id, false).await {
+        // Another request may have resumed it first.
+        return match server.registry.get(&rec.id) {
+            Some(now) if now.state == SandboxState::Running => Ok(now),
+            _ => Err(e),
+        };
+    }
+    tracing::info!(sandbox = %rec.id, "resumed by traffic (autoResume)");
+    set_expiry(server, &rec.id, end)
 }
 
 /// `POST /sandboxes/{id}/pause`: 204; 409 when paused already.

@@ -135,12 +135,25 @@ pub fn classify(domain: Option<&str>, req: &Request) -> Option<Result<Target, Da
 
 /// The running sandbox `id` the data plane may reach (no owner: pool, isol8 and session
 /// sandboxes are as unknown here as on the lifecycle APIs).
-fn running(server: &Server, id: &str) -> Result<SandboxRecord, DataError> {
-    server
+/// A paused sandbox created with `autoResume` is resumed by the request.
+async fn running(server: &Server, id: &str) -> Result<SandboxRecord, DataError> {
+    let rec = server
         .registry
         .get(id)
-        .filter(|r| r.owner.is_none() && r.state == SandboxState::Running)
-        .ok_or_else(|| DataError::NotRunning(id.to_string()))
+        .filter(|r| r.owner.is_none())
+        .ok_or_else(|| DataError::NotRunning(id.to_string()))?;
+    match rec.state {
+        SandboxState::Running => Ok(rec),
+        SandboxState::Paused if rec.e2b.as_ref().is_some_and(|e| e.auto_resume) => {
+            super::control::resume_on_traffic(server, &rec)
+                .await
+                .map_err(|e| {
+                    tracing::warn!(sandbox = %id, error = ?e, "resuming on traffic failed");
+                    DataError::NotRunning(id.to_string())
+                })
+        }
+        _ => Err(DataError::NotRunning(id.to_string())),
+    }
 }
 
 fn token_matches(presented: Option<&str>, rec: &SandboxRecord) -> bool {
@@ -197,7 +210,7 @@ async fn serve(server: Arc<Server>, target: Target, req: Request) -> Result<Resp
     let access = header(wire::HEADER_ACCESS_TOKEN);
     let rec = match &target.id {
         Some(id) => {
-            let rec = running(&server, id)?;
+            let rec = running(&server, id).await?;
             let authorized = if port == wire::ENVD_PORT {
                 let path = req.uri().path();
                 let op = signed_files::operation(req.method());

@@ -82,3 +82,18 @@ def test_pty(sbx):
     sbx.pty.send_stdin(pty.pid, b"echo $TERM; exit\n")
     pty.wait(on_pty=out.extend)
     assert b"xterm-256color" in bytes(out)
+
+
+def test_traffic_resumes_an_auto_paused_sandbox():
+    from e2b import Sandbox, SandboxState
+
+    sbx = Sandbox.create(timeout=2, lifecycle={"on_timeout": "pause", "auto_resume": True})
+    try:
+        deadline = time.time() + 15
+        while sbx.get_info().state != SandboxState.PAUSED:
+            assert time.time() < deadline, "not paused at its timeout"
+            time.sleep(0.5)
+        assert sbx.commands.run("echo awake").stdout.strip() == "awake"
+        assert sbx.get_info().state == SandboxState.RUNNING
+    finally:
+        sbx.kill()
