@@ -699,6 +699,14 @@ fn e2b_network_maps_onto_the_egress_policy() {
         Some(1),
         "{p}"
     );
+    // Omitted fields are cleared: nothing leaves.
+    let r = common::reply(
+        ureq::put(&server.url(&format!("/sandboxes/{id}/network")))
+            .set("X-API-Key", KEY)
+            .send_json(json!({})),
+    );
+    assert_eq!(r.status, 204, "{}", r.text());
+    assert_eq!(policy(&id, &token)["mode"], "deny_all");
 
     // allow_internet_access: false: no egress at all.
     let (id, token) = create(

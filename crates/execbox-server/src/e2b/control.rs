@@ -880,12 +880,14 @@ pub async fn update_network(
              or network), and execbox cannot add a network device to a running sandbox"
         )));
     };
-    // Nothing asked: no egress at all, as upstream's "omitted fields cleared".
-    let asked = network_policy(
-        req.allow_internet_access.or(Some(false)),
-        Some(&req.network),
-    )
-    .unwrap_or_default();
+    // Nothing asked: no egress at all (execbox's default), as upstream's "omitted fields
+    // cleared".
+    let asked = network_policy(req.allow_internet_access, Some(&req.network)).unwrap_or(
+        lwire::NetworkPolicy {
+            default_action: Some(lwire::NetworkAction::Deny),
+            egress: Some(Vec::new()),
+        },
+    );
     let policy = crate::lifecycle::network_of(&server, &rec.tenant, Some(&asked), "network")?
         .ok_or_else(|| E2bError::bad_request("network: no policy"))?;
     let wire_policy = policy.to_wire();

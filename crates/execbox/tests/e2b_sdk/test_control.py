@@ -173,3 +173,22 @@ def test_on_timeout_pause_pauses_instead_of_killing():
         assert resumed.get_info().state == SandboxState.RUNNING
     finally:
         sbx.kill()
+
+
+def test_network_rules_and_update_network():
+    sbx = Sandbox.create(
+        timeout=60, network={"allow_out": ["example.com"], "deny_out": ["0.0.0.0/0"]}
+    )
+    try:
+        assert sbx.get_info().allow_internet_access is False
+        sbx.update_network({"allow_out": ["pypi.org"]})
+        sbx.update_network({})
+    finally:
+        sbx.kill()
+    plain = Sandbox.create(timeout=60)
+    try:
+        with pytest.raises(SandboxException) as e:
+            plain.update_network({"allow_out": ["pypi.org"]})
+        assert "400" in str(e.value) and "without network" in str(e.value)
+    finally:
+        plain.kill()
