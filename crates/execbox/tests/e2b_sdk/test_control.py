@@ -192,3 +192,13 @@ def test_network_rules_and_update_network():
         assert "400" in str(e.value) and "without network" in str(e.value)
     finally:
         plain.kill()
+
+
+def test_list_started_after_and_template(sbx):
+    now = datetime.datetime.now(datetime.timezone.utc)
+    earlier = SandboxQuery(started_after=now - datetime.timedelta(hours=1), template="base")
+    assert sbx.sandbox_id in [s.sandbox_id for s in Sandbox.list(query=earlier).next_items()]
+    later = SandboxQuery(started_after=now + datetime.timedelta(hours=1))
+    assert Sandbox.list(query=later).next_items() == []
+    other = SandboxQuery(template="code-interpreter-v1")
+    assert sbx.sandbox_id not in [s.sandbox_id for s in Sandbox.list(query=other).next_items()]
