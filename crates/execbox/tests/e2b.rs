@@ -393,6 +393,26 @@ fn e2b_control_plane_http() {
         assert!(message.contains("not supported by execbox"), "{message}");
     }
 
+    // An Idempotency-Key names the sandbox its first create made.
+    let idem = |key: &str| {
+        common::reply(
+            ureq::post(&server.url("/v2/sandboxes"))
+                .set("X-API-Key", KEY)
+                .set("Idempotency-Key", key)
+                .send_json(json!({"templateID": "base", "timeout": 60})),
+        )
+    };
+    let first = idem("retry-1");
+    assert_eq!(first.status, 201, "{}", first.text());
+    let again = idem("retry-1");
+    assert_eq!(again.status, 201, "{}", again.text());
+    assert_eq!(first.json()["sandboxID"], again.json()["sandboxID"]);
+    assert_ne!(
+        idem("retry-2").json()["sandboxID"],
+        first.json()["sandboxID"]
+    );
+    assert_e2b_error(&idem("Not_Valid"), 400);
+
     // Kill: 204, then 404.
     let kill = || {
         common::reply(

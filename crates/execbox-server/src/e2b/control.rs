@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, Request, State};
-use axum::http::{HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
@@ -331,26 +331,81 @@ fn e2b_state(state: SandboxState) -> &'static str {
 pub async fn create_v2(
     State(server): State<Arc<Server>>,
     Extension(tenant): Extension<Tenant>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response> {
-    create(server, tenant, &body, wire::DEFAULT_TIMEOUT_SECS).await
+    create(server, tenant, &headers, &body, wire::DEFAULT_TIMEOUT_SECS).await
 }
 
 /// `POST /sandboxes` (older SDKs).
 pub async fn create_v1(
     State(server): State<Arc<Server>>,
     Extension(tenant): Extension<Tenant>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response> {
-    create(server, tenant, &body, wire::DEFAULT_TIMEOUT_SECS_V1).await
+    create(
+        server,
+        tenant,
+        &headers,
+        &body,
+        wire::DEFAULT_TIMEOUT_SECS_V1,
+    )
+    .await
+}
+
+/// How long an `Idempotency-Key` names the sandbox its create made.
+const IDEMPOTENCY_WINDOW: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// The sandboxes made by creates with an `Idempotency-Key`, per (tenant, key), for
+/// [`IDEMPOTENCY_WINDOW`].
+type IdempotencyMap = std::collections::HashMap<(String, String), (String, std::time::Instant)>;
+
+fn idempotency() -> std::sync::MutexGuard<'static, IdempotencyMap> {
+    static KEYS: std::sync::OnceLock<std::sync::Mutex<IdempotencyMap>> = std::sync::OnceLock::new();
+    let mut keys = KEYS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    keys.retain(|_, (_, at)| at.elapsed() < IDEMPOTENCY_WINDOW);
+    keys
+}
+
+/// The create's `Idempotency-Key` (1–255 of `[a-z0-9-]`), if any.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>> {
+    let Some(v) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = v.to_str().unwrap_or_default();
+    let valid = (1..=255).contains(&key.len())
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if !valid {
+        return Err(E2bError::bad_request(
+            "Idempotency-Key: 1 to 255 lowercase letters, digits or hyphens",
+        ));
+    }
+    Ok(Some(key.to_string()))
 }
 
 async fn create(
     server: Arc<Server>,
     tenant: Tenant,
+    headers: &HeaderMap,
     body: &[u8],
     default_timeout: u64,
 ) -> Result<Response> {
+    // A repeated create (a retry whose answer was lost) gets the sandbox the first one made.
+    let idem = idempotency_key(headers)?;
+    if let Some(key) = &idem {
+        let earlier = idempotency()
+            .get(&(tenant.0.clone(), key.clone()))
+            .map(|(id, _)| id.clone());
+        if let Some(rec) = earlier.and_then(|id| find(&server, &id, &tenant).ok()) {
+            return Ok((StatusCode::CREATED, Json(sandbox_object(&server, &rec))).into_response());
+        }
+    }
     let req: wire::NewSandbox =
         serde_json::from_slice(body).map_err(|e| E2bError::bad_request(format!("body: {e}")))?;
     let template_id = req
@@ -429,6 +484,12 @@ async fn create(
         Some(Ok(r)) => r,
         _ => rec,
     };
+    if let Some(key) = idem {
+        idempotency().insert(
+            (tenant.0.clone(), key),
+            (rec.id.clone(), std::time::Instant::now()),
+        );
+    }
     Ok((StatusCode::CREATED, Json(sandbox_object(&server, &rec))).into_response())
 }
 
