@@ -26,6 +26,10 @@ if ((${#need_apt[@]})); then
   apt-get update -qq && apt-get install -y -qq "${need_apt[@]}"
 fi
 
+# The official Python SDKs the compatibility suites drive (opensandbox; e2b and
+# e2b-code-interpreter) are installed by the tests themselves, from PyPI, into virtualenvs under
+# target/ (tests/sdk/requirements.txt, crates/execbox/tests/e2b_sdk/requirements.txt).
+
 # matplotlib, pandas and the rest of the data stack are not installed here: the tests get them
 # from execbox's code-interpreter template, built on first use into the tests' shared cache
 # (/var/tmp/execbox-test-templates) from the package index the host's pip is configured for.

@@ -1,5 +1,6 @@
 //! execbox-proto: wire types of every execbox API surface. No I/O.
 pub mod agent;
+pub mod e2b;
 pub mod execd;
 pub mod isol8;
 pub mod labels;

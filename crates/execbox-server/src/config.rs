@@ -65,6 +65,8 @@ pub struct ServerConfig {
     pub image_store: ImageStoreConfig,
     /// Endpoints handed to clients (`[endpoints]`).
     pub endpoints: EndpointsConfig,
+    /// The E2B API (`[e2b]`).
+    pub e2b: E2bConfig,
     /// Client connections open at once, WebSocket sessions included (at least 1). At the cap
     /// the server stops accepting and new connections wait in the kernel's listen backlog
     /// until one closes. Lowered at start to half the process's limit on open files, which
@@ -130,6 +132,16 @@ impl std::fmt::Debug for EndpointsConfig {
             .field("signing_key", &self.signing_key.as_ref().map(|_| "***"))
             .finish()
     }
+}
+
+/// The E2B API (`[e2b]`).
+#[derive(Debug, Clone, Default, serde::Deserialize, serde::Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct E2bConfig {
+    /// Domain of the data plane's host names: a request whose `Host` is `{port}-{id}.{domain}`
+    /// goes to port `port` of sandbox `id`, and creates answer it as the sandbox's `domain`.
+    /// Unset: clients reach the data plane through `E2B_SANDBOX_URL` (routing headers).
+    pub domain: Option<String>,
 }
 
 /// The server's Prometheus metrics (`[metrics]`).
@@ -502,6 +514,7 @@ impl Default for ServerConfig {
             metrics: MetricsConfig::default(),
             image_store: ImageStoreConfig::default(),
             endpoints: EndpointsConfig::default(),
+            e2b: E2bConfig::default(),
             max_connections: 10_000,
             header_read_timeout_secs: 10,
             idle_timeout_secs: 60,

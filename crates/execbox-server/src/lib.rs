@@ -12,6 +12,7 @@ pub mod config;
 pub mod diagnostics;
 mod disk_pool;
 pub mod doctor;
+pub mod e2b;
 pub mod egress;
 pub mod images;
 pub mod isol8;
@@ -482,6 +483,7 @@ impl Server {
             placement: None,
             owner: spec.owner,
             pool: None,
+            e2b: None,
             network: spec.network.as_ref().map(execbox_net::Policy::to_wire),
         };
         let limits = spec.limits;
@@ -730,6 +732,16 @@ impl Server {
         let now = time::OffsetDateTime::now_utc();
         for rec in self.registry.all() {
             if rec.expires_at.is_some_and(|t| t <= now) {
+                // E2B's `autoPause`: frozen instead of killed, until resumed or the longest
+                // lifetime this server grants from now.
+                if rec.pauses_at_expiry() && rec.state == SandboxState::Running {
+                    match e2b::control::pause_at_expiry(self, &rec).await {
+                        Ok(()) => continue,
+                        Err(e) => {
+                            tracing::warn!(sandbox = %rec.id, error = ?e, "pausing at expiry failed")
+                        }
+                    }
+                }
                 tracing::info!(sandbox = %rec.id, "expired");
                 if let Err(e) = self.destroy(&rec.id, "ttl_expiry").await {
                     tracing::warn!(sandbox = %rec.id, error = %e, "expiry failed");
@@ -894,9 +906,13 @@ async fn access_log(req: Request, next: Next) -> Response {
     let path = req.uri().path().to_string();
     let mut resp = next.run(req).await;
     let tenant = resp.extensions().get::<Tenant>().map(|t| t.0.clone());
+    let route = resp
+        .extensions()
+        .get::<prometheus::MetricsRoute>()
+        .map_or(path.as_str(), |r| r.0);
     prometheus::request(
         method.as_str(),
-        &path,
+        route,
         resp.status().as_u16(),
         started.elapsed().as_secs_f64(),
     );
@@ -1011,7 +1027,7 @@ pub fn router(server: Arc<Server>) -> Router {
             lifecycle_auth,
         ))
         .route_layer(middleware::from_fn(lifecycle_body_limit_envelope));
-    Router::new()
+    let routes = Router::new()
         .route("/health", get(health))
         // Public like `/health`: the documents describe the code, not this server's data.
         .route("/openapi.json", get(openapi::serve_merged))
@@ -1035,9 +1051,15 @@ pub fn router(server: Arc<Server>) -> Router {
         .merge(lifecycle)
         .merge(isol8::routes(server.clone()))
         .merge(session_exec::routes(server.clone()))
+        .merge(e2b::routes(server.clone()))
         .fallback(not_found)
+        .with_state(server.clone());
+    // The E2B data plane is recognised before any route (its `/health`, `/files` and
+    // `/execute` are the sandbox's, not this server's or isol8's).
+    Router::new()
+        .fallback_service(routes)
+        .layer(middleware::from_fn_with_state(server, e2b::intercept))
         .layer(middleware::from_fn(access_log))
-        .with_state(server)
 }
 
 /// Errors of [`serve`].

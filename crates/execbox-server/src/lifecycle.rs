@@ -78,11 +78,12 @@ impl LifecycleError {
 
 /// The network a create asks for: its `networkPolicy` as a policy, within the network modes
 /// the tenant may have (`allowlist` for a deny-by-default policy, `public` for an
-/// allow-by-default one); none (loopback only) when absent.
-fn network_of(
+/// allow-by-default one); none (loopback only) when absent. Errors name `field`.
+pub(crate) fn network_of(
     server: &Server,
     tenant: &str,
     asked: Option<&wire::NetworkPolicy>,
+    field: &str,
 ) -> std::result::Result<Option<execbox_net::Policy>, LifecycleError> {
     let Some(asked) = asked else {
         return Ok(None);
@@ -93,12 +94,12 @@ fn network_of(
             crate::egress::expand_presets(
                 rules,
                 &server.config.network.registries,
-                "networkPolicy.egress",
+                &format!("{field}.egress"),
             )
             .map_err(LifecycleError::invalid)?,
         );
     }
-    let policy = execbox_net::Policy::from_wire(&asked, "networkPolicy")
+    let policy = execbox_net::Policy::from_wire(&asked, field)
         .map_err(|e| LifecycleError::invalid(e.to_string()))?;
     let mode = match policy.default {
         execbox_net::Action::Deny => "allowlist",
@@ -107,7 +108,7 @@ fn network_of(
     let allowed = &server.config.policy.for_tenant(tenant).network_modes;
     if !allowed.iter().any(|m| m == mode) {
         return Err(LifecycleError::invalid(format!(
-            "networkPolicy: network mode {mode:?} (defaultAction {}) is not allowed by this \
+            "{field}: network mode {mode:?} (defaultAction {}) is not allowed by this \
              server's policy (allowed: {})",
             if mode == "public" { "allow" } else { "deny" },
             allowed.join(", ")
@@ -115,7 +116,7 @@ fn network_of(
     }
     server
         .network_available()
-        .map_err(|why| LifecycleError::invalid(format!("networkPolicy: {why}")))?;
+        .map_err(|why| LifecycleError::invalid(format!("{field}: {why}")))?;
     Ok(Some(policy))
 }
 
@@ -288,7 +289,7 @@ pub(crate) async fn prepare(
             "snapshotId: snapshots are not supported by this server",
         ));
     }
-    let network = network_of(server, tenant, req.network_policy.as_ref())?;
+    let network = network_of(server, tenant, req.network_policy.as_ref(), "networkPolicy")?;
     // The policy of the caller's tenant bounds every limit; an absent one gets the maximum (a
     // sandbox is never unbounded).
     let policy = server.config.policy.for_tenant(tenant);

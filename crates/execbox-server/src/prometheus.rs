@@ -34,6 +34,11 @@ pub fn install() -> Option<PrometheusHandle> {
     Some(handle)
 }
 
+/// The route a response is counted under when its path is not (the E2B data plane, whose
+/// paths are the sandbox's own): set as a response extension.
+#[derive(Debug, Clone)]
+pub struct MetricsRoute(pub &'static str);
+
 /// One request served: its route (ids and ports replaced by placeholders, so that the number
 /// of series stays bounded), status and latency.
 pub fn request(method: &str, path: &str, status: u16, seconds: f64) {

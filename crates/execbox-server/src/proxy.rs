@@ -176,6 +176,47 @@ async fn forward_to(
         Some(q) => format!("{agent_path}?{q}"),
         None => agent_path,
     };
+    match relay(&server, id, pq, req, CREDENTIALS).await {
+        Ok(resp) => {
+            if port == AGENT_PORT && tail == "/metrics" && resp.status() == StatusCode::OK {
+                if let Some(net) = server.net_of(id) {
+                    let (parts, body) = resp.into_parts();
+                    return Ok(with_network_usage(parts, body, net.usage()).await);
+                }
+            }
+            Ok(resp)
+        }
+        Err(RelayError::Unreachable(e)) => Ok((
+            StatusCode::BAD_GATEWAY,
+            axum::Json(execbox_proto::lifecycle::ErrorEnvelope::new(
+                execbox_proto::lifecycle::ErrorCode::UnknownError,
+                format!("sandbox {id} is unreachable: {e}"),
+            )),
+        )
+            .into_response()),
+        Err(RelayError::Internal(e)) => Err(LifecycleError::Internal(e)),
+    }
+}
+
+/// Why [`relay`] got no answer from the agent.
+#[derive(Debug)]
+pub(crate) enum RelayError {
+    /// The agent could not be reached, or the exchange failed.
+    Unreachable(String),
+    /// The request could not be built.
+    Internal(String),
+}
+
+/// Sends `req` to the agent of sandbox `id` as `path_and_query`, without hop-by-hop headers
+/// and `strip` (the caller's credentials); the agent's answer streams back (an upgrade is
+/// spliced, WebSockets included). The caller has authorized the request.
+pub(crate) async fn relay(
+    server: &Server,
+    id: &str,
+    path_and_query: String,
+    req: Request,
+    strip: &[&str],
+) -> Result<Response, RelayError> {
     let upgrade = upgrade_protocol(req.headers());
     let mut req = req;
     let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
@@ -185,7 +226,8 @@ async fn forward_to(
         .get(http::header::HOST)
         .and_then(|h| h.to_str().ok())
         .map(str::to_string);
-    strip_hop_by_hop(&mut parts.headers, CREDENTIALS);
+    strip_hop_by_hop(&mut parts.headers, strip);
+    parts.headers.remove(http::header::HOST);
     if let Some(h) = client_host.and_then(|h| HeaderValue::from_str(&h).ok()) {
         parts.headers.entry("x-forwarded-host").or_insert(h);
     }
@@ -195,7 +237,7 @@ async fn forward_to(
         .or_insert(HeaderValue::from_static("http"));
     let mut builder = http::Request::builder()
         .method(parts.method)
-        .uri(pq)
+        .uri(path_and_query)
         .header(http::header::HOST, "sandbox");
     if let Some(h) = builder.headers_mut() {
         h.extend(parts.headers);
@@ -206,20 +248,15 @@ async fn forward_to(
     }
     let upstream = builder
         .body(body)
-        .map_err(|e| LifecycleError::Internal(e.to_string()))?;
-    let socket = server.socket_path(id)?;
+        .map_err(|e| RelayError::Internal(e.to_string()))?;
+    let socket = server
+        .socket_path(id)
+        .map_err(|e| RelayError::Internal(e.to_string()))?;
     let resp = match crate::agent_client::send(&socket, upstream).await {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(sandbox = id, error = %e, "agent unreachable");
-            return Ok((
-                StatusCode::BAD_GATEWAY,
-                axum::Json(execbox_proto::lifecycle::ErrorEnvelope::new(
-                    execbox_proto::lifecycle::ErrorCode::UnknownError,
-                    format!("sandbox {id} is unreachable: {e}"),
-                )),
-            )
-                .into_response());
+            return Err(RelayError::Unreachable(e.to_string()));
         }
     };
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -231,11 +268,6 @@ async fn forward_to(
     strip_hop_by_hop(&mut parts.headers, &[]);
     // The client's connection is ours: HTTP/1.1 whatever the upstream spoke.
     parts.version = http::Version::HTTP_11;
-    if port == AGENT_PORT && tail == "/metrics" && parts.status == StatusCode::OK {
-        if let Some(net) = server.net_of(id) {
-            return Ok(with_network_usage(parts, body, net.usage()).await);
-        }
-    }
     Ok(Response::from_parts(parts, Body::new(body)))
 }
 
@@ -244,7 +276,7 @@ async fn forward_to(
 /// `net_dns_queries`.
 async fn with_network_usage(
     mut parts: http::response::Parts,
-    body: hyper::body::Incoming,
+    body: Body,
     usage: execbox_net::Usage,
 ) -> Response {
     use http_body_util::BodyExt;

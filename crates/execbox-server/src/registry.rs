@@ -65,12 +65,35 @@ pub struct SandboxRecord {
     /// The pool (`/v1/pools`) it was taken from, counted in that pool's `allocated`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool: Option<String>,
+    /// What the E2B API asked of a sandbox it created.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub e2b: Option<E2bSettings>,
     /// The egress policy now, for a sandbox with network.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<execbox_proto::lifecycle::NetworkPolicy>,
 }
 
+/// What the E2B API asked of a sandbox it created.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct E2bSettings {
+    /// The template as asked for (`base`, `code-interpreter-v1`…).
+    pub template: String,
+    /// The create's `timeout` in seconds (a resume on traffic lasts that long).
+    pub timeout_secs: u64,
+    /// At its expiry the sandbox is paused instead of deleted (`autoPause`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub auto_pause: bool,
+    /// A data-plane request resumes the paused sandbox (`autoResume.enabled`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub auto_resume: bool,
+}
+
 impl SandboxRecord {
+    /// Whether the sandbox is paused instead of deleted at its expiry.
+    pub fn pauses_at_expiry(&self) -> bool {
+        self.e2b.as_ref().is_some_and(|e| e.auto_pause)
+    }
+
     /// The lifecycle API view.
     pub fn to_api(&self) -> Sandbox {
         Sandbox {

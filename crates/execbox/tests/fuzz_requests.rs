@@ -509,6 +509,149 @@ fn lifecycle(ids: Vec<String>) -> BoxedStrategy<Req> {
     prop_oneof![3 => create, 3 => nearly, 2 => renew, 2 => patch, 2 => list, 1 => get].boxed()
 }
 
+/// The E2B API: its control plane (creates, lists with E2B's query, the per-sandbox routes)
+/// and its data plane's routing and auth (routing headers, signed `/files`).
+fn e2b(ids: Vec<String>, token: String) -> BoxedStrategy<Req> {
+    let key = |r: Req| {
+        let mut r = r;
+        r.headers.push(("X-API-Key", E2B_KEY.to_string()));
+        r
+    };
+    let create = shaped(vec![
+        field(
+            "templateID",
+            one_of(&["base", "code-interpreter-v1", "base:default", "nope"]),
+        ),
+        field(
+            "timeout",
+            prop_oneof![(-10i64..1_000_000).prop_map(Value::from), any_number()].boxed(),
+        ),
+        field("metadata", string_map(&["tag", "a", "b"])),
+        field("envVars", string_map(&["A", "PATH", "LD_PRELOAD"])),
+        field("allow_internet_access", boolean()),
+        field(
+            "network",
+            shaped(vec![
+                field(
+                    "allowOut",
+                    string_array(&["example.com", "1.1.1.1", "*.x.org"]),
+                ),
+                field("denyOut", string_array(&["0.0.0.0/0", "10.0.0.0/8"])),
+                field("allowPublicTraffic", boolean()),
+            ]),
+        ),
+        field("autoPause", boolean()),
+        field("secure", boolean()),
+        field("mcp", any_json()),
+        field("volumeMounts", any_json()),
+    ])
+    .prop_map(move |b| key(req("e2b POST /v2/sandboxes", "POST", "/v2/sandboxes").json(b)));
+    // Valid but for its timeout, labels and environment: reaches the policy and the backend.
+    let nearly = (
+        prop::option::of(prop_oneof![
+            (-10i64..1_000_000).prop_map(Value::from),
+            any_number()
+        ]),
+        prop::option::of(string_map(&["tag", "a"])),
+        prop::option::of(string_map(&["A", "PATH", "LD_PRELOAD"])),
+    )
+        .prop_map(move |(timeout, metadata, env)| {
+            let mut b = json!({"templateID": "base"});
+            if let Some(t) = timeout {
+                b["timeout"] = t;
+            }
+            if let Some(m) = metadata {
+                b["metadata"] = m;
+            }
+            if let Some(e) = env {
+                b["envVars"] = e;
+            }
+            key(req("e2b POST /v2/sandboxes", "POST", "/v2/sandboxes").json(b))
+        });
+    let list = (
+        query(&[
+            "metadata",
+            "state",
+            "order",
+            "limit",
+            "nextToken",
+            "startedAfter",
+            "template",
+        ]),
+        raw_query(),
+    )
+        .prop_map(move |(q, raw)| {
+            key(req("e2b GET /v2/sandboxes", "GET", "/v2/sandboxes")
+                .query(q)
+                .raw(raw))
+        });
+    let id = path_param(ids.clone());
+    let routes = (
+        id.clone(),
+        prop::sample::select(vec![
+            ("GET", ""),
+            ("POST", "/timeout"),
+            ("POST", "/refreshes"),
+            ("POST", "/connect"),
+            ("POST", "/resume"),
+            ("GET", "/metrics"),
+            ("PUT", "/network"),
+        ]),
+        shaped(vec![
+            field("timeout", (-5i64..100_000).prop_map(Value::from).boxed()),
+            field("duration", (-5i64..100_000).prop_map(Value::from).boxed()),
+            field("allowOut", string_array(&["example.com", "1.1.1.1"])),
+        ]),
+    )
+        .prop_map(move |(id, (method, tail), b)| {
+            key(req(
+                "e2b /sandboxes/{id}…",
+                method,
+                format!("/sandboxes/{}{tail}", segment(&id)),
+            )
+            .json(b))
+        });
+    let data = (
+        prop::sample::select(ids),
+        prop::sample::select(vec!["49983", "49999", "8000", "0", "x", ""]),
+        prop::sample::select(vec![
+            "/health",
+            "/files?path=/etc/hostname",
+            "/process.Process/List",
+            "/execute",
+            "/contexts",
+            "/",
+        ]),
+        prop::sample::select(vec![
+            None,
+            Some("X-Access-Token"),
+            Some("E2B-Traffic-Access-Token"),
+        ]),
+        any::<bool>(),
+    )
+        .prop_map(move |(id, port, path, header, good)| {
+            let mut r = req("e2b data plane", "GET", path.to_string());
+            r.headers.push(("E2b-Sandbox-Id", id));
+            r.headers.push(("E2b-Sandbox-Port", port.to_string()));
+            if let Some(h) = header {
+                r.headers
+                    .push((h, if good { token.clone() } else { "wrong".into() }));
+            }
+            r
+        });
+    let signed = (odd_string(), prop::sample::select(vec!["GET", "POST"])).prop_map(|(sig, m)| {
+        req("e2b signed /files", m, "/files").query(vec![
+            ("path".into(), "/etc/hostname".into()),
+            ("signature".into(), sig),
+        ])
+    });
+    prop_oneof![2 => create, 2 => nearly, 2 => list, 3 => routes, 3 => data, 1 => signed].boxed()
+}
+
+/// The key of the fuzzing server's E2B requests (every request is the default tenant's when no
+/// key is configured, whatever it carries).
+const E2B_KEY: &str = "fuzz";
+
 fn isol8(sessions: Vec<String>) -> BoxedStrategy<Req> {
     let session_id = prop_oneof![
         4 => prop::sample::select(sessions.clone()).prop_map(Value::from),
@@ -972,6 +1115,14 @@ fn files_route_name(path: &str) -> &'static str {
 /// The 5xx the execd compatibility spec pins on purpose (`../shared/compat/opensandbox-execd.md`),
 /// which no other surface has. Everything else that is 5xx fails the test.
 fn allowed_5xx(req: &Req, status: u16, body: &str) -> bool {
+    // E2B's data plane answers 502 for a sandbox that is not running or a port nothing listens
+    // on (its SDKs read `was not found` / `port is not open`), and the E2B routes execbox does
+    // not implement are 501.
+    if req.route.starts_with("e2b") {
+        return (status == 502
+            && (body.contains("The sandbox was not found") || body.contains("port is not open")))
+            || (status == 501 && body.contains("is not supported by execbox"));
+    }
     if !req.route.starts_with("execd") && req.route != "leap0" {
         return false;
     }
@@ -1096,6 +1247,17 @@ fn run_surface(
                     );
                     out.failures.push(line);
                 }
+                // An E2B sandbox too.
+                if status == 201 && r.path == "/v2/sandboxes" {
+                    if let Some(id) = serde_json::from_str::<Value>(&body)
+                        .ok()
+                        .and_then(|v| v["sandboxID"].as_str().map(str::to_string))
+                    {
+                        let _ = agent
+                            .delete(&server.url(&format!("/sandboxes/{id}")))
+                            .call();
+                    }
+                }
                 // A lifecycle sandbox the fuzzer managed to create is removed at once.
                 if status == 202 && r.path == "/v1/sandboxes" {
                     if let Some(id) = serde_json::from_str::<Value>(&body)
@@ -1151,6 +1313,7 @@ fn no_request_of_any_surface_gets_a_5xx_or_kills_the_server() {
         .and_then(|e| e["text"].as_str().map(str::to_string))
         .unwrap_or_default();
     let ids = vec![sbx.id.clone(), other.id.clone(), "nope".to_string()];
+    let e2b_ids = vec![other.id.clone(), "nope".to_string()];
     let sessions = vec!["fz".to_string(), "fz2".to_string()];
     let base = format!("/v1/sandboxes/{}/proxy/44772", sbx.id);
     let n = scale();
@@ -1167,10 +1330,19 @@ fn no_request_of_any_surface_gets_a_5xx_or_kills_the_server() {
                 vec![command_id, "nope".into(), sbx.id.clone()],
             ),
         ),
+        ("e2b", 600 * n, e2b(e2b_ids, other.token.clone())),
     ];
     let mut failures = Vec::new();
     let mut summary = Vec::new();
+    // `EXECBOX_FUZZ_SURFACES=e2b,lifecycle` runs only those surfaces.
+    let only = std::env::var("EXECBOX_FUZZ_SURFACES").ok();
     for (i, (name, cases, strategy)) in surfaces.into_iter().enumerate() {
+        if only
+            .as_deref()
+            .is_some_and(|o| !o.split(',').any(|s| s.trim() == name))
+        {
+            continue;
+        }
         let t = Instant::now();
         let out = run_surface(name, &server, cases, i as u8, strategy);
         summary.push(format!(
