@@ -587,7 +587,8 @@ fn a_reattached_sandbox_says_it_lost_its_network() {
     let (id, token) = (sb.id.clone(), sb.token.clone());
     drop(sb);
     let state = server.crash();
-    let again = TestServer::start_on(state, port, None);
+    // Another port: the old one may be taken by a concurrent test in between.
+    let again = TestServer::start_on(state, common::free_port(), None);
     let sb = Sandbox {
         server: &again,
         id: id.clone(),

@@ -79,6 +79,17 @@ impl Logged {
     }
 }
 
+/// A test that fails before `stop` leaves no server behind (its port and sandboxes would
+/// outlive the test run).
+impl Drop for Logged {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 fn post(base: &str, path: &str, body: &Value) -> u16 {
     match ureq::post(&format!("{base}{path}"))
         .set("Content-Type", "application/json")

@@ -458,7 +458,8 @@ fn pools_keep_idle_sandboxes_and_pool_ref_hands_them_out() {
     let (_, pools) = server.get("/v1/pools");
     assert_eq!(pools["items"].as_array().map(Vec::len), Some(1), "{pools}");
     let state = server.crash();
-    let again = common::TestServer::start_on(state, port, None);
+    // Another port: the old one may be taken by a concurrent test in between.
+    let again = common::TestServer::start_on(state, common::free_port(), None);
     let back = wait_for(&again, "/v1/pools/warm", |v| v["status"]["available"] == 1);
     assert_eq!(back["status"]["allocated"], 2, "{back}");
 
