@@ -777,3 +777,10 @@ fn e2b_sdk_code_interpreter() {
     let server = common::TestServer::start_with_key(KEY);
     pytest(&server, "test_code_interpreter.py");
 }
+
+#[test]
+fn e2b_sdk_readme_examples() {
+    ensure_code_interpreter_template();
+    let server = common::TestServer::start_with_key(KEY);
+    pytest(&server, "test_readme.py");
+}
