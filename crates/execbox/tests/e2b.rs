@@ -7,6 +7,10 @@
 //! a test function of its own, so that which groups pass shows at a glance: the control plane
 //! and the routing need only the server; commands, files and the code interpreter need the
 //! agent's `/e2b/envd` and `/e2b/ci` routes.
+//!
+//! The JavaScript SDKs from npm (`e2b`, `@e2b/code-interpreter`, the versions in [`JS_SDKS`]) run
+//! their README examples (`tests/e2b_sdk/js/readme_examples.mjs`) against the server too; they
+//! are installed once at `target/e2b-node` with `npm install`.
 
 mod common;
 
@@ -21,6 +25,8 @@ use serde_json::{json, Value};
 const PYTEST_DEADLINE: Duration = Duration::from_secs(15 * 60);
 const INSTALL_DEADLINE: Duration = Duration::from_secs(10 * 60);
 const KEY: &str = "e2b-test-key";
+/// The npm packages the JavaScript README examples run with (exact versions).
+const JS_SDKS: [&str; 2] = ["e2b@2.51.0", "@e2b/code-interpreter@2.8.0"];
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -143,6 +149,47 @@ fn ensure_venv() -> PathBuf {
     }
     std::fs::write(&stamp, &wanted).expect("write requirements stamp");
     python
+}
+
+/// The directory holding `node_modules` with [`JS_SDKS`], installed from npm when missing or
+/// installed for other versions. Fails, never skips, without Node or npm.
+fn ensure_node_modules() -> PathBuf {
+    let target = repo_root().join("target");
+    std::fs::create_dir_all(&target).expect("create target/");
+    let dir = target.join("e2b-node");
+    let wanted = JS_SDKS.join("\n");
+    let stamp = dir.join(".execbox-packages");
+    let _lock = FileLock::acquire(&target.join("e2b-node.lock"));
+    if dir
+        .join("node_modules/@e2b/code-interpreter/package.json")
+        .exists()
+        && std::fs::read_to_string(&stamp).ok().as_deref() == Some(&wanted)
+    {
+        return dir;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create target/e2b-node");
+    std::fs::write(
+        dir.join("package.json"),
+        "{\"name\": \"execbox-e2b-js\", \"private\": true}\n",
+    )
+    .expect("write package.json");
+    let mut npm = Command::new("npm");
+    npm.args(["install", "--no-audit", "--no-fund", "--save-exact"])
+        .args(JS_SDKS)
+        .current_dir(&dir);
+    let out = run_with_deadline(npm, "npm install", INSTALL_DEADLINE);
+    if !out.status.success() {
+        let _ = std::fs::remove_dir_all(&dir);
+        panic!(
+            "could not install the E2B JavaScript SDKs from npm ({}); the E2B tests need npm \
+             and are not skipped:\n{}",
+            JS_SDKS.join(" "),
+            describe(&out)
+        );
+    }
+    std::fs::write(&stamp, &wanted).expect("write packages stamp");
+    dir
 }
 
 /// Runs one pytest file of the suite against `server`.
@@ -783,4 +830,48 @@ fn e2b_sdk_readme_examples() {
     ensure_code_interpreter_template();
     let server = common::TestServer::start_with_key(KEY);
     pytest(&server, "test_readme.py");
+
+/// The README examples of the npm `e2b` and `@e2b/code-interpreter` packages, their calls as
+/// written (`Sandbox.create()`, `commands.run`, `files.write`/`read`, `runCode`, `kill`), with
+/// only the SDK's environment variables pointing at the server.
+#[test]
+fn e2b_js_sdk_readme_examples() {
+    ensure_code_interpreter_template();
+    let sdks = ensure_node_modules();
+    let server = common::TestServer::start_with_key(KEY);
+    let mut cmd = Command::new("node");
+    cmd.arg(suite_dir().join("js/readme_examples.mjs"))
+        .current_dir(&sdks)
+        .env("E2B_JS_SDK_DIR", &sdks)
+        .env("E2B_API_URL", &server.base)
+        .env("E2B_SANDBOX_URL", &server.base)
+        .env("E2B_API_KEY", KEY)
+        .env_remove("E2B_DOMAIN")
+        .env_remove("E2B_DEBUG")
+        .env_remove("E2B_ACCESS_TOKEN")
+        .env("NO_PROXY", "127.0.0.1,localhost")
+        .env("no_proxy", "127.0.0.1,localhost");
+    let out = run_with_deadline(cmd, "node readme_examples.mjs", PYTEST_DEADLINE);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "the README examples failed: {}",
+        describe(&out)
+    );
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        [
+            r#"commands.run: "Hello from E2B!\n""#,
+            r#"files.read: "written by the JS SDK""#,
+            "kill: true",
+            r#"runCode logs: {"stdout":["hello world\n"],"stderr":[]}"#,
+            "runCode text: 2",
+            "runCode text (one cell): 2",
+            "code interpreter killed",
+            "done",
+        ],
+        "{}",
+        describe(&out)
+    );
 }
