@@ -830,6 +830,7 @@ fn e2b_sdk_readme_examples() {
     ensure_code_interpreter_template();
     let server = common::TestServer::start_with_key(KEY);
     pytest(&server, "test_readme.py");
+}
 
 /// The README examples of the npm `e2b` and `@e2b/code-interpreter` packages, their calls as
 /// written (`Sandbox.create()`, `commands.run`, `files.write`/`read`, `runCode`, `kill`), with
