@@ -14,10 +14,10 @@
 
 mod common;
 
-use std::fs::File;
-use std::io::Read;
+use common::procs::{describe, repo_root, run_with_deadline, FileLock};
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -28,82 +28,8 @@ const KEY: &str = "e2b-test-key";
 /// The npm packages the JavaScript README examples run with (exact versions).
 const JS_SDKS: [&str; 2] = ["e2b@2.51.0", "@e2b/code-interpreter@2.8.0"];
 
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .expect("repository root")
-}
-
 fn suite_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2b_sdk")
-}
-
-/// An exclusive `flock` on a file, released on drop.
-struct FileLock(#[allow(dead_code)] nix::fcntl::Flock<File>);
-
-impl FileLock {
-    fn acquire(path: &Path) -> FileLock {
-        let file = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(path)
-            .unwrap_or_else(|e| panic!("open lock file {}: {e}", path.display()));
-        let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
-            .unwrap_or_else(|(_, e)| panic!("flock {}: {e}", path.display()));
-        FileLock(lock)
-    }
-}
-
-fn run_with_deadline(mut cmd: Command, what: &str, deadline: Duration) -> Output {
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("{what}: could not start {cmd:?}: {e}"));
-    let out = drain(child.stdout.take().expect("stdout pipe"));
-    let err = drain(child.stderr.take().expect("stderr pipe"));
-    let status = wait_with_deadline(&mut child, deadline)
-        .unwrap_or_else(|| panic!("{what}: still running after {deadline:?}; killed"));
-    Output {
-        status,
-        stdout: out.join().unwrap_or_default(),
-        stderr: err.join().unwrap_or_default(),
-    }
-}
-
-fn drain(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<u8>> {
-    std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = pipe.read_to_end(&mut buf);
-        buf
-    })
-}
-
-fn wait_with_deadline(child: &mut Child, deadline: Duration) -> Option<std::process::ExitStatus> {
-    let until = Instant::now() + deadline;
-    loop {
-        if let Some(status) = child.try_wait().expect("wait for child") {
-            return Some(status);
-        }
-        if Instant::now() >= until {
-            let _ = child.kill();
-            let _ = child.wait();
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn describe(output: &Output) -> String {
-    format!(
-        "{}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
 }
 
 /// The venv's python, the venv made (and the SDKs installed from PyPI) when missing or made
