@@ -297,6 +297,40 @@ impl Server {
         self.backend.as_ref().is_ok_and(|b| b.is_alive(p))
     }
 
+    /// Freezes (`pause`) or thaws every process of sandbox `id` in its cgroup, and records the
+    /// new state.
+    pub async fn freeze(&self, id: &str, pause: bool) -> Result<(), LifecycleError> {
+        let backend = self.backend()?;
+        let id2 = id.to_string();
+        tokio::task::spawn_blocking(move || {
+            if pause {
+                backend.pause(&id2)
+            } else {
+                backend.resume(&id2)
+            }
+        })
+        .await
+        .map_err(|e| LifecycleError::Internal(e.to_string()))?
+        .map_err(|e| LifecycleError::Internal(e.to_string()))?;
+        let state = if pause {
+            SandboxState::Paused
+        } else {
+            SandboxState::Running
+        };
+        self.set_state(id, state, None)
+    }
+
+    /// Refuses one more sandbox at the server's maximum (`[policy] max_sandboxes`).
+    pub fn check_server_capacity(&self) -> Result<(), LifecycleError> {
+        let max = self.config.policy.max_sandboxes;
+        if max > 0 && self.registry.len() >= max {
+            return Err(LifecycleError::TooMany(format!(
+                "this server runs its maximum of {max} sandboxes; try again later"
+            )));
+        }
+        Ok(())
+    }
+
     /// Whether the server is stopping (nothing new is started for its own pools).
     pub fn stopping(&self) -> bool {
         self.pool.is_stopping()
@@ -449,12 +483,7 @@ impl Server {
         let backend = self.backend()?;
         // The server's maximum holds for every surface (one-shot, session and pool sandboxes
         // too), whatever checked the request before.
-        let server_max = self.config.policy.max_sandboxes;
-        if server_max > 0 && self.registry.all().len() >= server_max {
-            return Err(LifecycleError::TooMany(format!(
-                "this server runs its maximum of {server_max} sandboxes; try again later"
-            )));
-        }
+        self.check_server_capacity()?;
         let id = uuid::Uuid::new_v4().to_string();
         let now = time::OffsetDateTime::now_utc()
             .replace_nanosecond(0)

@@ -187,14 +187,9 @@ pub(crate) fn check_capacity(
     tenant: &str,
     policy: &crate::config::Policy,
 ) -> Result<()> {
-    let records = server.registry.all();
-    let server_max = server.config.policy.max_sandboxes;
-    if server_max > 0 && records.len() >= server_max {
-        return Err(LifecycleError::TooMany(format!(
-            "this server runs its maximum of {server_max} sandboxes; try again later"
-        )));
-    }
-    check_tenant_capacity(&records, tenant, policy)
+    // Checked here too, before an image is pulled or a template built for nothing.
+    server.check_server_capacity()?;
+    check_tenant_capacity(&server.registry.all(), tenant, policy)
 }
 
 /// Refuses one more lifecycle sandbox for `tenant` beyond its maximum.
@@ -505,18 +500,10 @@ async fn transition(
     id: String,
     pause: bool,
 ) -> Result<Response> {
-    let (from, to, code) = if pause {
-        (
-            SandboxState::Running,
-            SandboxState::Paused,
-            ErrorCode::SandboxNotRunning,
-        )
+    let (from, code) = if pause {
+        (SandboxState::Running, ErrorCode::SandboxNotRunning)
     } else {
-        (
-            SandboxState::Paused,
-            SandboxState::Running,
-            ErrorCode::SandboxNotPaused,
-        )
+        (SandboxState::Paused, ErrorCode::SandboxNotPaused)
     };
     let rec = find(&server, &id, &tenant)?;
     if rec.state != from {
@@ -525,19 +512,7 @@ async fn transition(
             message: format!("sandbox {id} is {}, not {from}", rec.state),
         });
     }
-    let backend = server.backend()?;
-    let id2 = id.clone();
-    tokio::task::spawn_blocking(move || {
-        if pause {
-            backend.pause(&id2)
-        } else {
-            backend.resume(&id2)
-        }
-    })
-    .await
-    .map_err(|e| LifecycleError::Internal(e.to_string()))?
-    .map_err(|e| LifecycleError::Internal(e.to_string()))?;
-    server.set_state(&id, to, None)?;
+    server.freeze(&id, pause).await?;
     Ok(StatusCode::ACCEPTED.into_response())
 }
 

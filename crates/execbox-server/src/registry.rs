@@ -177,6 +177,16 @@ impl Registry {
         self.lock().get(id).cloned()
     }
 
+    /// How many records there are.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether there is none.
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
     /// Every record, oldest first.
     pub fn all(&self) -> Vec<SandboxRecord> {
         let mut v: Vec<SandboxRecord> = self.lock().values().cloned().collect();

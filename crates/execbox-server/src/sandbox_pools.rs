@@ -808,12 +808,6 @@ async fn start_idle(
     let (checked, v) = validated(template, server)?;
     let mut spec =
         crate::lifecycle::prepare(server, tenant, &checked, &v, CapacityCheck::Ignore).await?;
-    let server_max = server.config.policy.max_sandboxes;
-    if server_max > 0 && server.registry.all().len() >= server_max {
-        return Err(LifecycleError::TooMany(
-            "the server runs its maximum of sandboxes".into(),
-        ));
-    }
     spec.owner = Some(format!("{IDLE_OWNER_PREFIX}{name}"));
     spec.expires_at = None;
     server.launch(spec).await

@@ -14,7 +14,10 @@
 
 mod common;
 
-use common::procs::{describe, repo_root, run_with_deadline, FileLock};
+use common::procs::{
+    build_code_interpreter_template, describe, pytest_command, python_venv, repo_root,
+    run_with_deadline, FileLock, INSTALL_DEADLINE,
+};
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -23,7 +26,6 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 const PYTEST_DEADLINE: Duration = Duration::from_secs(15 * 60);
-const INSTALL_DEADLINE: Duration = Duration::from_secs(10 * 60);
 const KEY: &str = "e2b-test-key";
 /// The npm packages the JavaScript README examples run with (exact versions).
 const JS_SDKS: [&str; 2] = ["e2b@2.51.0", "@e2b/code-interpreter@2.8.0"];
@@ -32,49 +34,13 @@ fn suite_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2b_sdk")
 }
 
-/// The venv's python, the venv made (and the SDKs installed from PyPI) when missing or made
-/// from other requirements. Fails, never skips, without Python or PyPI.
+/// The virtualenv with the E2B SDKs from PyPI.
 fn ensure_venv() -> PathBuf {
-    let target = repo_root().join("target");
-    std::fs::create_dir_all(&target).expect("create target/");
-    let venv = target.join("e2b-venv");
-    let python = venv.join("bin/python");
-    let requirements = suite_dir().join("requirements.txt");
-    let wanted = std::fs::read_to_string(&requirements).expect("requirements.txt");
-    let stamp = venv.join(".execbox-requirements");
-    let _lock = FileLock::acquire(&target.join("e2b-venv.lock"));
-    if python.exists() && std::fs::read_to_string(&stamp).ok().as_deref() == Some(&wanted) {
-        return python;
-    }
-    let _ = std::fs::remove_dir_all(&venv);
-    let mut mk = Command::new("python3");
-    mk.args(["-m", "venv"]).arg(&venv);
-    let out = run_with_deadline(mk, "python3 -m venv", INSTALL_DEADLINE);
-    assert!(out.status.success(), "python3 -m venv: {}", describe(&out));
-    let mut pip = Command::new(&python);
-    pip.args([
-        "-m",
-        "pip",
-        "install",
-        "--disable-pip-version-check",
-        "--no-input",
-        "--timeout",
-        "60",
-        "-r",
-    ])
-    .arg(&requirements);
-    let out = run_with_deadline(pip, "pip install", INSTALL_DEADLINE);
-    if !out.status.success() {
-        let _ = std::fs::remove_dir_all(&venv);
-        panic!(
-            "could not install the E2B SDKs from PyPI ({}); the E2B tests need PyPI (or \
-             PIP_INDEX_URL) and are not skipped:\n{}",
-            requirements.display(),
-            describe(&out)
-        );
-    }
-    std::fs::write(&stamp, &wanted).expect("write requirements stamp");
-    python
+    python_venv(
+        "e2b-venv",
+        &suite_dir().join("requirements.txt"),
+        "the E2B SDK tests",
+    )
 }
 
 /// The directory holding `node_modules` with [`JS_SDKS`], installed from npm when missing or
@@ -121,27 +87,16 @@ fn ensure_node_modules() -> PathBuf {
 /// Runs one pytest file of the suite against `server`.
 fn pytest(server: &common::TestServer, file: &str) {
     let python = ensure_venv();
-    let mut cmd = Command::new(python);
-    cmd.args([
-        "-m",
-        "pytest",
-        "-q",
-        "-rfEs",
-        "-p",
-        "no:cacheprovider",
-        file,
-    ])
-    .current_dir(suite_dir())
-    .env("PYTHONDONTWRITEBYTECODE", "1")
-    .env("PYTHONUNBUFFERED", "1")
-    .env("E2B_API_URL", &server.base)
-    .env("E2B_SANDBOX_URL", &server.base)
-    .env("E2B_API_KEY", KEY)
-    .env_remove("E2B_DOMAIN")
-    .env_remove("E2B_DEBUG")
-    .env_remove("E2B_ACCESS_TOKEN")
-    .env("NO_PROXY", "127.0.0.1,localhost")
-    .env("no_proxy", "127.0.0.1,localhost");
+    let mut cmd = pytest_command(&python, &suite_dir(), file);
+    cmd.env("PYTHONUNBUFFERED", "1")
+        .env("E2B_API_URL", &server.base)
+        .env("E2B_SANDBOX_URL", &server.base)
+        .env("E2B_API_KEY", KEY)
+        .env_remove("E2B_DOMAIN")
+        .env_remove("E2B_DEBUG")
+        .env_remove("E2B_ACCESS_TOKEN")
+        .env("NO_PROXY", "127.0.0.1,localhost")
+        .env("no_proxy", "127.0.0.1,localhost");
     let out = run_with_deadline(cmd, &format!("pytest {file}"), PYTEST_DEADLINE);
     println!("{}", String::from_utf8_lossy(&out.stdout));
     eprintln!("{}", String::from_utf8_lossy(&out.stderr));
@@ -149,25 +104,6 @@ fn pytest(server: &common::TestServer, file: &str) {
         out.status.success(),
         "the E2B SDK tests of {file} failed ({}); see the pytest output above",
         out.status
-    );
-}
-
-/// Builds the code-interpreter template into the test servers' shared cache (a cold build
-/// takes about a minute, longer than the SDK gives a create).
-fn ensure_code_interpreter_template() {
-    let mut build = Command::new(env!("CARGO_BIN_EXE_execbox"));
-    build.args([
-        "template",
-        "build",
-        "code-interpreter",
-        "--templates-dir",
-        common::TEST_TEMPLATES_DIR,
-    ]);
-    let out = run_with_deadline(build, "execbox template build", INSTALL_DEADLINE);
-    assert!(
-        out.status.success(),
-        "building the code-interpreter template: {}",
-        describe(&out)
     );
 }
 
@@ -261,7 +197,7 @@ fn e2b_control_plane_http() {
     assert_eq!(r.json()["metadata"]["bar"], "e2b x");
 
     // The code interpreter's templates are execbox's code-interpreter template.
-    ensure_code_interpreter_template();
+    build_code_interpreter_template();
     for template in ["code-interpreter-v1", "code-interpreter:default"] {
         let (ci, _) = create(&server, json!({"templateID": template, "timeout": 120}));
         let r = common::reply(
@@ -746,14 +682,14 @@ fn e2b_sdk_files() {
 
 #[test]
 fn e2b_sdk_code_interpreter() {
-    ensure_code_interpreter_template();
+    build_code_interpreter_template();
     let server = common::TestServer::start_with_key(KEY);
     pytest(&server, "test_code_interpreter.py");
 }
 
 #[test]
 fn e2b_sdk_readme_examples() {
-    ensure_code_interpreter_template();
+    build_code_interpreter_template();
     let server = common::TestServer::start_with_key(KEY);
     pytest(&server, "test_readme.py");
 }
@@ -763,7 +699,7 @@ fn e2b_sdk_readme_examples() {
 /// only the SDK's environment variables pointing at the server.
 #[test]
 fn e2b_js_sdk_readme_examples() {
-    ensure_code_interpreter_template();
+    build_code_interpreter_template();
     let sdks = ensure_node_modules();
     let server = common::TestServer::start_with_key(KEY);
     let mut cmd = Command::new("node");

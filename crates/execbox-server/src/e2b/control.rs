@@ -705,34 +705,11 @@ pub async fn refresh(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-/// Freezes or thaws the sandbox `id` (every process of it, in its cgroup).
-async fn freeze(server: &Server, id: &str, pause: bool) -> Result<()> {
-    let backend = server.backend()?;
-    let id2 = id.to_string();
-    tokio::task::spawn_blocking(move || {
-        if pause {
-            backend.pause(&id2)
-        } else {
-            backend.resume(&id2)
-        }
-    })
-    .await
-    .map_err(|e| LifecycleError::Internal(e.to_string()))?
-    .map_err(|e| LifecycleError::Internal(e.to_string()))?;
-    let state = if pause {
-        SandboxState::Paused
-    } else {
-        SandboxState::Running
-    };
-    server.set_state(id, state, None)?;
-    Ok(())
-}
-
 /// E2B's `autoPause` at the sandbox's expiry: frozen, and kept until resumed or for the
 /// longest lifetime this server grants (`max_timeout_secs`, within the tenant's maximum
 /// lifetime), then deleted.
 pub(crate) async fn pause_at_expiry(server: &Server, rec: &SandboxRecord) -> Result<()> {
-    freeze(server, &rec.id, true).await?;
+    server.freeze(&rec.id, true).await?;
     let mut keep = crate::lifecycle::expiry_in(server.config.max_timeout_secs);
     if let Some(life) = server
         .config
@@ -758,11 +735,11 @@ pub(crate) async fn resume_on_traffic(
         .as_ref()
         .map_or(wire::DEFAULT_TIMEOUT_SECS, |e| e.timeout_secs);
     let end = bounded_expiry(server, rec, secs)?;
-    if let Err(e) = freeze(server, &rec.id, false).await {
+    if let Err(e) = server.freeze(&rec.id, false).await {
         // Another request may have resumed it first.
         return match server.registry.get(&rec.id) {
             Some(now) if now.state == SandboxState::Running => Ok(now),
-            _ => Err(e),
+            _ => Err(e.into()),
         };
     }
     tracing::info!(sandbox = %rec.id, "resumed by traffic (autoResume)");
@@ -791,7 +768,7 @@ pub async fn pause(
             ))
         }
     }
-    freeze(&server, &id, true).await?;
+    server.freeze(&id, true).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -830,7 +807,7 @@ async fn connect_or_resume(
     let end = bounded_expiry(&server, &rec, secs)?;
     let status = match rec.state {
         SandboxState::Paused => {
-            freeze(&server, &id, false).await?;
+            server.freeze(&id, false).await?;
             set_expiry(&server, &id, end)?;
             StatusCode::CREATED
         }

@@ -84,3 +84,98 @@ pub fn describe(output: &Output) -> String {
         String::from_utf8_lossy(&output.stderr)
     )
 }
+
+/// Upper bound for making a virtualenv, installing packages or building a template.
+pub const INSTALL_DEADLINE: Duration = Duration::from_secs(10 * 60);
+
+/// The python of the virtualenv `target/<name>`, made (and `requirements` installed from the
+/// package index) when missing or made from other requirements; one builder at a time across
+/// test binaries. `suite` names the tests that need it in the failure message: they fail,
+/// never skip, without Python or the package index.
+pub fn python_venv(name: &str, requirements: &Path, suite: &str) -> PathBuf {
+    let target = repo_root().join("target");
+    std::fs::create_dir_all(&target).expect("create target/");
+    let venv = target.join(name);
+    let python = venv.join("bin/python");
+    let wanted = std::fs::read_to_string(requirements)
+        .unwrap_or_else(|e| panic!("read {}: {e}", requirements.display()));
+    let stamp = venv.join(".execbox-requirements");
+    let _lock = FileLock::acquire(&target.join(format!("{name}.lock")));
+    if python.exists() && std::fs::read_to_string(&stamp).ok().as_deref() == Some(&wanted) {
+        return python;
+    }
+    let _ = std::fs::remove_dir_all(&venv);
+    let mut mk = Command::new("python3");
+    mk.args(["-m", "venv"]).arg(&venv);
+    let out = run_with_deadline(mk, "python3 -m venv", INSTALL_DEADLINE);
+    assert!(
+        out.status.success(),
+        "could not create the Python virtualenv for {suite} at {} \
+         (python3 with the venv module is required):\n{}",
+        venv.display(),
+        describe(&out)
+    );
+    let mut pip = Command::new(&python);
+    pip.args([
+        "-m",
+        "pip",
+        "install",
+        "--disable-pip-version-check",
+        "--no-input",
+        "--timeout",
+        "60",
+        "-r",
+    ])
+    .arg(requirements)
+    .env("PIP_NO_INPUT", "1");
+    let out = run_with_deadline(pip, "pip install", INSTALL_DEADLINE);
+    if !out.status.success() {
+        let _ = std::fs::remove_dir_all(&venv);
+        panic!(
+            "could not install the requirements of {suite} from the package index ({}); \
+             they need it (or PIP_INDEX_URL) and are not skipped:\n{}",
+            requirements.display(),
+            describe(&out)
+        );
+    }
+    std::fs::write(&stamp, &wanted).expect("write requirements stamp");
+    python
+}
+
+/// `python -m pytest -q` on `target` from `dir`, writing no caches.
+pub fn pytest_command(python: &Path, dir: &Path, target: &str) -> Command {
+    let mut cmd = Command::new(python);
+    cmd.args([
+        "-m",
+        "pytest",
+        "-q",
+        "-rfEs",
+        "-p",
+        "no:cacheprovider",
+        target,
+    ])
+    .current_dir(dir)
+    .env("PYTHONDONTWRITEBYTECODE", "1");
+    cmd
+}
+
+/// Builds the code-interpreter template into the test servers' shared directory before a suite
+/// that needs it (the SDKs give a create 60 s; a cold build takes about a minute). Built
+/// already, this returns at once.
+pub fn build_code_interpreter_template() {
+    let mut build = Command::new(env!("CARGO_BIN_EXE_execbox"));
+    build.args([
+        "template",
+        "build",
+        "code-interpreter",
+        "--templates-dir",
+        super::TEST_TEMPLATES_DIR,
+    ]);
+    let out = run_with_deadline(build, "execbox template build", INSTALL_DEADLINE);
+    assert!(
+        out.status.success(),
+        "could not build the code-interpreter template (numpy, pandas, matplotlib… from the \
+         package index the host's pip is configured for):\n{}",
+        describe(&out)
+    );
+}
