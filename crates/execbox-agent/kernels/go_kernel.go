@@ -474,7 +474,7 @@ func (k *kernel) run(code string, env map[string]string) bool {
 	src.WriteString(body.String())
 
 	if msg, err := k.build(src.String()); err != nil {
-		if k.takeInterrupt() {
+		if k.takeInterrupt() || interruptedBy(err) {
 			k.fail("interrupted", nil)
 			return false
 		}
@@ -836,6 +836,18 @@ func typeSource(t types.Type) (string, map[string]string, bool) {
 
 // ------------------------------------------------------------------ build and run
 
+// interruptedBy tells whether a build or program ended by SIGINT: the agent's interrupt goes
+// to the whole process group, so the child may die of it before this kernel's own handler
+// has marked the cell interrupted.
+func interruptedBy(err error) bool {
+	var exit *exec.ExitError
+	if !errors.As(err, &exit) {
+		return false
+	}
+	ws, ok := exit.Sys().(syscall.WaitStatus)
+	return ok && ws.Signaled() && ws.Signal() == syscall.SIGINT
+}
+
 func (k *kernel) takeInterrupt() bool {
 	k.mu.Lock()
 	defer k.mu.Unlock()
@@ -935,7 +947,7 @@ func (k *kernel) runProgram(env map[string]string) bool {
 		return false
 	}
 	err := k.wait(cmd)
-	if k.takeInterrupt() {
+	if k.takeInterrupt() || interruptedBy(err) {
 		k.fail("interrupted", nil)
 		return false
 	}
