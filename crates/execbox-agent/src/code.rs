@@ -166,7 +166,9 @@ impl Context {
         {
             let mut guard = kernel.lock().await;
             if guard.is_none() {
-                let (k, h) = Kernel::start(&app.runner, lang, &self.cwd, self.env.clone())
+                let (k, h) = app
+                    .spares
+                    .start(&app.runner, lang, &self.cwd, self.env.clone())
                     .await
                     .map_err(|e| match e {
                         crate::kernel::KernelError::Cwd(m) => RunError::Cwd(m),
@@ -251,7 +253,11 @@ impl Context {
         tokio::spawn(async move {
             let mut guard = guard;
             if guard.is_none() {
-                match Kernel::start(&app.runner, lang, &ctx.cwd, ctx.env.clone()).await {
+                match app
+                    .spares
+                    .start(&app.runner, lang, &ctx.cwd, ctx.env.clone())
+                    .await
+                {
                     Ok((k, h)) => {
                         *guard = Some(k);
                         if let Engine::Kernel { handle, .. } = &ctx.engine {

@@ -631,6 +631,127 @@ impl Kernel {
     }
 }
 
+/// Spare kernels kept at once per sandbox (each is an idle interpreter process).
+const MAX_SPARES: usize = 2;
+
+/// What makes two kernels interchangeable before they have run anything.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct SpareKey {
+    language: KernelLanguage,
+    cwd: PathBuf,
+    env: Vec<(String, String)>,
+}
+
+struct Spare {
+    key: SpareKey,
+    kernel: Kernel,
+    handle: KernelHandle,
+}
+
+/// Kernels started ahead of need, so that a new context does not wait for its interpreter to
+/// start. A context of a language, working directory and environment that this sandbox has
+/// already used takes a spare of that kind, and another is started in the background for the
+/// next one; the first such context starts its own kernel. A spare is a fresh process that has
+/// run nothing: no context ever gets a kernel another context used, and as a process of its
+/// own it has its own interpreter state, random seeds and hash salt.
+///
+/// Only for the interpreters that start cheaply (Python, Node): a spare JVM or Go toolchain
+/// would hold hundreds of MiB of the sandbox's memory for a context that may never come.
+#[derive(Default)]
+pub struct Spares {
+    ready: std::sync::Mutex<Vec<Spare>>,
+    starting: std::sync::Mutex<std::collections::HashSet<SpareKey>>,
+}
+
+impl Spares {
+    /// A ready kernel: a live spare of this kind when there is one, else a new one; either way
+    /// a spare for the next context of this kind starts in the background.
+    pub async fn start(
+        self: &Arc<Self>,
+        runner: &Arc<Runner>,
+        language: KernelLanguage,
+        cwd: &Path,
+        env: Vec<(String, String)>,
+    ) -> Result<(Kernel, KernelHandle), KernelError> {
+        if !matches!(
+            language,
+            KernelLanguage::Python | KernelLanguage::JavaScript | KernelLanguage::TypeScript
+        ) {
+            return Kernel::start(runner, language, cwd, env).await;
+        }
+        let key = SpareKey {
+            language,
+            cwd: cwd.to_path_buf(),
+            env,
+        };
+        let started = match self.take(&key) {
+            Some(spare) => Ok((spare.kernel, spare.handle)),
+            None => Kernel::start(runner, language, cwd, key.env.clone()).await,
+        };
+        if started.is_ok() {
+            self.refill(runner.clone(), key);
+        }
+        started
+    }
+
+    fn lock_ready(&self) -> std::sync::MutexGuard<'_, Vec<Spare>> {
+        self.ready.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A live spare of this kind (dead ones, killed by the OOM killer say, are dropped).
+    fn take(&self, key: &SpareKey) -> Option<Spare> {
+        let mut ready = self.lock_ready();
+        while let Some(i) = ready.iter().position(|s| s.key == *key) {
+            let mut spare = ready.swap_remove(i);
+            if matches!(
+                spare.kernel.exit.try_recv(),
+                Err(tokio::sync::oneshot::error::TryRecvError::Empty)
+            ) {
+                return Some(spare);
+            }
+            spare.handle.kill();
+        }
+        None
+    }
+
+    /// Starts a spare of this kind in the background, unless one is ready or starting.
+    fn refill(self: &Arc<Self>, runner: Arc<Runner>, key: SpareKey) {
+        if self.lock_ready().iter().any(|s| s.key == key) {
+            return;
+        }
+        {
+            let mut starting = self.starting.lock().unwrap_or_else(|p| p.into_inner());
+            if !starting.insert(key.clone()) {
+                return;
+            }
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            let started = Kernel::start(&runner, key.language, &key.cwd, key.env.clone()).await;
+            me.starting
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&key);
+            let Ok((kernel, handle)) = started else {
+                return;
+            };
+            let evicted = {
+                let mut ready = me.lock_ready();
+                let evicted = (ready.len() >= MAX_SPARES).then(|| ready.remove(0));
+                ready.push(Spare {
+                    key,
+                    kernel,
+                    handle,
+                });
+                evicted
+            };
+            if let Some(old) = evicted {
+                old.handle.kill();
+            }
+        });
+    }
+}
+
 async fn send_text(
     out: &mpsc::Sender<KernelOutput>,
     chunks: &mut Utf8Chunks,

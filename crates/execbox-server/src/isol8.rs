@@ -157,7 +157,7 @@ async fn auth(State(server): State<Arc<Server>>, mut req: Request, next: Next) -
     if server.config.has_keys() && key.is_none() {
         return Isol8Error::MissingKey.into_response();
     }
-    match server.tenant_of(key) {
+    match server.tenant_of(key).await {
         Some(t) => {
             req.extensions_mut().insert(Tenant(t));
             next.run(req).await

@@ -7,6 +7,7 @@
 
 pub mod agent_client;
 pub mod agent_run;
+pub mod api_keys;
 pub mod concurrency;
 pub mod config;
 pub mod diagnostics;
@@ -88,6 +89,9 @@ pub struct Server {
     pub events: diagnostics::Events,
     /// Signs expiring endpoint URLs, or why it cannot.
     signer: Result<signed::EndpointSigner, String>,
+    /// The configured API keys (`serve` refuses to start when one is malformed; here such a
+    /// configuration authenticates nobody).
+    keys: api_keys::KeyRing,
     backend: Result<Arc<LocalBackend>, String>,
 }
 
@@ -137,8 +141,13 @@ impl Server {
             config.endpoints.signing_key.as_deref(),
         )
         .inspect_err(|e| tracing::error!(error = %e, "signed endpoints are unavailable"));
+        let keys = api_keys::KeyRing::from_config(&config).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "no API key is accepted");
+            api_keys::KeyRing::none()
+        });
         let server = Arc::new_cyclic(|me| Self {
             signer,
+            keys,
             events: diagnostics::Events::default(),
             sandbox_pools: sandbox_pools::SandboxPools::load(&config.state_dir),
             templates,
@@ -704,24 +713,16 @@ impl Server {
     /// The tenant of a presented server key, compared in constant time against every
     /// configured key. With no key configured, every request is the default tenant (the server
     /// then listens on loopback only).
-    pub fn tenant_of(&self, presented: Option<&str>) -> Option<String> {
+    pub async fn tenant_of(&self, presented: Option<&str>) -> Option<String> {
         if !self.config.has_keys() {
             return Some(config::DEFAULT_TENANT.to_string());
         }
-        let p = presented?;
-        let mut found = None;
-        // Every key is compared, so the time taken does not tell which one matched.
-        for (key, tenant) in self.config.keys() {
-            if bool::from(key.as_bytes().ct_eq(p.as_bytes())) {
-                found = Some(tenant.to_string());
-            }
-        }
-        found
+        self.keys.tenant_of(presented?).await
     }
 
     /// Whether a data-plane request may reach the sandbox `rec`: its access token, or a server
     /// key of the sandbox's tenant.
-    fn proxy_authorized(&self, headers: &HeaderMap, rec: &registry::SandboxRecord) -> bool {
+    async fn proxy_authorized(&self, headers: &HeaderMap, rec: &registry::SandboxRecord) -> bool {
         let get = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
         if let Some(t) = get("x-execd-access-token") {
             if bool::from(t.as_bytes().ct_eq(rec.token.as_bytes())) {
@@ -733,7 +734,7 @@ impl Server {
         let key = get("open-sandbox-api-key").or(bearer);
         self.config.has_keys()
             && key.is_some()
-            && self.tenant_of(key).is_some_and(|t| t == rec.tenant)
+            && self.tenant_of(key).await.is_some_and(|t| t == rec.tenant)
     }
 
     /// Removes the sandboxes only this process can reach (pool, one-shot and session sandboxes,
@@ -899,7 +900,7 @@ async fn lifecycle_auth(State(server): State<Arc<Server>>, req: Request, next: N
         .headers()
         .get("open-sandbox-api-key")
         .and_then(|v| v.to_str().ok());
-    if let Some(tenant) = server.tenant_of(key) {
+    if let Some(tenant) = server.tenant_of(key).await {
         let mut req = req;
         req.extensions_mut().insert(Tenant(tenant.clone()));
         let mut resp = next.run(req).await;
@@ -1107,6 +1108,17 @@ pub enum ServeError {
 
 /// Runs the server until the process is stopped.
 pub async fn serve(config: ServerConfig) -> Result<(), ServeError> {
+    let keys =
+        api_keys::KeyRing::from_config(&config).map_err(|e| ServeError::Config(e.to_string()))?;
+    match keys.counts() {
+        (0, _) => {}
+        (clear, hashed) => tracing::info!(
+            clear,
+            hashed,
+            "some API keys are stored in clear in the configuration: `execbox key new` makes \
+             keys stored as salted hashes"
+        ),
+    }
     if !config.has_keys() {
         if !config.listen.ip().is_loopback() {
             return Err(ServeError::Config(format!(

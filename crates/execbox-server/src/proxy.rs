@@ -116,7 +116,7 @@ async fn forward(server: Arc<Server>, req: Request) -> Result<Response, Lifecycl
         .get(id)
         .filter(|r| r.owner.is_none())
         .ok_or_else(|| LifecycleError::NotFound(id.to_string()))?;
-    if !server.proxy_authorized(req.headers(), &rec) {
+    if !server.proxy_authorized(req.headers(), &rec).await {
         return Ok((
             StatusCode::UNAUTHORIZED,
             axum::Json(serde_json::json!({

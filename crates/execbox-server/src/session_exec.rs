@@ -168,7 +168,7 @@ impl FromRequestParts<Arc<Server>> for Caller {
                 .or_else(|| h.strip_prefix("bearer "))
                 .map(str::trim)
         });
-        match server.tenant_of(key) {
+        match server.tenant_of(key).await {
             Some(tenant) => Ok(Caller(tenant)),
             None if header.is_none() => Err(ApiError::Unauthorized(
                 "Authorization: a bearer API key is required",

@@ -85,6 +85,17 @@ enum ConfigCommand {
 }
 
 #[derive(Subcommand)]
+enum KeyCommand {
+    /// Make a new API key: prints the key once, and the configuration line holding its salted
+    /// hash (the key itself is stored nowhere).
+    New {
+        /// The tenant the key belongs to (`default`: the `api_keys` list).
+        #[arg(long, default_value = execbox_server::config::DEFAULT_TENANT)]
+        tenant: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// Serve the HTTP APIs.
     Serve {
@@ -98,6 +109,11 @@ enum Command {
     Config {
         #[command(subcommand)]
         command: ConfigCommand,
+    },
+    /// API keys stored as salted hashes.
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
     },
     /// Run code once in a fresh sandbox, without a server.
     Run {
@@ -223,6 +239,9 @@ fn main() -> ExitCode {
         },
         Command::Image(args) => image_cli::run(args),
         Command::Volume(args) => volume_cli::run(args),
+        Command::Key {
+            command: KeyCommand::New { tenant },
+        } => new_key(&tenant),
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(
@@ -411,4 +430,35 @@ fn doctor(cfg: &execbox_server::ServerConfig) -> ExitCode {
     } else {
         ExitCode::SUCCESS
     }
+}
+
+/// `execbox key new`: the key, once, and the line to paste into the configuration.
+fn new_key(tenant: &str) -> ExitCode {
+    let valid = !tenant.is_empty()
+        && tenant
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if !valid {
+        eprintln!("execbox: --tenant: {tenant:?} is not a tenant name (letters, digits, - and _)");
+        return ExitCode::from(2);
+    }
+    let (key, hash) = match execbox_server::api_keys::new_key() {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("execbox: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    println!("# API key of tenant {tenant:?}, shown only this once:");
+    println!("{key}");
+    if tenant == execbox_server::config::DEFAULT_TENANT {
+        println!(
+            "# Add its hash to the configuration file, at the top level (with any other keys):"
+        );
+        println!("api_keys = [\"{hash}\"]");
+    } else {
+        println!("# Add its hash to the configuration file, under [tenants] (with the tenant's other keys):");
+        println!("{tenant} = [\"{hash}\"]");
+    }
+    ExitCode::SUCCESS
 }

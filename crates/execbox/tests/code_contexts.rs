@@ -1852,3 +1852,79 @@ fn java_errors_are_named_as_upstream() {
     let evs = run_code(&sb, in_ctx("40 + 2", "java", &jv));
     assert_eq!(result_texts(&evs), ["42"], "{evs:?}");
 }
+
+/// When this process started, in seconds on the sandbox's clock, from its own `/proc`.
+const PROCESS_START: &str = "import os\n\
+with open('/proc/self/stat') as f: start = int(f.read().rsplit(')', 1)[1].split()[19])\n\
+print(start / os.sysconf('SC_CLK_TCK'))";
+
+#[test]
+fn a_new_context_takes_a_kernel_started_ahead_which_shares_nothing_with_the_others() {
+    let server = TestServer::start();
+    let sb = server.create(json!({}));
+    for language in ["python", "javascript"] {
+        let first = new_context(&sb, language);
+        let (set, read) = if language == "python" {
+            (
+                "import random, os\nsecret = 'first-context'\nprint(random.random(), os.getpid())",
+                "print('secret' in globals())",
+            )
+        } else {
+            (
+                "globalThis.secret = 'first-context'; console.log(Math.random(), process.pid)",
+                "console.log(typeof secret !== 'undefined')",
+            )
+        };
+        let evs = run_code(&sb, in_ctx(set, language, &first));
+        assert_ok(&evs);
+        let first_out = stdout_of(&evs);
+        // Time for the spare to start, and to age: a kernel started for the create below
+        // would be younger than this pause.
+        std::thread::sleep(Duration::from_millis(1500));
+        let second = new_context(&sb, language);
+        assert_ne!(first, second);
+        if language == "python" {
+            let started = |ctx: &str| -> f64 {
+                let evs = run_code(&sb, in_ctx(PROCESS_START, language, ctx));
+                assert_ok(&evs);
+                stdout_of(&evs).trim().parse().expect("start time")
+            };
+            let (one, two) = (started(&first), started(&second));
+            // A kernel started for the second create would start after the pause.
+            assert!(
+                two - one < 1.0,
+                "the second context's kernel was started ahead, with the first ({one} s, {two} s)"
+            );
+        }
+        let evs = run_code(&sb, in_ctx(read, language, &second));
+        assert_ok(&evs);
+        assert_eq!(
+            stdout_of(&evs).trim().to_lowercase(),
+            "false",
+            "nothing of the first context: {evs:?}"
+        );
+        let evs = run_code(&sb, in_ctx(set, language, &second));
+        assert_ok(&evs);
+        let second_out = stdout_of(&evs);
+        let split = |s: &str| {
+            let v: Vec<String> = s.split_whitespace().map(str::to_string).collect();
+            (v[0].clone(), v[1].clone())
+        };
+        let (r1, p1) = split(&first_out);
+        let (r2, p2) = split(&second_out);
+        assert_ne!(p1, p2, "a process of its own");
+        assert_ne!(r1, r2, "its own random seed");
+        // The first context is unchanged, and a third one is fresh too.
+        let evs = run_code(&sb, in_ctx(read, language, &first));
+        assert_ok(&evs);
+        assert_eq!(
+            stdout_of(&evs).trim().to_lowercase(),
+            "true",
+            "the first context kept its state: {evs:?}"
+        );
+        let third = new_context(&sb, language);
+        let evs = run_code(&sb, in_ctx(read, language, &third));
+        assert_ok(&evs);
+        assert_eq!(stdout_of(&evs).trim().to_lowercase(), "false", "{evs:?}");
+    }
+}

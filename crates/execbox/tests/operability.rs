@@ -721,3 +721,144 @@ fn an_unprivileged_user_is_told_what_is_missing_and_serve_refuses_to_start() {
         "{serve:?}"
     );
 }
+
+/// The two lines `execbox key new` prints that are not comments: the key, and the
+/// configuration line holding its hash.
+fn new_key(tenant: Option<&str>) -> (String, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_execbox"));
+    cmd.args(["key", "new"]);
+    if let Some(t) = tenant {
+        cmd.args(["--tenant", t]);
+    }
+    let out = cmd.output().expect("execbox key new");
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).expect("utf-8");
+    let lines: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+    assert_eq!(
+        lines.len(),
+        2,
+        "the key and one configuration line:\n{text}"
+    );
+    assert!(
+        !lines[1].contains(lines[0]),
+        "the configuration holds a hash, not the key:\n{text}"
+    );
+    (lines[0].to_string(), lines[1].to_string())
+}
+
+#[test]
+fn keys_from_execbox_key_new_work_when_pasted_and_only_they_do() {
+    let (acme_key, acme_line) = new_key(Some("acme"));
+    let (default_key, default_line) = new_key(None);
+    assert!(acme_line.starts_with("acme = [\"$argon2id$"), "{acme_line}");
+    let default_hash = default_line
+        .strip_prefix("api_keys = [\"")
+        .and_then(|l| l.strip_suffix("\"]"))
+        .expect("api_keys line");
+    assert_ne!(acme_key, default_key, "every key is new");
+    // The tenant's line pasted under [tenants]; the default tenant's hash given as --api-key
+    // (a hash is accepted wherever a key is).
+    let server = Logged::start_with(
+        &["--api-key", default_hash],
+        &format!("[tenants]\n{acme_line}\n"),
+    );
+    let list = |key: &str| match ureq::get(&format!("{}/v1/sandboxes", server.base))
+        .set("OPEN-SANDBOX-API-KEY", key)
+        .call()
+    {
+        Ok(r) => (r.status(), r.into_json::<Value>().ok()),
+        Err(ureq::Error::Status(s, _)) => (s, None),
+        Err(e) => panic!("{e}"),
+    };
+    let create = |key: &str| -> String {
+        let v: Value = ureq::post(&format!("{}/v1/sandboxes", server.base))
+            .set("OPEN-SANDBOX-API-KEY", key)
+            .set("Content-Type", "application/json")
+            .send_string(
+                &json!({"image": {"uri": "default"}, "entrypoint": ["tail", "-f", "/dev/null"],
+                        "resourceLimits": {"cpu": "1", "memory": "128Mi"}})
+                .to_string(),
+            )
+            .expect("create with a hashed key")
+            .into_json()
+            .expect("json");
+        v["id"].as_str().expect("id").to_string()
+    };
+    let acme_sandbox = create(&acme_key);
+    // Twice each: the first check runs Argon2, the next ones use what it proved.
+    for _ in 0..2 {
+        let (s, v) = list(&acme_key);
+        assert_eq!(s, 200);
+        assert!(v.expect("list").to_string().contains(&acme_sandbox));
+        let (s, v) = list(&default_key);
+        assert_eq!(s, 200, "the default tenant's hashed key");
+        assert!(
+            !v.expect("list").to_string().contains(&acme_sandbox),
+            "another tenant's sandbox is not listed"
+        );
+    }
+    let acme_hash = acme_line
+        .strip_prefix("acme = [\"")
+        .and_then(|l| l.strip_suffix("\"]"))
+        .expect("hash");
+    let mut wrong_last = acme_key.clone();
+    wrong_last.pop();
+    wrong_last.push(if acme_key.ends_with('A') { 'B' } else { 'A' });
+    for wrong in [
+        acme_hash,
+        default_hash,
+        wrong_last.as_str(),
+        &acme_key[..acme_key.len() - 1],
+        "exb_",
+    ] {
+        for _ in 0..2 {
+            assert_eq!(list(wrong).0, 401, "{wrong} is refused");
+        }
+    }
+    ureq::delete(&format!("{}/v1/sandboxes/{acme_sandbox}", server.base))
+        .set("OPEN-SANDBOX-API-KEY", &acme_key)
+        .call()
+        .expect("delete");
+    let log = server.stop();
+    assert!(
+        !log.contains(&acme_key) && !log.contains(&default_key),
+        "keys are never logged:\n{log}"
+    );
+}
+
+#[test]
+fn a_malformed_key_hash_stops_the_start_naming_its_place() {
+    let config = std::env::temp_dir().join(unique("execbox-badhash"));
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:{}\"\n[templates]\nprebuild = []\n[tenants]\nacme = [\"$argon2id$v=19$broken\"]\n",
+            free_port()
+        ),
+    )
+    .expect("config");
+    let log = std::env::temp_dir().join(unique("execbox-badhash-log"));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_execbox"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env_remove("EXECBOX_API_KEY")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("serve");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the server started with a malformed key hash");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let stderr = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(!status.success(), "{stderr}");
+    assert!(stderr.contains("tenants.acme: entry 0"), "{stderr}");
+}

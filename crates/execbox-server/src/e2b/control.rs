@@ -103,7 +103,7 @@ pub async fn auth(State(server): State<Arc<Server>>, req: Request, next: Next) -
         let bearer = get("authorization").and_then(|a| a.strip_prefix("Bearer "));
         get("x-api-key").or(bearer).map(str::to_string)
     };
-    let Some(tenant) = server.tenant_of(key.as_deref()) else {
+    let Some(tenant) = server.tenant_of(key.as_deref()).await else {
         let message = if key.is_none() {
             "missing API key: send it as X-API-Key"
         } else {
