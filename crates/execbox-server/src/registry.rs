@@ -336,3 +336,127 @@ fn read_records(dir: &Path) -> Vec<(PathBuf, StoredRecord)> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secrets::KeySource;
+
+    fn record(id: &str) -> SandboxRecord {
+        let now = OffsetDateTime::now_utc();
+        SandboxRecord {
+            id: id.into(),
+            tenant: "default".into(),
+            token: "tok-secret-1".into(),
+            image_uri: Some("default".into()),
+            image_id: None,
+            renew_on_access_secs: None,
+            volumes: Vec::new(),
+            entrypoint: vec!["sleep".into()],
+            env: [("API_KEY".to_string(), "env-secret-1".to_string())].into(),
+            metadata: BTreeMap::new(),
+            created_at: now,
+            expires_at: None,
+            state: SandboxState::Running,
+            reason: None,
+            message: None,
+            last_transition_at: now,
+            limits: SandboxLimits::default(),
+            placement: None,
+            owner: None,
+            pool: None,
+            e2b: None,
+            network: None,
+        }
+    }
+
+    fn temp_dir() -> PathBuf {
+        std::env::temp_dir().join(format!(
+            "execbox-registry-unit-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ))
+    }
+
+    #[test]
+    fn records_are_sealed_on_disk_and_open_again_with_their_key_only() {
+        let dir = temp_dir();
+        let sbox = Arc::new(SecretBox::from_key(&[3; 32], KeySource::Env));
+        let reg = Registry::load(&dir, sbox.clone()).unwrap();
+        reg.save(record("r1")).unwrap();
+        let path = dir.join("sandboxes/r1/record.json");
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            !text.contains("tok-secret-1") && !text.contains("env-secret-1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\"sealed\"") && text.contains("\"tenant\""),
+            "{text}"
+        );
+        // Debug shows no secret either.
+        let shown = format!("{:?}", reg.get("r1").unwrap());
+        assert!(
+            !shown.contains("tok-secret-1") && !shown.contains("env-secret-1"),
+            "{shown}"
+        );
+        assert!(shown.contains("API_KEY"), "{shown}");
+        // Read back with the key.
+        let again = Registry::load(&dir, sbox).unwrap().get("r1").unwrap();
+        assert_eq!(again.token, "tok-secret-1");
+        assert_eq!(again.env["API_KEY"], "env-secret-1");
+        // With another key: an error naming the record, not an empty record.
+        let other = Arc::new(SecretBox::from_key(&[4; 32], KeySource::Env));
+        let e = Registry::load(&dir, other)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(e.contains("r1/record.json"), "{e}");
+        // A record's sealed field moved into another record does not open there.
+        let sealed: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let mut r2 = serde_json::to_value(record("r2")).unwrap();
+        r2["sealed"] = sealed["sealed"].clone();
+        std::fs::create_dir_all(dir.join("sandboxes/r2")).unwrap();
+        std::fs::write(dir.join("sandboxes/r2/record.json"), r2.to_string()).unwrap();
+        let sbox = Arc::new(SecretBox::from_key(&[3; 32], KeySource::Env));
+        let e = Registry::load(&dir, sbox)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(e.contains("r2/record.json"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_record_written_in_clear_is_read_and_sealed_at_load() {
+        let dir = temp_dir();
+        // As an earlier version wrote it: token and env in clear, no `sealed`.
+        let mut clear = serde_json::to_value(record("old")).unwrap();
+        clear["token"] = "tok-secret-1".into();
+        clear["env"] = serde_json::json!({"API_KEY": "env-secret-1"});
+        std::fs::create_dir_all(dir.join("sandboxes/old")).unwrap();
+        let path = dir.join("sandboxes/old/record.json");
+        std::fs::write(&path, clear.to_string()).unwrap();
+        let sbox = Arc::new(SecretBox::from_key(&[3; 32], KeySource::Env));
+        let rec = Registry::load(&dir, sbox.clone())
+            .unwrap()
+            .get("old")
+            .unwrap();
+        assert_eq!(rec.token, "tok-secret-1");
+        assert_eq!(rec.env["API_KEY"], "env-secret-1");
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            !text.contains("tok-secret-1") && !text.contains("env-secret-1"),
+            "{text}"
+        );
+        assert!(text.contains("\"sealed\""), "{text}");
+        let rec = Registry::load(&dir, sbox).unwrap().get("old").unwrap();
+        assert_eq!(rec.token, "tok-secret-1");
+        // The key-less view lists it without secrets and refuses to write.
+        let public = Registry::load_public(&dir);
+        let rec = public.get("old").unwrap();
+        assert!(rec.token.is_empty() && rec.env.is_empty());
+        assert!(public.save(rec).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
