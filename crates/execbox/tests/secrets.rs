@@ -310,8 +310,36 @@ fn secrets_are_sealed_at_rest_and_never_logged_and_the_key_is_required() {
     assert!(status.success(), "{status}");
     assert_nowhere(&state_dir, &log, &all, "restarted");
 
-    // Without the key: refused, naming where the key is looked for.
+    // `config show` and `doctor` name the key's source and fingerprint, never the key.
     let key_file = state_dir.join("secrets.key");
+    let key_text = std::fs::read_to_string(&key_file).unwrap();
+    let check: Value =
+        serde_json::from_slice(&std::fs::read(state_dir.join("secrets.check")).unwrap()).unwrap();
+    let fingerprint = check["fingerprint"]
+        .as_str()
+        .expect("fingerprint")
+        .to_string();
+    for args in [&["config", "show"][..], &["doctor"][..]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_execbox"))
+            .args(args)
+            .arg("--state-dir")
+            .arg(&state_dir)
+            .env_remove("EXECBOX_SECRETS_KEY")
+            .output()
+            .expect("execbox");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text
+            .lines()
+            .find(|l| l.contains("secrets at rest"))
+            .unwrap_or_else(|| panic!("{args:?}: no secrets line in {text}"));
+        assert!(
+            line.contains(&fingerprint) && line.contains(&key_file.display().to_string()),
+            "{args:?}: {line}"
+        );
+        assert!(!text.contains(key_text.trim()), "{args:?} shows the key");
+    }
+
+    // Without the key: refused, naming where the key is looked for.
     let kept = std::env::temp_dir().join(unique("execbox-secrets-key"));
     std::fs::rename(&key_file, &kept).unwrap();
     let err = refused_start(&state_dir, &config, &[]);
