@@ -305,7 +305,7 @@ impl SecretBox {
                     .map_err(io_err(state_dir))?;
                 let path = state_dir.join(DEFAULT_KEY_FILE);
                 let key: [u8; KEY_BYTES] = rand::random();
-                let text = format!("{}\n", hex(&key));
+                let text = format!("{}\n", hex::encode(key));
                 write_new_secret(&path, text.as_bytes()).map_err(io_err(&path))?;
                 // Two servers starting at once: whoever created the file first wins.
                 let key = read_key_file(&path)?.ok_or_else(|| SecretsError::BadKeyFile {
@@ -387,13 +387,10 @@ fn read_key_file(path: &Path) -> Result<Option<[u8; KEY_BYTES]>, SecretsError> {
 
 /// 32 bytes from 64 hex digits or base64 (standard, padded or not).
 fn parse_key(text: &[u8]) -> Option<[u8; KEY_BYTES]> {
-    if text.len() == 2 * KEY_BYTES && text.iter().all(u8::is_ascii_hexdigit) {
-        let mut key = [0u8; KEY_BYTES];
-        for (i, pair) in text.chunks(2).enumerate() {
-            let s = std::str::from_utf8(pair).ok()?;
-            key[i] = u8::from_str_radix(s, 16).ok()?;
+    if text.len() == 2 * KEY_BYTES {
+        if let Ok(key) = hex::decode(text) {
+            return key.try_into().ok();
         }
-        return Some(key);
     }
     let engine = base64::engine::GeneralPurpose::new(
         &base64::alphabet::STANDARD,
@@ -407,15 +404,7 @@ fn fingerprint(key: &[u8; KEY_BYTES]) -> String {
     let mut h = Sha256::new();
     h.update(b"execbox secrets key fingerprint\0");
     h.update(key);
-    hex(&h.finalize()[..8])
-}
-
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes.iter().fold(String::new(), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    hex::encode(&h.finalize()[..8])
 }
 
 /// One line for `execbox doctor` and `config show`: where the key comes from and its
@@ -577,12 +566,12 @@ mod tests {
     #[test]
     fn keys_parse_from_hex_and_base64_only_at_32_bytes() {
         let key = [0xabu8; KEY_BYTES];
-        assert_eq!(parse_key(hex(&key).as_bytes()), Some(key));
+        assert_eq!(parse_key(hex::encode(key).as_bytes()), Some(key));
         let b64 = base64::engine::general_purpose::STANDARD.encode(key);
         assert_eq!(parse_key(b64.as_bytes()), Some(key));
         assert_eq!(parse_key(b64.trim_end_matches('=').as_bytes()), Some(key));
         assert_eq!(parse_key(b"short"), None);
-        assert_eq!(parse_key(hex(&key[..16]).as_bytes()), None);
+        assert_eq!(parse_key(hex::encode(&key[..16]).as_bytes()), None);
         assert_ne!(fingerprint(&key), fingerprint(&[0u8; KEY_BYTES]));
         assert_eq!(fingerprint(&key).len(), 16);
     }
@@ -605,7 +594,7 @@ mod tests {
         assert_eq!(again.fingerprint(), first.fingerprint());
         // Another key (a configured file) does not open the check file.
         let other = dir.join("other.key");
-        write_new_secret(&other, hex(&[7u8; KEY_BYTES]).as_bytes()).unwrap();
+        write_new_secret(&other, hex::encode([7u8; KEY_BYTES]).as_bytes()).unwrap();
         let e = SecretBox::load(&dir, Some(&other)).unwrap_err().to_string();
         assert!(
             e.contains("other.key") && e.contains(first.fingerprint()),
