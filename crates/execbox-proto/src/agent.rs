@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 pub const AGENT_CONFIG_ENV: &str = "EXECBOX_AGENT_CONFIG";
 
 /// Configuration handed to the agent at start.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Clone, Default, Serialize, Deserialize)]
 pub struct AgentConfig {
     /// Sandbox environment (from the create request), seen by every user process.
     pub env: Vec<(String, String)>,
@@ -51,4 +51,13 @@ pub struct AgentConfig {
     /// user's home when absent.
     #[serde(default)]
     pub workdir: Option<String>,
+}
+
+impl std::fmt::Debug for AgentConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentConfig")
+            .field("env", &crate::redact::MaskedPairs(&self.env))
+            .field("entrypoint", &self.entrypoint)
+            .finish_non_exhaustive()
+    }
 }

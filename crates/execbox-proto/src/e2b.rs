@@ -34,7 +34,7 @@ pub const HEADER_ACCESS_TOKEN: &str = "x-access-token";
 pub const HEADER_TRAFFIC_TOKEN: &str = "e2b-traffic-access-token";
 
 /// Body of `POST /v2/sandboxes` and `POST /sandboxes` (§2.4).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct NewSandbox {
     /// Template to start from (`base`, `code-interpreter-v1`…).
@@ -76,6 +76,19 @@ pub struct NewSandbox {
     /// Volumes.
     #[serde(default)]
     pub volume_mounts: Option<Value>,
+}
+
+impl std::fmt::Debug for NewSandbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NewSandbox")
+            .field("template_id", &self.template_id)
+            .field("timeout", &self.timeout)
+            .field(
+                "env_vars",
+                &crate::redact::MaskedMap(self.env_vars.as_ref()),
+            )
+            .finish_non_exhaustive()
+    }
 }
 
 /// `autoResume`.
@@ -184,7 +197,7 @@ pub struct Connect {
 }
 
 /// The `Sandbox` object of create and connect (§2.2).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
 pub struct Sandbox {
     /// Id.
     #[serde(rename = "sandboxID")]
@@ -211,6 +224,23 @@ pub struct Sandbox {
     pub domain: Option<String>,
 }
 
+impl std::fmt::Debug for Sandbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sandbox")
+            .field("sandbox_id", &self.sandbox_id)
+            .field("template_id", &self.template_id)
+            .field(
+                "envd_access_token",
+                &crate::redact::Masked(Some(&self.envd_access_token)),
+            )
+            .field(
+                "traffic_access_token",
+                &crate::redact::Masked(self.traffic_access_token.as_deref()),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
 /// `lifecycle` of a detail.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -222,7 +252,7 @@ pub struct Lifecycle {
 }
 
 /// `SandboxDetail` (get) and, without the detail-only fields, `ListedSandbox` (list).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
 pub struct SandboxDetail {
     /// Template as asked for.
     #[serde(rename = "templateID")]
@@ -276,6 +306,20 @@ pub struct SandboxDetail {
     /// Volumes (none).
     #[serde(rename = "volumeMounts")]
     pub volume_mounts: Vec<Value>,
+}
+
+impl std::fmt::Debug for SandboxDetail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SandboxDetail")
+            .field("sandbox_id", &self.sandbox_id)
+            .field("template_id", &self.template_id)
+            .field("state", &self.state)
+            .field(
+                "envd_access_token",
+                &crate::redact::Masked(self.envd_access_token.as_deref()),
+            )
+            .finish_non_exhaustive()
+    }
 }
 
 /// One sample of `GET /sandboxes/{id}/metrics`.

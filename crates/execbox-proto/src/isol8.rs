@@ -21,7 +21,7 @@ pub struct ExecuteBody {
 }
 
 /// `request` (§3).
-#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[derive(Clone, Default, serde::Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[cfg_attr(feature = "openapi", schema(as = Isol8ExecutionRequest))]
 #[serde(rename_all = "camelCase")]
@@ -62,6 +62,16 @@ pub struct ExecutionRequest {
     pub agent_flags: Option<Value>,
 }
 
+impl std::fmt::Debug for ExecutionRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExecutionRequest")
+            .field("runtime", &self.runtime)
+            .field("env", &crate::redact::MaskedMap(self.env.as_ref()))
+            .field("timeout_ms", &self.timeout_ms)
+            .finish_non_exhaustive()
+    }
+}
+
 /// `options.security`.
 #[derive(Debug, Clone, Default, serde::Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -75,7 +85,7 @@ pub struct Security {
 }
 
 /// `options` (§4).
-#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[derive(Clone, Default, serde::Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[cfg_attr(feature = "openapi", schema(as = Isol8Options))]
 #[serde(rename_all = "camelCase")]
@@ -122,6 +132,17 @@ pub struct Options {
     pub pool_strategy: Option<Value>,
     /// Ignored.
     pub pool_size: Option<Value>,
+}
+
+impl std::fmt::Debug for Options {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Options")
+            .field("mode", &self.mode)
+            .field("network", &self.network)
+            .field("secrets", &crate::redact::MaskedMap(self.secrets.as_ref()))
+            .field("timeout_ms", &self.timeout_ms)
+            .finish_non_exhaustive()
+    }
 }
 
 /// `ExecutionResult` (§5), with execbox's `timedOut` and `oomKilled`.

@@ -9,5 +9,6 @@ pub mod limits;
 pub mod paths;
 pub mod proxy_headers;
 pub mod quantity;
+pub mod redact;
 pub mod run;
 pub mod session_exec;

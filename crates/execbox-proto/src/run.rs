@@ -80,7 +80,7 @@ pub struct KillRequest {
 }
 
 /// `POST /execbox/run`.
-#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Default, serde::Serialize, serde::Deserialize)]
 #[serde(default)]
 pub struct RunRequest {
     /// Program and arguments.
@@ -112,6 +112,17 @@ pub struct RunRequest {
     pub keep_background: bool,
     /// Answer as NDJSON [`RunEvent`]s instead of one [`RunResult`].
     pub stream: bool,
+}
+
+impl std::fmt::Debug for RunRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunRequest")
+            .field("argv", &self.argv)
+            .field("cwd", &self.cwd)
+            .field("env", &crate::redact::MaskedMap(Some(&self.env)))
+            .field("timeout_ms", &self.timeout_ms)
+            .finish_non_exhaustive()
+    }
 }
 
 /// How a run ended.

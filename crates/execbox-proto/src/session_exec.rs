@@ -149,7 +149,7 @@ pub enum Program {
 }
 
 /// `POST /api/execute`, validated.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ExecuteRequest {
     /// Session to execute in.
@@ -167,6 +167,17 @@ pub struct ExecuteRequest {
     pub cwd: String,
     /// Answer as SSE.
     pub stream: bool,
+}
+
+impl std::fmt::Debug for ExecuteRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExecuteRequest")
+            .field("session_id", &self.session_id)
+            .field("env", &crate::redact::MaskedMap(Some(&self.env)))
+            .field("timeout", &self.timeout)
+            .field("cwd", &self.cwd)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ExecuteRequest {

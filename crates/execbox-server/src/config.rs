@@ -67,6 +67,8 @@ pub struct ServerConfig {
     pub endpoints: EndpointsConfig,
     /// The E2B API (`[e2b]`).
     pub e2b: E2bConfig,
+    /// Secrets at rest (`[secrets]`).
+    pub secrets: SecretsConfig,
     /// Client connections open at once, WebSocket sessions included (at least 1). At the cap
     /// the server stops accepting and new connections wait in the kernel's listen backlog
     /// until one closes. Lowered at start to half the process's limit on open files, which
@@ -132,6 +134,17 @@ impl std::fmt::Debug for EndpointsConfig {
             .field("signing_key", &self.signing_key.as_ref().map(|_| "***"))
             .finish()
     }
+}
+
+/// Secrets at rest (`[secrets]`): the key sealing sandbox environments, access tokens and
+/// pool templates in the state directory.
+#[derive(Debug, Clone, Default, serde::Deserialize, serde::Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SecretsConfig {
+    /// A file holding the secrets key (32 bytes: 64 hex digits, base64 or raw), owner-only.
+    /// `EXECBOX_SECRETS_KEY` takes precedence; with neither, execbox generates
+    /// `<state_dir>/secrets.key` at the first start.
+    pub key_file: Option<PathBuf>,
 }
 
 /// The E2B API (`[e2b]`).
@@ -515,6 +528,7 @@ impl Default for ServerConfig {
             image_store: ImageStoreConfig::default(),
             endpoints: EndpointsConfig::default(),
             e2b: E2bConfig::default(),
+            secrets: SecretsConfig::default(),
             max_connections: 10_000,
             header_read_timeout_secs: 10,
             idle_timeout_secs: 60,

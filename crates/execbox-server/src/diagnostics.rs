@@ -4,7 +4,7 @@
 //! descriptor of the Diagnostics API (`delivery: inline`); without it, the older plain text
 //! (marked `Deprecation: true`).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -373,6 +373,12 @@ fn inspect_text(rec: &SandboxRecord) -> String {
     text.push_str(&format!(
         "limits: {}\n",
         serde_json::to_string(&rec.limits).unwrap_or_default()
+    ));
+    // The environment's names only: its values may be secrets (they are sealed at rest).
+    let env: BTreeMap<&str, &str> = rec.env.keys().map(|k| (k.as_str(), "***")).collect();
+    text.push_str(&format!(
+        "env: {}\n",
+        serde_json::to_string(&env).unwrap_or_default()
     ));
     text
 }

@@ -28,6 +28,7 @@ pub mod prometheus;
 pub mod proxy;
 pub mod registry;
 pub mod sandbox_pools;
+pub mod secrets;
 pub mod session_exec;
 pub mod sessions;
 pub mod signed;
@@ -97,8 +98,20 @@ pub struct Server {
 
 impl Server {
     /// Prepares the backend (failing closed into an error kept for every create) and
-    /// re-attaches to the sandboxes recorded in the state directory.
-    pub fn new(config: ServerConfig) -> Arc<Self> {
+    /// re-attaches to the sandboxes recorded in the state directory. Without the secrets key
+    /// that sealed the state directory (or with another), nothing starts.
+    pub fn new(config: ServerConfig) -> Result<Arc<Self>, secrets::SecretsError> {
+        let secrets = Arc::new(secrets::SecretBox::load(
+            &config.state_dir,
+            config.secrets.key_file.as_deref(),
+        )?);
+        tracing::info!(
+            source = %secrets.source(),
+            fingerprint = secrets.fingerprint(),
+            "secrets at rest: sealed"
+        );
+        let registry = Registry::load(&config.state_dir, secrets.clone())?;
+        let sandbox_pools = sandbox_pools::SandboxPools::load(&config.state_dir, secrets)?;
         let backend = LocalBackend::new(LocalConfig {
             state_dir: config.state_dir.clone(),
             agent_exe: config.agent_exe.clone(),
@@ -121,7 +134,6 @@ impl Server {
             tracing::error!(error = %e, "sandboxes cannot be created");
             e.to_string()
         });
-        let registry = Registry::load(&config.state_dir);
         let pool = pool::WarmPool::new(
             config.policy.warm_pool_size,
             config.policy.max_pool_profiles,
@@ -149,7 +161,7 @@ impl Server {
             signer,
             keys,
             events: diagnostics::Events::default(),
-            sandbox_pools: sandbox_pools::SandboxPools::load(&config.state_dir),
+            sandbox_pools,
             templates,
             volumes,
             config,
@@ -167,7 +179,7 @@ impl Server {
             backend,
         });
         server.reattach();
-        server
+        Ok(server)
     }
 
     /// Starts watching the agent of `id` (its exit; its log when given). Needs a tokio runtime;
@@ -1104,6 +1116,9 @@ pub enum ServeError {
     /// The listener's limits are invalid.
     #[error("{0}")]
     Listener(#[from] listener::ListenerError),
+    /// The secrets key is missing, wrong or unreadable.
+    #[error("secrets at rest: {0}")]
+    Secrets(#[from] secrets::SecretsError),
 }
 
 /// Runs the server until the process is stopped.
@@ -1144,7 +1159,7 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServeError> {
     let listener = listener::Listener::new(tcp, &config)?;
     let server = tokio::task::spawn_blocking(move || Server::new(config))
         .await
-        .map_err(|e| ServeError::Config(e.to_string()))?;
+        .map_err(|e| ServeError::Config(e.to_string()))??;
     // Fail closed, at start: a server that cannot create sandboxes says why once, instead of
     // answering every create with a 500.
     if let Err(why) = &server.backend {

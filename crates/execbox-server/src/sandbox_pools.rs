@@ -27,6 +27,7 @@ use time::OffsetDateTime;
 
 use crate::lifecycle::{Capacity as CapacityCheck, LifecycleError};
 use crate::registry::SandboxRecord;
+use crate::secrets::{SecretBox, SecretsError};
 use crate::{Server, Tenant};
 
 /// Most idle sandboxes one pool may keep: each is a running sandbox.
@@ -124,16 +125,44 @@ pub struct ListPoolsResponse {
     items: Vec<PoolResponse>,
 }
 
-/// A pool's definition, as kept on disk.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// A pool's definition, as kept on disk: its template (which may hold an environment and
+/// registry credentials) only sealed, in [`StoredPool`]; read in clear from a file an earlier
+/// version wrote.
+#[derive(Clone, Serialize, Deserialize)]
 struct PoolDefinition {
     tenant: String,
     name: String,
+    #[serde(default, skip_serializing)]
     template: Value,
     capacity: CapacitySpec,
     #[serde(with = "time::serde::rfc3339")]
     created_at: OffsetDateTime,
     revision: u64,
+}
+
+impl std::fmt::Debug for PoolDefinition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PoolDefinition")
+            .field("tenant", &self.tenant)
+            .field("name", &self.name)
+            .field("capacity", &self.capacity)
+            .field("revision", &self.revision)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A definition as written: its clear fields and its sealed template.
+#[derive(Serialize, Deserialize)]
+struct StoredPool {
+    #[serde(flatten)]
+    def: PoolDefinition,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sealed: Option<String>,
+}
+
+/// Associated data of a pool's sealed template.
+fn sealed_owner(tenant: &str, name: &str) -> String {
+    format!("pool:{tenant}/{name}")
 }
 
 /// A pool with its idle sandboxes.
@@ -148,21 +177,46 @@ struct Pool {
 /// Every tenant's pools.
 pub struct SandboxPools {
     file: PathBuf,
+    secrets: Arc<SecretBox>,
     pools: Mutex<BTreeMap<(String, String), Pool>>,
 }
 
 impl SandboxPools {
     /// The pools defined in `state_dir` (a definition that no longer parses is logged and
-    /// skipped).
-    pub fn load(state_dir: &std::path::Path) -> Self {
+    /// skipped). A sealed template that does not open stops the load; definitions an earlier
+    /// version wrote in clear are sealed now.
+    pub fn load(
+        state_dir: &std::path::Path,
+        secrets: Arc<SecretBox>,
+    ) -> Result<Self, SecretsError> {
         let file = state_dir.join("pools.json");
-        let defs: Vec<PoolDefinition> = match std::fs::read(&file) {
+        let stored: Vec<StoredPool> = match std::fs::read(&file) {
             Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
                 tracing::error!(path = %file.display(), error = %e, "pool definitions unreadable");
                 Vec::new()
             }),
             Err(_) => Vec::new(),
         };
+        let mut in_clear = false;
+        let mut defs = Vec::new();
+        for StoredPool { mut def, sealed } in stored {
+            match sealed {
+                Some(sealed) => {
+                    def.template = secrets
+                        .open(&sealed_owner(&def.tenant, &def.name), &sealed)
+                        .and_then(|bytes| {
+                            serde_json::from_slice(&bytes)
+                                .map_err(|_| SecretsError::Malformed("sealed pool template"))
+                        })
+                        .map_err(|e| SecretsError::Sealed {
+                            path: file.clone(),
+                            error: Box::new(e),
+                        })?;
+                }
+                None => in_clear = true,
+            }
+            defs.push(def);
+        }
         let mut pools = BTreeMap::new();
         for def in defs {
             match template_request(&def.template) {
@@ -180,10 +234,23 @@ impl SandboxPools {
                 Err(e) => tracing::error!(pool = %def.name, error = %e, "pool skipped"),
             }
         }
-        Self {
+        let me = Self {
             file,
+            secrets,
             pools: Mutex::new(pools),
+        };
+        if in_clear {
+            let pools = me.lock();
+            match me.save(&pools) {
+                Ok(()) => tracing::info!(
+                    pools = pools.len(),
+                    "sealed the pool templates an earlier version wrote in clear"
+                ),
+                Err(e) => tracing::error!(error = %e, "sealing pool templates written in clear"),
+            }
+            drop(pools);
         }
+        Ok(me)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<(String, String), Pool>> {
@@ -192,7 +259,18 @@ impl SandboxPools {
 
     /// Writes every definition (a temporary file renamed over the old one).
     fn save(&self, pools: &BTreeMap<(String, String), Pool>) -> Result<(), LifecycleError> {
-        let defs: Vec<&PoolDefinition> = pools.values().map(|p| &p.def).collect();
+        let mut defs = Vec::new();
+        for p in pools.values() {
+            let template = serde_json::to_vec(&p.def.template)
+                .map_err(|e| LifecycleError::Internal(e.to_string()))?;
+            defs.push(StoredPool {
+                def: p.def.clone(),
+                sealed: Some(
+                    self.secrets
+                        .seal(&sealed_owner(&p.def.tenant, &p.def.name), &template),
+                ),
+            });
+        }
         let bytes = serde_json::to_vec_pretty(&defs)
             .map_err(|e| LifecycleError::Internal(e.to_string()))?;
         let tmp = self.file.with_extension("json.tmp");
@@ -359,10 +437,12 @@ fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Lifecycl
     let de = &mut serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
+        // A template's string values (an environment, a password) are not echoed.
+        let inner = crate::secrets::redact_json_error(&e.inner().to_string());
         if path == "." {
-            LifecycleError::invalid(format!("body: {}", e.inner()))
+            LifecycleError::invalid(format!("body: {inner}"))
         } else {
-            LifecycleError::invalid(format!("{path}: {}", e.inner()))
+            LifecycleError::invalid(format!("{path}: {inner}"))
         }
     })
 }

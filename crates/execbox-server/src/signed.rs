@@ -66,7 +66,8 @@ impl EndpointSigner {
             Err(e) => return Err(format!("{}: {e}", path.display())),
         }
         let key: [u8; 32] = rand::random();
-        write_new_secret(&path, &key).map_err(|e| format!("{}: {e}", path.display()))?;
+        crate::secrets::write_new_secret(&path, &key)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
         // Two servers starting at once: whoever created the file first wins, both use it.
         let key = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
         Ok(Self { key })
@@ -121,25 +122,6 @@ impl EndpointSigner {
 /// appears in the route.
 fn canonical(id: &str, port: u16, expires_b36: &str) -> String {
     format!("v1\nexecbox-endpoint\n{id}\n{port}\n{expires_b36}\n")
-}
-
-/// Creates `path` with `secret`, readable by its owner only; an existing file is kept.
-fn write_new_secret(path: &Path, secret: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    match std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-    {
-        Ok(mut f) => {
-            f.write_all(secret)?;
-            f.sync_all()
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-        Err(e) => Err(e),
-    }
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -64,7 +64,9 @@ enum ImageCommand {
 /// Ids of the images the sandboxes recorded in `state_dir` use: `rm` refuses them and `gc`
 /// keeps their layers (a running sandbox's root is made of them).
 fn in_use(state_dir: &std::path::Path) -> HashSet<String> {
-    execbox_server::images::in_use(&execbox_server::registry::Registry::load(state_dir).all())
+    execbox_server::images::in_use(
+        &execbox_server::registry::Registry::load_public(state_dir).all(),
+    )
 }
 
 pub fn run(args: ImageArgs) -> ExitCode {

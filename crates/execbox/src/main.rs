@@ -262,6 +262,13 @@ fn main() -> ExitCode {
             Ok(cfg) => match cfg.masked_toml() {
                 Ok(text) => {
                     print!("{text}");
+                    // Where the secrets key comes from and its fingerprint, never the key.
+                    let secrets = execbox_server::secrets::describe(
+                        &cfg.state_dir,
+                        cfg.secrets.key_file.as_deref(),
+                    )
+                    .unwrap_or_else(|e| format!("PROBLEM: {e}"));
+                    println!("\n# secrets at rest: {secrets}");
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
@@ -424,6 +431,14 @@ fn doctor(cfg: &execbox_server::ServerConfig) -> ExitCode {
         "found",
         execbox_server::templates::describe(cfg).join(", ")
     );
+    // Never the key itself: where it comes from and its fingerprint.
+    match execbox_server::secrets::describe(&cfg.state_dir, cfg.secrets.key_file.as_deref()) {
+        Ok(how) => println!("{:<22} {:<20} {how}", "secrets at rest", "active"),
+        Err(why) => {
+            failed = true;
+            println!("{:<22} {:<20} {why}", "secrets at rest", "MISSING");
+        }
+    }
     if failed {
         println!("\nA required layer is missing: execbox refuses to create sandboxes.");
         ExitCode::from(1)

@@ -53,7 +53,7 @@ pub fn run(args: VolumeArgs) -> ExitCode {
         }
         VolumeCommand::Rm { claim, tenant } => {
             // The records of the state directory say which sandboxes use which volume.
-            let in_use = volumes::in_use(&Registry::load(&args.state_dir).all());
+            let in_use = volumes::in_use(&Registry::load_public(&args.state_dir).all());
             match store.remove(&tenant, &claim, &in_use) {
                 Ok(()) => {
                     println!("removed volume {claim} of tenant {tenant}");

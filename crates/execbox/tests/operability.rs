@@ -466,7 +466,8 @@ fn every_configuration_key_is_documented() {
          [templates]\ndir = \"/tmp/t\"\n[policy]\nmax_lifetime_secs = 600\n\
          [policy.tenants.acme]\nmax_pids = 100\n[metrics]\nlisten = \"127.0.0.1:9464\"\n\
          [endpoints]\nsigning_key = \"0123456789abcdef0123\"\n\
-         [e2b]\ndomain = \"sandbox.example.com\"\n",
+         [e2b]\ndomain = \"sandbox.example.com\"\n\
+         [secrets]\nkey_file = \"/etc/execbox/secrets.key\"\n",
     )
     .unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_execbox"))

@@ -18,7 +18,7 @@ pub const EXT_POOL_REF: &str = "poolRef";
 pub const EXT_RENEW_EXTEND_SECONDS: &str = "access.renew.extend.seconds";
 
 /// Body of `POST /v1/sandboxes`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct CreateSandboxRequest {
@@ -61,6 +61,18 @@ pub struct CreateSandboxRequest {
     /// Opaque extensions; see [`EXT_POOL_REF`] and [`EXT_RENEW_EXTEND_SECONDS`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub extensions: Option<BTreeMap<String, String>>,
+}
+
+impl std::fmt::Debug for CreateSandboxRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CreateSandboxRequest")
+            .field("image", &self.image)
+            .field("entrypoint", &self.entrypoint)
+            .field("timeout", &self.timeout)
+            .field("env", &crate::redact::MaskedMap(self.env.as_ref()))
+            .field("metadata", &self.metadata)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Image reference `{uri, auth?}`.

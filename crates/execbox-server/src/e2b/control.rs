@@ -123,11 +123,20 @@ fn find(server: &Server, id: &str, tenant: &Tenant) -> Result<SandboxRecord> {
     crate::lifecycle::find(server, id, tenant).map_err(|_| E2bError::not_found(id))
 }
 
+/// A body that does not parse: serde's message without the strings it quotes (`envVars` given
+/// as a string would otherwise be echoed, and logged).
+fn body_error(e: serde_json::Error) -> E2bError {
+    E2bError::bad_request(format!(
+        "body: {}",
+        crate::secrets::redact_json_error(&e.to_string())
+    ))
+}
+
 fn parse_body<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> Result<T> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
-    serde_json::from_slice(body).map_err(|e| E2bError::bad_request(format!("body: {e}")))
+    serde_json::from_slice(body).map_err(body_error)
 }
 
 /// What an E2B template id names here: the execbox template (or image reference) its
@@ -406,8 +415,7 @@ async fn create(
             return Ok((StatusCode::CREATED, Json(sandbox_object(&server, &rec))).into_response());
         }
     }
-    let req: wire::NewSandbox =
-        serde_json::from_slice(body).map_err(|e| E2bError::bad_request(format!("body: {e}")))?;
+    let req: wire::NewSandbox = serde_json::from_slice(body).map_err(body_error)?;
     let template_id = req
         .template_id
         .clone()
@@ -675,8 +683,7 @@ pub async fn set_timeout(
     body: Bytes,
 ) -> Result<Response> {
     let rec = find(&server, &id, &tenant)?;
-    let req: wire::SetTimeout =
-        serde_json::from_slice(&body).map_err(|e| E2bError::bad_request(format!("body: {e}")))?;
+    let req: wire::SetTimeout = serde_json::from_slice(&body).map_err(body_error)?;
     let secs = lifetime(&server, Some(req.timeout), 0)?;
     let end = bounded_expiry(&server, &rec, secs)?;
     set_expiry(&server, &id, end)?;

@@ -567,3 +567,79 @@ pub fn pip_registry_hosts() -> Vec<String> {
         .map(str::to_string)
         .collect()
 }
+
+impl TestServer {
+    /// `execbox serve` on `state_dir` and `port` with `env` added to the harness's settings
+    /// (after them, so `RUST_LOG` may be raised), the configuration file `config` and its stderr
+    /// appended to `log`.
+    pub fn start_logged_on(
+        state_dir: PathBuf,
+        port: u16,
+        config: &Path,
+        env: &[(&str, &str)],
+        log: &Path,
+    ) -> Self {
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_execbox"))
+            .arg("serve")
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--state-dir")
+            .arg(&state_dir)
+            .arg("--config")
+            .arg(config)
+            .env("RUST_LOG", "warn")
+            .env("EXECBOX_TEMPLATES_DIR", TEST_TEMPLATES_DIR)
+            .env("EXECBOX_ALLOWED_REGISTRIES", "127.0.0.1")
+            .env_remove("EXECBOX_API_KEY")
+            .env_remove("EXECBOX_SECRETS_KEY")
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .expect("start execbox serve");
+        let mut server = TestServer {
+            base: format!("http://127.0.0.1:{port}"),
+            state_dir,
+            port,
+            child: Some(child),
+            keep_state: false,
+            cleanup_keys: Vec::new(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while ureq::get(&server.url("/health")).call().is_err() {
+            if let Some(Ok(Some(status))) = server.child.as_mut().map(Child::try_wait) {
+                server.keep_state = true;
+                panic!(
+                    "the server exited at start ({status}): {}",
+                    std::fs::read_to_string(log).unwrap_or_default()
+                );
+            }
+            assert!(Instant::now() < deadline, "server did not come up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        server
+    }
+
+    /// Stops the server with SIGTERM and waits for it; its state directory and its lifecycle
+    /// sandboxes stay (for a restart on them).
+    pub fn stop_keeping_state(mut self) -> std::process::ExitStatus {
+        self.keep_state = true;
+        let mut c = self.child.take().expect("a running server");
+        let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(40);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = c.try_wait() {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = c.kill();
+        c.wait().expect("wait")
+    }
+}
