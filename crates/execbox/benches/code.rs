@@ -666,6 +666,15 @@ fn main() {
         }
     };
 
+    let floor = pipe_floor(n_rtt);
+    match &floor {
+        Ok(f) => println!(
+            "\nbaseline: persistent python3 over pipes on the host, print(1): p50 {:.3} ms p99 {:.3} ms",
+            f.p50, f.p99
+        ),
+        Err(e) => println!("\npipe round-trip baseline failed: {e}"),
+    }
+
     println!("\nside by side (execbox | ipykernel):");
     let s = |x: Option<Stats>, f: fn(&Stats) -> f64| x.map_or(f64::NAN, |s| f(&s));
     let (e_rtt, j_rtt) = (ex.rtt, jp.as_ref().map(|j| j.rtt));
@@ -721,6 +730,23 @@ fn main() {
             verdict(c.p50 <= 50.0)
         );
     }
+    let floor_p50 = floor.as_ref().map_or(f64::NAN, |f| f.p50);
+    support::target_row(
+        "warm print(1) round trip through the server, p50",
+        s(e_rtt, |s| s.p50),
+        floor_p50,
+        "ms",
+        "host pipe round trip",
+        support::Goal::RatioAtMost(3.0),
+    );
+    support::target_row(
+        "new Python context, create -> ready, p50",
+        s(e_c, |s| s.p50),
+        s(j_c, |s| s.p50),
+        "ms",
+        "ipykernel start",
+        support::Goal::AtMost(5.0),
+    );
     if let Some(m) = ex.mem {
         let v = mib(m.pss as f64);
         println!(
@@ -729,4 +755,48 @@ fn main() {
             verdict(v <= 8.0)
         );
     }
+}
+
+/// The floor of a round trip: a persistent `python3` on the host reading code lines from a
+/// pipe and answering on another, `print(1)` each time.
+fn pipe_floor(n: usize) -> Res<Stats> {
+    use std::io::Write;
+    let python = if Path::new("/usr/bin/python3").exists() {
+        "/usr/bin/python3"
+    } else {
+        "python3"
+    };
+    let mut child = Command::new(python)
+        .args([
+            "-u",
+            "-c",
+            "import sys\nfor line in sys.stdin:\n    exec(line)\n    sys.stdout.flush()",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("{python}: {e}"))?;
+    let mut input = child.stdin.take().ok_or("no stdin")?;
+    let mut output = BufReader::new(child.stdout.take().ok_or("no stdout")?);
+    let mut samples: Vec<f64> = Vec::with_capacity(n);
+    let mut line = String::new();
+    for i in 0..n + 30 {
+        let t = Instant::now();
+        input
+            .write_all(b"print(1)\n")
+            .map_err(|e| format!("write: {e}"))?;
+        line.clear();
+        output
+            .read_line(&mut line)
+            .map_err(|e| format!("read: {e}"))?;
+        if line != "1\n" {
+            return Err(format!("unexpected answer {line:?}"));
+        }
+        if i >= 30 {
+            samples.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    drop(input);
+    let _ = child.wait();
+    Ok(stats(samples))
 }

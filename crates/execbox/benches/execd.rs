@@ -47,7 +47,8 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i.min(sorted.len() - 1)]
 }
 
-fn report(name: &str, mut samples: Vec<Duration>, target: &str) {
+/// Prints p50/p99 of `samples`; returns the p50 in ms.
+fn report(name: &str, mut samples: Vec<Duration>, target: &str) -> f64 {
     samples.sort();
     println!(
         "  {name:<46} n={:<4} p50={:>8.3} ms  p99={:>8.3} ms  {target}",
@@ -55,15 +56,18 @@ fn report(name: &str, mut samples: Vec<Duration>, target: &str) {
         percentile(&samples, 0.50).as_secs_f64() * 1e3,
         percentile(&samples, 0.99).as_secs_f64() * 1e3
     );
+    percentile(&samples, 0.50).as_secs_f64() * 1e3
 }
 
-fn report_rate(name: &str, bytes: u64, took: Duration, target: &str) {
+/// Prints a throughput; returns it in MB/s.
+fn report_rate(name: &str, bytes: u64, took: Duration, target: &str) -> f64 {
     println!(
         "  {name:<46} {:>8.1} MB/s  ({:.1} MiB in {:.3} s)  {target}",
         bytes as f64 / took.as_secs_f64() / 1e6,
         bytes as f64 / MIB as f64,
         took.as_secs_f64()
     );
+    bytes as f64 / took.as_secs_f64() / 1e6
 }
 
 /// `VmHWM` (peak RSS) and `VmRSS` of a process, in KiB.
@@ -284,7 +288,7 @@ fn bench_echo(sb: &Sandbox, n: usize) {
             }
         }
     }
-    report(
+    let echo_p50 = report(
         "execbox: echo hi through the server",
         v,
         "target p50 <= 3 ms",
@@ -309,11 +313,23 @@ fn bench_echo(sb: &Sandbox, n: usize) {
         Some(v)
     };
     match spawn("/bin/bash", &["-c", "echo hi"]) {
-        Some(v) => report("baseline: spawn /bin/bash -c 'echo hi' (host)", v, ""),
+        Some(v) => {
+            let bare = report("baseline: spawn /bin/bash -c 'echo hi' (host)", v, "");
+            support::target_row(
+                "foreground `echo hi` round trip, p50",
+                echo_p50,
+                bare,
+                "ms",
+                "host bash -c 'echo hi' spawn",
+                support::Goal::RatioAtMost(1.3),
+            );
+        }
         None => println!("  baseline: /bin/bash unavailable"),
     }
     match spawn("/bin/true", &[]) {
-        Some(v) => report("baseline: spawn /bin/true (host)", v, ""),
+        Some(v) => {
+            report("baseline: spawn /bin/true (host)", v, "");
+        }
         None => println!("  baseline: /bin/true unavailable"),
     }
 }
@@ -368,8 +384,9 @@ fn bench_stream(server: &Server, sb: &Sandbox, mib: usize) {
             }
         }
     }
+    let mut streamed = f64::NAN;
     if let Some((took, bytes)) = best {
-        report_rate(
+        streamed = report_rate(
             "execbox: stdout text through the server (best)",
             bytes,
             took,
@@ -430,11 +447,19 @@ fn bench_stream(server: &Server, sb: &Sandbox, mib: usize) {
         }
     }
     if let Some(took) = best {
-        report_rate(
+        let bare = report_rate(
             "baseline: same command on the host, piped",
             want_text,
             took,
             "",
+        );
+        support::target_row(
+            "stdout streaming",
+            streamed,
+            bare,
+            "MB/s",
+            "host pipe",
+            support::Goal::RatioAtLeast(0.6),
         );
     }
 }
@@ -700,7 +725,7 @@ fn bench_files(server: &Server, sb: &Sandbox, mib: u64, dest: &str) {
         println!("  upload: the body was not read to its end");
         return;
     };
-    report_rate(
+    let up_rate = report_rate(
         "execbox: upload through the server",
         sent,
         up_took,
@@ -749,7 +774,7 @@ fn bench_files(server: &Server, sb: &Sandbox, mib: u64, dest: &str) {
     let got = sum.total;
     let got_sum = sum.finish();
     let down_took = t.elapsed();
-    report_rate(
+    let down_rate = report_rate(
         "execbox: download through the server",
         got,
         down_took,
@@ -801,13 +826,29 @@ fn bench_files(server: &Server, sb: &Sandbox, mib: u64, dest: &str) {
     let _ = std::fs::remove_file(&host);
     match (w, r) {
         (Ok(()), Ok(n)) => {
-            report_rate(
+            let write = report_rate(
                 "baseline: write to host tmpfs (/dev/shm)",
                 mib * MIB,
                 w_took,
                 "",
             );
-            report_rate("baseline: read from host tmpfs (/dev/shm)", n, r_took, "");
+            let read = report_rate("baseline: read from host tmpfs (/dev/shm)", n, r_took, "");
+            support::target_row(
+                &format!("{mib} MiB upload"),
+                up_rate,
+                write,
+                "MB/s",
+                "host tmpfs write",
+                support::Goal::RatioAtLeast(0.7),
+            );
+            support::target_row(
+                &format!("{mib} MiB download"),
+                down_rate,
+                read,
+                "MB/s",
+                "host tmpfs read",
+                support::Goal::RatioAtLeast(0.7),
+            );
         }
         (w, r) => println!("  baseline failed: {w:?} {r:?}"),
     }

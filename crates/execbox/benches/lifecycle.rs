@@ -45,6 +45,8 @@ use execbox_server::local::{
     LocalBackend, LocalConfig, Placement, RootImage, SandboxLimits, SandboxParams, StorageMedium,
 };
 
+mod support;
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -53,14 +55,16 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i.min(sorted.len() - 1)]
 }
 
-fn report(name: &str, mut samples: Vec<Duration>) {
+/// Prints p50/p99; returns them in ms.
+fn report(name: &str, mut samples: Vec<Duration>) -> (f64, f64) {
     samples.sort();
+    let p50 = percentile(&samples, 0.50).as_secs_f64() * 1e3;
+    let p99 = percentile(&samples, 0.99).as_secs_f64() * 1e3;
     println!(
-        "{name:<44} n={:<4} p50={:>8.2} ms  p99={:>8.2} ms",
+        "{name:<44} n={:<4} p50={p50:>8.2} ms  p99={p99:>8.2} ms",
         samples.len(),
-        percentile(&samples, 0.50).as_secs_f64() * 1e3,
-        percentile(&samples, 0.99).as_secs_f64() * 1e3
     );
+    (p50, p99)
 }
 
 fn time_command(n: usize, program: &str, args: &[&str]) -> Option<Vec<Duration>> {
@@ -649,6 +653,7 @@ fn main() {
     if let Some(image) = &image {
         series.push(("image, disk", &backend, Some(image)));
     }
+    let mut disk_create = (f64::NAN, f64::NAN);
     for (label, backend, image) in series {
         // Warm-up: page cache, skeleton, the formatted disk.
         for i in 0..5 {
@@ -667,11 +672,32 @@ fn main() {
             backend.destroy(&id, &p).expect("destroy");
             deletes.push(t.elapsed());
         }
-        report(&format!("execbox create -> agent ready ({label})"), creates);
+        let created = report(&format!("execbox create -> agent ready ({label})"), creates);
+        if label == "disk" {
+            disk_create = created;
+        }
         report(&format!("execbox delete ({label})"), deletes);
     }
     match time_command(n, "unshare", &["-Urpmnfi", "--uts", "true"]) {
-        Some(v) => report("baseline: unshare -Urpmnfi --uts true", v),
+        Some(v) => {
+            let (bare, _) = report("baseline: unshare -Urpmnfi --uts true", v);
+            support::target_row(
+                "sandbox create -> agent ready, p50",
+                disk_create.0,
+                bare,
+                "ms",
+                "unshare -Urpmnfi --uts true",
+                support::Goal::RatioAtMost(1.3),
+            );
+            support::target_row(
+                "sandbox create -> agent ready, p99 over its own p50",
+                disk_create.1,
+                disk_create.0,
+                "ms",
+                "own p50",
+                support::Goal::RatioAtMost(3.0),
+            );
+        }
         None => println!("baseline: unshare unavailable"),
     }
     match time_command(
@@ -689,11 +715,15 @@ fn main() {
             "true",
         ],
     ) {
-        Some(v) => report("baseline: bwrap --unshare-all ... true", v),
+        Some(v) => {
+            report("baseline: bwrap --unshare-all ... true", v);
+        }
         None => println!("baseline: bwrap not installed"),
     }
     match time_command(n, "/usr/bin/python3", &["-I", "-S", "-c", "pass"]) {
-        Some(v) => report("baseline: /usr/bin/python3 -I -S -c pass", v),
+        Some(v) => {
+            report("baseline: /usr/bin/python3 -I -S -c pass", v);
+        }
         None => println!("baseline: python3 unavailable"),
     }
 
@@ -758,6 +788,22 @@ fn main() {
         .sum();
     let private: u64 = live.iter().map(|(_, p)| private_kib(p.pid)).sum();
     let count = live.len().max(1) as f64;
+    support::target_row(
+        &format!("idle sandboxes at once (asked {idle})"),
+        live.len() as f64,
+        2000.0,
+        "sandboxes",
+        "target",
+        support::Goal::RatioAtLeast(1.0),
+    );
+    support::target_row(
+        "idle sandbox host memory (cgroup-charged, each)",
+        cg_bytes as f64 / count / 1048576.0,
+        1.0,
+        "MiB",
+        "target",
+        support::Goal::AtMost(1.0),
+    );
     println!(
         "idle sandbox host memory: {:.2} MiB charged to its cgroup (kernel + user), \
          {:.2} MiB private to its agent process",

@@ -224,3 +224,43 @@ impl Sandbox {
             .timeout(Duration::from_secs(60))
     }
 }
+
+/// What a row of the "faster than bare" table (issue 15) asks of a figure.
+#[derive(Debug, Clone, Copy)]
+pub enum Goal {
+    /// The figure over its baseline at most this (times, latencies).
+    RatioAtMost(f64),
+    /// The figure over its baseline at least this (throughputs).
+    RatioAtLeast(f64),
+    /// The figure itself at most this, in its own unit (no baseline ratio is asked for).
+    AtMost(f64),
+}
+
+/// Prints one row of the targets table: the figure, its baseline measured in the same run, the
+/// ratio and whether the goal is met. Every row starts with `TARGET |`, so that
+/// `scripts/bench-targets.sh` can gather the rows of every benchmark into one table.
+pub fn target_row(
+    row: &str,
+    value: f64,
+    baseline: f64,
+    unit: &str,
+    baseline_label: &str,
+    goal: Goal,
+) {
+    let ratio = value / baseline;
+    let (met, want) = match goal {
+        Goal::RatioAtMost(r) => (ratio <= r, format!("ratio <= {r}")),
+        Goal::RatioAtLeast(r) => (ratio >= r, format!("ratio >= {r}")),
+        Goal::AtMost(v) => (value <= v, format!("<= {v} {unit}")),
+    };
+    let verdict = if !value.is_finite() {
+        "NOT MEASURED"
+    } else if met {
+        "met"
+    } else {
+        "MISSED"
+    };
+    println!(
+        "TARGET | {row} | {value:.3} {unit} | {baseline_label} {baseline:.3} {unit} | {ratio:.2}x | {want} | {verdict}"
+    );
+}
