@@ -22,6 +22,8 @@ dpkg -s busybox-static >/dev/null 2>&1 || need_apt+=(busybox-static)
 command -v go >/dev/null || need_apt+=(golang-go)
 # The unprivileged-user test of tests/operability.rs.
 command -v runuser >/dev/null || need_apt+=(util-linux)
+# The HTTPS client of tests/tls.rs (TLS versions, client certificates).
+command -v curl >/dev/null || need_apt+=(curl)
 if ((${#need_apt[@]})); then
   apt-get update -qq && apt-get install -y -qq "${need_apt[@]}"
 fi

@@ -84,6 +84,70 @@ pub struct ServerConfig {
     /// On SIGTERM or SIGINT, how long requests in flight may take to finish, in seconds
     /// (default 30), before the server removes what it owns and exits.
     pub shutdown_grace_secs: u64,
+    /// TLS on the client listener (`[tls]`).
+    pub tls: TlsConfig,
+}
+
+/// TLS on the client listener (`[tls]`): off unless `cert_file` and `key_file` are set.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The server's certificate chain (PEM, leaf first); set with `key_file` or not at all.
+    pub cert_file: Option<PathBuf>,
+    /// The private key of the certificate (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key_file: Option<PathBuf>,
+    /// CA certificates (PEM) that client certificates must chain to; when set, every
+    /// connection must present one or is refused during the handshake.
+    pub client_ca_file: Option<PathBuf>,
+    /// Oldest TLS version accepted: `"1.2"` (default) or `"1.3"`.
+    pub min_version: TlsVersion,
+    /// Seconds between checks of the files for a change, which is then loaded for new
+    /// connections; 0: only on SIGHUP.
+    pub reload_interval_secs: u64,
+}
+
+/// A TLS protocol version ([`TlsConfig::min_version`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+pub enum TlsVersion {
+    /// TLS 1.2 (and 1.3).
+    #[serde(rename = "1.2")]
+    Tls12,
+    /// TLS 1.3 only.
+    #[serde(rename = "1.3")]
+    Tls13,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            cert_file: None,
+            key_file: None,
+            client_ca_file: None,
+            min_version: TlsVersion::Tls12,
+            reload_interval_secs: 5,
+        }
+    }
+}
+
+impl TlsConfig {
+    /// Whether TLS is configured (both files named; [`TlsConfig::validate`] refuses one alone).
+    pub fn enabled(&self) -> bool {
+        self.cert_file.is_some() && self.key_file.is_some()
+    }
+
+    /// The keys make sense together (the files themselves are read when the server starts).
+    pub fn validate(&self) -> Result<(), String> {
+        match (&self.cert_file, &self.key_file) {
+            (Some(_), None) => Err("tls.key_file: required with tls.cert_file".into()),
+            (None, Some(_)) => Err("tls.cert_file: required with tls.key_file".into()),
+            (None, None) if self.client_ca_file.is_some() => Err(
+                "tls.client_ca_file: client certificates need TLS: set tls.cert_file and \
+                 tls.key_file"
+                    .into(),
+            ),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Where OCI images come from (`[image_store]`).
@@ -533,6 +597,7 @@ impl Default for ServerConfig {
             header_read_timeout_secs: 10,
             idle_timeout_secs: 60,
             shutdown_grace_secs: 30,
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -559,6 +624,10 @@ impl ServerConfig {
             .map_err(|e| format!("{}: {e}", path.display()))?;
         config
             .volumes
+            .validate()
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        config
+            .tls
             .validate()
             .map_err(|e| format!("{}: {e}", path.display()))?;
         Ok(config)

@@ -33,6 +33,7 @@ pub mod session_exec;
 pub mod sessions;
 pub mod signed;
 pub mod templates;
+pub mod tls;
 pub mod volumes;
 pub mod watch;
 
@@ -1119,6 +1120,33 @@ pub enum ServeError {
     /// The secrets key is missing, wrong or unreadable.
     #[error("secrets at rest: {0}")]
     Secrets(#[from] secrets::SecretsError),
+    /// `[tls]` names files that do not make a usable certificate.
+    #[error("{0}")]
+    Tls(#[from] tls::TlsError),
+}
+
+/// SIGHUP reloads the TLS certificate and key (and client CAs) for new connections; without
+/// TLS it is logged and otherwise ignored (it no longer ends the process).
+fn spawn_sighup(tls: Option<Arc<tls::Tls>>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "no SIGHUP handler: reload TLS by file change only");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            match &tls {
+                Some(tls) => {
+                    let tls = tls.clone();
+                    let _ = tokio::task::spawn_blocking(move || tls.reload(true, "SIGHUP")).await;
+                }
+                None => tracing::info!("SIGHUP: no [tls] configured, nothing to reload"),
+            }
+        }
+    });
 }
 
 /// Runs the server until the process is stopped.
@@ -1155,8 +1183,16 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServeError> {
         ),
         Err(e) => tracing::warn!(error = %e, "could not raise the limit on open files"),
     }
+    // The certificate and key are read before anything else starts: a bad one is a start
+    // error naming the key.
+    let tls = tls::Tls::new(&config.tls)?;
+    tls::log_start(tls.as_deref(), config.listen);
+    if let Some(tls) = &tls {
+        tls.spawn_watcher();
+    }
+    spawn_sighup(tls.clone());
     let tcp = listener::bind(config.listen)?;
-    let listener = listener::Listener::new(tcp, &config)?;
+    let listener = listener::Listener::new(tcp, &config)?.with_tls(tls.clone());
     let server = tokio::task::spawn_blocking(move || Server::new(config))
         .await
         .map_err(|e| ServeError::Config(e.to_string()))??;
@@ -1192,6 +1228,7 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServeError> {
     tracing::info!(
         addr = %listener.local_addr()?,
         max_connections = listener.max_connections(),
+        tls = tls.is_some(),
         "execbox listening"
     );
     // Under systemd (`Type=notify`): ready now. Elsewhere NOTIFY_SOCKET is unset: nothing.

@@ -25,6 +25,11 @@
 //! socket tells it when bytes arrive and when writes block, the service when a request starts
 //! and when its response body is done. hyper's timer is switched off.
 //!
+//! With TLS ([`crate::tls`]), each connection's handshake happens before hyper sees it, within
+//! the request-head timeout counted from the accept (a client that never finishes its
+//! handshake holds its slot no longer than one that never finishes its head), and with the
+//! configuration in force at the accept. The clock then watches the decrypted stream.
+//!
 //! The accept loop never exits: errors that belong to one pending connection are skipped, any
 //! other error (out of descriptors, out of memory) waits and retries, backing off up to a
 //! second and logging at most once a second. After a burst of connections the allocator's free
@@ -51,6 +56,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::config::ServerConfig;
+use crate::tls::Tls;
 
 /// Errors of [`Listener::new`].
 #[derive(Debug, thiserror::Error)]
@@ -118,6 +124,7 @@ pub struct Listener {
     tcp: TcpListener,
     slots: Arc<Slots>,
     timeouts: Timeouts,
+    tls: Option<Arc<Tls>>,
 }
 
 impl Listener {
@@ -141,7 +148,14 @@ impl Listener {
             tcp,
             slots: Slots::new(max),
             timeouts: Timeouts::of(config),
+            tls: None,
         })
+    }
+
+    /// Serves every connection over TLS with `tls` (`None`: plain HTTP).
+    pub fn with_tls(mut self, tls: Option<Arc<Tls>>) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// The cap on open connections in force.
@@ -248,6 +262,7 @@ impl Listener {
             }
             tokio::spawn(serve_connection(
                 tcp,
+                self.tls.clone(),
                 slot,
                 router.clone(),
                 self.timeouts,
@@ -261,6 +276,7 @@ impl Listener {
 /// Serves one connection until it ends, its upgrade takes it over, or a timeout closes it.
 async fn serve_connection(
     tcp: TcpStream,
+    tls: Option<Arc<Tls>>,
     slot: Slot,
     router: Router,
     timeouts: Timeouts,
@@ -268,8 +284,36 @@ async fn serve_connection(
     mut draining: tokio::sync::watch::Receiver<bool>,
 ) {
     let clock = Arc::new(Clock::new(timeouts, Instant::now()));
+    let stream = match tls {
+        None => Stream::Plain(tcp),
+        Some(tls) => {
+            let accept = tls.acceptor().accept(tcp);
+            // The handshake is part of the first request head: due by the same deadline.
+            let handshake = async {
+                match clock.deadline() {
+                    Some(deadline) => tokio::time::timeout_at(deadline, accept).await.ok(),
+                    None => Some(accept.await),
+                }
+            };
+            tokio::select! {
+                done = handshake => match done {
+                    Some(Ok(s)) => Stream::Tls(Box::new(s)),
+                    Some(Err(e)) => {
+                        tracing::debug!(error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    None => {
+                        tracing::debug!("TLS handshake timed out");
+                        return;
+                    }
+                },
+                // Stopping: a connection without a request in flight just closes.
+                Ok(_) = draining.wait_for(|d| *d) => return,
+            }
+        }
+    };
     let io = TokioIo::new(ClientIo {
-        tcp,
+        tcp: stream,
         clock: clock.clone(),
         _slot: slot,
     });
@@ -420,10 +464,74 @@ impl Clock {
     }
 }
 
-/// A client's socket: tells its connection's [`Clock`] about reads and writes, and holds the
+/// A client's byte stream: the socket itself, or TLS over it.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// A client's stream: tells its connection's [`Clock`] about reads and writes, and holds the
 /// connection's [`Slot`] until it is closed (after an upgrade too).
 struct ClientIo {
-    tcp: TcpStream,
+    tcp: Stream,
     clock: Arc<Clock>,
     _slot: Slot,
 }

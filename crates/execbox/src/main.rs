@@ -269,6 +269,8 @@ fn main() -> ExitCode {
                     )
                     .unwrap_or_else(|e| format!("PROBLEM: {e}"));
                     println!("\n# secrets at rest: {secrets}");
+                    // The state of TLS, as a TOML comment: the output stays a configuration.
+                    println!("\n# tls: {}", tls_summary(&cfg));
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
@@ -439,8 +441,31 @@ fn doctor(cfg: &execbox_server::ServerConfig) -> ExitCode {
             println!("{:<22} {:<20} {why}", "secrets at rest", "MISSING");
         }
     }
+    use execbox_server::tls::Health;
+    let now = time::OffsetDateTime::now_utc();
+    let (state, detail, tls_failed) = match execbox_server::tls::health(&cfg.tls, now) {
+        Health::Off => (
+            "off",
+            if cfg.listen.ip().is_loopback() {
+                "plain HTTP (loopback listener)".to_string()
+            } else {
+                format!(
+                    "plain HTTP on {}: traffic, API keys included, is unencrypted",
+                    cfg.listen
+                )
+            },
+            false,
+        ),
+        Health::Ok(d) => ("on", d, false),
+        Health::Expiring(d) => ("on, EXPIRING SOON", d, false),
+        Health::Failed(d) => ("FAILED", d, true),
+    };
+    println!("{:<22} {:<20} {}", "tls", state, detail);
     if failed {
         println!("\nA required layer is missing: execbox refuses to create sandboxes.");
+        ExitCode::from(1)
+    } else if tls_failed {
+        println!("\n[tls] is not usable: execbox refuses to start.");
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS
@@ -476,4 +501,15 @@ fn new_key(tenant: &str) -> ExitCode {
         println!("{tenant} = [\"{hash}\"]");
     }
     ExitCode::SUCCESS
+}
+
+/// One line on TLS for `config show`: off, or the certificate with its expiry.
+fn tls_summary(cfg: &execbox_server::ServerConfig) -> String {
+    use execbox_server::tls::Health;
+    match execbox_server::tls::health(&cfg.tls, time::OffsetDateTime::now_utc()) {
+        Health::Off => "off (plain HTTP)".into(),
+        Health::Ok(d) => format!("on: {d}"),
+        Health::Expiring(d) => format!("on, expiring soon: {d}"),
+        Health::Failed(d) => format!("FAILED: {d}"),
+    }
 }
