@@ -493,6 +493,18 @@ fn a_certificate_swapped_on_disk_serves_new_connections_and_a_broken_one_is_igno
     let with = |ca: &str| curl(&["--cacert", ca, &url]).status;
     assert_eq!(with(&ca1_pem), 200);
     assert_eq!(with(&ca2_pem), 0);
+    // A kept-alive connection, opened before the swap, trusting the first CA only.
+    let kept = ureq::AgentBuilder::new()
+        .tls_config(rustls_client(&ca1.pem))
+        .build();
+    // The body is read to its end, so that ureq keeps the connection for the next request.
+    let kept_get = || -> Result<u16, String> {
+        let r = kept.get(&url).call().map_err(|e| e.to_string())?;
+        let status = r.status();
+        r.into_string().map_err(|e| e.to_string())?;
+        Ok(status)
+    };
+    assert_eq!(kept_get(), Ok(200));
 
     // A half-written certificate: the old one keeps serving, a warning says why.
     let text = std::fs::read_to_string(&crt2).expect("read");
@@ -514,6 +526,12 @@ fn a_certificate_swapped_on_disk_serves_new_connections_and_a_broken_one_is_igno
         "the old CA no longer verifies the server"
     );
     assert!(server.log_text().contains("TLS certificate reloaded"));
+    // The connection open before the reload goes on with the certificate it was opened with.
+    assert_eq!(
+        kept_get(),
+        Ok(200),
+        "an open connection is not cut by a reload"
+    );
 }
 
 #[test]
@@ -724,4 +742,112 @@ asyncio.run(asyncio.wait_for(main(), 180))
         Duration::from_secs(300),
     );
     assert!(!out.status.success(), "an untrusted certificate must fail");
+}
+
+/// A rustls client trusting the CA in `ca` (PEM).
+fn rustls_client(ca: &Path) -> std::sync::Arc<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca).expect("CA file") {
+        roots.add(cert.expect("CA PEM")).expect("CA");
+    }
+    // The server's provider (ring), on the client side too.
+    #[allow(deprecated)]
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    std::sync::Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
+#[test]
+fn a_pty_websocket_works_over_tls() {
+    use tungstenite::client::IntoClientRequest;
+    use tungstenite::Message;
+
+    let pki = Pki::new("ws");
+    let ca = pki.ca("server");
+    let (crt, key) = pki.leaf(&ca, "execbox-server", true);
+    let ca_pem = ca.pem.to_string_lossy().to_string();
+    let server = TlsServer::start(&tls_table(&crt, &key, ""), "", &["--cacert", &ca_pem]);
+    let body = r#"{"image":{"uri":"default"},"entrypoint":["tail","-f","/dev/null"],"resourceLimits":{"cpu":"1","memory":"512Mi"}}"#;
+    let created = server.get(
+        "/v1/sandboxes",
+        &[
+            "-X",
+            "POST",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            body,
+        ],
+    );
+    assert_eq!(created.status, 202, "{}", created.body);
+    let id = serde_json::from_str::<Value>(&created.body).expect("json")["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let ep: Value = serde_json::from_str(
+        &server
+            .get(&format!("/v1/sandboxes/{id}/endpoints/44772"), &[])
+            .body,
+    )
+    .expect("endpoint");
+    let endpoint = ep["endpoint"].as_str().expect("endpoint").to_string();
+    let token = ep["headers"]["X-EXECD-ACCESS-TOKEN"]
+        .as_str()
+        .expect("token")
+        .to_string();
+    let pty = curl(&[
+        "--cacert",
+        &ca_pem,
+        "-X",
+        "POST",
+        "-H",
+        &format!("X-EXECD-ACCESS-TOKEN: {token}"),
+        &format!("https://{endpoint}/pty"),
+    ]);
+    assert_eq!(pty.status, 201, "{}", pty.body);
+    let session = serde_json::from_str::<Value>(&pty.body).expect("json")["session_id"]
+        .as_str()
+        .expect("session_id")
+        .to_string();
+
+    // The WebSocket upgrade and the session, inside TLS.
+    let tcp = std::net::TcpStream::connect(("127.0.0.1", server.port)).expect("connect");
+    tcp.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let conn = rustls::ClientConnection::new(
+        rustls_client(&ca.pem),
+        "127.0.0.1".try_into().expect("server name"),
+    )
+    .expect("client");
+    let stream = rustls::StreamOwned::new(conn, tcp);
+    let mut req = format!("ws://{endpoint}/pty/{session}/ws")
+        .into_client_request()
+        .expect("request");
+    req.headers_mut()
+        .insert("X-EXECD-ACCESS-TOKEN", token.parse().expect("header"));
+    let (mut ws, resp) = tungstenite::client(req, stream).expect("websocket over TLS");
+    assert_eq!(resp.status().as_u16(), 101);
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(b"echo over-$((6*7))\n");
+    ws.send(Message::binary(frame)).expect("stdin");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut out = Vec::new();
+    while !String::from_utf8_lossy(&out).contains("over-42") {
+        assert!(
+            Instant::now() < deadline,
+            "no output: {:?}",
+            String::from_utf8_lossy(&out)
+        );
+        match ws.read().expect("read") {
+            Message::Binary(b) if b.first() == Some(&1) => out.extend_from_slice(&b[1..]),
+            _ => {}
+        }
+    }
+    let _ = ws.close(None);
 }
