@@ -464,6 +464,21 @@ fn without_tls_a_non_loopback_listener_says_traffic_is_unencrypted() {
     // Still an API key: without one a request is refused.
     let open = curl(&[&format!("http://127.0.0.1:{port}/v1/sandboxes")]);
     assert_eq!(open.status, 401, "{}", open.body);
+    // SIGHUP (a `systemctl reload`) has nothing to reload and does not stop the server.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .expect("SIGHUP");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        matches!(child.try_wait(), Ok(None)),
+        "SIGHUP ended the server"
+    );
+    assert_eq!(
+        curl(&[&format!("http://127.0.0.1:{port}/health")]).status,
+        200
+    );
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
