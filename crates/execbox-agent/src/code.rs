@@ -167,6 +167,7 @@ impl Context {
             let mut guard = kernel.lock().await;
             if guard.is_none() {
                 let (k, h) = app
+                    .contexts
                     .spares
                     .start(&app.runner, lang, &self.cwd, self.env.clone())
                     .await
@@ -254,6 +255,7 @@ impl Context {
             let mut guard = guard;
             if guard.is_none() {
                 match app
+                    .contexts
                     .spares
                     .start(&app.runner, lang, &ctx.cwd, ctx.env.clone())
                     .await
@@ -307,6 +309,8 @@ fn store_handle(m: &Mutex<Option<KernelHandle>>, v: Option<KernelHandle>) {
 pub struct Contexts {
     map: Mutex<HashMap<String, Arc<Context>>>,
     defaults: Mutex<HashMap<Language, String>>,
+    /// Kernels started ahead of new contexts; those of a language go with its last context.
+    pub spares: Arc<crate::kernel::Spares>,
 }
 
 impl Contexts {
@@ -393,6 +397,12 @@ impl Contexts {
         };
         self.lock_defaults().retain(|_, v| v != id);
         ctx.shut_down();
+        // With no context of its language left, the sandbox keeps no idle interpreter of it.
+        if let Language::Kernel(language) = ctx.language {
+            if !self.lock().values().any(|c| c.language == ctx.language) {
+                self.spares.discard(language);
+            }
+        }
         true
     }
 

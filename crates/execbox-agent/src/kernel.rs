@@ -714,6 +714,23 @@ impl Spares {
         None
     }
 
+    /// Kills the spares of `language`, ready or starting.
+    pub fn discard(&self, language: KernelLanguage) {
+        self.starting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|k| k.language != language);
+        let gone: Vec<Spare> = {
+            let mut ready = self.lock_ready();
+            let (gone, kept) = ready.drain(..).partition(|s| s.key.language == language);
+            *ready = kept;
+            gone
+        };
+        for spare in gone {
+            spare.handle.kill();
+        }
+    }
+
     /// Starts a spare of this kind in the background, unless one is ready or starting.
     fn refill(self: &Arc<Self>, runner: Arc<Runner>, key: SpareKey) {
         if self.lock_ready().iter().any(|s| s.key == key) {
@@ -728,13 +745,19 @@ impl Spares {
         let me = self.clone();
         tokio::spawn(async move {
             let started = Kernel::start(&runner, key.language, &key.cwd, key.env.clone()).await;
-            me.starting
+            // Not wanted any more when its language was discarded meanwhile.
+            let wanted = me
+                .starting
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&key);
             let Ok((kernel, handle)) = started else {
                 return;
             };
+            if !wanted {
+                handle.kill();
+                return;
+            }
             let evicted = {
                 let mut ready = me.lock_ready();
                 let evicted = (ready.len() >= MAX_SPARES).then(|| ready.remove(0));

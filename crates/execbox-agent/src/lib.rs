@@ -59,8 +59,6 @@ pub(crate) struct AppState {
     pub runner: Arc<Runner>,
     pub commands: command::Commands,
     pub contexts: code::Contexts,
-    /// Kernels started ahead of new contexts.
-    pub spares: Arc<kernel::Spares>,
     pub sessions: session::Sessions,
     pub ptys: pty::Ptys,
     pub metrics: metrics::Sampler,
@@ -280,7 +278,6 @@ async fn serve(
         runner: runner.clone(),
         commands: command::Commands::new(config.max_log_bytes),
         contexts: code::Contexts::default(),
-        spares: Arc::default(),
         sessions: session::Sessions::default(),
         ptys: pty::Ptys::default(),
         metrics: metrics::Sampler::new(runner.clone(), config.cpu_millicores),
