@@ -328,24 +328,19 @@ fn isol8_and_session_execute_answer_client_mistakes_with_4xx() {
     assert_eq!((s, v["stdout"].as_str()), (200, Some("fine\n")), "{v}");
 }
 
-/// Every record of the state directory with an owner (pool, isol8, session-execute).
+/// Every record of the state directory with an owner (pool, isol8, session-execute), its
+/// token opened with the state directory's secrets key as the server does.
 fn owned_sandboxes(server: &TestServer) -> Vec<(String, String, String)> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(server.state_dir.join("sandboxes")).expect("state") {
-        let path = entry.expect("entry").path().join("record.json");
-        let Ok(text) = std::fs::read_to_string(&path) else {
-            continue;
-        };
-        let rec: Value = serde_json::from_str(&text).expect("record");
-        if let Some(owner) = rec["owner"].as_str() {
-            out.push((
-                rec["id"].as_str().expect("id").to_string(),
-                rec["token"].as_str().expect("token").to_string(),
-                owner.to_string(),
-            ));
-        }
-    }
-    out
+    use execbox_server::secrets::SecretBox;
+    let secrets = SecretBox::probe(&server.state_dir, None)
+        .expect("the secrets key")
+        .expect("a secrets key in the state directory");
+    execbox_server::registry::Registry::load(&server.state_dir, std::sync::Arc::new(secrets))
+        .expect("records")
+        .all()
+        .into_iter()
+        .filter_map(|rec| Some((rec.id, rec.token, rec.owner?)))
+        .collect()
 }
 
 #[test]
