@@ -9,7 +9,6 @@
 
 mod common;
 
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use common::{free_port, TestServer};
@@ -51,33 +50,32 @@ fn post(server: &TestServer, body: &Value) -> Answer {
     }
 }
 
-/// The server whose pool pre-starts Python, shared by the tests of this file.
-fn prestarting() -> &'static TestServer {
-    static S: OnceLock<TestServer> = OnceLock::new();
-    S.get_or_init(|| {
-        TestServer::start_with_config(
-            "[policy]\nwarm_pool_size = 2\nwarm_pool_prestart = \"python\"\n",
-        )
-    })
+/// Two servers for one test (dropped, so stopped, with it): one whose pool pre-starts Python
+/// and one that starts every run fresh.
+struct Pair {
+    pre: TestServer,
+    fresh: TestServer,
 }
 
-/// The server that starts every run fresh.
-fn fresh() -> &'static TestServer {
-    static S: OnceLock<TestServer> = OnceLock::new();
-    S.get_or_init(|| {
-        TestServer::start_with_config(
-            "[policy]\nwarm_pool_size = 2\nwarm_pool_prestart = \"none\"\n",
-        )
-    })
+impl Pair {
+    fn start() -> Self {
+        let config = |prestart: &str| {
+            format!("[policy]\nwarm_pool_size = 2\nwarm_pool_prestart = \"{prestart}\"\n")
+        };
+        Self {
+            pre: TestServer::start_with_config(&config("python")),
+            fresh: TestServer::start_with_config(&config("none")),
+        }
+    }
 }
 
 /// Runs `body` on the pre-starting server until a pre-started interpreter serves it (the first
 /// run of a new limits profile finds no ready sandbox of that profile; the pool then readies
 /// some in the background).
-fn via_prestart(body: &Value) -> Answer {
+fn via_prestart(s: &Pair, body: &Value) -> Answer {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let a = post(prestarting(), body);
+        let a = post(&s.pre, body);
         assert_eq!(a.status, 200, "{}", a.body);
         if a.prestarted == Some(true) {
             return a;
@@ -91,8 +89,8 @@ fn via_prestart(body: &Value) -> Answer {
     }
 }
 
-fn via_fresh(body: &Value) -> Answer {
-    let a = post(fresh(), body);
+fn via_fresh(s: &Pair, body: &Value) -> Answer {
+    let a = post(&s.fresh, body);
     assert_eq!(a.status, 200, "{}", a.body);
     assert_eq!(a.prestarted, Some(false), "{}", a.body);
     a
@@ -120,9 +118,9 @@ fn same_names(value: &Value) -> Value {
 }
 
 /// Both paths, the parts of the result that do not vary from run to run.
-fn both(body: Value) -> (Answer, Answer) {
-    let p = via_prestart(&body);
-    let f = via_fresh(&body);
+fn both(s: &Pair, body: Value) -> (Answer, Answer) {
+    let p = via_prestart(s, &body);
+    let f = via_fresh(s, &body);
     for key in [
         "stdout",
         "stderr",
@@ -168,8 +166,8 @@ print(json.dumps({
 }))
 "#;
 
-fn introspect_equal(body: Value) {
-    let (p, f) = both(body);
+fn introspect_equal(s: &Pair, body: Value) {
+    let (p, f) = both(s, body);
     let parse = |a: &Answer| -> Value {
         serde_json::from_str(same_names(&a.body["stdout"]).as_str().unwrap_or_default())
             .unwrap_or_else(|e| panic!("{e}: {}", a.body))
@@ -183,25 +181,34 @@ fn introspect_equal(body: Value) {
 
 #[test]
 fn inline_code_sees_exactly_what_a_fresh_python_c_sees() {
+    let s = Pair::start();
     // Inline: `python3 -c <code>` with stdin /dev/null; the request's environment on top.
-    introspect_equal(json!({"request": {"runtime": "python", "code": INTROSPECT,
-        "env": {"API_TOKEN": "t0k3n", "EMPTY": ""}}}));
+    introspect_equal(
+        &s,
+        json!({"request": {"runtime": "python", "code": INTROSPECT,
+        "env": {"API_TOKEN": "t0k3n", "EMPTY": ""}}}),
+    );
 }
 
 #[test]
 fn file_runs_see_exactly_what_a_fresh_python_file_run_sees() {
+    let s = Pair::start();
     // stdin makes isol8 write the program to a file: `python3 /sandbox/exec_….py`, stdin a
     // pipe; a working directory of its own, made for the run.
-    introspect_equal(json!({"request": {"runtime": "python", "code": INTROSPECT,
-        "stdin": "line one\nline two\n", "workdir": "sub/dir", "env": {"A": "1"}}}));
+    introspect_equal(
+        &s,
+        json!({"request": {"runtime": "python", "code": INTROSPECT,
+        "stdin": "line one\nline two\n", "workdir": "sub/dir", "env": {"A": "1"}}}),
+    );
 }
 
 #[test]
 fn globals_and_modules_match_a_fresh_start_exactly() {
+    let s = Pair::start();
     // The raw repr of `globals()` (minus the loader object's address) and the module set, at
     // the program's first line.
     let code = "import sys\nprint(sorted(sys.modules))\nprint([(k, type(v).__name__) for k, v in globals().items()])\nprint(__name__, '__file__' in globals())";
-    let (p, _) = both(python(code));
+    let (p, _) = both(&s, python(code));
     assert!(
         p.body["stdout"]
             .as_str()
@@ -211,7 +218,7 @@ fn globals_and_modules_match_a_fresh_start_exactly() {
         p.body
     );
     let file = json!({"request": {"runtime": "python", "code": code, "stdin": ""}});
-    let (p, _) = both(file);
+    let (p, _) = both(&s, file);
     assert!(
         p.body["stdout"]
             .as_str()
@@ -224,6 +231,7 @@ fn globals_and_modules_match_a_fresh_start_exactly() {
 
 #[test]
 fn exit_codes_tracebacks_and_syntax_errors_are_those_of_a_fresh_run() {
+    let s = Pair::start();
     let cases = [
         ("print('ok')", 0),
         ("import sys\nprint('bye')\nsys.exit(3)", 3),
@@ -239,11 +247,11 @@ fn exit_codes_tracebacks_and_syntax_errors_are_those_of_a_fresh_run() {
         ),
     ];
     for (code, exit) in cases {
-        let (p, _) = both(python(code));
+        let (p, _) = both(&s, python(code));
         assert_eq!(p.body["exitCode"], exit, "{code}: {}", p.body);
     }
     // The traceback names the program's frames only.
-    let (p, _) = both(python("def f():\n    raise ValueError('boom')\nf()"));
+    let (p, _) = both(&s, python("def f():\n    raise ValueError('boom')\nf()"));
     let stderr = p.body["stderr"].as_str().unwrap_or("");
     assert_eq!(
         stderr,
@@ -252,8 +260,11 @@ fn exit_codes_tracebacks_and_syntax_errors_are_those_of_a_fresh_run() {
         p.body
     );
     // The same from a file, whose frames carry its path.
-    let (p, _) = both(json!({"request": {"runtime": "python", "stdin": "",
-        "code": "import sys\nsys.stderr.write(__file__ + '\\n')\n1/0"}}));
+    let (p, _) = both(
+        &s,
+        json!({"request": {"runtime": "python", "stdin": "",
+        "code": "import sys\nsys.stderr.write(__file__ + '\\n')\n1/0"}}),
+    );
     let stderr = p.body["stderr"].as_str().unwrap_or("");
     let file = stderr.lines().next().unwrap_or("");
     assert!(file.starts_with("/sandbox/exec_"), "{stderr}");
@@ -266,38 +277,49 @@ fn exit_codes_tracebacks_and_syntax_errors_are_those_of_a_fresh_run() {
 
 #[test]
 fn death_by_signal_and_interrupts_are_those_of_a_fresh_run() {
-    let (p, _) = both(python(
-        "import os\nprint('x', flush=True)\nos.kill(os.getpid(), 9)",
-    ));
+    let s = Pair::start();
+    let (p, _) = both(
+        &s,
+        python("import os\nprint('x', flush=True)\nos.kill(os.getpid(), 9)"),
+    );
     assert_eq!(p.body["exitCode"], 137, "{}", p.body);
-    let (p, _) = both(python(
-        "import os, signal\nos.kill(os.getpid(), signal.SIGTERM)",
-    ));
+    let (p, _) = both(
+        &s,
+        python("import os, signal\nos.kill(os.getpid(), signal.SIGTERM)"),
+    );
     assert_eq!(p.body["exitCode"], 143, "{}", p.body);
     // An uncaught KeyboardInterrupt: traceback, then death by SIGINT.
-    let (p, _) = both(python("raise KeyboardInterrupt"));
+    let (p, _) = both(&s, python("raise KeyboardInterrupt"));
     assert_eq!(p.body["exitCode"], 130, "{}", p.body);
 }
 
 #[test]
 fn timeouts_and_output_caps_apply_as_to_a_fresh_run() {
-    let (p, _) = both(json!({"request": {"runtime": "python", "timeoutMs": 1000,
-        "code": "import time\nprint('started', flush=True)\nwhile True: time.sleep(0.01)"}}));
+    let s = Pair::start();
+    let (p, _) = both(
+        &s,
+        json!({"request": {"runtime": "python", "timeoutMs": 1000,
+        "code": "import time\nprint('started', flush=True)\nwhile True: time.sleep(0.01)"}}),
+    );
     assert_eq!(p.body["timedOut"], true, "{}", p.body);
     assert_eq!(p.body["exitCode"], 137, "{}", p.body);
-    let (p, _) = both(json!({"request": {"runtime": "python",
+    let (p, _) = both(
+        &s,
+        json!({"request": {"runtime": "python",
         "code": "import sys\nsys.stdout.write('y' * 100000)\nsys.stderr.write('e' * 5000)"},
-        "options": {"maxOutputSize": 4096}}));
+        "options": {"maxOutputSize": 4096}}),
+    );
     assert_eq!(p.body["truncated"], true, "{}", p.body);
 }
 
 #[test]
 fn stdin_and_files_are_those_of_a_fresh_run() {
+    let s = Pair::start();
     let body = json!({"request": {"runtime": "python", "stdin": "3\n4\n",
         "files": {"/sandbox/in.txt": "input file"},
         "outputPaths": ["/sandbox/out.txt"],
         "code": "import sys\nnums = [int(l) for l in sys.stdin]\nopen('/sandbox/out.txt', 'w').write(open('in.txt').read() + str(sum(nums)))\nprint(sum(nums))"}});
-    let (p, _) = both(body);
+    let (p, _) = both(&s, body);
     assert_eq!(p.body["stdout"], "7", "{}", p.body);
     assert!(
         p.body["files"]["/sandbox/out.txt"].is_string(),
@@ -308,10 +330,11 @@ fn stdin_and_files_are_those_of_a_fresh_run() {
 
 #[test]
 fn memory_accounting_and_oom_kills_are_those_of_a_fresh_run() {
+    let s = Pair::start();
     // The leaf's peak counts the run and the interpreter's start-up, as in a fresh run.
     let body = json!({"request": {"runtime": "python",
         "code": "x = bytearray(80 * 1024 * 1024)\nprint(len(x))"}});
-    let (p, f) = both(body);
+    let (p, f) = both(&s, body);
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     assert!(
         p.memory_peak >= 80 << 20,
@@ -334,16 +357,17 @@ fn memory_accounting_and_oom_kills_are_those_of_a_fresh_run() {
     let bomb = json!({"request": {"runtime": "python",
         "code": "x = bytearray(300 * 1024 * 1024)\nprint('survived')"},
         "options": {"memoryLimit": "128m"}});
-    let (p, _) = both(bomb);
+    let (p, _) = both(&s, bomb);
     assert_eq!(p.body["oomKilled"], true, "{}", p.body);
     assert_eq!(p.body["exitCode"], 137, "{}", p.body);
 }
 
 #[test]
 fn cpu_time_is_the_runs_own_start_up_included() {
+    let s = Pair::start();
     let body =
         python("import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass");
-    let (p, f) = both(body);
+    let (p, f) = both(&s, body);
     assert!(p.cpu_ms >= 300, "pre-started cpu {} ms", p.cpu_ms);
     assert!(f.cpu_ms >= 300, "fresh cpu {} ms", f.cpu_ms);
     // Start-up included on both paths: the two agree within scheduling noise.
@@ -357,14 +381,15 @@ fn cpu_time_is_the_runs_own_start_up_included() {
 
 #[test]
 fn consecutive_one_shot_callers_see_nothing_of_each_other() {
+    let s = Pair::start();
     let first = json!({"request": {"runtime": "python", "env": {"SECRET_OF_A": "s3cr3t"},
         "code": "import os, subprocess\nopen('/tmp/a-was-here', 'w').write('x')\nopen('/sandbox/a-was-here', 'w').write('x')\nos.environ['LEAK'] = '1'\nsubprocess.Popen(['sleep', '300'], start_new_session=True)\nprint(os.getpid())"}});
     let second = json!({"request": {"runtime": "python",
         "code": "import os\nprocs = []\nfor p in os.listdir('/proc'):\n    if p.isdigit():\n        try: procs.append(open(f'/proc/{p}/cmdline').read().replace(chr(0), ' ').strip())\n        except OSError: pass\nprint(sorted(os.listdir('/tmp')), sorted(os.listdir('/sandbox')), 'SECRET_OF_A' in os.environ, 'LEAK' in os.environ, [c for c in procs if 'sleep' in c])"}});
     for _ in 0..3 {
-        let a = via_prestart(&first);
+        let a = via_prestart(&s, &first);
         assert_eq!(a.body["exitCode"], 0, "{}", a.body);
-        let b = via_prestart(&second);
+        let b = via_prestart(&s, &second);
         assert_eq!(b.body["stdout"], "[] [] False False []", "{}", b.body);
         assert_ne!(a.body["containerId"], b.body["containerId"]);
     }
@@ -372,8 +397,9 @@ fn consecutive_one_shot_callers_see_nothing_of_each_other() {
 
 #[test]
 fn runs_whose_environment_changes_the_start_up_start_fresh() {
+    let s = Pair::start();
     // Warm the default profile's pre-started interpreters first.
-    via_prestart(&python("pass"));
+    via_prestart(&s, &python("pass"));
     for (name, value) in [
         ("PYTHONDONTWRITEBYTECODE", "1"),
         ("PYTHONPATH", "/sandbox/lib"),
@@ -384,15 +410,15 @@ fn runs_whose_environment_changes_the_start_up_start_fresh() {
             "import os, sys\nprint(os.environ.get({name:?}), sys.path[1:2], sys.getfilesystemencoding())"
         );
         let body = json!({"request": {"runtime": "python", "env": {name: value}, "code": code}});
-        let p = post(prestarting(), &body);
+        let p = post(&s.pre, &body);
         assert_eq!(p.status, 200, "{}", p.body);
         assert_eq!(p.prestarted, Some(false), "{name}: {}", p.body);
-        let f = via_fresh(&body);
+        let f = via_fresh(&s, &body);
         assert_eq!(p.body["stdout"], f.body["stdout"], "{name}");
     }
     // Other runtimes, and setup scripts, take the sandbox without its interpreter.
     let bash = post(
-        prestarting(),
+        &s.pre,
         &json!({"request": {"runtime": "bash", "code": "echo $0"}}),
     );
     assert_eq!(bash.prestarted, Some(false), "{}", bash.body);
