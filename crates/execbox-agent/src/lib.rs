@@ -25,6 +25,7 @@ mod metrics;
 pub mod openapi;
 mod paths;
 mod port_proxy;
+mod prestart;
 mod pty;
 mod run;
 mod runner;
@@ -68,6 +69,8 @@ pub(crate) struct AppState {
     pub entrypoint: Arc<entrypoint::EntrypointLog>,
     /// The E2B data plane's processes and watchers.
     pub e2b: e2b::E2bState,
+    /// The interpreter waiting for the next run, if one was pre-started.
+    pub prestarted: prestart::Slot,
 }
 
 /// The root file system's id and the sandbox's disk size, when the server said it.
@@ -284,6 +287,7 @@ async fn serve(
         max_upload_bytes: config.max_upload_bytes,
         entrypoint: entrypoint_log,
         e2b: e2b::E2bState::default(),
+        prestarted: prestart::Slot::default(),
     });
     if let Err(e) = kernel::install_scripts() {
         tracing::warn!(error = %e, "kernel scripts not installed: code contexts will fail");

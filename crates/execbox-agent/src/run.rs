@@ -21,8 +21,8 @@ use execbox_jail::cgroup::ExecLeaf;
 use execbox_jail::process::ExitInfo;
 use execbox_proto::run::{
     utf8_prefix_len, FileContent, KillRequest, ListFilesResponse, RunError, RunEvent, RunRequest,
-    RunResult, WriteFilesRequest, WriteFilesResponse, KILL_PATH, LIST_FILES_PATH, RUN_PATH,
-    WRITE_FILES_PATH,
+    RunResult, WriteFilesRequest, WriteFilesResponse, KILL_PATH, LIST_FILES_PATH, PRESTART_PATH,
+    RUN_PATH, WRITE_FILES_PATH,
 };
 use tokio::sync::mpsc;
 
@@ -51,6 +51,7 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route(WRITE_FILES_PATH, post(write_files))
         .route(LIST_FILES_PATH, get(list_files))
         .route(KILL_PATH, post(kill))
+        .route(PRESTART_PATH, post(crate::prestart::prestart))
         // The server bounds request sizes; the agent takes what it is given.
         .layer(DefaultBodyLimit::disable())
 }
@@ -210,9 +211,13 @@ async fn kill(body: Bytes) -> Result<StatusCode, Fail> {
 
 /// `POST /execbox/run`.
 async fn run(State(app): State<Arc<AppState>>, body: Bytes) -> Response {
-    match start(app, body).await {
-        Ok(resp) => resp,
-        Err(e) => e.into_response(),
+    // Spawned: a caller gone while a pre-started interpreter takes the run (an await between
+    // the process starting on the run and the run's supervision) must not leave that process
+    // without its timeout and clean-up.
+    match tokio::spawn(start(app, body)).await {
+        Ok(Ok(resp)) => resp,
+        Ok(Err(e)) => e.into_response(),
+        Err(e) => Fail::Internal(format!("the run failed: {e}")).into_response(),
     }
 }
 
@@ -255,6 +260,7 @@ fn prepare(
 }
 
 async fn start(app: Arc<AppState>, body: Bytes) -> Result<Response, Fail> {
+    let t0 = Instant::now();
     let mut req: RunRequest = parse(&body)?;
     if req.argv.is_empty() {
         return Err(Fail::Invalid("argv: a program is required".into()));
@@ -275,24 +281,54 @@ async fn start(app: Arc<AppState>, body: Bytes) -> Result<Response, Fail> {
     .await?;
     req = req_back;
     let prepared = prepared?;
-    let started = app
-        .runner
-        .start(RunSpec {
-            argv: std::mem::take(&mut req.argv),
-            cwd: &cwd,
-            extra_env: std::mem::take(&mut req.env).into_iter().collect(),
-            creds: None,
-            groups: Vec::new(),
-            output: Output::Pipes,
-            input: if req.stdin.is_some() {
-                Input::Pipe
-            } else {
-                Input::Null
-            },
-            controlling_tty: false,
-            inherit_fds: Vec::new(),
-        })
-        .map_err(Fail::from);
+    let t_prepared = t0.elapsed();
+    let extra_env: Vec<(String, String)> = std::mem::take(&mut req.env).into_iter().collect();
+    // A pre-started interpreter serves this run when it can do so exactly as a fresh process
+    // would; it is taken out either way (one run only) and discarded when it does not fit.
+    let prestarted = match app.prestarted.take() {
+        Some(p) => {
+            let env = app.runner.env_with(&extra_env);
+            let request_env: std::collections::BTreeMap<String, String> =
+                extra_env.iter().cloned().collect();
+            let shape = crate::prestart::RunShape {
+                argv: &req.argv,
+                env: &env,
+                request_env: &request_env,
+                cwd: &cwd,
+                stdin_null: req.stdin.is_none(),
+            };
+            match p.message(&shape) {
+                Some(message) => p.hand_over(&message).await,
+                None => {
+                    p.discard();
+                    None
+                }
+            }
+        }
+        None => None,
+    };
+    let was_prestarted = prestarted.is_some();
+    let started = match prestarted {
+        Some(started) => Ok(started),
+        None => app
+            .runner
+            .start(RunSpec {
+                argv: std::mem::take(&mut req.argv),
+                cwd: &cwd,
+                extra_env,
+                creds: None,
+                groups: Vec::new(),
+                output: Output::Pipes,
+                input: if req.stdin.is_some() {
+                    Input::Pipe
+                } else {
+                    Input::Null
+                },
+                controlling_tty: false,
+                inherit_fds: Vec::new(),
+            })
+            .map_err(Fail::from),
+    };
     let started = match started {
         Ok(s) => s,
         Err(e) => {
@@ -300,7 +336,14 @@ async fn start(app: Arc<AppState>, body: Bytes) -> Result<Response, Fail> {
             return Err(e);
         }
     };
-    let run = Run::new(req, started, prepared, before);
+    tracing::debug!(
+        prepare_us = t_prepared.as_micros() as u64,
+        start_us = (t0.elapsed() - t_prepared).as_micros() as u64,
+        prestarted = was_prestarted,
+        "run started"
+    );
+    let mut run = Run::new(req, started, prepared, before);
+    run.prestarted = was_prestarted;
     if run.req.stream {
         let (tx, rx) = mpsc::channel::<Bytes>(64);
         tokio::spawn(async move {
@@ -389,6 +432,8 @@ struct Run {
     stdin: Option<std::os::fd::OwnedFd>,
     prepared: Prepared,
     before: HashMap<PathBuf, direct::FileStamp>,
+    /// Served by a pre-started interpreter.
+    prestarted: bool,
 }
 
 impl Run {
@@ -408,6 +453,7 @@ impl Run {
             stdin: started.stdin,
             prepared,
             before,
+            prestarted: false,
         }
     }
 
@@ -509,6 +555,7 @@ impl Run {
         })
         .await
         .unwrap_or_default();
+        let prestarted = self.prestarted;
         self.clean_up(keep);
         RunResult {
             stdout: out.text(),
@@ -524,6 +571,7 @@ impl Run {
             cpu_time_ms: stats.cpu_usage_ns / 1_000_000,
             files,
             files_written,
+            prestarted,
         }
     }
 

@@ -15,6 +15,8 @@ pub const LIST_FILES_PATH: &str = "/execbox/files/list";
 pub const KILL_PATH: &str = "/execbox/kill";
 /// Route of the entrypoint's kept output, answered with [`EntrypointOutput`].
 pub const ENTRYPOINT_PATH: &str = "/execbox/entrypoint";
+/// Route of [`PrestartRequest`].
+pub const PRESTART_PATH: &str = "/execbox/prestart";
 /// [`KillRequest::pid`] meaning every process of the sandbox but its agent.
 pub const EVERY_PROCESS: i32 = -1;
 
@@ -77,6 +79,26 @@ pub struct KillRequest {
     pub pid: i32,
     /// Signal number.
     pub signal: i32,
+}
+
+/// `POST /execbox/prestart`: start an interpreter now, waiting for the sandbox's next run
+/// (one run only), so that run does not pay for the interpreter's start-up. Answered once the
+/// interpreter is up with [`PrestartResponse`]; a runtime the agent cannot pre-start is a 400.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct PrestartRequest {
+    /// `python` (the only one so far).
+    pub runtime: String,
+}
+
+/// Answer of [`PrestartRequest`].
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct PrestartResponse {
+    /// Pid of the waiting interpreter.
+    pub pid: i32,
+    /// Milliseconds its start-up took.
+    pub startup_ms: u64,
 }
 
 /// `POST /execbox/run`.
@@ -155,6 +177,9 @@ pub struct RunResult {
     pub files: BTreeMap<String, String>,
     /// Regular files written by the request or changed during the run, sorted.
     pub files_written: Vec<String>,
+    /// The run was served by a pre-started interpreter ([`PrestartRequest`]) rather than a
+    /// process started for it.
+    pub prestarted: bool,
 }
 
 impl RunResult {

@@ -5,9 +5,9 @@ use std::path::Path;
 
 use bytes::Bytes;
 use execbox_proto::run::{
-    EntrypointOutput, KillRequest, ListFilesResponse, RunError, RunEvent, RunRequest, RunResult,
-    WriteFilesRequest, WriteFilesResponse, ENTRYPOINT_PATH, KILL_PATH, LIST_FILES_PATH, RUN_PATH,
-    WRITE_FILES_PATH,
+    EntrypointOutput, KillRequest, ListFilesResponse, PrestartRequest, PrestartResponse, RunError,
+    RunEvent, RunRequest, RunResult, WriteFilesRequest, WriteFilesResponse, ENTRYPOINT_PATH,
+    KILL_PATH, LIST_FILES_PATH, PRESTART_PATH, RUN_PATH, WRITE_FILES_PATH,
 };
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -92,6 +92,14 @@ fn json<T: serde::Serialize>(v: &T) -> Vec<u8> {
 /// The entrypoint's kept output and how it ended.
 pub async fn entrypoint_output(socket: &Path) -> Result<EntrypointOutput, AgentCallError> {
     call(socket, Method::GET, ENTRYPOINT_PATH, Vec::new()).await
+}
+
+/// Starts `runtime`'s interpreter, waiting for the sandbox's next run.
+pub async fn prestart(socket: &Path, runtime: &str) -> Result<PrestartResponse, AgentCallError> {
+    let req = PrestartRequest {
+        runtime: runtime.to_string(),
+    };
+    call(socket, Method::POST, PRESTART_PATH, json(&req)).await
 }
 
 /// Runs to completion.

@@ -347,6 +347,15 @@ pub struct Policy {
     pub max_request_bytes: usize,
     /// Ready sandboxes kept per template and limits profile for one-shot runs (0: no pool).
     pub warm_pool_size: usize,
+    /// Most ready sandboxes per profile when demand is high: the pool grows from
+    /// `warm_pool_size` toward the recent number of one-shot runs at once, up to this.
+    pub warm_pool_max: usize,
+    /// After this many seconds without a one-shot run of a profile, its pool shrinks back to
+    /// `warm_pool_size` (ready sandboxes above it are removed).
+    pub warm_pool_idle_secs: u64,
+    /// Interpreter each ready sandbox starts ahead of its run (`python`), or `none`: a one-shot
+    /// run it fits then pays only for executing the code.
+    pub warm_pool_prestart: String,
     /// Distinct limits profiles the pool keeps sandboxes for.
     pub max_pool_profiles: usize,
     /// Per-tenant maxima over these (`[policy.tenants.acme] max_memory_bytes = …`): what the
@@ -418,6 +427,9 @@ impl Default for Policy {
             max_env: 100,
             max_request_bytes: 256 << 20,
             warm_pool_size: 2,
+            warm_pool_max: 8,
+            warm_pool_idle_secs: 60,
+            warm_pool_prestart: "python".to_string(),
             max_pool_profiles: 4,
             tenants: BTreeMap::new(),
             max_sandboxes: 0,
@@ -480,9 +492,19 @@ impl Policy {
         if self.max_sessions == 0 {
             return Err("policy.max_sessions: must be at least 1".into());
         }
+        if !PRESTART_RUNTIMES.contains(&self.warm_pool_prestart.as_str()) {
+            return Err(format!(
+                "policy.warm_pool_prestart: {:?} is not one of {}",
+                self.warm_pool_prestart,
+                PRESTART_RUNTIMES.join(", ")
+            ));
+        }
         crate::policy::check_maxima(self)
     }
 }
+
+/// What `warm_pool_prestart` may name.
+pub const PRESTART_RUNTIMES: &[&str] = &["python", "none"];
 
 /// The network modes a sandbox can have.
 pub const NETWORK_MODES: &[&str] = &["none", "allowlist", "public"];

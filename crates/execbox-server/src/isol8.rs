@@ -978,6 +978,7 @@ impl Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         if let Slot::OneShot(server, id) = self {
+            server.pool.release(id);
             let (server, id) = (server.clone(), std::mem::take(id));
             tokio::spawn(async move {
                 if let Err(e) = server.destroy(&id, "oneshot_done").await {
@@ -1115,14 +1116,16 @@ async fn execute(
     State(server): State<Arc<Server>>,
     Extension(tenant): Extension<Tenant>,
     body: std::result::Result<Bytes, BytesRejection>,
-) -> Result<Json<ExecutionResult>> {
+) -> Result<Response> {
     let body: ExecuteBody = parse(&body_bytes(body)?)?;
     if let Some(id) = &body.session_id {
         check_session_id(id)?;
     }
+    let t0 = std::time::Instant::now();
     let plan = plan(&server, &tenant, &body)?;
     let _permit = admit(&server, &tenant)?;
     let slot = acquire(&server, &tenant, &plan, body.session_id.as_deref()).await?;
+    let t_acquired = t0.elapsed();
     let socket = server.socket_path(slot.sandbox())?;
     if let Some((install, registries)) = &plan.install {
         set_network(&server, slot.sandbox(), Some(registries))?;
@@ -1131,7 +1134,7 @@ async fn execute(
             set_network(&server, slot.sandbox(), None)?;
             let mut result = to_result(&plan, r, slot.sandbox());
             result.stderr.push_str("\n--- PACKAGE INSTALL FAILED ---");
-            return Ok(Json(result));
+            return Ok(Json(result).into_response());
         }
     }
     set_network(&server, slot.sandbox(), plan.network.as_ref())?;
@@ -1140,12 +1143,40 @@ async fn execute(
         if r.exit_code != 0 {
             let mut result = to_result(&plan, r, slot.sandbox());
             result.stderr.push_str("\n--- SETUP SCRIPT FAILED ---");
-            return Ok(Json(result));
+            return Ok(Json(result).into_response());
         }
     }
+    let t_run = std::time::Instant::now();
     let r = agent_run::run(&socket, &plan.run).await?;
-    Ok(Json(to_result(&plan, r, slot.sandbox())))
+    tracing::debug!(
+        acquire_us = t_acquired.as_micros() as u64,
+        run_call_us = t_run.elapsed().as_micros() as u64,
+        run_ms = r.duration_ms,
+        prestarted = r.prestarted,
+        "isol8 execute"
+    );
+    let usage = [
+        (PRESTARTED_HEADER, r.prestarted.to_string()),
+        (MEMORY_PEAK_HEADER, r.memory_peak_bytes.to_string()),
+        (CPU_TIME_HEADER, r.cpu_time_ms.to_string()),
+    ];
+    let mut resp = Json(to_result(&plan, r, slot.sandbox())).into_response();
+    // Which path served the run (a pre-started interpreter or a fresh process) and the run's
+    // own accounting: for operators, and the tests that compare the two paths.
+    for (name, value) in usage {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            resp.headers_mut().insert(name, v);
+        }
+    }
+    Ok(resp)
 }
+
+/// Response header of `/execute`: whether a pre-started interpreter ran the code.
+pub const PRESTARTED_HEADER: &str = "x-execbox-prestarted";
+/// Response header of `/execute`: the run's peak memory (its execution cgroup), bytes.
+pub const MEMORY_PEAK_HEADER: &str = "x-execbox-memory-peak-bytes";
+/// Response header of `/execute`: the run's CPU time (its execution cgroup), milliseconds.
+pub const CPU_TIME_HEADER: &str = "x-execbox-cpu-time-ms";
 
 /// `POST /execute/stream`: always one-shot (a `sessionId` is ignored, as upstream).
 #[utoipa::path(

@@ -135,10 +135,17 @@ impl Server {
             tracing::error!(error = %e, "sandboxes cannot be created");
             e.to_string()
         });
-        let pool = pool::WarmPool::new(
-            config.policy.warm_pool_size,
-            config.policy.max_pool_profiles,
-        );
+        let pool = pool::WarmPool::new(pool::PoolSettings {
+            size: config.policy.warm_pool_size,
+            max: config
+                .policy
+                .warm_pool_max
+                .max(config.policy.warm_pool_size),
+            idle: Duration::from_secs(config.policy.warm_pool_idle_secs),
+            max_profiles: config.policy.max_pool_profiles,
+            prestart: (config.policy.warm_pool_prestart != "none")
+                .then(|| config.policy.warm_pool_prestart.clone()),
+        });
         let net_config = Arc::new(net_config(&config));
         let network = LocalBackend::network_available();
         let images = images::open_store(&config).inspect_err(|e| {
@@ -1221,6 +1228,7 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServeError> {
             reaper.reap_expired().await;
             reaper.retry_cleanups().await;
             sandbox_pools::maintain(&reaper);
+            pool::WarmPool::maintain(&reaper);
             let ttl = Duration::from_secs(reaper.config.policy.session_idle_ttl_secs);
             sessions::Sessions::prune(&reaper, ttl).await;
         }

@@ -671,7 +671,12 @@ impl LocalBackend {
             argv: vec!["execbox".into(), "agent".into()],
             env: vec![
                 (AGENT_CONFIG_ENV.into(), config_json),
-                ("RUST_LOG".into(), "warn".into()),
+                // The agents' own log filter: `warn` unless the operator asks for more
+                // (`EXECBOX_AGENT_LOG=execbox_agent=debug` shows each run's phases).
+                (
+                    "RUST_LOG".into(),
+                    std::env::var("EXECBOX_AGENT_LOG").unwrap_or_else(|_| "warn".into()),
+                ),
             ],
             mapping,
             hostname: HOSTNAME,

@@ -152,6 +152,7 @@ async fn render(State((handle, server)): State<(PrometheusHandle, Arc<Server>)>)
     }
     drop(seen);
     metrics::gauge!("execbox_pool_ready", "pool" => "warm").set(server.pool.ready_total() as f64);
+    metrics::gauge!("execbox_pool_target", "pool" => "warm").set(server.pool.target_total() as f64);
     metrics::gauge!("execbox_pool_ready", "pool" => "lifecycle")
         .set(server.sandbox_pools.idle_total() as f64);
     metrics::gauge!("execbox_open_connections").set(crate::listener::open_connections() as f64);
