@@ -167,6 +167,7 @@ fn main() {
     };
 
     let mut prestarted = None;
+    let mut concurrent_wall = f64::NAN;
     match Server::start_with_config("isol8-pool", Some(&config(&python, 2, "python"))) {
         Ok(server) => {
             match sequential(&server.base, n) {
@@ -181,6 +182,7 @@ fn main() {
             }
             settle();
             let (ok, errors, wall) = concurrent(&server.base, c);
+            concurrent_wall = wall;
             report(
                 &format!("{c} concurrent POST /execute"),
                 ok,
@@ -193,6 +195,9 @@ fn main() {
         }
         Err(e) => println!("  server failed: {e}"),
     }
+
+    let bare_wall = bare_two_at_a_time(&python, c);
+    println!("  baseline: {c} bare runs, 2 at a time (one per core): wall {bare_wall:.0} ms");
 
     let mut pooled = None;
     match Server::start_with_config("isol8-pool-fresh", Some(&config(&python, 2, "none"))) {
@@ -231,6 +236,39 @@ fn main() {
     }
 
     println!();
+    let (pre50, pre99) = prestarted.unwrap_or((f64::NAN, f64::NAN));
+    support::target_row(
+        "isol8 /execute print(\"hello\"), warm pool, p50",
+        pre50,
+        bare_p50,
+        "ms",
+        "bare python3 -c p50",
+        support::Goal::RatioAtMost(0.75),
+    );
+    support::target_row(
+        "isol8 /execute print(\"hello\"), warm pool, p99",
+        pre99,
+        bare_p50,
+        "ms",
+        "bare python3 -c p50",
+        support::Goal::RatioAtMost(1.5),
+    );
+    support::target_row(
+        "the pool's gain: pool p50 over no-pool p50",
+        pre50,
+        unpooled.map_or(f64::NAN, |(p50, _)| p50),
+        "ms",
+        "no pool p50",
+        support::Goal::RatioAtMost(1.0),
+    );
+    support::target_row(
+        &format!("{c} concurrent one-shot runs, wall"),
+        concurrent_wall,
+        bare_wall,
+        "ms",
+        &format!("{c} bare runs 2 at a time"),
+        support::Goal::RatioAtMost(1.25),
+    );
     if let Some((p50, p99)) = prestarted {
         let ratio = p50 / bare_p50;
         let p99_ratio = p99 / bare_p50;
@@ -260,4 +298,17 @@ fn main() {
             );
         }
     }
+}
+
+/// Wall time of `n` bare runs, two at a time (one per core of the machine the table is for).
+fn bare_two_at_a_time(python: &std::path::Path, n: usize) -> f64 {
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        for half in [n / 2, n - n / 2] {
+            s.spawn(move || {
+                let _ = bare(python, half);
+            });
+        }
+    });
+    t.elapsed().as_secs_f64() * 1e3
 }
