@@ -309,7 +309,8 @@ fn store_handle(m: &Mutex<Option<KernelHandle>>, v: Option<KernelHandle>) {
 pub struct Contexts {
     map: Mutex<HashMap<String, Arc<Context>>>,
     defaults: Mutex<HashMap<Language, String>>,
-    /// Kernels started ahead of new contexts; those of a language go with its last context.
+    /// Kernels started ahead of new contexts (a context deleted by id leaves them for the next
+    /// one; deleting every context of a language by language removes them).
     pub spares: Arc<crate::kernel::Spares>,
 }
 
@@ -397,12 +398,6 @@ impl Contexts {
         };
         self.lock_defaults().retain(|_, v| v != id);
         ctx.shut_down();
-        // With no context of its language left, the sandbox keeps no idle interpreter of it.
-        if let Language::Kernel(language) = ctx.language {
-            if !self.lock().values().any(|c| c.language == ctx.language) {
-                self.spares.discard(language);
-            }
-        }
         true
     }
 
@@ -588,6 +583,10 @@ async fn delete_contexts_by_language(
         if ctx.language.name() == name {
             app.contexts.remove(&ctx.id);
         }
+    }
+    // Every context of the language gone on purpose: its spare kernels go too.
+    if let Ok(Language::Kernel(language)) = Language::parse(&name) {
+        app.contexts.spares.discard(language);
     }
     Ok(StatusCode::OK)
 }

@@ -655,6 +655,10 @@ struct Spare {
 /// run nothing: no context ever gets a kernel another context used, and as a process of its
 /// own it has its own interpreter state, random seeds and hash salt.
 ///
+/// Spares stay when contexts are deleted one by one (the next create takes one), and go when
+/// every context of their language is deleted by language (`DELETE /code/contexts?language=`)
+/// or with the sandbox.
+///
 /// Only for the interpreters that start cheaply (Python, Node): a spare JVM or Go toolchain
 /// would hold hundreds of MiB of the sandbox's memory for a context that may never come.
 #[derive(Default)]

@@ -750,9 +750,11 @@ fn context_listing_and_deletion() {
     );
     assert_eq!(result_texts(&evs), ["False"], "{evs:?}");
 
-    // No kernel processes are left behind by deleted contexts.
+    // No kernel processes are left behind by deleted contexts, spare kernels included once
+    // every context of their language is deleted by language.
     delete(&sb, "/code/contexts?language=python").assert_empty_ok();
     delete(&sb, &format!("/code/contexts/{js}")).assert_empty_ok();
+    delete(&sb, "/code/contexts?language=javascript").assert_empty_ok();
     wait_for(
         "the kernels of deleted contexts to exit",
         Duration::from_secs(10),
@@ -1884,12 +1886,7 @@ fn a_new_context_takes_a_kernel_started_ahead_which_shares_nothing_with_the_othe
         let second = new_context(&sb, language);
         assert_ne!(first, second);
         if language == "python" {
-            let started = |ctx: &str| -> f64 {
-                let evs = run_code(&sb, in_ctx(PROCESS_START, language, ctx));
-                assert_ok(&evs);
-                stdout_of(&evs).trim().parse().expect("start time")
-            };
-            let (one, two) = (started(&first), started(&second));
+            let (one, two) = (started_at(&sb, &first), started_at(&sb, &second));
             // A kernel started for the second create would start after the pause.
             assert!(
                 two - one < 1.0,
@@ -1926,5 +1923,37 @@ fn a_new_context_takes_a_kernel_started_ahead_which_shares_nothing_with_the_othe
         let evs = run_code(&sb, in_ctx(read, language, &third));
         assert_ok(&evs);
         assert_eq!(stdout_of(&evs).trim().to_lowercase(), "false", "{evs:?}");
+        if language == "python" {
+            // Contexts deleted one by one leave the spare for the next create.
+            let third_started = started_at(&sb, &third);
+            for ctx in [&first, &second, &third] {
+                delete(&sb, &format!("/code/contexts/{ctx}")).assert_empty_ok();
+            }
+            std::thread::sleep(Duration::from_millis(1500));
+            let fourth = new_context(&sb, language);
+            let fourth_started = started_at(&sb, &fourth);
+            assert!(
+                fourth_started - third_started < 1.0,
+                "a spare outlives contexts deleted by id ({third_started} s, {fourth_started} s)"
+            );
+        }
     }
+    // Deleting by language removes the spares too.
+    for language in ["python", "javascript"] {
+        delete(&sb, &format!("/code/contexts?language={language}")).assert_empty_ok();
+    }
+    wait_for("spare kernels to go", Duration::from_secs(10), || {
+        !sb.host_pids().iter().any(|p| {
+            let cmd = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&cmd);
+            cmd.contains("python_kernel") || cmd.contains("js_kernel")
+        })
+    });
+}
+
+/// When the kernel of context `ctx` started, in seconds on the sandbox's clock.
+fn started_at(sb: &Sandbox, ctx: &str) -> f64 {
+    let evs = run_code(sb, in_ctx(PROCESS_START, "python", ctx));
+    assert_ok(&evs);
+    stdout_of(&evs).trim().parse().expect("start time")
 }
