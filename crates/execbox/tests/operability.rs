@@ -579,14 +579,31 @@ fn the_server_maximum_holds_for_one_shot_runs_too() {
     };
     let (s, v) = execute();
     assert_eq!(s, 200, "room for one: {v}");
-    let held = server.create(json!({}));
+    // The one-shot sandbox is torn down after the answer, not before it: its place frees
+    // within moments, and a create meanwhile is told to come back (429).
+    let body = json!({"image": {"uri": "default"}, "entrypoint": ["tail", "-f", "/dev/null"],
+                      "resourceLimits": {"cpu": "1", "memory": "256Mi"}})
+    .to_string();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let held = loop {
+        let (s, v) = server.create_raw(&body);
+        if s == 202 {
+            break v["id"].as_str().expect("id").to_string();
+        }
+        assert_eq!(s, 429, "{v}");
+        assert!(
+            Instant::now() < deadline,
+            "the one-shot sandbox never left: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
     let (s, v) = execute();
     assert_eq!(s, 429, "{v}");
     assert!(
         v["error"].as_str().unwrap_or("").contains("maximum of 1"),
         "{v}"
     );
-    assert_eq!(server.delete(&format!("/v1/sandboxes/{}", held.id)), 204);
+    assert_eq!(server.delete(&format!("/v1/sandboxes/{held}")), 204);
     assert_eq!(execute().0, 200);
 }
 
