@@ -221,15 +221,8 @@ impl Drop for TlsServer {
                 }
             }
         }
-        if let Some(mut c) = self.child.take() {
-            let pid = nix::unistd::Pid::from_raw(c.id() as i32);
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(40);
-            while Instant::now() < deadline && matches!(c.try_wait(), Ok(None)) {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
+        if let Some(c) = self.child.take() {
+            common::stop_server(c);
         }
         let _ = std::fs::remove_dir_all(&self.state_dir);
         let _ = std::fs::remove_file(&self.config);

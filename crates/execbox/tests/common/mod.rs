@@ -247,15 +247,8 @@ impl Drop for TestServer {
             }
         }
         // SIGTERM: the server removes its pool and session sandboxes before exiting.
-        if let Some(mut c) = self.child.take() {
-            let pid = nix::unistd::Pid::from_raw(c.id() as i32);
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(40);
-            while Instant::now() < deadline && matches!(c.try_wait(), Ok(None)) {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
+        if let Some(c) = self.child.take() {
+            stop_server(c);
         }
         let _ = std::fs::remove_dir_all(&self.state_dir);
     }
@@ -642,4 +635,17 @@ impl TestServer {
         let _ = c.kill();
         c.wait().expect("wait")
     }
+}
+
+/// Stops a server as an operator does: SIGTERM (it removes its pool and session sandboxes),
+/// then SIGKILL if it has not exited within 40 s.
+pub fn stop_server(mut c: Child) {
+    let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while Instant::now() < deadline && matches!(c.try_wait(), Ok(None)) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = c.kill();
+    let _ = c.wait();
 }
