@@ -222,7 +222,7 @@ impl Drop for TlsServer {
             }
         }
         if let Some(c) = self.child.take() {
-            common::stop_server(c);
+            let _ = common::stop_server(c);
         }
         let _ = std::fs::remove_dir_all(&self.state_dir);
         let _ = std::fs::remove_file(&self.config);

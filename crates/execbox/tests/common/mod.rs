@@ -248,7 +248,7 @@ impl Drop for TestServer {
         }
         // SIGTERM: the server removes its pool and session sandboxes before exiting.
         if let Some(c) = self.child.take() {
-            stop_server(c);
+            let _ = stop_server(c);
         }
         let _ = std::fs::remove_dir_all(&self.state_dir);
     }
@@ -461,37 +461,7 @@ impl TestServer {
         let config = std::env::temp_dir().join(unique("execbox-test-config"));
         let log = std::env::temp_dir().join(unique("execbox-test-log"));
         std::fs::write(&config, config_toml).expect("write config");
-        let port = free_port();
-        let child = Command::new(env!("CARGO_BIN_EXE_execbox"))
-            .arg("serve")
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--state-dir")
-            .arg(&state_dir)
-            .arg("--config")
-            .arg(&config)
-            .env("RUST_LOG", "warn")
-            .env("EXECBOX_TEMPLATES_DIR", TEST_TEMPLATES_DIR)
-            // Tests send traffic to loopback only: no image comes from elsewhere.
-            .env("EXECBOX_ALLOWED_REGISTRIES", "127.0.0.1")
-            .env_remove("EXECBOX_API_KEY")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log file"))
-            .spawn()
-            .expect("start execbox serve");
-        let server = TestServer {
-            base: format!("http://127.0.0.1:{port}"),
-            state_dir,
-            port,
-            child: Some(child),
-            keep_state: false,
-            cleanup_keys: Vec::new(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while ureq::get(&server.url("/health")).call().is_err() {
-            assert!(Instant::now() < deadline, "server did not come up");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let server = Self::start_logged_on(state_dir, free_port(), &config, &[], &log);
         let _ = std::fs::remove_file(&config);
         (server, log)
     }
@@ -622,24 +592,13 @@ impl TestServer {
     /// sandboxes stay (for a restart on them).
     pub fn stop_keeping_state(mut self) -> std::process::ExitStatus {
         self.keep_state = true;
-        let mut c = self.child.take().expect("a running server");
-        let pid = nix::unistd::Pid::from_raw(c.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(40);
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = c.try_wait() {
-                return status;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = c.kill();
-        c.wait().expect("wait")
+        stop_server(self.child.take().expect("a running server")).expect("wait")
     }
 }
 
 /// Stops a server as an operator does: SIGTERM (it removes its pool and session sandboxes),
-/// then SIGKILL if it has not exited within 40 s.
-pub fn stop_server(mut c: Child) {
+/// then SIGKILL if it has not exited within 40 s; how it ended.
+pub fn stop_server(mut c: Child) -> std::io::Result<std::process::ExitStatus> {
     let pid = nix::unistd::Pid::from_raw(c.id() as i32);
     let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
     let deadline = Instant::now() + Duration::from_secs(40);
@@ -647,5 +606,5 @@ pub fn stop_server(mut c: Child) {
         std::thread::sleep(Duration::from_millis(10));
     }
     let _ = c.kill();
-    let _ = c.wait();
+    c.wait()
 }
