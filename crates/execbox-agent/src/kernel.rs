@@ -648,10 +648,19 @@ struct Spare {
     handle: KernelHandle,
 }
 
+/// What [`Spares::find`] found.
+enum Found {
+    Ready(Box<Spare>),
+    Starting(tokio::sync::watch::Receiver<()>),
+    Nothing,
+}
+
 /// Kernels started ahead of need, so that a new context does not wait for its interpreter to
 /// start. A context of a language, working directory and environment that this sandbox has
 /// already used takes a spare of that kind, and another is started in the background for the
-/// next one; the first such context starts its own kernel. A spare is a fresh process that has
+/// next one; the first such context starts its own kernel. A create that finds the spare still
+/// starting waits for it, which is never longer than starting a kernel of its own. A spare is a
+/// fresh process that has
 /// run nothing: no context ever gets a kernel another context used, and as a process of its
 /// own it has its own interpreter state, random seeds and hash salt.
 ///
@@ -664,7 +673,10 @@ struct Spare {
 #[derive(Default)]
 pub struct Spares {
     ready: std::sync::Mutex<Vec<Spare>>,
-    starting: std::sync::Mutex<std::collections::HashSet<SpareKey>>,
+    /// Spares being started; the sender of each watch is dropped once its spare is ready (or
+    /// has failed), which wakes the creates waiting for it.
+    starting:
+        std::sync::Mutex<std::collections::HashMap<SpareKey, tokio::sync::watch::Receiver<()>>>,
 }
 
 impl Spares {
@@ -688,7 +700,15 @@ impl Spares {
             cwd: cwd.to_path_buf(),
             env,
         };
-        let started = match self.take(&key) {
+        let spare = match self.find(&key) {
+            Found::Ready(spare) => Some(*spare),
+            Found::Starting(mut ready) => {
+                let _ = ready.changed().await;
+                self.take(&key)
+            }
+            Found::Nothing => None,
+        };
+        let started = match spare {
             Some(spare) => Ok((spare.kernel, spare.handle)),
             None => Kernel::start(runner, language, cwd, key.env.clone()).await,
         };
@@ -700,6 +720,28 @@ impl Spares {
 
     fn lock_ready(&self) -> std::sync::MutexGuard<'_, Vec<Spare>> {
         self.ready.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_starting(
+        &self,
+    ) -> std::sync::MutexGuard<
+        '_,
+        std::collections::HashMap<SpareKey, tokio::sync::watch::Receiver<()>>,
+    > {
+        self.starting.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A ready spare of this kind, else what wakes when the one being started is ready. Both
+    /// are looked at under the `starting` lock, which a spare holds while it moves to `ready`.
+    fn find(&self, key: &SpareKey) -> Found {
+        let starting = self.lock_starting();
+        if let Some(spare) = self.take(key) {
+            return Found::Ready(Box::new(spare));
+        }
+        match starting.get(key) {
+            Some(ready) => Found::Starting(ready.clone()),
+            None => Found::Nothing,
+        }
     }
 
     /// A live spare of this kind (dead ones, killed by the OOM killer say, are dropped).
@@ -720,10 +762,7 @@ impl Spares {
 
     /// Kills the spares of `language`, ready or starting.
     pub fn discard(&self, language: KernelLanguage) {
-        self.starting
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|k| k.language != language);
+        self.lock_starting().retain(|k, _| k.language != language);
         let gone: Vec<Spare> = {
             let mut ready = self.lock_ready();
             let (gone, kept) = ready.drain(..).partition(|s| s.key.language == language);
@@ -740,29 +779,33 @@ impl Spares {
         if self.lock_ready().iter().any(|s| s.key == key) {
             return;
         }
+        let (ready_tx, ready_rx) = tokio::sync::watch::channel(());
         {
-            let mut starting = self.starting.lock().unwrap_or_else(|p| p.into_inner());
-            if !starting.insert(key.clone()) {
+            let mut starting = self.lock_starting();
+            if starting.contains_key(&key) {
                 return;
             }
+            starting.insert(key.clone(), ready_rx);
         }
         let me = self.clone();
         tokio::spawn(async move {
+            // Dropped last, after the spare is in `ready`: then the waiting creates look.
+            let _ready_tx = ready_tx;
             let started = Kernel::start(&runner, key.language, &key.cwd, key.env.clone()).await;
-            // Not wanted any more when its language was discarded meanwhile.
-            let wanted = me
-                .starting
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&key);
-            let Ok((kernel, handle)) = started else {
-                return;
-            };
-            if !wanted {
-                handle.kill();
-                return;
-            }
             let evicted = {
+                // The spare goes into `ready` before it leaves `starting` (so a create always
+                // finds it in one of them), unless its language was discarded meanwhile.
+                let mut starting = me.lock_starting();
+                if starting.remove(&key).is_none() {
+                    drop(starting);
+                    if let Ok((_, handle)) = started {
+                        handle.kill();
+                    }
+                    return;
+                }
+                let Ok((kernel, handle)) = started else {
+                    return;
+                };
                 let mut ready = me.lock_ready();
                 let evicted = (ready.len() >= MAX_SPARES).then(|| ready.remove(0));
                 ready.push(Spare {

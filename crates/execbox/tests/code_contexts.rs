@@ -1951,6 +1951,51 @@ fn a_new_context_takes_a_kernel_started_ahead_which_shares_nothing_with_the_othe
     });
 }
 
+/// A create that comes while the spare for its kind is still starting waits for that spare
+/// instead of starting a kernel of its own: its kernel is older (a lower pid in the sandbox)
+/// than the spare started after it. A kernel of its own would be the newest process.
+#[test]
+fn a_create_right_after_another_waits_for_the_spare_being_started() {
+    let server = TestServer::start();
+    let sb = server.create(json!({}));
+    // The first create starts its own kernel, and a spare right after it.
+    let _first = new_context(&sb, "python");
+    let second = new_context(&sb, "python");
+    let probe = r#"
+import os
+me = os.getpid()
+kernels = []
+for p in os.listdir("/proc"):
+    if p.isdigit():
+        try:
+            if b"python_kernel" in open("/proc/%s/cmdline" % p, "rb").read():
+                kernels.append(int(p))
+        except OSError:
+            pass
+print(me, max(kernels))
+"#;
+    let mut last = String::new();
+    let newer_spare = (0..50).any(|_| {
+        let evs = run_code(&sb, in_ctx(probe, "python", &second));
+        assert_ok(&evs);
+        last = stdout_of(&evs);
+        let v: Vec<i64> = last
+            .split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        let newer = v.len() == 2 && v[1] > v[0];
+        if !newer {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        newer
+    });
+    assert!(
+        newer_spare,
+        "the second context took the spare started by the first create, and a newer spare \
+         started for the next one (its pid, the highest kernel pid: {last})"
+    );
+}
+
 /// When the kernel of context `ctx` started, in seconds on the sandbox's clock.
 fn started_at(sb: &Sandbox, ctx: &str) -> f64 {
     let evs = run_code(sb, in_ctx(PROCESS_START, "python", ctx));
