@@ -85,6 +85,11 @@ fn rss_kib(pid: u32) -> (u64, u64) {
 
 /// CPU time (user + system) of a process so far, in seconds; `None` for this process.
 fn cpu_secs(pid: Option<u32>) -> f64 {
+    cpu_secs_split(pid).0
+}
+
+/// CPU seconds of `pid` (this process when `None`): its own, and its waited-for children's.
+fn cpu_secs_split(pid: Option<u32>) -> (f64, f64) {
     let path = match pid {
         Some(p) => format!("/proc/{p}/stat"),
         None => "/proc/self/stat".into(),
@@ -99,7 +104,10 @@ fn cpu_secs(pid: Option<u32>) -> f64 {
         .flatten()
         .unwrap_or(100)
         .max(1) as f64;
-    (ticks(11) + ticks(12)) as f64 / hz
+    (
+        (ticks(11) + ticks(12)) as f64 / hz,
+        (ticks(13) + ticks(14)) as f64 / hz,
+    )
 }
 
 /// CPU seconds used by this bench, the server and the agent between two points.
@@ -255,7 +263,7 @@ fn run_stream(
 // ---------------------------------------------------------------------------------------------
 // 1. Round trip
 
-fn bench_echo(sb: &Sandbox, n: usize) {
+fn bench_echo(server: &Server, sb: &Sandbox, n: usize) {
     println!("\n[1] foreground `echo hi` round trip (POST /command, SSE read to EOF)");
     let body = json!({"command": "echo hi"});
     let once = || -> Res<Duration> {
@@ -279,6 +287,8 @@ fn bench_echo(sb: &Sandbox, n: usize) {
         }
     }
     let mut v = Vec::with_capacity(n);
+    let pids = [None, Some(server.pid()), sb.agent_pid()];
+    let cpu_before = pids.map(cpu_secs_split);
     for _ in 0..n {
         match once() {
             Ok(d) => v.push(d),
@@ -288,10 +298,26 @@ fn bench_echo(sb: &Sandbox, n: usize) {
             }
         }
     }
+    let cpu_after = pids.map(cpu_secs_split);
     let echo_p50 = report(
         "execbox: echo hi through the server",
         v,
         "target p50 <= 3 ms",
+    );
+    // Where a round trip's CPU goes (the agent reaps the command, so its children's time is
+    // the command's: bash, its dynamic loading, its exit).
+    let per = |i: usize, children: bool| {
+        let (a, b) = (cpu_before[i], cpu_after[i]);
+        let d = if children { b.1 - a.1 } else { b.0 - a.0 };
+        d / n.max(1) as f64 * 1e6
+    };
+    println!(
+        "  {:<46} client {:.0} us, server {:.0} us, agent {:.0} us, the command (bash) {:.0} us",
+        "CPU per round trip:",
+        per(0, false),
+        per(1, false),
+        per(2, false),
+        per(2, true)
     );
     let spawn = |program: &str, args: &[&str]| -> Option<Vec<Duration>> {
         let mut v = Vec::with_capacity(n);
@@ -312,9 +338,13 @@ fn bench_echo(sb: &Sandbox, n: usize) {
         }
         Some(v)
     };
-    match spawn("/bin/bash", &["-c", "echo hi"]) {
+    let children_before = cpu_secs_split(None).1;
+    let bash = spawn("/bin/bash", &["-c", "echo hi"]);
+    let bash_cpu = (cpu_secs_split(None).1 - children_before) / (n + 30).max(1) as f64 * 1e6;
+    match bash {
         Some(v) => {
             let bare = report("baseline: spawn /bin/bash -c 'echo hi' (host)", v, "");
+            println!("  {:<46} bash {bash_cpu:.0} us", "CPU per spawn:");
             support::target_row(
                 "foreground `echo hi` round trip, p50",
                 echo_p50,
@@ -984,7 +1014,7 @@ fn main() {
                 sb.id,
                 t.elapsed().as_secs_f64() * 1e3
             );
-            bench_echo(&sb, echo_n);
+            bench_echo(&server, &sb, echo_n);
             bench_stream(&server, &sb, stream_mib);
             bench_files(&server, &sb, file_mib, "/tmp/execbox-bench.bin");
             bench_concurrent(&sb, concurrent);

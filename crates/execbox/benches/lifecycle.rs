@@ -589,6 +589,11 @@ fn main() {
     let dd_mib = env_usize("EXECBOX_BENCH_DD_MIB", 512);
     let dd_rounds = env_usize("EXECBOX_BENCH_DD_ROUNDS", 3).max(1);
     let state_dir = std::env::temp_dir().join(format!("execbox-bench-{}", std::process::id()));
+    // As `execbox serve` does, before any thread: the disk pool's ready disks (mounted, with
+    // their loop devices) go with this process's mount namespace instead of staying on the host.
+    if let Err(e) = execbox_jail::rootfs::enter_private_mount_namespace() {
+        println!("no private mount namespace ({e}): the ready disks stay mounted on the host");
+    }
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     let make_backend = |storage: StorageMedium, name: &str| {
         LocalBackend::new(LocalConfig {
