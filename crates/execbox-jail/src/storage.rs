@@ -249,6 +249,64 @@ pub fn sparse_copy(src: &Path, dst: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Numbers of the loop devices this process has bound a disk to. The kernel keeps a loop
+/// device once it exists, bound or free, so a burst of sandboxes would leave as many devices
+/// behind for good (each makes every `sysinfo(2)` on the host, and the next binds, slower);
+/// [`remove_free_loop_devices`] removes those of them that are free again.
+static BOUND_LOOPS: std::sync::Mutex<std::collections::BTreeSet<u32>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
+/// Free loop devices of this process kept for the next disks (binding a free device is
+/// cheaper than making one).
+pub const FREE_LOOPS_KEPT: usize = 8;
+
+fn bound_loops() -> std::sync::MutexGuard<'static, std::collections::BTreeSet<u32>> {
+    BOUND_LOOPS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Removes the loop devices this process bound a disk to and that are free again (their disk
+/// unmounted everywhere), but for [`FREE_LOOPS_KEPT`] of them. A device bound or opened
+/// meanwhile, by this process or another, is refused by the kernel and stays. Returns how
+/// many went.
+pub fn remove_free_loop_devices() -> io::Result<usize> {
+    let numbers: Vec<u32> = bound_loops().iter().copied().collect();
+    if numbers.len() <= FREE_LOOPS_KEPT {
+        return Ok(0);
+    }
+    let mut free = Vec::new();
+    let mut gone = Vec::new();
+    for n in numbers {
+        let dev = PathBuf::from(format!("/sys/block/loop{n}"));
+        if !dev.exists() {
+            gone.push(n);
+        } else if !dev.join("loop").exists() {
+            // The `loop` attributes exist only while a file backs the device.
+            free.push(n);
+        }
+    }
+    let control = File::options()
+        .read(true)
+        .write(true)
+        .open("/dev/loop-control")?;
+    let mut removed = 0;
+    for n in free.into_iter().skip(FREE_LOOPS_KEPT) {
+        match sys::loop_remove(control.as_raw_fd(), n) {
+            Ok(()) => {
+                removed += 1;
+                gone.push(n);
+            }
+            Err(libc::ENODEV | libc::ENXIO | libc::ENOENT) => gone.push(n),
+            // Bound or opened since: its next user keeps it.
+            Err(_) => {}
+        }
+    }
+    let mut bound = bound_loops();
+    for n in gone {
+        bound.remove(&n);
+    }
+    Ok(removed)
+}
+
 /// Attaches `image` to a free loop device that detaches itself once nothing uses it.
 fn attach_loop(image: &File) -> io::Result<(OwnedFd, PathBuf)> {
     let control = File::options()
@@ -261,7 +319,13 @@ fn attach_loop(image: &File) -> io::Result<(OwnedFd, PathBuf)> {
         let path = PathBuf::from(format!("/dev/loop{n}"));
         let device = match File::options().read(true).write(true).open(&path) {
             Ok(f) => OwnedFd::from(f),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            // Removed since the query (see `remove_free_loop_devices`).
+            Err(e)
+                if e.kind() == io::ErrorKind::NotFound
+                    || matches!(e.raw_os_error(), Some(libc::ENXIO | libc::ENODEV)) =>
+            {
+                continue
+            }
             Err(e) => return Err(e),
         };
         match sys::loop_configure(
@@ -269,7 +333,10 @@ fn attach_loop(image: &File) -> io::Result<(OwnedFd, PathBuf)> {
             image.as_raw_fd(),
             sys::LO_FLAGS_AUTOCLEAR | sys::LO_FLAGS_DIRECT_IO,
         ) {
-            Ok(()) => return Ok((device, path)),
+            Ok(()) => {
+                bound_loops().insert(n);
+                return Ok((device, path));
+            }
             Err(libc::EBUSY) => continue,
             Err(e) => return Err(os(e, format!("LOOP_CONFIGURE {}", path.display()))),
         }
@@ -497,6 +564,86 @@ mod tests {
         assert!(
             blocks * 512 < 1 << 20,
             "copy is not sparse: {blocks} blocks"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The loop device behind each of these disks, found by its backing file.
+    fn loop_numbers_of(images: &[PathBuf]) -> Vec<u32> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir("/sys/block")
+            .expect("/sys/block")
+            .flatten()
+        {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(n) = name.strip_prefix("loop").and_then(|n| n.parse().ok()) else {
+                continue;
+            };
+            let backing =
+                std::fs::read_to_string(e.path().join("loop/backing_file")).unwrap_or_default();
+            if images.iter().any(|i| Path::new(backing.trim()) == i) {
+                out.push(n);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn loop_devices_freed_by_unmounted_disks_are_removed_but_a_few() {
+        if !root() {
+            eprintln!("skipped: needs root (loop devices)");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("execbox-loops-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let golden = dir.join("golden.ext4");
+        format_disk(&golden, 16 << 20).expect("format");
+        let count = FREE_LOOPS_KEPT + 4;
+        let mut images = Vec::new();
+        let mut mounts = Vec::new();
+        for i in 0..count {
+            let image = dir.join(format!("{i}.ext4"));
+            sparse_copy(&golden, &image).expect("copy");
+            let mnt = dir.join(format!("mnt{i}"));
+            std::fs::create_dir_all(&mnt).expect("mnt");
+            mount_disk(&image, &mnt, None).expect("mount");
+            images.push(image);
+            mounts.push(mnt);
+        }
+        let numbers = loop_numbers_of(&images);
+        assert_eq!(
+            numbers.len(),
+            count,
+            "one loop device per disk: {numbers:?}"
+        );
+        for mnt in &mounts {
+            detach(mnt).expect("detach");
+        }
+        // The devices unbind themselves once their mounts are gone.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !loop_numbers_of(&images).is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "loop devices still bound"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let free_left = |numbers: &[u32]| {
+            numbers
+                .iter()
+                .filter(|n| {
+                    let dev = PathBuf::from(format!("/sys/block/loop{n}"));
+                    dev.exists() && !dev.join("loop").exists()
+                })
+                .count()
+        };
+        assert_eq!(free_left(&numbers), count, "free, and still there");
+        remove_free_loop_devices().expect("remove");
+        let left = free_left(&numbers);
+        assert!(
+            left <= FREE_LOOPS_KEPT,
+            "{left} of this test's {count} free loop devices are still there (at most {FREE_LOOPS_KEPT} kept)"
         );
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -759,6 +759,7 @@ pub fn kill(pid: libc::pid_t, sig: libc::c_int) -> Result<(), Errno> {
 // come from the kernel's uapi headers (`linux/loop.h`, `linux/mount.h`).
 
 const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
+const LOOP_CTL_REMOVE: libc::c_ulong = 0x4C81;
 const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
 /// `LO_FLAGS_AUTOCLEAR`: the device detaches itself when its last user closes it.
 pub const LO_FLAGS_AUTOCLEAR: u32 = 4;
@@ -795,6 +796,14 @@ struct LoopConfig {
 pub fn loop_get_free(control: RawFd) -> Result<u32, Errno> {
     // SAFETY: plain ioctl without an argument.
     check(unsafe { libc::ioctl(control, LOOP_CTL_GET_FREE) } as libc::c_long).map(|n| n as u32)
+}
+
+/// `ioctl(LOOP_CTL_REMOVE)` on `/dev/loop-control`: removes loop device `n`, which the kernel
+/// refuses (`EBUSY`) while it is bound to a file or open.
+pub fn loop_remove(control: RawFd, n: u32) -> Result<(), Errno> {
+    // SAFETY: plain ioctl whose argument is a device number passed by value.
+    check(unsafe { libc::ioctl(control, LOOP_CTL_REMOVE, n as libc::c_ulong) } as libc::c_long)
+        .map(|_| ())
 }
 
 /// `ioctl(LOOP_CONFIGURE)`: backs the loop device open at `device` with the file open at

@@ -875,6 +875,21 @@ pub struct LaunchSpec {
     pub renew_on_access_secs: Option<u64>,
 }
 
+/// How often (in ticks of the 1 s maintenance loop) the loop devices of deleted sandboxes'
+/// disks are removed.
+const LOOP_SWEEP_TICKS: u64 = 30;
+
+/// Removes the loop devices that disks of sandboxes now gone left free, but for a few: after a
+/// burst of sandboxes, the host does not keep thousands of them.
+fn remove_free_loop_devices() {
+    match execbox_jail::storage::remove_free_loop_devices() {
+        Ok(0) => {}
+        Ok(n) => tracing::debug!(removed = n, "free loop devices removed"),
+        // A host without loop devices has no sandbox disks either.
+        Err(e) => tracing::debug!(error = %e, "removing free loop devices"),
+    }
+}
+
 /// An expiry extended on access moves by at least this much, so that a busy sandbox's record
 /// is not written on every request.
 const RENEW_ON_ACCESS_STEP_SECS: i64 = 5;
@@ -1223,8 +1238,13 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServeError> {
     let reaper = server.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut ticks: u64 = 0;
         loop {
             tick.tick().await;
+            ticks += 1;
+            if ticks.is_multiple_of(LOOP_SWEEP_TICKS) {
+                tokio::task::spawn_blocking(remove_free_loop_devices);
+            }
             reaper.reap_expired().await;
             reaper.retry_cleanups().await;
             sandbox_pools::maintain(&reaper);
@@ -1274,6 +1294,8 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServeError> {
         .serve_until(router(server.clone()), stop, grace)
         .await;
     server.stop_owned().await;
+    // What the deleted sandboxes' disks left (those still in use are refused by the kernel).
+    remove_free_loop_devices();
     tracing::info!("stopped");
     // Not a return: the runtime would wait for blocking work that no longer matters.
     std::process::exit(0);

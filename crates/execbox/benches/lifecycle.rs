@@ -824,5 +824,7 @@ fn main() {
         live.len(),
         t.elapsed().as_secs_f64()
     );
+    // The loop devices of the deleted sandboxes' disks go too, as the server removes them.
+    let _ = execbox_jail::storage::remove_free_loop_devices();
     let _ = std::fs::remove_dir_all(&state_dir);
 }
