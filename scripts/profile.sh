@@ -26,5 +26,8 @@ echo
 echo "== CPU time per process (all CPUs, the whole run)"
 perf report -i "$data" --no-children --sort comm --stdio 2>/dev/null | grep -v '^#' | grep -v '^$' | head -n 15
 echo
+echo "== execbox processes (server: tokio-rt-worker threads; agent: execbox), by system call"
+perf script -i "$data" -F comm,pid,tid,ip,sym 2>/dev/null | python3 scripts/perf-by-syscall.py execbox tokio-rt-worker
+echo
 echo "== CPU time per function (top $top)"
 perf report -i "$data" --no-children --sort comm,dso,sym --stdio -g none 2>/dev/null | grep -v '^#' | grep -v '^$' | head -n "$top"

@@ -6,9 +6,11 @@
 /// Smallest memory limit: the agent, PID 1 of the sandbox, is charged to it too.
 pub const MIN_MEMORY_BYTES: u64 = 32 << 20;
 
-/// Smallest CPU limit, in millicores: a CFS quota of 1 ms per 100 ms period, the smallest the
-/// kernel accepts.
-pub const MIN_CPU_MILLICORES: u64 = 10;
+/// Smallest CPU limit, in millicores (a CFS quota of 10 ms per 100 ms period). The agent, charged
+/// to the sandbox's CPU limit too, needs 25–100 ms of CPU to start (its loader and relocations,
+/// more with cold caches): at 10m, the kernel's smallest quota, that is up to 10 s, the time
+/// a sandbox has to become ready, and every request it serves afterwards crawls.
+pub const MIN_CPU_MILLICORES: u64 = 100;
 
 /// Smallest pids limit: the agent's own threads count against it.
 pub const MIN_PIDS: u64 = 16;

@@ -175,6 +175,8 @@ fn limits_a_sandbox_cannot_live_with_are_400s_naming_the_field() {
         (json!({"memory": "1Mi"}), "resourceLimits.memory"),
         (json!({"cpu": "1m"}), "resourceLimits.cpu"),
         (json!({"cpu": "9m"}), "resourceLimits.cpu"),
+        (json!({"cpu": "10m"}), "resourceLimits.cpu"),
+        (json!({"cpu": "99m"}), "resourceLimits.cpu"),
         (json!({"pids": "1"}), "resourceLimits.pids"),
         (json!({"disk": "1"}), "resourceLimits.disk"),
     ] {
