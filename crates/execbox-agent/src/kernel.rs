@@ -659,10 +659,9 @@ enum Found {
 /// start. A context of a language, working directory and environment that this sandbox has
 /// already used takes a spare of that kind, and another is started in the background for the
 /// next one; the first such context starts its own kernel. A create that finds the spare still
-/// starting waits for it, which is never longer than starting a kernel of its own. A spare is a
-/// fresh process that has
-/// run nothing: no context ever gets a kernel another context used, and as a process of its
-/// own it has its own interpreter state, random seeds and hash salt.
+/// starting waits for it, which is never longer than starting a kernel of its own. A spare is
+/// a fresh process that has run nothing: no context ever gets a kernel another context used,
+/// and as a process of its own it has its own interpreter state, random seeds and hash salt.
 ///
 /// Spares stay when contexts are deleted one by one (the next create takes one), and go when
 /// every context of their language is deleted by language (`DELETE /code/contexts?language=`)
@@ -793,8 +792,9 @@ impl Spares {
             let _ready_tx = ready_tx;
             let started = Kernel::start(&runner, key.language, &key.cwd, key.env.clone()).await;
             let evicted = {
-                // The spare goes into `ready` before it leaves `starting` (so a create always
-                // finds it in one of them), unless its language was discarded meanwhile.
+                // Under the `starting` lock the spare leaves `starting` and enters `ready` in
+                // one step (a create looks at both under that lock, so it finds the spare in
+                // one of them), unless its language was discarded meanwhile.
                 let mut starting = me.lock_starting();
                 if starting.remove(&key).is_none() {
                     drop(starting);
