@@ -45,14 +45,6 @@ use support::{describe, env_usize, machine, Res, Sandbox, Server};
 // ---------------------------------------------------------------------------------------------
 // Reporting
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
 /// p50 / p99 in ms of samples given in ms.
 #[derive(Clone, Copy)]
 struct Stats {
@@ -65,8 +57,8 @@ fn stats(mut ms: Vec<f64>) -> Stats {
     ms.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
     Stats {
         n: ms.len(),
-        p50: percentile(&ms, 0.50),
-        p99: percentile(&ms, 0.99),
+        p50: support::percentile_ms(&ms, 0.50),
+        p99: support::percentile_ms(&ms, 0.99),
     }
 }
 

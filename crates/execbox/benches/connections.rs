@@ -18,14 +18,6 @@ mod support;
 
 use support::{env_usize, machine, Res, Server};
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
@@ -136,8 +128,8 @@ fn run(n: usize, held: usize) -> Res<()> {
     ] {
         println!(
             "  {label:<34} {:>7.3} ms {:>7.3} ms {errors:>8}",
-            percentile(ms, 0.50),
-            percentile(ms, 0.99)
+            support::percentile_ms(ms, 0.50),
+            support::percentile_ms(ms, 0.99)
         );
     }
     println!(
@@ -157,7 +149,7 @@ fn run(n: usize, held: usize) -> Res<()> {
     );
     println!(
         "  budgets: p99 with {held} held <= 5 ms: {}; after within 20% of before: {}",
-        if percentile(&busy, 0.99) <= 5.0 && busy_errors == 0 {
+        if support::percentile_ms(&busy, 0.99) <= 5.0 && busy_errors == 0 {
             "met"
         } else {
             "MISSED"

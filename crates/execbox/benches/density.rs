@@ -53,10 +53,9 @@ fn latency(mut v: Vec<f64>) -> Option<Latency> {
         return None;
     }
     v.sort_by(|a, b| a.total_cmp(b));
-    let at = |q: f64| v[((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1];
     Some(Latency {
-        p50: at(0.50),
-        p99: at(0.99),
+        p50: support::percentile_ms(&v, 0.50),
+        p99: support::percentile_ms(&v, 0.99),
     })
 }
 

@@ -43,20 +43,12 @@ struct Stats {
     p99: f64,
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
 fn stats(mut ms: Vec<f64>) -> Stats {
     ms.sort_by(f64::total_cmp);
     Stats {
         n: ms.len(),
-        p50: percentile(&ms, 0.50),
-        p99: percentile(&ms, 0.99),
+        p50: support::percentile_ms(&ms, 0.50),
+        p99: support::percentile_ms(&ms, 0.99),
     }
 }
 

@@ -39,24 +39,16 @@ const MIB: u64 = 1 << 20;
 // ---------------------------------------------------------------------------------------------
 // Reporting
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
 /// Prints p50/p99 of `samples`; returns the p50 in ms.
 fn report(name: &str, mut samples: Vec<Duration>, target: &str) -> f64 {
     samples.sort();
     println!(
         "  {name:<46} n={:<4} p50={:>8.3} ms  p99={:>8.3} ms  {target}",
         samples.len(),
-        percentile(&samples, 0.50).as_secs_f64() * 1e3,
-        percentile(&samples, 0.99).as_secs_f64() * 1e3
+        support::percentile(&samples, 0.50).as_secs_f64() * 1e3,
+        support::percentile(&samples, 0.99).as_secs_f64() * 1e3
     );
-    percentile(&samples, 0.50).as_secs_f64() * 1e3
+    support::percentile(&samples, 0.50).as_secs_f64() * 1e3
 }
 
 /// Prints a throughput; returns it in MB/s.

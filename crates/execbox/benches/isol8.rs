@@ -31,18 +31,13 @@ mod support;
 
 use support::{describe, env_usize, machine, Res, Server};
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
 /// Prints one series; returns its (p50, p99).
 fn report(label: &str, mut ms: Vec<f64>, target: &str) -> (f64, f64) {
     ms.sort_by(|a, b| a.total_cmp(b));
-    let (p50, p99) = (percentile(&ms, 0.50), percentile(&ms, 0.99));
+    let (p50, p99) = (
+        support::percentile_ms(&ms, 0.50),
+        support::percentile_ms(&ms, 0.99),
+    );
     println!(
         "  {label:<44} n={:<4} p50={p50:>8.2} ms  p99={p99:>8.2} ms  {target}",
         ms.len(),

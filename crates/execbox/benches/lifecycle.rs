@@ -47,19 +47,11 @@ use execbox_server::local::{
 
 mod support;
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
 /// Prints p50/p99; returns them in ms.
 fn report(name: &str, mut samples: Vec<Duration>) -> (f64, f64) {
     samples.sort();
-    let p50 = percentile(&samples, 0.50).as_secs_f64() * 1e3;
-    let p99 = percentile(&samples, 0.99).as_secs_f64() * 1e3;
+    let p50 = support::percentile(&samples, 0.50).as_secs_f64() * 1e3;
+    let p99 = support::percentile(&samples, 0.99).as_secs_f64() * 1e3;
     println!(
         "{name:<44} n={:<4} p50={p50:>8.2} ms  p99={p99:>8.2} ms",
         samples.len(),

@@ -21,9 +21,8 @@
 //! run goes on to the cleanup.
 
 use std::io::Read;
-use std::net::TcpListener;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -34,14 +33,6 @@ mod support;
 use support::{describe, env_usize, machine, Res};
 
 const MIB: u64 = 1 << 20;
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
@@ -93,28 +84,11 @@ impl Server {
         tls: Option<&str>,
         agent: ureq::Agent,
     ) -> Res<Self> {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .map_err(|e| e.to_string())?;
+        let port = support::free_port()?;
         let state_dir = dir.join(format!("state-{name}"));
         let config = dir.join(format!("{name}.toml"));
         std::fs::write(&config, tls.unwrap_or("")).map_err(|e| e.to_string())?;
-        let child = Command::new(env!("CARGO_BIN_EXE_execbox"))
-            .arg("serve")
-            .arg("--config")
-            .arg(&config)
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--state-dir")
-            .arg(&state_dir)
-            .env("RUST_LOG", "error")
-            .env("EXECBOX_TEMPLATES_DIR", "/var/tmp/execbox-test-templates")
-            .env_remove("EXECBOX_API_KEY")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(|e| format!("starting execbox serve: {e}"))?;
+        let child = support::spawn_serve(Some(&config), port, &state_dir)?;
         let scheme = if tls.is_some() { "https" } else { "http" };
         let server = Server {
             child,
@@ -422,12 +396,12 @@ fn compare(plain: &Side, tls: &Side, echo_n: usize, file_mib: u64) -> Res<()> {
         println!(
             "  {:<6} p50={:>7.3} ms  p99={:>7.3} ms",
             side.name,
-            ms(percentile(s, 0.5)),
-            ms(percentile(s, 0.99))
+            ms(support::percentile(s, 0.5)),
+            ms(support::percentile(s, 0.99))
         );
     }
-    let ratio50 = ms(percentile(&t, 0.5)) / ms(percentile(&p, 0.5));
-    let ratio99 = ms(percentile(&t, 0.99)) / ms(percentile(&p, 0.99));
+    let ratio50 = ms(support::percentile(&t, 0.5)) / ms(support::percentile(&p, 0.5));
+    let ratio99 = ms(support::percentile(&t, 0.99)) / ms(support::percentile(&p, 0.99));
     println!(
         "  tls/plain: p50 {ratio50:.3}x, p99 {ratio99:.3}x   target p50 <= 1.10x: {}",
         if ratio50 <= 1.10 { "met" } else { "MISSED" }

@@ -51,7 +51,50 @@ pub fn describe(e: ureq::Error) -> String {
     }
 }
 
-fn free_port() -> Res<u16> {
+/// `execbox serve` (the release binary of this build) on `127.0.0.1:port`, with its state in
+/// `state_dir` and, when given, the configuration file `config`; errors only to stderr.
+pub fn spawn_serve(
+    config: Option<&std::path::Path>,
+    port: u16,
+    state_dir: &std::path::Path,
+) -> Res<Child> {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_execbox"));
+    cmd.arg("serve");
+    if let Some(config) = config {
+        cmd.arg("--config").arg(config);
+    }
+    cmd.arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--state-dir")
+        .arg(state_dir)
+        .env("RUST_LOG", "error")
+        // The tests' template cache: built once, not into each throwaway state directory.
+        .env("EXECBOX_TEMPLATES_DIR", "/var/tmp/execbox-test-templates")
+        .env_remove("EXECBOX_API_KEY")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| format!("starting execbox serve: {e}"))
+}
+
+/// The `p` quantile (0 to 1) of `sorted`, by nearest rank; `None` when there are no samples.
+fn nearest_rank<T: Copy>(sorted: &[T], p: f64) -> Option<T> {
+    let last = sorted.len().checked_sub(1)?;
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    Some(sorted[i.min(last)])
+}
+
+/// The `p` quantile of sorted durations (zero when there are none).
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    nearest_rank(sorted, p).unwrap_or(Duration::ZERO)
+}
+
+/// The `p` quantile of sorted samples in ms (NaN when there are none).
+pub fn percentile_ms(sorted: &[f64], p: f64) -> f64 {
+    nearest_rank(sorted, p).unwrap_or(f64::NAN)
+}
+
+pub fn free_port() -> Res<u16> {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -76,27 +119,16 @@ impl Server {
         let port = free_port()?;
         let state_dir =
             std::env::temp_dir().join(format!("execbox-bench-{name}-{}", std::process::id()));
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_execbox"));
-        cmd.arg("serve");
-        if let Some(toml) = config_toml {
-            let path = std::env::temp_dir()
-                .join(format!("execbox-bench-{name}-{}.toml", std::process::id()));
-            std::fs::write(&path, toml).map_err(|e| format!("writing the config: {e}"))?;
-            cmd.arg("--config").arg(path);
-        }
-        let child = cmd
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--state-dir")
-            .arg(&state_dir)
-            .env("RUST_LOG", "error")
-            // The tests' template cache: built once, not into each throwaway state directory.
-            .env("EXECBOX_TEMPLATES_DIR", "/var/tmp/execbox-test-templates")
-            .env_remove("EXECBOX_API_KEY")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(|e| format!("starting execbox serve: {e}"))?;
+        let config = match config_toml {
+            Some(toml) => {
+                let path = std::env::temp_dir()
+                    .join(format!("execbox-bench-{name}-{}.toml", std::process::id()));
+                std::fs::write(&path, toml).map_err(|e| format!("writing the config: {e}"))?;
+                Some(path)
+            }
+            None => None,
+        };
+        let child = spawn_serve(config.as_deref(), port, &state_dir)?;
         let server = Server {
             child,
             base: format!("http://127.0.0.1:{port}"),
