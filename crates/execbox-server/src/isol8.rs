@@ -978,7 +978,7 @@ impl Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         if let Slot::OneShot(server, id) = self {
-            server.pool.release(id);
+            WarmPool::release(server, id);
             let (server, id) = (server.clone(), std::mem::take(id));
             tokio::spawn(async move {
                 if let Err(e) = server.destroy(&id, "oneshot_done").await {

@@ -59,8 +59,13 @@ struct Pair {
 
 impl Pair {
     fn start() -> Self {
+        Self::start_with("")
+    }
+
+    /// With `head` at the top of both servers' configuration.
+    fn start_with(head: &str) -> Self {
         let config = |prestart: &str| {
-            format!("[policy]\nwarm_pool_size = 2\nwarm_pool_prestart = \"{prestart}\"\n")
+            format!("{head}[policy]\nwarm_pool_size = 2\nwarm_pool_prestart = \"{prestart}\"\n")
         };
         Self {
             pre: TestServer::start_with_config(&config("python")),
@@ -273,6 +278,73 @@ fn exit_codes_tracebacks_and_syntax_errors_are_those_of_a_fresh_run() {
         "{stderr}"
     );
     assert_eq!(stderr.matches("File \"").count(), 1, "{stderr}");
+}
+
+#[test]
+fn the_end_of_the_program_is_that_of_a_fresh_run() {
+    // A program that provably leaves finalization nothing but the flush of its standard
+    // streams ends by `os._exit` after that flush; every other one ends through the
+    // interpreter's finalization. Both must be what a fresh run does at its end. The system's
+    // Python where there is one: an interpreter whose site hooks start threads or register
+    // exit handlers (some pyenv builds) never ends quietly.
+    let system = std::path::Path::new("/usr/bin/python3");
+    let s = if system.exists() {
+        Pair::start_with("python = \"/usr/bin/python3\"\n")
+    } else {
+        Pair::start()
+    };
+    let cases = [
+        // Quiet: the flush of what is still buffered is all there is.
+        ("print('no newline at the end', end='')", "no newline at the end"),
+        (
+            "import math, json\nprint(json.dumps({'pi': round(math.pi, 3)}), end='')",
+            "{\"pi\": 3.142}",
+        ),
+        (
+            "if __name__ == '__main__':\n    print(sum(i * i for i in range(10)))",
+            "285",
+        ),
+        // Finalization has work: a finalizer, an exit handler, a generator's `finally`, a
+        // thread to wait for, a `weakref.finalize`, a class built with a finalizer by name.
+        (
+            "class A:\n    def __del__(self):\n        print('finalized')\na = A()\nprint('end')",
+            "end\nfinalized",
+        ),
+        (
+            "import atexit\natexit.register(print, 'at exit')\nprint('end')",
+            "end\nat exit",
+        ),
+        (
+            "def g():\n    try:\n        yield 1\n    finally:\n        print('closed')\nit = g()\nnext(it)\nprint('end')",
+            "end\nclosed",
+        ),
+        (
+            "import threading, time\ndef w():\n    time.sleep(0.2)\n    print('thread done')\nthreading.Thread(target=w).start()\nprint('main done')",
+            "main done\nthread done",
+        ),
+        (
+            "import weakref\nclass O: pass\no = O()\nweakref.finalize(o, print, 'finalizer')\nprint('end')",
+            "end\nfinalizer",
+        ),
+        (
+            "X = type('X', (), {'__del__': lambda self: print('bye')})\nx = X()\nprint('end')",
+            "end\nbye",
+        ),
+    ];
+    for (code, stdout) in cases {
+        let (p, _) = both(&s, python(code));
+        assert_eq!(p.body["stdout"], stdout, "{code}: {}", p.body);
+        assert_eq!(p.body["exitCode"], 0, "{code}: {}", p.body);
+    }
+    // A file written and never closed: its buffer reaches the file at the end.
+    let body = json!({"request": {"runtime": "python", "outputPaths": ["/sandbox/out.txt"],
+        "code": "f = open('/sandbox/out.txt', 'w')\nf.write('buffered')\nprint('end')"}});
+    let (p, _) = both(&s, body);
+    assert_eq!(
+        p.body["files"]["/sandbox/out.txt"], "YnVmZmVyZWQ=",
+        "{}",
+        p.body
+    );
 }
 
 #[test]

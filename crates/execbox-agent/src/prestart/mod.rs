@@ -290,4 +290,126 @@ mod tests {
             assert!(!read_at_startup(v), "{v}");
         }
     }
+
+    /// `python -c harness arg` with the bootstrap's text on its stdin, in an environment of
+    /// `PATH` alone.
+    fn harness_run(python: &str, harness: &str, arg: &str) -> std::process::Output {
+        use std::io::Write;
+        let mut child = std::process::Command::new(python)
+            .args(["-c", harness, arg])
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 runs");
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin
+            .write_all(PYTHON_BOOTSTRAP.as_bytes())
+            .expect("write the bootstrap");
+        drop(stdin);
+        child.wait_with_output().expect("python3 ends")
+    }
+
+    /// The whole bootstrap, on the host's interpreter, handed a run as the agent hands it:
+    /// quiet programs end by the flush and `os._exit(0)` (seen here by wrapping `os._exit`),
+    /// others through finalization; both print what they should. An interpreter whose own
+    /// start-up loads threads or exit handlers (site hooks) never ends quietly.
+    #[test]
+    fn quiet_programs_end_after_the_flush_and_others_through_finalization() {
+        let python = ["/usr/bin/python3", "python3"]
+            .into_iter()
+            .find(|p| !p.starts_with('/') || Path::new(p).exists())
+            .unwrap_or("python3");
+        let harness = r#"
+import os, socket, sys, atexit
+plain = "threading" not in sys.modules and atexit._ncallbacks() == 0
+os.write(2, b"PLAIN %d\n" % plain)
+source, code = sys.stdin.read(), sys.argv[1]
+os.open("/dev/null", os.O_RDONLY)  # fd 3, until the control socket replaces it
+ours, theirs = socket.socketpair()
+os.dup2(theirs.fileno(), 3)
+env = ["%s=%s" % kv for kv in sorted(os.environ.items())]
+ours.sendall("\0".join(["c", "1", os.getcwd(), code, "1", "-c", "3", "python3", "-c", code] + env).encode())
+ours.shutdown(socket.SHUT_WR)
+real_exit = os._exit
+def quiet_exit(status):
+    os.write(2, b"QUIET\n")
+    real_exit(status)
+os._exit = quiet_exit
+exec(source)
+"#;
+        let cases: &[(&str, &str, bool)] = &[
+            ("print('hello', end='')", "hello", true),
+            ("import json\nprint(json.dumps([1, 2]))", "[1, 2]\n", true),
+            (
+                "class A:\n    def __del__(self):\n        print('finalized')\na = A()\nprint('end')",
+                "end\nfinalized\n",
+                false,
+            ),
+            ("import atexit\natexit.register(print, 'at exit')", "at exit\n", false),
+        ];
+        for (code, stdout, quiet) in cases {
+            let out = harness_run(python, harness, code);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "{code}: {out:?}");
+            assert_eq!(String::from_utf8_lossy(&out.stdout), *stdout, "{code}");
+            let plain = stderr.contains("PLAIN 1");
+            assert_eq!(
+                stderr.contains("QUIET"),
+                *quiet && plain,
+                "{code} ({python}, plain start-up: {plain}): {stderr}"
+            );
+        }
+    }
+
+    /// The bootstrap's static test of a program for a quiet end, run by the host's `python3`
+    /// on programs whose end it must call quiet (nothing for finalization to do but flush) or
+    /// not (a finalizer, a file, a thread, an exit handler, a generator, reflection).
+    #[test]
+    fn the_quiet_end_is_for_programs_that_leave_finalization_nothing() {
+        let cases: &[(&str, bool)] = &[
+            ("print('hello')", true),
+            ("import math, json, random\nprint(math.pi, json.dumps([1]), random.random())", true),
+            ("if __name__ == '__main__':\n    print(sum(i * i for i in range(10)))", true),
+            ("class P:\n    def __init__(self, x):\n        self.x = x\n    def __repr__(self):\n        return 'P'\nprint(P(1))", true),
+            ("class Q(list):\n    def __init__(self):\n        super().__init__()\nprint(Q())", true),
+            ("from dataclasses import dataclass\n@dataclass\nclass P:\n    x: int = 0\nprint(P())", true),
+            ("class A:\n    def __del__(self):\n        print('bye')\na = A()", false),
+            ("f = open('/tmp/x', 'w')\nf.write('data')", false),
+            ("import os\nprint(os.getpid())", false),
+            ("import sys\nsys.stdout.write('x')", false),
+            ("import atexit\natexit.register(print, 'x')", false),
+            ("import threading\nthreading.Thread(target=print).start()", false),
+            ("def g():\n    try:\n        yield 1\n    finally:\n        print('fin')\nit = g()\nnext(it)", false),
+            ("async def f():\n    pass", false),
+            ("print(().__class__.__base__.__subclasses__())", false),
+            ("X = type('X', (), {'__del__': lambda s: print('bye')})\nx = X()", false),
+            ("getattr(print, 'x', None)", false),
+        ];
+        let harness = r#"
+import json, sys
+source = sys.stdin.read().rsplit("_execbox_run()", 1)[0]
+ns = {}
+exec(source, ns)
+for code in json.loads(sys.argv[1]):
+    print(int(ns["_quiet_at_exit"](compile(code, "<string>", "exec", dont_inherit=True))))
+"#;
+        let codes: Vec<&str> = cases.iter().map(|(c, _)| *c).collect();
+        let out = harness_run(
+            "python3",
+            harness,
+            &serde_json::to_string(&codes).expect("json"),
+        );
+        assert!(out.status.success(), "{out:?}");
+        let verdicts: Vec<bool> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| l == "1")
+            .collect();
+        assert_eq!(verdicts.len(), cases.len(), "{out:?}");
+        for ((code, quiet), got) in cases.iter().zip(verdicts) {
+            assert_eq!(got, *quiet, "{code}");
+        }
+    }
 }
