@@ -115,13 +115,15 @@ fn router(state: Arc<AppState>) -> Router {
         .layer(axum::middleware::from_fn(drain::read_body_to_end))
         .merge(
             pty::routes()
+                // Before the layer: a fallback set after it would replace the layered one,
+                // and a refusal of a method would answer before its body was read.
+                .method_not_allowed_fallback(error::not_found)
                 // A PTY's WebSocket is a connection of its own; a plain request to the same
                 // routes (a refusal) still waits for its body.
                 .layer(axum::middleware::from_fn(
                     drain::read_body_to_end_unless_upgrade,
                 ))
-                .merge(port_proxy::routes())
-                .method_not_allowed_fallback(error::not_found),
+                .merge(port_proxy::routes().method_not_allowed_fallback(error::not_found)),
         )
         .with_state(state)
 }

@@ -336,6 +336,50 @@ fn cpu_limit_throttles() {
 }
 
 #[test]
+fn a_low_cpu_weight_yields_the_cpu_to_a_sandbox_of_default_weight() {
+    // Two busy loops on the same CPU, one per sandbox: the one whose sandbox has weight 1
+    // gets a small share of it, the one at the default weight nearly all.
+    let fx = Fixture::detect("weight");
+    if !fx.driver.has_controller("cpu") {
+        eprintln!("no cpu controller: nothing to weigh");
+        return;
+    }
+    let low = fx.driver.create("low", &Limits::default()).expect("create");
+    let normal = fx
+        .driver
+        .create("normal", &Limits::default())
+        .expect("create");
+    low.set_cpu_weight(1).expect("weight 1");
+    normal
+        .set_cpu_weight(execbox_jail::cgroup::DEFAULT_CPU_WEIGHT)
+        .expect("default weight");
+    let busy = ["taskset", "-c", "0", python(), "-c", "while True: pass"];
+    let mut children = Vec::new();
+    for cg in [&low, &normal] {
+        let mut child = spawn_gated(&busy);
+        cg.add_process(AGENT_LEAF, pid_of(&child)).expect("add");
+        release(&mut child);
+        children.push(child);
+    }
+    sleep(Duration::from_millis(300));
+    let before = [low.stats(), normal.stats()].map(|s| s.expect("stats").cpu_usage_ns);
+    sleep(Duration::from_millis(700));
+    let after = [low.stats(), normal.stats()].map(|s| s.expect("stats").cpu_usage_ns);
+    let (low_ns, normal_ns) = (after[0] - before[0], after[1] - before[1]);
+    println!("weight 1: {low_ns} ns, weight 100: {normal_ns} ns");
+    assert!(
+        normal_ns > 5 * low_ns,
+        "weight 1 got {low_ns} ns against {normal_ns} ns"
+    );
+    for cg in [low, normal] {
+        cg.remove().expect("remove");
+    }
+    for mut child in children {
+        wait_timeout(&mut child, Duration::from_secs(5));
+    }
+}
+
+#[test]
 fn freeze_stops_and_thaw_resumes() {
     let fx = Fixture::detect("freeze");
     let cg = fx.driver.create("sb", &Limits::default()).expect("create");

@@ -326,6 +326,18 @@ impl Server {
         self.backend.as_ref().is_ok_and(|b| b.is_alive(p))
     }
 
+    /// Sets sandbox `id`'s CPU weight against the other sandboxes (a few sysfs writes, done in
+    /// place); a failure is logged, since a weight is a preference.
+    pub fn set_cpu_weight(&self, id: &str, weight: u32) {
+        let set = self
+            .backend()
+            .map_err(|e| e.to_string())
+            .and_then(|b| b.set_cpu_weight(id, weight).map_err(|e| e.to_string()));
+        if let Err(e) = set {
+            tracing::debug!(sandbox = %id, error = %e, "setting the CPU weight");
+        }
+    }
+
     /// Freezes (`pause`) or thaws every process of sandbox `id` in its cgroup, and records the
     /// new state.
     pub async fn freeze(&self, id: &str, pause: bool) -> Result<(), LifecycleError> {

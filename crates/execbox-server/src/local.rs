@@ -843,6 +843,12 @@ impl LocalBackend {
         Ok(self.cgroups.open(id)?)
     }
 
+    /// Sets the sandbox's CPU weight against the other sandboxes (cgroup v2 terms, 1–10000,
+    /// 100 by default).
+    pub fn set_cpu_weight(&self, id: &str, weight: u32) -> Result<(), BackendError> {
+        Ok(self.cgroup(id)?.set_cpu_weight(weight)?)
+    }
+
     /// Freezes every process of the sandbox.
     pub fn pause(&self, id: &str) -> Result<(), BackendError> {
         Ok(self.cgroup(id)?.freeze()?)

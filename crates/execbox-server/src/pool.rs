@@ -52,6 +52,9 @@ const MAX_ARRIVALS: usize = 4096;
 /// keeps a small host's CPUs busy for tens of milliseconds: done during the run, it slows the
 /// run down (a pre-started `print` took 6 ms beside a refill, 3 ms without).
 const REFILL_DEFER: std::time::Duration = std::time::Duration::from_millis(100);
+/// CPU weight of a pooled sandbox until a run takes it (against 100 for the others): its
+/// interpreter's start, the larger part of readying it, takes only CPU time that runs leave.
+const READYING_CPU_WEIGHT: u32 = 1;
 
 /// How the pool sizes itself (`[policy]`).
 #[derive(Debug, Clone)]
@@ -248,6 +251,7 @@ impl WarmPool {
             });
             match claimed {
                 Some(Ok(rec)) if rec.placement.as_ref().is_some_and(|p| server.is_alive(p)) => {
+                    server.set_cpu_weight(&rec.id, execbox_jail::cgroup::DEFAULT_CPU_WEIGHT);
                     crate::prometheus::pool_acquired("warm", true);
                     pool.took(&rec.id, profile);
                     return Ok(rec);
@@ -357,6 +361,7 @@ impl WarmPool {
                 let t = std::time::Instant::now();
                 let made = server.launch(Self::spec(&profile, "", POOL_OWNER)).await;
                 if let (Ok(rec), Some(runtime)) = (&made, &server.pool.settings.prestart) {
+                    server.set_cpu_weight(&rec.id, READYING_CPU_WEIGHT);
                     Self::prestart(&server, &rec.id, runtime).await;
                 }
                 let took_ms = t.elapsed().as_secs_f64() * 1e3;

@@ -71,10 +71,10 @@ impl Logged {
         }
     }
 
-    /// Stops the server and returns its whole log.
+    /// Stops the server (SIGTERM: its warm pool's sandboxes go with it) and returns its whole
+    /// log.
     fn stop(mut self) -> String {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = common::terminate(&mut self.child);
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
@@ -84,8 +84,7 @@ impl Logged {
 impl Drop for Logged {
     fn drop(&mut self) {
         if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+            let _ = common::terminate(&mut self.child);
         }
     }
 }
@@ -393,8 +392,7 @@ fn systemd_hears_ready_once_the_server_listens() {
     let got = socket.recv(&mut buf);
     // Ready means listening: the health check answers at once.
     let health = ureq::get(&format!("http://127.0.0.1:{port}/health")).call();
-    let _ = child.kill();
-    let _ = child.wait();
+    let _ = common::terminate(&mut child);
     let _ = std::fs::remove_dir_all(&dir);
     let n = got.expect("a notification");
     assert_eq!(String::from_utf8_lossy(&buf[..n]).trim_end(), "READY=1");

@@ -40,7 +40,7 @@ use std::time::Duration;
 pub use driver::CgroupDriver;
 pub use exec::{join_self, ExecCgroups, ExecLeaf};
 pub use mountinfo::{parse_mountinfo, CgroupMount};
-pub use sandbox::SandboxCgroup;
+pub use sandbox::{SandboxCgroup, DEFAULT_CPU_WEIGHT};
 
 /// Default name of the directory, in each hierarchy, that holds all execbox
 /// cgroups.

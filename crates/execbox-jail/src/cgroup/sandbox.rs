@@ -9,6 +9,9 @@ use super::{
     FREEZE_TIMEOUT, KILL_TIMEOUT, WORK_LEAF,
 };
 
+/// A sandbox's CPU weight unless set otherwise (the kernel's default, in cgroup v2 terms).
+pub const DEFAULT_CPU_WEIGHT: u32 = 100;
+
 /// Host-side handle on the sandbox cgroup `<base>/<name>` in every hierarchy
 /// of its driver. Dropping it does nothing; call [`remove`](Self::remove).
 #[derive(Clone, Debug)]
@@ -121,6 +124,24 @@ impl SandboxCgroup {
             match self.version {
                 CgroupVersion::V1 => write_limits_v1(h, &node, limits)?,
                 CgroupVersion::V2 => write_limits_v2(h, &node, limits)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets the sandbox's share of CPU time against the other sandboxes when the CPUs are
+    /// contended: `weight` in cgroup v2 terms (1–10000, [`DEFAULT_CPU_WEIGHT`] by default),
+    /// written as v1 `cpu.shares` (× 1024 / 100) or v2 `cpu.weight`. Nothing where no
+    /// hierarchy has the cpu controller (the weight is a preference, not a limit).
+    pub fn set_cpu_weight(&self, weight: u32) -> Result<(), CgroupError> {
+        let weight = u64::from(weight.clamp(1, 10_000));
+        for h in self.hierarchies.iter().filter(|h| h.has("cpu")) {
+            let node = PathNode(h.base.join(&self.name));
+            match self.version {
+                CgroupVersion::V1 => {
+                    node.write("cpu.shares", &(weight * 1024 / 100).to_string())?
+                }
+                CgroupVersion::V2 => node.write("cpu.weight", &weight.to_string())?,
             }
         }
         Ok(())

@@ -599,6 +599,12 @@ impl TestServer {
 /// Stops a server as an operator does: SIGTERM (it removes its pool and session sandboxes),
 /// then SIGKILL if it has not exited within 40 s; how it ended.
 pub fn stop_server(mut c: Child) -> std::io::Result<std::process::ExitStatus> {
+    terminate(&mut c)
+}
+
+/// SIGTERM, so that the server removes the sandboxes only it can reach (its warm pool's among
+/// them); SIGKILL only if it has not exited within 40 s.
+pub fn terminate(c: &mut Child) -> std::io::Result<std::process::ExitStatus> {
     let pid = nix::unistd::Pid::from_raw(c.id() as i32);
     let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
     let deadline = Instant::now() + Duration::from_secs(40);
