@@ -975,14 +975,31 @@ impl Slot {
     }
 }
 
+/// Longest the removal of a one-shot sandbox waits for the other runs in progress.
+const DESTROY_DEFER: std::time::Duration = std::time::Duration::from_millis(500);
+
 impl Drop for Slot {
     fn drop(&mut self) {
         if let Slot::OneShot(server, id) = self {
             WarmPool::release(server, id);
             let (server, id) = (server.clone(), std::mem::take(id));
             tokio::spawn(async move {
-                if let Err(e) = server.destroy(&id, "oneshot_done").await {
-                    tracing::warn!(sandbox = %id, error = %e, "removing a one-shot sandbox");
+                // While other one-shot runs are in progress (a burst), the removal waits for
+                // them, at most `DESTROY_DEFER`: it is the server's own CPU work, which the runs
+                // still waiting for the CPUs would pay for. The run's processes are gone already.
+                let deadline = tokio::time::Instant::now() + DESTROY_DEFER;
+                while server.pool.runs_in_progress() > 0
+                    && !server.pool.is_stopping()
+                    && tokio::time::Instant::now() < deadline
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+                match server.destroy(&id, "oneshot_done").await {
+                    // A stopping server removed it first.
+                    Ok(()) | Err(crate::lifecycle::LifecycleError::NotFound(_)) => {}
+                    Err(e) => {
+                        tracing::warn!(sandbox = %id, error = %e, "removing a one-shot sandbox")
+                    }
                 }
             });
         }

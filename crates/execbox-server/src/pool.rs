@@ -209,7 +209,11 @@ impl WarmPool {
         self.shelves.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Ready sandboxes of `profile` (for tests and metrics).
+    /// One-shot runs in progress, every profile together.
+    pub fn runs_in_progress(&self) -> usize {
+        self.lock().values().map(|s| s.in_use).sum()
+    }
+
     /// Ready sandboxes, every profile together.
     pub fn ready_total(&self) -> usize {
         self.lock().values().map(|s| s.ready.len()).sum()
