@@ -94,6 +94,28 @@ pub fn percentile_ms(sorted: &[f64], p: f64) -> f64 {
     nearest_rank(sorted, p).unwrap_or(f64::NAN)
 }
 
+/// Writes `contents` to `dir/name`, `dir` made anew for it (mode 0700, by this process): the
+/// benches run as root with their paths in the shared temporary directory, where a name
+/// someone else made first (a symlink to a file of the host's) must not be written through.
+/// `mkdir` refuses a name that exists, symlink or not; a leftover of an earlier run (the same
+/// pid after a reboot) is removed first, without following it.
+fn private_file(dir: &std::path::Path, name: &str, contents: &str) -> Res<std::path::PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    match std::fs::symlink_metadata(dir) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(dir),
+        Ok(_) => std::fs::remove_file(dir),
+        Err(_) => Ok(()),
+    }
+    .map_err(|e| format!("removing a leftover {}: {e}", dir.display()))?;
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| format!("making {}: {e}", dir.display()))?;
+    let path = dir.join(name);
+    std::fs::write(&path, contents).map_err(|e| format!("writing {}: {e}", path.display()))?;
+    Ok(path)
+}
+
 pub fn free_port() -> Res<u16> {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -120,12 +142,7 @@ impl Server {
         let state_dir =
             std::env::temp_dir().join(format!("execbox-bench-{name}-{}", std::process::id()));
         let config = match config_toml {
-            Some(toml) => {
-                let path = std::env::temp_dir()
-                    .join(format!("execbox-bench-{name}-{}.toml", std::process::id()));
-                std::fs::write(&path, toml).map_err(|e| format!("writing the config: {e}"))?;
-                Some(path)
-            }
+            Some(toml) => Some(private_file(&state_dir, "config.toml", toml)?),
             None => None,
         };
         let child = spawn_serve(config.as_deref(), port, &state_dir)?;
